@@ -1,0 +1,144 @@
+"""Reading image files safely and turning them into model input.
+
+Every failure becomes an `ImageError(path, reason)`: the indexer reports it and moves on.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Beyond this many pixels a file is treated as a decompression bomb (Pillow's own default is ~89 Mpx
+# and only warns up to twice that; we make the limit a hard error).
+MAX_PIXELS = 120_000_000
+THUMB_SIZE = 128
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+@dataclass
+class LoadedImage:
+    path: str
+    image: Image.Image  # RGB, EXIF orientation applied, downscaled for the model
+    width: int  # original size, after EXIF rotation
+    height: int
+
+
+def iter_image_files(root: str | Path) -> Iterator[Path]:
+    """Image files under `root`, recursively and in sorted order.
+
+    Symlinked folders are followed once (a loop is visited once); symlinked files are yielded
+    as they are, so a broken link is reported by the loader rather than silently dropped.
+    """
+    root = Path(root)
+    if root.is_file():
+        yield root
+        return
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames.sort()
+        for name in sorted(filenames):
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                yield Path(dirpath) / name
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparency is composited on white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit and float greyscale: scale to the 8-bit range instead of clipping.
+        arr = np.asarray(img, dtype=np.float32)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, mode="L")
+    if img.mode == "P" or img.mode == "LA" or (img.mode == "L" and "transparency" in img.info):
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "RGBa", "PA"):
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img.convert("RGBA"))
+    return img.convert("RGB")
+
+
+def open_image(source: str | Path | bytes, max_side: int | None = None, name: str | None = None) -> LoadedImage:
+    """Decode a file (or its bytes) to RGB. `max_side` lets JPEG decode at reduced size (draft mode)."""
+    label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
+    try:
+        fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+    except OSError as e:
+        raise ImageError(label, e.strerror or str(e)) from None
+    with fp, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(fp)
+            width, height = img.size
+            if width * height > MAX_PIXELS:
+                raise ImageError(label, f"{width}x{height} pixels exceeds the {MAX_PIXELS:,}-pixel limit (decompression bomb?)")
+            if getattr(img, "n_frames", 1) > 1:
+                img.seek(0)  # animated: the first frame stands for the file
+            orientation = img.getexif().get(0x0112, 1)
+            if orientation in (5, 6, 7, 8):
+                width, height = height, width
+            if max_side and img.format == "JPEG":
+                img.draft("RGB", (max_side, max_side))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            img = _to_rgb(img)
+        except ImageError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageError(label, f"decompression bomb: {e}") from None
+        except UnidentifiedImageError:
+            reason = "empty file" if _is_empty(source) else "not an image Pillow can read"
+            raise ImageError(label, reason) from None
+        except (OSError, ValueError, SyntaxError, EOFError) as e:
+            raise ImageError(label, f"cannot decode: {e}") from None
+    if max_side and max(img.size) > 2 * max_side:
+        img.thumbnail((2 * max_side, 2 * max_side), Image.Resampling.BOX)
+    return LoadedImage(path=label, image=img, width=width, height=height)
+
+
+def _is_empty(source) -> bool:
+    if isinstance(source, bytes):
+        return len(source) == 0
+    try:
+        return os.path.getsize(source) == 0
+    except OSError:
+        return False
+
+
+def to_tensor(img: Image.Image, size: int) -> torch.Tensor:
+    """RGB image -> (3, size, size) float tensor, ImageNet-normalised.
+
+    The whole image is resized to a square (no crop), so nothing near the border is lost and
+    every image in a batch has the same token grid.
+    """
+    img = img.resize((size, size), Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def thumbnail_jpeg(img: Image.Image, size: int = THUMB_SIZE) -> bytes:
+    thumb = img.copy()
+    thumb.thumbnail((size, size), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    thumb.save(buf, format="JPEG", quality=80)
+    return buf.getvalue()

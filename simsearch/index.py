@@ -1,0 +1,174 @@
+"""`Index`: the Python API behind every CLI command.
+
+    from simsearch import Index
+    idx = Index("photos.db")                 # opens it, or prepares a new one
+    idx.add_folder("photos/")                # incremental; returns an IndexReport
+    for hit in idx.search("query.jpg", k=5, mode="style"):
+        print(hit.rank, hit.score, hit.path)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import ann
+from .descriptors.codec import dense_nbytes
+from .embedder import DescriptorConfig, Embedder
+from .errors import ConfigMismatchError, EmptyIndexError, SimsearchError
+from .images import open_image
+from .store import VECTOR_COLUMNS, ImageStore
+
+MODES = VECTOR_COLUMNS  # "content", "style"
+DEFAULT_DB = "simsearch.db"
+
+
+@dataclass
+class Hit:
+    rank: int
+    score: float
+    path: str
+    id: str
+    key: int
+
+    def to_dict(self) -> dict:
+        return {"rank": self.rank, "score": round(self.score, 6), "path": self.path, "id": self.id}
+
+
+class Index:
+    def __init__(self, db: str | Path = DEFAULT_DB, model: str | None = None, device: str = "auto",
+                 conf: DescriptorConfig | None = None, ivf_threshold: int = ann.IVF_THRESHOLD, **overrides):
+        """Open the database at `db`, or prepare one to be created by the first `add_folder`.
+
+        `model`, `conf` or DescriptorConfig fields given as keywords state what the caller expects;
+        for an existing database they must match what it was built with, else ConfigMismatchError
+        names both configurations.
+        """
+        self.root = Path(db).expanduser()
+        self.store = ImageStore(self.root)
+        self.device = device
+        self.ivf_threshold = ivf_threshold
+        self._embedder: Embedder | None = None
+        self._ann: dict[str, ann.VectorIndex] = {}
+        if model is not None:
+            overrides["model"] = model
+        if self.store.exists():
+            stored = DescriptorConfig.from_dict(self.store.meta["config"])
+            wanted = conf or replace(stored, **overrides)
+            if wanted != stored:
+                raise ConfigMismatchError(
+                    f"{self.root} was built with {stored.describe()}; requested {wanted.describe()}. "
+                    f"Use another --db or the same configuration.")
+            self.conf = stored
+        else:
+            self.conf = conf or DescriptorConfig(**overrides)
+
+    # -- model -------------------------------------------------------------------------------
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            emb = Embedder(self.conf, self.device)
+            if self.store.exists():
+                stored = self.store.meta.get("weights")
+                if stored != emb.fingerprint:
+                    raise ConfigMismatchError(
+                        f"{self.root} was built with weights {stored} of '{self.conf.model}', "
+                        f"but those weights now fingerprint as {emb.fingerprint}; re-index into a new --db")
+            self._embedder = emb
+        return self._embedder
+
+    def ensure_table(self) -> ImageStore:
+        if not self.store.exists():
+            emb = self.embedder
+            meta = {"config": self.conf.to_dict(), "weights": emb.fingerprint,
+                    "dense_shape": list(emb.dense_shape), "format": 1}
+            self.store.create(meta, emb.dims["content"], emb.dims["style"])
+        return self.store
+
+    # -- indexing ----------------------------------------------------------------------------
+    def add_folder(self, folder: str | Path, batch_size: int = 16, prune: bool = False, **kwargs):
+        """Embed every image under `folder` (see indexers.local.index_folder for the options)."""
+        from .indexers.local import index_folder
+
+        return index_folder(self, folder, batch_size=batch_size, prune=prune, **kwargs)
+
+    def refresh_ann(self) -> dict[str, bool]:
+        """Bring every FAISS index up to the table's version. -> {column: rebuilt}"""
+        self.store.refresh()
+        rebuilt = {}
+        for column in VECTOR_COLUMNS:
+            self._ann[column], rebuilt[column] = ann.load_fresh(self.store, column, self.ivf_threshold)
+        return rebuilt
+
+    def _index_for(self, column: str) -> ann.VectorIndex:
+        current = self._ann.get(column)
+        if current is None or current.table_version != self.store.version:
+            self._ann[column], _ = ann.load_fresh(self.store, column, self.ivf_threshold)
+        return self._ann[column]
+
+    # -- search ------------------------------------------------------------------------------
+    def embed_image(self, image: str | Path | Image.Image):
+        emb = self.embedder
+        if isinstance(image, Image.Image):
+            img = image.convert("RGB")
+        else:
+            img = open_image(Path(image).expanduser(), max_side=self.conf.image_size).image
+        return emb.embed(emb.preprocess(img)[None])
+
+    def search(self, image: str | Path | Image.Image, k: int = 10, mode: str = "content",
+               where: str | None = None) -> list[Hit]:
+        """Top-k images like `image`. mode: "content" or "style"; where: a SQL filter on the table."""
+        if mode not in MODES:
+            raise SimsearchError(f"unknown mode '{mode}' (choose from {', '.join(MODES)})")
+        n = self.count()
+        if n == 0:
+            raise EmptyIndexError(f"{self.root}: the index holds no images (run `simsearch index FOLDER --db {self.root}`)")
+        if k < 1:
+            raise SimsearchError(f"k must be at least 1 (got {k})")
+        if k > n:
+            raise SimsearchError(f"k={k} is larger than the {n} images in {self.root}; use -k {n} or less")
+        vector = getattr(self.embed_image(image), mode)
+        return self.search_vector(vector[0], k, mode, where)
+
+    def search_vector(self, vector: np.ndarray, k: int, mode: str = "content", where: str | None = None) -> list[Hit]:
+        index = self._index_for(mode)
+        allowed = self.store.keys_where(where) if where else None
+        if allowed is not None and len(allowed) == 0:
+            return []
+        scores, keys = index.search(vector[None], k, allowed)
+        pairs = [(float(s), int(key)) for s, key in zip(scores[0], keys[0]) if key >= 0]
+        rows = {r["key"]: r for r in self.store.rows([key for _, key in pairs], ["path", "id"])}
+        return [Hit(rank=i + 1, score=s, path=rows[key]["path"], id=rows[key]["id"], key=key)
+                for i, (s, key) in enumerate(pairs) if key in rows]
+
+    # -- state -------------------------------------------------------------------------------
+    def count(self) -> int:
+        return self.store.count()
+
+    def info(self) -> dict:
+        """Rows, configuration, index state and storage per image. Does not load the model."""
+        if not self.store.exists():
+            raise EmptyIndexError(f"{self.root}: no simsearch database here")
+        meta = self.store.meta
+        rows = self.count()
+        tokens, dim = meta["dense_shape"]
+        disk = self.store.disk_bytes()
+        return {
+            "db": str(self.root), "rows": rows, "table_version": self.store.version,
+            "config": meta["config"], "weights": meta["weights"],
+            "dense": {"shape": [tokens, dim], "dtype": self.conf.dense_dtype,
+                      "bytes_per_image": dense_nbytes(tokens, dim, self.conf.dense_dtype)},
+            "disk_bytes": disk, "disk_bytes_per_image": disk // rows if rows else 0,
+            "ann": {c: ann.index_state(self.store, c) for c in VECTOR_COLUMNS},
+        }
+
+    def dense(self, keys) -> np.ndarray:
+        """Stored dense tensors for `keys`, (len(keys), T, C) float32, in key order."""
+        from .descriptors.codec import decode_dense
+
+        tokens, dim = self.store.meta["dense_shape"]
+        rows = self.store.rows(keys, ["dense"])
+        return np.stack([decode_dense(r["dense"], tokens, dim, self.conf.dense_dtype) for r in rows])

@@ -1,0 +1,1 @@
+"""Turning folders (or streams of files) into rows of the store."""
