@@ -1,0 +1,92 @@
+"""Retrieval and ordering metrics on similarity matrices. Pure numpy; no models, no I/O.
+
+Conventions: `sim` is (N, N) with higher = more similar; `labels` (N,) are group ids.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Estimate:
+    """A proportion with its sample size and 95% Wilson interval."""
+
+    value: float
+    n: int
+    low: float
+    high: float
+
+    def to_dict(self) -> dict:
+        return {"value": self.value, "n": self.n, "ci95": [self.low, self.high]}
+
+
+def wilson(successes: float, n: int, z: float = 1.96) -> Estimate:
+    if n == 0:
+        return Estimate(float("nan"), 0, float("nan"), float("nan"))
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return Estimate(p, n, max(0.0, centre - half), min(1.0, centre + half))
+
+
+def leave_one_out(sim: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict:
+    """Each image queries all others. -> {"mAP", "recall@k"...}, averaged over queries that have
+    at least one other member of their group."""
+    sim = np.asarray(sim, dtype=np.float64).copy()
+    labels = np.asarray(labels)
+    n = len(labels)
+    np.fill_diagonal(sim, -np.inf)
+    order = np.argsort(-sim, axis=1, kind="stable")[:, : n - 1]  # (N, N-1), self last -> dropped
+    relevant = labels[order] == labels[:, None]  # (N, N-1)
+    has_pos = relevant.any(1)
+    rel = relevant[has_pos]
+    hits = np.cumsum(rel, axis=1)
+    ranks = np.arange(1, rel.shape[1] + 1)
+    ap = (rel * hits / ranks).sum(1) / rel.sum(1)
+    out = {"mAP": float(ap.mean()), "queries": int(has_pos.sum())}
+    for k in ks:
+        out[f"recall@{k}"] = float(rel[:, :k].any(1).mean())
+    return out
+
+
+def sample_triplets(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """(n, 3) index triplets (anchor, positive, negative): a, p same group, c another. Seeded."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    groups = {g: np.flatnonzero(labels == g) for g in np.unique(labels)}
+    eligible = [g for g, idx in groups.items() if len(idx) >= 2]
+    if not eligible or len(groups) < 2:
+        raise ValueError("triplets need a group with two images and at least two groups")
+    out = np.empty((n, 3), dtype=np.int64)
+    for t in range(n):
+        g = eligible[rng.integers(len(eligible))]
+        a, p = rng.choice(groups[g], size=2, replace=False)
+        others = np.flatnonzero(labels != g)
+        out[t] = (a, p, others[rng.integers(len(others))])
+    return out
+
+
+def triplet_accuracy(sim: np.ndarray, triplets: np.ndarray) -> Estimate:
+    """Share of triplets where sim(a, p) > sim(a, c); ties count half."""
+    a, p, c = triplets.T
+    sp, sc = sim[a, p], sim[a, c]
+    wins = (sp > sc).sum() + 0.5 * (sp == sc).sum()
+    return wilson(float(wins), len(triplets))
+
+
+def ordering_accuracy(scores: np.ndarray, weights: np.ndarray) -> Estimate:
+    """IP protocol: over every pair of variants of one reference, correct when the variant with the
+    higher weight scores as more similar. scores, weights (V,); ties in score count half."""
+    scores, weights = np.asarray(scores, float), np.asarray(weights, float)
+    i, j = np.triu_indices(len(scores), k=1)
+    keep = weights[i] != weights[j]
+    i, j = i[keep], j[keep]
+    hi = np.where(weights[i] > weights[j], i, j)
+    lo = np.where(weights[i] > weights[j], j, i)
+    wins = (scores[hi] > scores[lo]).sum() + 0.5 * (scores[hi] == scores[lo]).sum()
+    return wilson(float(wins), len(i))
