@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +33,13 @@ class Hit:
     path: str
     id: str
     key: int
+    scores: dict[str, float] = field(default_factory=dict)  # per-stage scores when reranked
 
     def to_dict(self) -> dict:
-        return {"rank": self.rank, "score": round(self.score, 6), "path": self.path, "id": self.id}
+        d = {"rank": self.rank, "score": round(self.score, 6), "path": self.path, "id": self.id}
+        if self.scores:
+            d["scores"] = {k: round(v, 6) for k, v in self.scores.items()}
+        return d
 
 
 class Index:
@@ -119,8 +123,9 @@ class Index:
         return emb.embed(emb.preprocess(img)[None])
 
     def search(self, image: str | Path | Image.Image, k: int = 10, mode: str = "content",
-               where: str | None = None) -> list[Hit]:
-        """Top-k images like `image`. mode: "content" or "style"; where: a SQL filter on the table."""
+               where: str | None = None, rerank: str | None = None, candidates: int = 50) -> list[Hit]:
+        """Top-k images like `image`. mode: "content" or "style"; where: a SQL filter on the table;
+        rerank: "aas", "matches" or "both" reorders the first `candidates` hits (see simsearch.rerank)."""
         if mode not in MODES:
             raise SimsearchError(f"unknown mode '{mode}' (choose from {', '.join(MODES)})")
         n = self.count()
@@ -130,8 +135,27 @@ class Index:
             raise SimsearchError(f"k must be at least 1 (got {k})")
         if k > n:
             raise SimsearchError(f"k={k} is larger than the {n} images in {self.root}; use -k {n} or less")
-        vector = getattr(self.embed_image(image), mode)
-        return self.search_vector(vector[0], k, mode, where)
+        emb = self.embed_image(image)
+        if rerank is None:
+            return self.search_vector(getattr(emb, mode)[0], k, mode, where)
+        hits = self.search_vector(getattr(emb, mode)[0], max(k, min(candidates, n)), mode, where)
+        return self.rerank(emb.dense[0], hits, rerank)[:k]
+
+    def rerank(self, query_dense: np.ndarray, hits: list[Hit], method: str = "both") -> list[Hit]:
+        """Reorder `hits` by a second-stage score computed from the stored dense tensors."""
+        from .rerank import rerank_scores
+
+        if not hits:
+            return hits
+        scores = rerank_scores(self.embedder.backbone, self.conf.dense_layer, query_dense,
+                               self.dense([h.key for h in hits]), method)
+        for i, h in enumerate(hits):
+            h.scores = {"first_stage": h.score, **{name: float(v[i]) for name, v in scores.items() if name != "score"}}
+            h.score = float(scores["score"][i])
+        ordered = sorted(hits, key=lambda h: -h.score)
+        for rank, h in enumerate(ordered, 1):
+            h.rank = rank
+        return ordered
 
     def search_vector(self, vector: np.ndarray, k: int, mode: str = "content", where: str | None = None) -> list[Hit]:
         index = self._index_for(mode)

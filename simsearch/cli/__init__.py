@@ -80,6 +80,9 @@ def query(
     model: Annotated[Optional[str], typer.Option(help="Must match the database's model, if given.")] = None,
     device: DeviceOption = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
+    rerank: Annotated[Optional[str], typer.Option(help="Rerank with aas, matches or both.")] = None,
+    candidates: Annotated[int, typer.Option(min=1, help="First-stage hits to rerank.")] = 50,
+    html_out: Annotated[Optional[Path], typer.Option("--html", help="Write a self-contained results page.")] = None,
 ):
     """Print the top-k images like IMAGE."""
     from ..errors import EmptyIndexError, ImageError
@@ -90,7 +93,12 @@ def query(
     if not (Path(db) / "images.lance").exists():
         raise EmptyIndexError(f"{db}: no simsearch database here (run `simsearch index FOLDER --db {db}`)")
     _quiet_libraries()
-    hits = Index(db, model=model, device=device).search(image, k=k, mode=mode, where=where)
+    idx = Index(db, model=model, device=device)
+    hits = idx.search(image, k=k, mode=mode, where=where, rerank=rerank, candidates=candidates)
+    if html_out:
+        from ..report import write_results_html
+
+        err.print(f"wrote {write_results_html(idx, image, hits, html_out, mode)}", highlight=False)
     if as_json:
         for hit in hits:
             print(json.dumps(hit.to_dict()))
@@ -98,9 +106,12 @@ def query(
     table = Table(title=f"{mode} matches for {image}", title_justify="left")
     table.add_column("rank", justify="right")
     table.add_column("score", justify="right")
+    extra = list(hits[0].scores) if hits and hits[0].scores else []
+    for name in extra:
+        table.add_column(name.replace("_", " "), justify="right")
     table.add_column("path", overflow="fold")
     for hit in hits:
-        table.add_row(str(hit.rank), f"{hit.score:.4f}", hit.path)
+        table.add_row(str(hit.rank), f"{hit.score:.4f}", *[f"{hit.scores[n]:.4f}" for n in extra], hit.path)
     out.print(table)
 
 
@@ -148,6 +159,102 @@ def models(fetch: Annotated[bool, typer.Option(help="Download and convert the em
     for r in rows:
         name = r["name"] + (" (default)" if r["default"] else "")
         table.add_row(name, r["family"], r["source"], "yes" if r["local"] else "no", r["description"])
+    out.print(table)
+
+
+def _parse_points(text: str) -> list[tuple[float, float]]:
+    from ..errors import SimsearchError
+
+    try:
+        pts = [tuple(float(v) for v in p.split(",")) for p in text.replace(" ", "").split(";") if p]
+    except ValueError:
+        pts = []
+    if not pts or any(len(p) != 2 for p in pts):
+        raise SimsearchError(f"--points {text!r}: expected 'x,y;x,y;...' in pixels of image A")
+    return pts
+
+
+@app.command()
+def match(
+    image_a: Annotated[Path, typer.Argument(help="Image A.")],
+    image_b: Annotated[Path, typer.Argument(help="Image B.")],
+    points: Annotated[Optional[str], typer.Option(help="Points in A as 'x,y;x,y' (pixels).")] = None,
+    n: Annotated[int, typer.Option("-n", min=1, help="Number of best-buddy pairs.")] = 10,
+    method: Annotated[str, typer.Option(help="nn or best-buddies (used without --points).")] = "best-buddies",
+    model: Annotated[Optional[str], typer.Option(help="Registry name, hub id or local directory.")] = None,
+    stride: Annotated[Optional[int], typer.Option(help="Patch stride; must divide the patch size.")] = None,
+    layer: Annotated[int, typer.Option(help="Block whose facet is used.")] = 9,
+    facet_name: Annotated[str, typer.Option("--facet", help="key, query, value or token.")] = "key",
+    log_bin: Annotated[bool, typer.Option(help="Log-binned descriptors.")] = True,
+    image_size: Annotated[int, typer.Option(help="Model input side.")] = 224,
+    out_png: Annotated[Optional[Path], typer.Option("--out", help="Side-by-side picture of the matches.")] = None,
+    device: DeviceOption = "auto",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+):
+    """Dense correspondences from A to B: given points, or the n best-buddy pairs."""
+    from ..api import match_images
+
+    _quiet_libraries()
+    result = match_images(image_a, image_b, points=_parse_points(points) if points else None, n=n, method=method,
+                          model=model, device=device, layer=layer, facet=facet_name, log_bin=log_bin,
+                          image_size=image_size, stride=stride, out=out_png)
+    if as_json:
+        print(json.dumps({"a": str(image_a), "b": str(image_b), "matches": result.to_dicts()}))
+    else:
+        table = Table(title=f"{image_a} -> {image_b}", title_justify="left")
+        for col in ("#", "A (x, y)", "B (x, y)", "confidence"):
+            table.add_column(col, justify="right")
+        for i, m in enumerate(result.to_dicts(), 1):
+            table.add_row(str(i), f"{m['a'][0]:.1f}, {m['a'][1]:.1f}", f"{m['b'][0]:.1f}, {m['b'][1]:.1f}",
+                          f"{m['confidence']:.3f}")
+        out.print(table)
+    if out_png:
+        err.print(f"wrote {out_png}", highlight=False)
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: keypoint PCK, grouped folders, Sref, IP.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("pck")
+def bench_pck(
+    root: Annotated[Path, typer.Argument(help="SPair-71k layout root.")],
+    split: Annotated[str, typer.Option(help="trn, val or test.")] = "test",
+    alpha: Annotated[list[float], typer.Option(help="PCK thresholds (repeatable).")] = [0.1],
+    categories: Annotated[Optional[list[str]], typer.Option("--category", help="Only these (repeatable).")] = None,
+    stride: Annotated[Optional[int], typer.Option(help="Patch stride, e.g. 14, 7, 2.")] = None,
+    model: Annotated[Optional[str], typer.Option()] = None,
+    layer: Annotated[int, typer.Option()] = 9,
+    facet_name: Annotated[str, typer.Option("--facet")] = "key",
+    log_bin: Annotated[bool, typer.Option(help="Log-binned descriptors.")] = True,
+    image_size: Annotated[int, typer.Option()] = 224,
+    device: DeviceOption = "auto",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+):
+    """PCK@alpha of nearest-neighbour keypoint transfer, per category and mean."""
+    from rich.progress import Progress
+
+    from ..api import dense_matcher
+    from ..bench.pck import evaluate_pck, read_pairs
+
+    _quiet_libraries()
+    pairs = read_pairs(root, split, categories)
+    matcher = dense_matcher(model, device, layer=layer, facet=facet_name, log_bin=log_bin,
+                            image_size=image_size, stride=stride)
+    with Progress(console=err, transient=True) as progress:
+        task = progress.add_task("pairs", total=len(pairs))
+        result = evaluate_pck(matcher, pairs, tuple(alpha), on_advance=lambda k: progress.advance(task, k))
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    table = Table(title=f"PCK on {root} ({split}, {result.pairs} pairs, {result.points} points)", title_justify="left")
+    table.add_column("category")
+    for a in result.alphas:
+        table.add_column(f"PCK@{a}", justify="right")
+    table.add_column("points", justify="right")
+    for cat, r in result.per_category.items():
+        table.add_row(cat, *[f"{100 * r[f'pck@{a}']:.1f}" for a in result.alphas], str(r["points"]))
+    table.add_row("[bold]mean", *[f"[bold]{100 * result.mean[f'pck@{a}']:.1f}" for a in result.alphas], str(result.points))
     out.print(table)
 
 

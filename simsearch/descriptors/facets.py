@@ -1,0 +1,37 @@
+"""ViT facets (Amir et al.): token / query / key / value / attn of one block, heads concatenated.
+
+The model-specific part (the block's norm and projections) is `ViTBackbone.qkv`; what follows
+from q, k, v is pure tensor code.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FACETS = ("token", "query", "key", "value", "attn")
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, d) -> (B, T, H*d)"""
+    b, h, t, d = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * d)
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)). q (B, H, Tq, d), k (B, H, Tk, d) -> (B, H, Tq, Tk)"""
+    return torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
+
+
+def facet(backbone, layer: int, hidden: torch.Tensor, name: str) -> torch.Tensor:
+    """Facet `name` of block `layer` from the hidden state entering it, hidden (B, T, C).
+
+    token -> (B, T, C): the block's output; query/key/value -> (B, T, C); attn -> (B, H, T, T).
+    """
+    if name not in FACETS:
+        raise ValueError(f"unknown facet '{name}' (choose from {', '.join(FACETS)})")
+    if name == "token":
+        return backbone.blocks[layer](hidden)
+    q, k, v = backbone.qkv(layer, hidden)
+    if name == "attn":
+        return attention_probs(q, k)
+    return merge_heads({"query": q, "key": k, "value": v}[name])

@@ -1,0 +1,58 @@
+"""Self-contained HTML result pages for `simsearch query --html`."""
+
+from __future__ import annotations
+
+import html
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .descriptors.facets import merge_heads
+from .rerank.correspondence import DenseDescriptors, best_buddies
+from .viz import draw_matches, image_data_uri, table_html, write_page
+
+
+def _key_grid(backbone, layer: int, hidden: np.ndarray, image_size: tuple[int, int], input_size: int) -> DenseDescriptors:
+    """Key-facet descriptors of stored hidden states, placed on an image of `image_size`."""
+    keys = merge_heads(backbone.qkv(layer, torch.as_tensor(hidden)[None])[1])[0, 1:].float()
+    side = int(round(len(keys) ** 0.5))
+    stride = backbone.patch_size
+    return DenseDescriptors(desc=keys, saliency=torch.ones(len(keys)), grid=(side, side), stride=stride,
+                            patch=backbone.patch_size, input_size=input_size, image_size=image_size)
+
+
+@torch.inference_mode()
+def write_results_html(index, query: str | Path, hits, path: str | Path, mode: str, n_matches: int = 8) -> Path:
+    """Query, hits with thumbnails and scores, and each hit's correspondences to the query."""
+    from .images import open_image
+
+    q_img = open_image(Path(query), max_side=512).image
+    q_thumb = q_img.copy()
+    q_thumb.thumbnail((256, 256))
+    q_dense = index.embed_image(q_img).dense[0]
+    rows_by_key = {r["key"]: r for r in index.store.rows([h.key for h in hits], ["thumb"])}
+    dense = index.dense([h.key for h in hits]) if hits else []
+    bb, layer, size = index.embedder.backbone, index.conf.dense_layer, index.conf.image_size
+    q_grid = _key_grid(bb, layer, q_dense, q_thumb.size, size)
+    score_names = list(hits[0].scores) if hits and hits[0].scores else []
+    rows = []
+    for hit, hit_dense in zip(hits, dense):
+        thumb = Image.open(io.BytesIO(rows_by_key[hit.key]["thumb"])).convert("RGB")
+        h_grid = _key_grid(bb, layer, hit_dense, thumb.size, size)
+        pairs, sim = best_buddies(q_grid.desc, h_grid.desc, q_grid.saliency, h_grid.saliency, n=n_matches)
+        rc = lambda idx, w: torch.stack([idx // w, idx % w], 1)  # noqa: E731
+        pic = draw_matches(q_thumb, thumb, q_grid.cell_to_xy(rc(pairs[:, 0], q_grid.grid[1])),
+                           h_grid.cell_to_xy(rc(pairs[:, 1], h_grid.grid[1])), sim.numpy(), height=160)
+        rows.append([str(hit.rank), f"{hit.score:.4f}", *[f"{hit.scores[n]:.4f}" for n in score_names],
+                     f'<img alt="hit {hit.rank}" src="{image_data_uri(thumb)}">',
+                     f'<img alt="matches {hit.rank}" src="{image_data_uri(pic)}">',
+                     f'<span class="path">{html.escape(hit.path)}</span>'])
+    headers = ["rank", "score", *score_names, "image", "correspondences with the query", "path"]
+    query_html = (f'<div class="query"><p>query: <span class="path">{html.escape(str(query))}</span> '
+                  f'({mode}, {len(hits)} hits, model {html.escape(index.conf.model)})</p>'
+                  f'<img alt="query" src="{image_data_uri(q_thumb)}"></div>')
+    numeric = set(range(2 + len(score_names)))
+    return write_page(path, f"simsearch: {Path(query).name}", [query_html, table_html(headers, rows, numeric)])
