@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import SimsearchError
@@ -256,6 +257,166 @@ def bench_pck(
         table.add_row(cat, *[f"{100 * r[f'pck@{a}']:.1f}" for a in result.alphas], str(r["points"]))
     table.add_row("[bold]mean", *[f"[bold]{100 * result.mean[f'pck@{a}']:.1f}" for a in result.alphas], str(result.points))
     out.print(table)
+
+
+MetricsOption = Annotated[str, typer.Option("--metric", help="aas, cosine, style, or all.")]
+CacheOption = Annotated[Optional[Path], typer.Option(help="Keep descriptors in this database between runs.")]
+
+
+def _metrics(metric: str) -> tuple[str, ...]:
+    from ..bench.features import METRICS
+
+    return METRICS if metric == "all" else tuple(m.strip() for m in metric.split(","))
+
+
+def _progress_callbacks(progress, label: str):
+    task = progress.add_task(label, total=None)
+    return (lambda n: progress.update(task, total=n)), (lambda n: progress.advance(task, n))
+
+
+@app.command()
+def score(
+    ref: Annotated[Path, typer.Option("--ref", help="Reference image or folder.")],
+    gen: Annotated[Path, typer.Option("--gen", help="Folder (or image) of generated images.")],
+    pairs: Annotated[Optional[Path], typer.Option("--pairs", help="CSV with columns ref,gen.")] = None,
+    all_pairs: Annotated[bool, typer.Option(help="Every generated image against every reference.")] = False,
+    metric: MetricsOption = "all",
+    out_file: Annotated[Optional[Path], typer.Option("--out", help="report.json, or .csv for per-pair rows.")] = None,
+    html_out: Annotated[Optional[Path], typer.Option("--html", help="HTML report with thumbnails.")] = None,
+    model: Annotated[Optional[str], typer.Option()] = None,
+    cache: CacheOption = None,
+    device: DeviceOption = "auto",
+):
+    """Score generated images against their references (content, style, AAS)."""
+    from rich.progress import Progress
+
+    from ..scoring import score as run_score, write_score_html
+
+    _quiet_libraries()
+    with Progress(console=err, transient=True) as progress:
+        on_total, on_advance = _progress_callbacks(progress, "embedding")
+        report, fs = run_score(ref, gen, pairs, all_pairs, _metrics(metric), cache=cache, model=model,
+                               device=device, on_total=on_total, on_advance=on_advance)
+    try:
+        if out_file:
+            err.print(f"wrote {report.write(out_file)}", highlight=False)
+        if html_out:
+            err.print(f"wrote {write_score_html(report, fs, html_out)}", highlight=False)
+    finally:
+        fs.close()
+    for item in report.failed:
+        err.print(f"[yellow]failed[/]: {item['path']}: {item['reason']}", highlight=False, soft_wrap=True)
+    if report.unmatched:
+        err.print(f"{len(report.unmatched)} generated images match no reference (first: {report.unmatched[0]})",
+                  highlight=False)
+    table = Table(title=f"{len(report.pairs)} pairs", title_justify="left")
+    table.add_column("reference", overflow="fold")
+    for m in report.metrics:
+        table.add_column(f"{m} mean ± std", justify="right")
+    table.add_column("n", justify="right")
+    for r, summ in report.per_reference.items():
+        shown = os.path.relpath(r, ref if ref.is_dir() else ref.parent)
+        table.add_row(escape(shown), *[f"{summ[m]['mean']:.4f} ± {summ[m]['std']:.4f}" for m in report.metrics],
+                      str(summ[report.metrics[0]]["count"]))
+    table.add_row("[bold]overall", *[f"[bold]{report.overall[m]['mean']:.4f} ± {report.overall[m]['std']:.4f}"
+                                     for m in report.metrics], str(len(report.pairs)))
+    out.print(table)
+
+
+def _print_bench(result, as_json: bool, out_file: Optional[Path]):
+    if out_file:
+        out_file.write_text(json.dumps(result.to_dict(), indent=2))
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    for p, reason in result.failed:
+        err.print(f"[yellow]failed[/]: {p}: {reason}", highlight=False, soft_wrap=True)
+    stats = sorted({k for m in result.metrics.values() for k in m if k != "queries"},
+                   key=lambda k: ("triplet" not in k and "ordering" not in k, k))
+    table = Table(title=f"{result.protocol} on {result.root}: {result.images} images, {result.groups} groups",
+                  title_justify="left")
+    table.add_column("metric")
+    for s in stats:
+        table.add_column(s.replace("_", " "), justify="right")
+    for m, values in result.metrics.items():
+        cells = []
+        for s in stats:
+            v = values.get(s)
+            if isinstance(v, dict):  # an estimate with its 95% interval
+                cells.append(escape(f"{100 * v['value']:.1f} [{100 * v['ci95'][0]:.1f}, {100 * v['ci95'][1]:.1f}] n={v['n']}"))
+            else:
+                cells.append("" if v is None else f"{100 * v:.1f}")
+        table.add_row(m, *cells)
+    out.print(table)
+    out.print("percent; \\[low, high] is the 95% Wilson interval", style="dim")
+
+
+def _bench(fn, root: Path, as_json: bool, out_file: Optional[Path], **kw):
+    from rich.progress import Progress
+
+    _quiet_libraries()
+    with Progress(console=err, transient=True) as progress:
+        result = fn(root, progress=_progress_callbacks(progress, "embedding"), **kw)
+    _print_bench(result, as_json, out_file)
+
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+OutOption = Annotated[Optional[Path], typer.Option("--out", help="Also write the JSON here.")]
+
+
+@bench_app.command("groups")
+def bench_groups(
+    root: Annotated[Path, typer.Argument(help="ROOT/<group>/<image>.")],
+    mode: Annotated[str, typer.Option(help="content or style.")] = "content",
+    metric: MetricsOption = "all",
+    triplets: Annotated[int, typer.Option(min=1, help="Seeded triplet sample size.")] = 2000,
+    seed: int = 0,
+    model: Annotated[Optional[str], typer.Option()] = None,
+    cache: CacheOption = None,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+    out_file: OutOption = None,
+):
+    """Triplet accuracy, leave-one-out mAP and recall@k of every metric on grouped folders."""
+    from ..bench.suites import evaluate_groups
+
+    _bench(evaluate_groups, root, as_json, out_file, mode=mode, metrics=_metrics(metric), triplets=triplets,
+           seed=seed, model=model, cache=cache, device=device)
+
+
+@bench_app.command("sref")
+def bench_sref(
+    root: Annotated[Path, typer.Argument(help="ROOT/<style>/<image>.")],
+    metric: MetricsOption = "all",
+    triplets: Annotated[int, typer.Option(min=1)] = 2000,
+    seed: int = 0,
+    model: Annotated[Optional[str], typer.Option()] = None,
+    cache: CacheOption = None,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+    out_file: OutOption = None,
+):
+    """The Sref protocol (style groups) on a folder in its layout."""
+    from ..bench.suites import evaluate_sref
+
+    _bench(evaluate_sref, root, as_json, out_file, metrics=_metrics(metric), triplets=triplets, seed=seed,
+           model=model, cache=cache, device=device)
+
+
+@bench_app.command("ip")
+def bench_ip(
+    root: Annotated[Path, typer.Argument(help="ROOT/<ip>/reference.<ext> and <weight>.<ext>.")],
+    metric: MetricsOption = "all",
+    model: Annotated[Optional[str], typer.Option()] = None,
+    cache: CacheOption = None,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+    out_file: OutOption = None,
+):
+    """The IP protocol: higher-weight variants must score closer to their reference."""
+    from ..bench.suites import evaluate_ip
+
+    _bench(evaluate_ip, root, as_json, out_file, metrics=_metrics(metric), model=model, cache=cache, device=device)
 
 
 def main() -> None:

@@ -105,16 +105,22 @@ class _Writer(threading.Thread):
             raise self.error
 
 
-def index_folder(index, folder: str | Path, batch_size: int = 16, prune: bool = False,
-                 workers: int = 2, write_rows: int = 256,
-                 on_total: Callable[[int], None] | None = None,
-                 on_advance: Callable[[int], None] | None = None) -> IndexReport:
-    """Index every image under `folder` into `index` (a `simsearch.Index`). Incremental and resumable."""
-    t0 = time.perf_counter()
+def index_folder(index, folder: str | Path, batch_size: int = 16, prune: bool = False, **kwargs) -> IndexReport:
+    """Index every image under `folder` into `index` (a `simsearch.Index`). Incremental and resumable.
+    `prune` removes rows of files under `folder` that no longer exist."""
     root = Path(folder).expanduser()
     if not root.exists():
         raise ImageError(root, "no such file or directory")
-    paths = [str(p.absolute()) for p in iter_image_files(root)]
+    return index_files(index, iter_image_files(root), batch_size, prune_root=root if prune else None, **kwargs)
+
+
+def index_files(index, files: Iterable[str | Path], batch_size: int = 16, prune_root: Path | None = None,
+                workers: int = 2, write_rows: int = 256,
+                on_total: Callable[[int], None] | None = None,
+                on_advance: Callable[[int], None] | None = None) -> IndexReport:
+    """Index the given image files (see index_folder)."""
+    t0 = time.perf_counter()
+    paths = list(dict.fromkeys(str(Path(p).expanduser().absolute()) for p in files))
     if on_total:
         on_total(len(paths))
     advance = on_advance or (lambda n: None)
@@ -214,9 +220,9 @@ def index_folder(index, folder: str | Path, batch_size: int = 16, prune: bool = 
     finally:
         writer.close()  # commits what was embedded, also on Ctrl-C
 
-    if prune:
+    if prune_root is not None:
         scanned = set(paths)
-        prefix = str(root.absolute())
+        prefix = str(prune_root.absolute())
         gone = [p for p in known if (p == prefix or p.startswith(prefix.rstrip(os.sep) + os.sep)) and p not in scanned]
         store.delete_paths(gone)
         report.pruned = len(gone)

@@ -1,0 +1,108 @@
+"""Descriptors of a set of images, computed once and scored pairwise by any metric.
+
+The images go through the normal indexer into a LanceDB cache (a temp dir, or `cache=` to keep it
+between runs), so scoring reuses batching, the failure handling and the incremental skip of the
+index, and every metric reads the same stored descriptors.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..errors import SimsearchError
+from ..index import Index
+from ..indexers.local import IndexReport, index_files
+from ..rerank.aas import aligned_attention_score
+from ..store import path_key
+
+METRICS = ("cosine", "style", "aas")
+METRIC_HELP = {
+    "cosine": "cosine of the content vectors",
+    "style": "cosine of the style vectors (channel mean/std)",
+    "aas": "Aligned Attention Score of the dense layer's self-attention (DiffSim)",
+    "combined": "mean of the z-scored metrics",
+}
+
+
+class FeatureSet:
+    def __init__(self, paths: list[str | Path], cache: str | Path | None = None, model: str | None = None,
+                 device: str = "auto", batch_size: int = 16,
+                 on_total: Callable[[int], None] | None = None, on_advance: Callable[[int], None] | None = None):
+        self._tmp = None if cache else tempfile.TemporaryDirectory(prefix="simsearch-features-")
+        self.index = Index(cache or Path(self._tmp.name) / "features.db", model=model, device=device)
+        self.report: IndexReport = index_files(self.index, paths, batch_size, on_total=on_total, on_advance=on_advance)
+        failed = {p for p, _ in self.report.failed}
+        self.paths = [str(Path(p).expanduser().absolute()) for p in paths]
+        self.paths = [p for p in dict.fromkeys(self.paths) if p not in failed]
+        if not self.paths:
+            raise SimsearchError("none of the images could be read: " + "; ".join(f"{p}: {r}" for p, r in self.report.failed[:3]))
+        self.pos = {p: i for i, p in enumerate(self.paths)}
+        rows = self.index.store.rows([path_key(p) for p in self.paths], ["content", "style"])
+        self.vectors = {name: np.asarray([r[name] for r in rows], dtype=np.float32) for name in ("content", "style")}
+        self._qkv: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def config(self) -> dict:
+        """What produced the numbers: descriptor configuration, weights fingerprint, versions."""
+        import simsearch
+
+        emb = self.index.embedder
+        return {"descriptors": self.index.conf.to_dict(), "weights": emb.fingerprint, "device": str(emb.device),
+                "simsearch": simsearch.__version__, "torch": torch.__version__}
+
+    def _attention_inputs(self) -> tuple[torch.Tensor, ...]:
+        """q, k, v of the dense layer for every image, (N, H, T, d) each; computed once."""
+        if self._qkv is None:
+            bb, layer = self.index.embedder.backbone, self.index.conf.dense_layer
+            dense = self.index.dense([path_key(p) for p in self.paths])
+            with torch.inference_mode():
+                parts = [bb.qkv(layer, torch.as_tensor(dense[i:i + 64], device=bb.device))
+                         for i in range(0, len(dense), 64)]
+            self._qkv = tuple(torch.cat([p[j] for p in parts]) for j in range(3))
+        return self._qkv
+
+    @torch.inference_mode()
+    def pair_scores(self, metric: str, i: np.ndarray, j: np.ndarray, chunk: int = 64) -> np.ndarray:
+        """Scores of the pairs (i[n], j[n]) (indices into self.paths) -> (P,). Symmetric metrics."""
+        i, j = np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)
+        if metric in ("cosine", "style"):
+            v = self.vectors["content" if metric == "cosine" else "style"]
+            return np.einsum("pd,pd->p", v[i], v[j])
+        if metric != "aas":
+            raise SimsearchError(f"unknown metric '{metric}' (choose from {', '.join(METRICS)})")
+        q, k, v = self._attention_inputs()
+        out = np.empty(len(i), dtype=np.float32)
+        for a in np.unique(i):  # one anchor against all its partners, batched
+            sel = np.flatnonzero(i == a)
+            for s in range(0, len(sel), chunk):
+                part = sel[s:s + chunk]
+                jj = torch.as_tensor(j[part], device=q.device)
+                out[part] = aligned_attention_score((q[a:a + 1], k[a:a + 1], v[a:a + 1]),
+                                                    (q[jj], k[jj], v[jj])).float().cpu().numpy()
+        return out
+
+    def matrix(self, metric: str) -> np.ndarray:
+        """(N, N) similarity over all pairs; the diagonal is 1 by definition of every metric here."""
+        n = len(self.paths)
+        i, j = np.triu_indices(n, k=1)
+        sim = np.eye(n, dtype=np.float32)
+        sim[i, j] = sim[j, i] = self.pair_scores(metric, i, j)
+        return sim
+
+    def close(self):
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def zscore_combine(scores: list[np.ndarray]) -> np.ndarray:
+    """Mean of z-scored arrays (over all their entries), so no metric dominates by its scale."""
+    out = np.zeros_like(scores[0], dtype=np.float64)
+    for s in scores:
+        sd = s.std()
+        out += (s - s.mean()) / (sd if sd > 1e-12 else 1.0)
+    return (out / len(scores)).astype(np.float32)
