@@ -23,6 +23,10 @@ class DescriptorConfig:
     model: str = DEFAULT_MODEL
     image_size: int = 224  # the whole image resized to a square (no crop)
     content_pooling: str = "cls"  # see descriptors.pooling.CONTENT_POOLINGS
+    # Content tokens: the normed input to this block (num_layers = the final normed output). The
+    # embedded model's last block is the weakest for retrieval (it may be tuned for saliency):
+    # CLS entering block 11 scores 33 mAP on tuxpaint categories vs 20 for the final CLS.
+    content_layer: int = 11
     style_layer: int = 4  # channel statistics of the normed input to this block
     dense_layer: int = 9  # the hidden state entering this block is stored for reranking
     dense_dtype: str = "float16"
@@ -59,7 +63,7 @@ class Embedder:
         self.conf = conf
         self.backbone = load_backbone(conf.model, device)
         n = self.backbone.num_layers
-        for name in ("style_layer", "dense_layer"):
+        for name in ("content_layer", "style_layer", "dense_layer"):
             if not 0 <= getattr(conf, name) <= n:
                 raise SimsearchError(f"{name}={getattr(conf, name)} is outside 0..{n} for {conf.model}")
         h, w = self.backbone.grid_size(conf.image_size, conf.image_size)
@@ -81,14 +85,16 @@ class Embedder:
     @torch.inference_mode()
     def embed(self, pixels: torch.Tensor) -> Embeddings:
         """pixels (B, 3, S, S) normalised -> Embeddings."""
-        c = self.conf
-        out = self.backbone(pixels.to(self.device), keep={c.style_layer, c.dense_layer})
-        if c.style_layer == self.backbone.num_layers:
-            style_tokens = out.tokens
-        else:
-            style_tokens = self.backbone.prenorm(c.style_layer, out.hidden[c.style_layer])
+        c, bb = self.conf, self.backbone
+        layers = (c.content_layer, c.style_layer, c.dense_layer)
+        # Blocks after the last one any descriptor reads are never run.
+        out = bb(pixels.to(self.device), keep=set(layers), last_block=max(layers))
+
+        def normed(layer: int) -> torch.Tensor:
+            return out.tokens if layer == bb.num_layers else bb.prenorm(layer, out.hidden[layer])
+
         return Embeddings(
-            content=content_vector(out.tokens, c.content_pooling).cpu().numpy(),
-            style=style_vector(style_tokens[:, 1:]).cpu().numpy(),
+            content=content_vector(normed(c.content_layer), c.content_pooling).cpu().numpy(),
+            style=style_vector(normed(c.style_layer)[:, 1:]).cpu().numpy(),
             dense=out.hidden[c.dense_layer].float().cpu().numpy(),
         )

@@ -68,7 +68,7 @@ def index(
         err.print(f"[yellow]failed[/]: {path}: {reason}", highlight=False, soft_wrap=True)
     out.print(f"added {report.added} · updated {report.updated} · skipped {report.skipped} · "
               f"failed {len(report.failed)}" + (f" · pruned {report.pruned}" if prune else "") +
-              f" · {report.images_per_s:.1f} img/s · {idx.count()} images in {db}", highlight=False)
+              f" · {report.images_per_s:.1f} img/s · {idx.count()} images in {db}", highlight=False, soft_wrap=True)
 
 
 @app.command()

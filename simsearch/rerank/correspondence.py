@@ -167,7 +167,7 @@ class DenseMatcher:
         c, bb = self.conf, self.backbone
         pixels = to_tensor(image, c["image_size"])[None].to(bb.device)
         last = bb.num_layers - 1
-        out = bb(pixels, keep={c["layer"], last}, stride=c["stride"])
+        out = bb(pixels, keep={c["layer"], last}, stride=c["stride"], last_block=last)
         desc = facet(bb, c["layer"], out.hidden[c["layer"]], c["facet"])
         desc = desc[:, 1:] if desc.dim() == 3 else desc  # drop CLS (token/key/query/value)
         if c["log_bin"]:
