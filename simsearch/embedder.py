@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .backbones import DEFAULT_MODEL, load_backbone
+from .backbones import DEFAULT_MODEL, MODELS, load_backbone
 from .descriptors.codec import DENSE_DTYPES
 from .descriptors.pooling import CONTENT_POOLINGS, content_vector, style_vector
 from .errors import SimsearchError
@@ -23,10 +23,10 @@ class DescriptorConfig:
     model: str = DEFAULT_MODEL
     image_size: int = 224  # the whole image resized to a square (no crop)
     content_pooling: str = "cls"  # see descriptors.pooling.CONTENT_POOLINGS
-    # Content tokens: the normed input to this block (num_layers = the final normed output). The
-    # embedded model's last block is the weakest for retrieval (it may be tuned for saliency):
-    # CLS entering block 11 scores 33 mAP on tuxpaint categories vs 20 for the final CLS.
-    content_layer: int = 11
+    # Content tokens: the normed input to this block; None = the final normed output. Presets may
+    # set it (ModelCard.descriptor_defaults): the embedded model's last block is its weakest for
+    # retrieval, CLS entering block 11 scores 33 mAP on tuxpaint categories vs 20 for the final CLS.
+    content_layer: int | None = None
     style_layer: int = 4  # channel statistics of the normed input to this block
     dense_layer: int = 9  # the hidden state entering this block is stored for reranking
     dense_dtype: str = "float16"
@@ -38,6 +38,12 @@ class DescriptorConfig:
             raise SimsearchError(f"dense dtype '{self.dense_dtype}' is not one of {', '.join(DENSE_DTYPES)}")
         if self.image_size < 14 or self.image_size > 1024:
             raise SimsearchError(f"image size {self.image_size} is outside 14..1024")
+
+    @classmethod
+    def for_model(cls, model: str = DEFAULT_MODEL, **overrides) -> "DescriptorConfig":
+        """The configuration for `model`: its preset's descriptor defaults, then `overrides`."""
+        card = MODELS.get(model)
+        return cls(model=model, **{**(card.descriptor_defaults if card else {}), **overrides})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,7 +70,7 @@ class Embedder:
         self.backbone = load_backbone(conf.model, device)
         n = self.backbone.num_layers
         for name in ("content_layer", "style_layer", "dense_layer"):
-            if not 0 <= getattr(conf, name) <= n:
+            if getattr(conf, name) is not None and not 0 <= getattr(conf, name) <= n:
                 raise SimsearchError(f"{name}={getattr(conf, name)} is outside 0..{n} for {conf.model}")
         h, w = self.backbone.grid_size(conf.image_size, conf.image_size)
         self.dense_shape = (1 + h * w, self.backbone.dim)
@@ -86,7 +92,8 @@ class Embedder:
     def embed(self, pixels: torch.Tensor) -> Embeddings:
         """pixels (B, 3, S, S) normalised -> Embeddings."""
         c, bb = self.conf, self.backbone
-        layers = (c.content_layer, c.style_layer, c.dense_layer)
+        content_layer = bb.num_layers if c.content_layer is None else c.content_layer
+        layers = (content_layer, c.style_layer, c.dense_layer)
         # Blocks after the last one any descriptor reads are never run.
         out = bb(pixels.to(self.device), keep=set(layers), last_block=max(layers))
 
@@ -94,7 +101,7 @@ class Embedder:
             return out.tokens if layer == bb.num_layers else bb.prenorm(layer, out.hidden[layer])
 
         return Embeddings(
-            content=content_vector(normed(c.content_layer), c.content_pooling).cpu().numpy(),
+            content=content_vector(normed(content_layer), c.content_pooling).cpu().numpy(),
             style=style_vector(normed(c.style_layer)[:, 1:]).cpu().numpy(),
             dense=out.hidden[c.dense_layer].float().cpu().numpy(),
         )

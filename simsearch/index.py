@@ -68,7 +68,7 @@ class Index:
                     f"Use another --db or the same configuration.")
             self.conf = stored
         else:
-            self.conf = conf or DescriptorConfig(**overrides)
+            self.conf = conf or DescriptorConfig.for_model(**overrides)
 
     # -- model -------------------------------------------------------------------------------
     @property

