@@ -29,6 +29,7 @@ class VectorIndex:
     table_version: int
     kind: str  # "flat" | "ivf<nlist>"
     nprobe: int = 16
+    weights: str = ""  # fingerprint of the model whose vectors these are
     _gpu: faiss.Index | None = None
 
     @property
@@ -45,7 +46,7 @@ class VectorIndex:
             index = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
             kind = "flat"
         else:
-            nlist = int(4 * np.sqrt(n))
+            nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))  # FAISS wants >= 39 training points per list
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
             rng = np.random.default_rng(0)  # training sample is seeded: rebuilds are reproducible
             sample = vectors[rng.choice(n, size=min(n, 256 * nlist), replace=False)]
@@ -83,7 +84,8 @@ class VectorIndex:
         faiss.write_index(self.index, str(tmp))
         os.replace(tmp, path.with_suffix(".faiss"))
         side = path.with_suffix(".json.tmp")
-        side.write_text(json.dumps({"table_version": self.table_version, "kind": self.kind, "ntotal": self.ntotal}))
+        side.write_text(json.dumps({"table_version": self.table_version, "kind": self.kind, "ntotal": self.ntotal,
+                                    "d": self.index.d, "weights": self.weights}))
         os.replace(side, path.with_suffix(".json"))
 
     @classmethod
@@ -93,9 +95,9 @@ class VectorIndex:
             index = faiss.read_index(str(path.with_suffix(".faiss")))
         except (OSError, ValueError, RuntimeError):
             return None
-        if index.ntotal != side.get("ntotal"):
+        if index.ntotal != side.get("ntotal") or index.d != side.get("d"):
             return None  # sidecar and index written by different runs
-        return cls(index=index, table_version=side["table_version"], kind=side["kind"])
+        return cls(index=index, table_version=side["table_version"], kind=side["kind"], weights=side.get("weights", ""))
 
 
 def index_path(store: ImageStore, column: str) -> Path:
@@ -106,11 +108,15 @@ def load_fresh(store: ImageStore, column: str, ivf_threshold: int = IVF_THRESHOL
     """The index for `column`, rebuilt and saved if missing or behind the table. -> (index, rebuilt)."""
     path = index_path(store, column)
     version = store.version
+    weights = store.meta["weights"]
+    dim = store.table.schema.field(column).type.list_size
     cached = VectorIndex.load(path)
-    if cached is not None and cached.table_version == version:
+    # The version alone is not enough: a table deleted and rebuilt (other model) restarts its numbering.
+    if cached is not None and (cached.table_version, cached.weights, cached.index.d) == (version, weights, dim):
         return cached, False
     keys, vectors = store.vectors(column)
     fresh = VectorIndex.build(keys, vectors, version, ivf_threshold)
+    fresh.weights = weights
     fresh.save(path)
     return fresh, True
 
@@ -120,6 +126,6 @@ def index_state(store: ImageStore, column: str) -> dict:
     cached = VectorIndex.load(index_path(store, column))
     if cached is None:
         return {"state": "missing"}
-    fresh = cached.table_version == store.version
+    fresh = cached.table_version == store.version and cached.weights == store.meta["weights"]
     return {"state": "fresh" if fresh else "stale (rebuilt on next query)", "kind": cached.kind,
             "ntotal": cached.ntotal, "table_version": cached.table_version}

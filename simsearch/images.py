@@ -84,7 +84,8 @@ def open_image(source: str | Path | bytes, max_side: int | None = None, name: st
     except OSError as e:
         raise ImageError(label, e.strerror or str(e)) from None
     with fp, warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        # Pillow warns from ~89 Mpx: MAX_PIXELS is the limit (Pillow still refuses > ~179 Mpx itself).
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             img = Image.open(fp)
             width, height = img.size
@@ -107,8 +108,8 @@ def open_image(source: str | Path | bytes, max_side: int | None = None, name: st
         except UnidentifiedImageError:
             reason = "empty file" if _is_empty(source) else "not an image Pillow can read"
             raise ImageError(label, reason) from None
-        except (OSError, ValueError, SyntaxError, EOFError) as e:
-            raise ImageError(label, f"cannot decode: {e}") from None
+        except Exception as e:  # noqa: BLE001 - corrupt files also raise TypeError, KeyError, struct.error
+            raise ImageError(label, f"cannot decode: {e or type(e).__name__}") from None
     if max_side and max(img.size) > 2 * max_side:
         img.thumbnail((2 * max_side, 2 * max_side), Image.Resampling.BOX)
     return LoadedImage(path=label, image=img, width=width, height=height)

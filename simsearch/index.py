@@ -13,13 +13,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from . import ann
 from .descriptors.codec import dense_nbytes
 from .embedder import DescriptorConfig, Embedder
 from .errors import ConfigMismatchError, EmptyIndexError, SimsearchError
-from .images import open_image
+from .images import _to_rgb, open_image
 from .store import VECTOR_COLUMNS, ImageStore
 
 MODES = VECTOR_COLUMNS  # "content", "style"
@@ -42,6 +42,16 @@ class Hit:
         return d
 
 
+def _normalise_model(model: str) -> str:
+    """A local checkpoint directory is recorded as an absolute path, so the database works from any cwd."""
+    from .backbones import MODELS
+
+    path = Path(model).expanduser()
+    if model not in MODELS and path.is_dir():
+        return str(path.resolve())
+    return model
+
+
 class Index:
     def __init__(self, db: str | Path = DEFAULT_DB, model: str | None = None, device: str = "auto",
                  conf: DescriptorConfig | None = None, ivf_threshold: int = ann.IVF_THRESHOLD, **overrides):
@@ -58,7 +68,7 @@ class Index:
         self._embedder: Embedder | None = None
         self._ann: dict[str, ann.VectorIndex] = {}
         if model is not None:
-            overrides["model"] = model
+            overrides["model"] = _normalise_model(model)
         if self.store.exists():
             stored = DescriptorConfig.from_dict(self.store.meta["config"])
             wanted = conf or replace(stored, **overrides)
@@ -116,8 +126,8 @@ class Index:
     # -- search ------------------------------------------------------------------------------
     def embed_image(self, image: str | Path | Image.Image):
         emb = self.embedder
-        if isinstance(image, Image.Image):
-            img = image.convert("RGB")
+        if isinstance(image, Image.Image):  # prepared as the indexer prepares files
+            img = _to_rgb(ImageOps.exif_transpose(image))
         else:
             img = open_image(Path(image).expanduser(), max_side=self.conf.image_size).image
         return emb.embed(emb.preprocess(img)[None])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +43,19 @@ def schema(content_dim: int, style_dim: int, meta: dict) -> pa.Schema:
     ], metadata={META_KEY: json.dumps(meta).encode()})
 
 
+def _connect(root: Path):
+    """Every read sees the latest commit, also one made by another handle or process."""
+    import lancedb
+
+    return lancedb.connect(str(root), read_consistency_interval=timedelta(0))
+
+
 class ImageStore:
     def __init__(self, root: str | Path):
-        import lancedb
-
         self.root = Path(root)
-        self._db = lancedb.connect(str(self.root)) if self.root.exists() else None
+        if self.root.exists() and not self.root.is_dir():
+            raise SimsearchError(f"{self.root}: not a database directory (it is a file)")
+        self._db = _connect(self.root) if self.root.exists() else None
         self._table = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -63,10 +71,8 @@ class ImageStore:
         return self._table
 
     def create(self, meta: dict, content_dim: int, style_dim: int) -> None:
-        import lancedb
-
         self.root.mkdir(parents=True, exist_ok=True)
-        self._db = lancedb.connect(str(self.root))
+        self._db = _connect(self.root)
         self._table = self._db.create_table(TABLE, schema=schema(content_dim, style_dim, meta))
 
     def refresh(self) -> None:
@@ -138,6 +144,17 @@ class ImageStore:
         """Insert or replace rows by path in one commit (atomic: all of `rows` or none)."""
         (self.table.merge_insert("path").when_matched_update_all().when_not_matched_insert_all()
          .execute(rows))
+
+    def set_file_stats(self, stats: dict[str, tuple[int, int]]) -> None:
+        """Record new (size, mtime_ns) of files whose content did not change, in one commit."""
+        if not stats:
+            return
+        rows = self._select(self.table.schema.names, "key IN (" + ", ".join(str(path_key(p)) for p in stats) + ")")
+        paths = rows.column("path").to_pylist()
+        for name, i in (("size", 0), ("mtime_ns", 1)):
+            rows = rows.set_column(rows.schema.get_field_index(name), name,
+                                   pa.array([stats[p][i] for p in paths], pa.int64()))
+        self.upsert(rows.cast(self.table.schema))
 
     def delete_paths(self, paths: list[str]) -> None:
         for i in range(0, len(paths), 500):

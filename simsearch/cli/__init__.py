@@ -49,9 +49,14 @@ def index(
 
     from ..index import Index
 
+    if not folder.exists():
+        from ..errors import ImageError
+
+        raise ImageError(folder, "no such file or directory")
     _quiet_libraries()
     overrides = {k: v for k, v in {"image_size": image_size, "dense_dtype": dense_dtype}.items() if v is not None}
     idx = Index(db, model=model, device=device, **overrides)
+    idx.ensure_table()  # loads the model and checks the configuration before the progress bar starts
     columns = [TextColumn("[bold]indexing"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeRemainingColumn()]
     with Progress(*columns, console=err, transient=False) as progress:

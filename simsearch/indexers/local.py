@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import stat
 import threading
 import time
 from collections import deque
@@ -120,7 +121,8 @@ def index_files(index, files: Iterable[str | Path], batch_size: int = 16, prune_
                 on_advance: Callable[[int], None] | None = None) -> IndexReport:
     """Index the given image files (see index_folder)."""
     t0 = time.perf_counter()
-    paths = list(dict.fromkeys(str(Path(p).expanduser().absolute()) for p in files))
+    # abspath also folds "." and "..": one spelling per file, so one row per file
+    paths = list(dict.fromkeys(os.path.abspath(os.path.expanduser(p)) for p in files))
     if on_total:
         on_total(len(paths))
     advance = on_advance or (lambda n: None)
@@ -132,9 +134,18 @@ def index_files(index, files: Iterable[str | Path], batch_size: int = 16, prune_
     todo: list[tuple[str, os.stat_result]] = []
     for p in paths:
         try:
+            p.encode("utf-8")  # the table stores UTF-8 text
             st = os.stat(p)
+        except UnicodeEncodeError:
+            report.failed.append((p, "file name is not valid UTF-8"))
+            advance(1)
+            continue
         except OSError as e:
             report.failed.append((p, e.strerror or str(e)))
+            advance(1)
+            continue
+        if not stat.S_ISREG(st.st_mode):  # reading a FIFO blocks forever, a device never ends
+            report.failed.append((p, "not a regular file"))
             advance(1)
             continue
         old = known.get(p)
@@ -143,6 +154,8 @@ def index_files(index, files: Iterable[str | Path], batch_size: int = 16, prune_
             advance(1)
         else:
             todo.append((p, st))
+
+    touched: dict[str, tuple[int, int]] = {}
 
     def prepare(item: tuple[str, os.stat_result]) -> _Prepared | str | ImageError:
         path, st = item
@@ -154,7 +167,8 @@ def index_files(index, files: Iterable[str | Path], batch_size: int = 16, prune_
         digest = hashlib.blake2b(data, digest_size=16).hexdigest()
         old = known.get(path)
         if old is not None and old[0] == digest:
-            return "unchanged"  # touched but identical content
+            touched[path] = (st.st_size, st.st_mtime_ns)  # identical content: record the new stat
+            return "unchanged"
         try:
             loaded = open_image(data, max_side=embedder.conf.image_size, name=path)
         except ImageError as e:
@@ -220,9 +234,10 @@ def index_files(index, files: Iterable[str | Path], batch_size: int = 16, prune_
     finally:
         writer.close()  # commits what was embedded, also on Ctrl-C
 
+    store.set_file_stats(touched)
     if prune_root is not None:
         scanned = set(paths)
-        prefix = str(prune_root.absolute())
+        prefix = os.path.abspath(prune_root)
         gone = [p for p in known if (p == prefix or p.startswith(prefix.rstrip(os.sep) + os.sep)) and p not in scanned]
         store.delete_paths(gone)
         report.pruned = len(gone)

