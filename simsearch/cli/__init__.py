@@ -43,18 +43,23 @@ def index(
     prune: Annotated[bool, typer.Option(help="Remove rows of files under FOLDER that are gone.")] = False,
     image_size: Annotated[Optional[int], typer.Option(help="Model input side (new databases only).")] = None,
     dense_dtype: Annotated[Optional[str], typer.Option(help="float16 or int8 (new databases only).")] = None,
+    content_layer: Annotated[Optional[int], typer.Option(help="Block whose normed input gives the content vector.")] = None,
+    style_layer: Annotated[Optional[int], typer.Option(help="Block whose normed input gives the style statistics.")] = None,
+    dense_layer: Annotated[Optional[int], typer.Option(help="Block whose input hidden state is stored for reranking.")] = None,
+    commit_every: Annotated[int, typer.Option(min=1, help="Rows per LanceDB commit (what a kill can lose).")] = 256,
 ):
     """Embed every image under FOLDER into the database; incremental and resumable."""
+    from ..errors import ImageError
+
+    if not folder.exists():
+        raise ImageError(folder, "no such file or directory")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from ..index import Index
 
-    if not folder.exists():
-        from ..errors import ImageError
-
-        raise ImageError(folder, "no such file or directory")
     _quiet_libraries()
-    overrides = {k: v for k, v in {"image_size": image_size, "dense_dtype": dense_dtype}.items() if v is not None}
+    overrides = {k: v for k, v in dict(image_size=image_size, dense_dtype=dense_dtype, content_layer=content_layer,
+                                       style_layer=style_layer, dense_layer=dense_layer).items() if v is not None}
     idx = Index(db, model=model, device=device, **overrides)
     idx.ensure_table()  # loads the model and checks the configuration before the progress bar starts
     columns = [TextColumn("[bold]indexing"), BarColumn(), MofNCompleteColumn(),
@@ -67,7 +72,7 @@ def index(
             speed = progress.tasks[task].speed
             progress.update(task, rate=f"{speed:.1f} img/s" if speed else "")
 
-        report = idx.add_folder(folder, batch_size=batch_size, prune=prune,
+        report = idx.add_folder(folder, batch_size=batch_size, prune=prune, write_rows=commit_every,
                                 on_total=lambda n: progress.update(task, total=n), on_advance=advance)
     for path, reason in report.failed:
         err.print(f"[yellow]failed[/]: {path}: {reason}", highlight=False, soft_wrap=True)
@@ -92,12 +97,13 @@ def query(
 ):
     """Print the top-k images like IMAGE."""
     from ..errors import EmptyIndexError, ImageError
-    from ..index import Index
 
     if not image.is_file():
         raise ImageError(image, "no such file" if not image.exists() else "not a file")
     if not (Path(db) / "images.lance").exists():
         raise EmptyIndexError(f"{db}: no simsearch database here (run `simsearch index FOLDER --db {db}`)")
+    from ..index import Index  # torch, lancedb: only once the cheap checks passed
+
     _quiet_libraries()
     idx = Index(db, model=model, device=device)
     hits = idx.search(image, k=k, mode=mode, where=where, rerank=rerank, candidates=candidates)
