@@ -21,12 +21,13 @@ from torch import nn
 class ViTFamily:
     model_type: str  # transformers config.model_type
     model_class: str  # transformers class name
+    blocks: str  # dotted path from the model to its list of transformer blocks
     prenorm: str  # attribute of a block holding the layer norm in front of attention
 
 
 FAMILIES = {
-    "dinov2": ViTFamily("dinov2", "Dinov2Model", "norm1"),
-    "dino": ViTFamily("vit", "ViTModel", "layernorm_before"),
+    "dinov2": ViTFamily("dinov2", "Dinov2Model", "encoder.layer", "norm1"),
+    "dino": ViTFamily("vit", "ViTModel", "layers", "layernorm_before"),
 }
 
 
@@ -49,7 +50,7 @@ class ViTBackbone(nn.Module):
         self.dim = int(cfg.hidden_size)
         self.num_heads = int(cfg.num_attention_heads)
         self.num_layers = int(cfg.num_hidden_layers)
-        self.blocks = model.encoder.layer
+        self.blocks = model.get_submodule(family.blocks)
 
     @property
     def device(self) -> torch.device:
