@@ -43,11 +43,18 @@ def make_pairs(ref: str | Path, gen: str | Path, pairs_csv: str | Path | None = 
     if pairs_csv:
         pairs = []
         base_ref, base_gen = (ref if ref.is_dir() else ref.parent), (gen if gen.is_dir() else gen.parent)
-        with open(pairs_csv, newline="") as f:
-            rows = list(csv.DictReader(f))
+        try:  # utf-8-sig: spreadsheets save "CSV UTF-8" with a byte-order mark
+            with open(pairs_csv, newline="", encoding="utf-8-sig") as f:
+                rows = list(csv.DictReader(f))
+        except OSError as e:
+            raise SimsearchError(f"{pairs_csv}: {e.strerror or e}") from None
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise SimsearchError(f"{pairs_csv}: not a readable UTF-8 CSV ({e})") from None
         if not rows or not {"ref", "gen"} <= set(rows[0]):
-            raise SimsearchError(f"{pairs_csv}: expected a CSV with columns ref,gen")
+            raise SimsearchError(f"{pairs_csv}: expected a CSV with columns ref,gen and at least one row")
         for n, row in enumerate(rows, 2):
+            if not row.get("ref") or not row.get("gen"):
+                raise SimsearchError(f"{pairs_csv}: line {n}: needs a ref and a gen path")
             r, g = base_ref / row["ref"], base_gen / row["gen"]
             for p in (r, g):
                 if not p.is_file():
@@ -60,6 +67,9 @@ def make_pairs(ref: str | Path, gen: str | Path, pairs_csv: str | Path | None = 
     pairs, unmatched = [], []
     for g in gens:
         owners = [r for r in refs if _matches(r, g)]
+        if len(owners) > 1:  # refs "dog" and "dog_2" both claim "dog_2_1": the longest name wins
+            longest = max(len(r.stem) for r in owners)
+            owners = [r for r in owners if len(r.stem) == longest]
         if not owners:
             unmatched.append(str(g.absolute()))
         pairs += [(str(r.absolute()), str(g.absolute())) for r in owners]

@@ -17,7 +17,7 @@ import torch
 from ..errors import SimsearchError
 from ..index import Index
 from ..indexers.local import IndexReport, index_files
-from ..rerank.aas import aligned_attention_score
+from ..rerank.aas import aligned_attention_score, attend
 from ..store import path_key
 
 METRICS = ("cosine", "style", "aas")
@@ -63,7 +63,10 @@ class FeatureSet:
             with torch.inference_mode():
                 parts = [bb.qkv(layer, torch.as_tensor(dense[i:i + 64], device=bb.device))
                          for i in range(0, len(dense), 64)]
-            self._qkv = tuple(torch.cat([p[j] for p in parts]) for j in range(3))
+            q, k, v = (torch.cat([p[j] for p in parts]) for j in range(3))
+            # each image's own attention output, once (AAS needs it for every pair the image is in)
+            own = torch.cat([attend(q[i:i + 64], k[i:i + 64], v[i:i + 64]) for i in range(0, len(q), 64)])
+            self._qkv = (q, k, v, own)
         return self._qkv
 
     @torch.inference_mode()
@@ -75,15 +78,15 @@ class FeatureSet:
             return np.einsum("pd,pd->p", v[i], v[j])
         if metric != "aas":
             raise SimsearchError(f"unknown metric '{metric}' (choose from {', '.join(METRICS)})")
-        q, k, v = self._attention_inputs()
+        q, k, v, own = self._attention_inputs()
         out = np.empty(len(i), dtype=np.float32)
         for a in np.unique(i):  # one anchor against all its partners, batched
             sel = np.flatnonzero(i == a)
             for s in range(0, len(sel), chunk):
                 part = sel[s:s + chunk]
                 jj = torch.as_tensor(j[part], device=q.device)
-                out[part] = aligned_attention_score((q[a:a + 1], k[a:a + 1], v[a:a + 1]),
-                                                    (q[jj], k[jj], v[jj])).float().cpu().numpy()
+                out[part] = aligned_attention_score((q[a:a + 1], k[a:a + 1], v[a:a + 1]), (q[jj], k[jj], v[jj]),
+                                                    own[a:a + 1], own[jj]).float().cpu().numpy()
         return out
 
     def matrix(self, metric: str) -> np.ndarray:

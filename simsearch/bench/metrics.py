@@ -31,7 +31,8 @@ def wilson(successes: float, n: int, z: float = 1.96) -> Estimate:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return Estimate(p, n, max(0.0, centre - half), min(1.0, centre + half))
+    # min/max with p: rounding must not put the estimate outside its own interval (p = 0 or 1)
+    return Estimate(p, n, max(0.0, min(centre - half, p)), min(1.0, max(centre + half, p)))
 
 
 def leave_one_out(sim: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict:
@@ -41,8 +42,11 @@ def leave_one_out(sim: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1,
     labels = np.asarray(labels)
     n = len(labels)
     np.fill_diagonal(sim, -np.inf)
-    order = np.argsort(-sim, axis=1, kind="stable")[:, : n - 1]  # (N, N-1), self last -> dropped
-    relevant = labels[order] == labels[:, None]  # (N, N-1)
+    same = labels[None, :] == labels[:, None]
+    # Tied scores rank negatives first (pessimistic), so the numbers do not depend on the order the
+    # images are listed in and a constant matrix scores no better than chance.
+    order = np.lexsort((same, -sim), axis=1)[:, : n - 1]  # (N, N-1), self last -> dropped
+    relevant = np.take_along_axis(same, order, axis=1)  # (N, N-1)
     has_pos = relevant.any(1)
     rel = relevant[has_pos]
     hits = np.cumsum(rel, axis=1)

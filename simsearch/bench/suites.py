@@ -52,6 +52,13 @@ def read_groups(root: str | Path) -> tuple[list[str], list[str]]:
     return paths, labels
 
 
+def _triplets(labels, n: int, seed: int, root) -> np.ndarray:
+    try:
+        return sample_triplets(np.asarray(labels), n, seed)
+    except ValueError as e:
+        raise SimsearchError(f"{root}: {e}") from None
+
+
 def _features(paths, progress: Callable | None, **kw) -> FeatureSet:
     on_total, on_advance = progress if progress else (None, None)
     return FeatureSet(paths, on_total=on_total, on_advance=on_advance, **kw)
@@ -65,11 +72,12 @@ def evaluate_groups(root: str | Path, mode: str = "content", metrics: tuple[str,
     if mode not in ("content", "style"):
         raise SimsearchError(f"unknown mode '{mode}' (choose content or style)")
     paths, labels = read_groups(root)
+    _triplets(labels, 1, seed, root)  # fail before embedding anything
     fs = _features(paths, progress, **feature_kw)
     try:
         group_of = dict(zip(paths, labels))
         y = np.asarray([group_of[p] for p in fs.paths])
-        trip = sample_triplets(y, triplets, seed)
+        trip = _triplets(y, triplets, seed, root)  # unreadable images may have emptied a group
         sims = {m: fs.matrix(m) for m in metrics}
         primary = "cosine" if mode == "content" else "style"
         if "aas" in sims and primary in sims:
