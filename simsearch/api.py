@@ -11,13 +11,16 @@ from .images import open_image
 from .rerank.correspondence import DenseMatcher, Matches
 
 MATCH_METHODS = ("nn", "best-buddies")
+DESCRIPTOR_FACETS = ("key", "query", "value", "token")  # per-patch facets; "attn" is not a descriptor
 
 
 def dense_matcher(model: str | None = None, device: str = "auto", **conf) -> DenseMatcher:
     """A DenseMatcher on `model` (default: the embedded DINOv2-S/14). Unset options keep defaults;
     the default stride is half the patch size (overlapping patches)."""
-    backbone = load_backbone(model or DEFAULT_MODEL, device)
     conf = {k: v for k, v in conf.items() if v is not None}
+    if conf.get("facet", "key") not in DESCRIPTOR_FACETS:
+        raise SimsearchError(f"unknown facet '{conf['facet']}' (choose from {', '.join(DESCRIPTOR_FACETS)})")
+    backbone = load_backbone(model or DEFAULT_MODEL, device)
     conf.setdefault("stride", max(1, backbone.patch_size // 2))
     if backbone.patch_size % conf["stride"]:
         raise SimsearchError(f"stride {conf['stride']} must divide the patch size {backbone.patch_size}")

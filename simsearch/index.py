@@ -145,6 +145,11 @@ class Index:
             raise SimsearchError(f"k must be at least 1 (got {k})")
         if k > n:
             raise SimsearchError(f"k={k} is larger than the {n} images in {self.root}; use -k {n} or less")
+        if rerank is not None:
+            from .rerank import RERANKERS
+
+            if rerank not in RERANKERS:
+                raise SimsearchError(f"unknown reranker '{rerank}' (choose from {', '.join(RERANKERS)})")
         emb = self.embed_image(image)
         if rerank is None:
             return self.search_vector(getattr(emb, mode)[0], k, mode, where)

@@ -50,7 +50,7 @@ def write_results_html(index, query: str | Path, hits, path: str | Path, mode: s
                      f'<img alt="hit {hit.rank}" src="{image_data_uri(thumb)}">',
                      f'<img alt="matches {hit.rank}" src="{image_data_uri(pic)}">',
                      f'<span class="path">{html.escape(hit.path)}</span>'])
-    headers = ["rank", "score", *score_names, "image", "correspondences with the query", "path"]
+    headers = ["rank", "score", *[n.replace("_", " ") for n in score_names], "image", "correspondences with the query", "path"]
     query_html = (f'<div class="query"><p>query: <span class="path">{html.escape(str(query))}</span> '
                   f'({mode}, {len(hits)} hits, model {html.escape(index.conf.model)})</p>'
                   f'<img alt="query" src="{image_data_uri(q_thumb)}"></div>')

@@ -174,6 +174,15 @@ def models(fetch: Annotated[bool, typer.Option(help="Download and convert the em
     out.print(table)
 
 
+def _floats(values: list[str], option: str) -> tuple[float, ...]:
+    from ..errors import SimsearchError
+
+    try:
+        return tuple(float(v) for text in values for v in text.split(",") if v.strip())
+    except ValueError:
+        raise SimsearchError(f"{option} {' '.join(values)!r}: expected numbers such as 0.1,0.05") from None
+
+
 def _parse_points(text: str) -> list[tuple[float, float]]:
     from ..errors import SimsearchError
 
@@ -232,7 +241,7 @@ app.add_typer(bench_app, name="bench")
 def bench_pck(
     root: Annotated[Path, typer.Argument(help="SPair-71k layout root.")],
     split: Annotated[str, typer.Option(help="trn, val or test.")] = "test",
-    alpha: Annotated[list[float], typer.Option(help="PCK thresholds (repeatable).")] = [0.1],
+    alpha: Annotated[list[str], typer.Option(help="PCK thresholds: --alpha 0.1,0.05 or repeated.")] = ["0.1"],
     categories: Annotated[Optional[list[str]], typer.Option("--category", help="Only these (repeatable).")] = None,
     stride: Annotated[Optional[int], typer.Option(help="Patch stride, e.g. 14, 7, 2.")] = None,
     model: Annotated[Optional[str], typer.Option()] = None,
@@ -255,7 +264,7 @@ def bench_pck(
                             image_size=image_size, stride=stride)
     with Progress(console=err, transient=True) as progress:
         task = progress.add_task("pairs", total=len(pairs))
-        result = evaluate_pck(matcher, pairs, tuple(alpha), on_advance=lambda k: progress.advance(task, k))
+        result = evaluate_pck(matcher, pairs, _floats(alpha, "--alpha"), on_advance=lambda k: progress.advance(task, k))
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
         return

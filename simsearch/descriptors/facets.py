@@ -22,6 +22,7 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
 
 
+@torch.inference_mode()
 def facet(backbone, layer: int, hidden: torch.Tensor, name: str) -> torch.Tensor:
     """Facet `name` of block `layer` from the hidden state entering it, hidden (B, T, C).
 

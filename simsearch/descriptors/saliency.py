@@ -6,7 +6,8 @@ import torch
 
 
 def cls_saliency(attn: torch.Tensor, heads: list[int] | None = None) -> torch.Tensor:
-    """attn (B, H, 1+N, 1+N) of the last block -> (B, N) in [0, 1], min-max normalised per image."""
+    """attn (B, H, Tq, 1+N) of the last block, CLS query first (Tq = 1 suffices)
+    -> (B, N) in [0, 1], min-max normalised per image."""
     cls_to_patch = attn[:, :, 0, 1:]  # (B, H, N)
     if heads is not None:
         cls_to_patch = cls_to_patch[:, heads]

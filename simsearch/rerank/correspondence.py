@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..descriptors.facets import facet
+from ..descriptors.facets import attention_probs, facet
 from ..descriptors.logbin import log_bin_tokens
 from ..descriptors.saliency import cls_saliency
 from ..images import to_tensor
@@ -172,8 +172,9 @@ class DenseMatcher:
         desc = desc[:, 1:] if desc.dim() == 3 else desc  # drop CLS (token/key/query/value)
         if c["log_bin"]:
             desc = log_bin_tokens(desc, out.grid)
-        attn = facet(bb, last, out.hidden[last], "attn")
-        sal = cls_saliency(attn, c["saliency_heads"])
+        q, k, _ = bb.qkv(last, out.hidden[last])
+        cls_attn = attention_probs(q[:, :, :1], k)  # (1, H, 1, T): only the CLS row, not T x T
+        sal = cls_saliency(cls_attn, c["saliency_heads"])
         return DenseDescriptors(desc=desc[0].float(), saliency=sal[0].float(), grid=out.grid, stride=c["stride"],
                                 patch=bb.patch_size, input_size=c["image_size"], image_size=image.size)
 

@@ -1,0 +1,97 @@
+"""`simsearch query --rerank aas|matches|both` on a small database of examples/images built with the
+embedded DINOv2-S/14: the reranked list is a reordering of the first-stage candidates, with per-stage
+scores."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import dense_helpers as H
+from conftest import EXAMPLES, QUERIES
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def embedded_db(tmp_path_factory, embedded_model):
+    return H.embedded_db(tmp_path_factory, embedded_model)
+
+
+def _json_lines(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.strip().splitlines()]
+
+
+def one_line_error(code, out, err, *words):
+    assert code == 1, (code, out, err)
+    assert "Traceback" not in out + err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+@pytest.fixture(scope="module")
+def first_stage(embedded_db):
+    from simsearch import Index
+
+    db, _ = embedded_db
+    hits = Index(db).search(QUERIES / "cat_crop.jpg", k=12)
+    return {h.path: h.score for h in hits}, [h.path for h in hits]
+
+
+@pytest.mark.parametrize("method", ["aas", "matches", "both"])
+def test_query_rerank_reorders_candidates_with_per_stage_scores(cli, embedded_db, first_stage, method):
+    db, _ = embedded_db
+    code, out, err = cli("query", QUERIES / "cat_crop.jpg", "--db", db, "--rerank", method,
+                         "--candidates", "12", "-k", "12", "--json")
+    assert code == 0, err
+    rows = _json_lines(out)
+    first_scores, first_order = first_stage
+    assert [r["rank"] for r in rows] == list(range(1, 13))
+    assert sorted(r["path"] for r in rows) == sorted(first_order)  # the same candidates...
+    assert [r["path"] for r in rows] != first_order  # ...in another order
+    expected_keys = {"aas": {"first_stage", "aas"}, "matches": {"first_stage", "matches"},
+                     "both": {"first_stage", "aas", "matches"}}[method]
+    for r in rows:
+        assert set(r["scores"]) == expected_keys
+        assert r["scores"]["first_stage"] == pytest.approx(first_scores[r["path"]], abs=1e-5)
+        if method != "both":
+            assert r["score"] == pytest.approx(r["scores"][method], abs=1e-6)
+        if "aas" in r["scores"]:
+            assert -1 <= r["scores"]["aas"] <= 1.00001
+        if "matches" in r["scores"]:
+            assert 0 <= r["scores"]["matches"] <= 1
+    scores = [r["score"] for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    # The query is a mirrored crop of chelsea: it stays on top whichever signal ranks.
+    assert rows[0]["path"].endswith("chelsea.jpg")
+
+
+def test_query_rerank_top_k_is_the_head_of_the_reranked_candidates(cli, embedded_db):
+    db, _ = embedded_db
+    args = ("query", EXAMPLES / "gravel.jpg", "--db", db, "--rerank", "both", "--candidates", "12", "--json")
+    code, out_all, err = cli(*args, "-k", "12")
+    assert code == 0, err
+    code, out_3, err = cli(*args, "-k", "3")
+    assert code == 0, err
+    assert [r["path"] for r in _json_lines(out_3)] == [r["path"] for r in _json_lines(out_all)[:3]]
+    # An image reranked against itself: AAS 1 and every patch a mutual nearest neighbour.
+    top = _json_lines(out_all)[0]
+    assert top["path"].endswith("gravel.jpg")
+    assert top["scores"]["aas"] == pytest.approx(1.0, abs=1e-4) and top["scores"]["matches"] == pytest.approx(1.0)
+
+
+def test_query_rerank_table_shows_each_stage(cli, embedded_db):
+    db, _ = embedded_db
+    code, out, err = cli("query", EXAMPLES / "coffee.jpg", "--db", db, "--rerank", "both", "-k", "3")
+    assert code == 0, err
+    for header in ("rank", "score", "first stage", "aas", "matches", "path"):
+        assert header in out, out
+
+
+def test_query_unknown_reranker_is_a_one_line_error(cli, embedded_db):
+    db, _ = embedded_db
+    one_line_error(*cli("query", EXAMPLES / "coffee.jpg", "--db", db, "--rerank", "cosine", "-k", "3"),
+                   "cosine", "aas", "matches", "both")
