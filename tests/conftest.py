@@ -182,3 +182,28 @@ def cli(capsys, monkeypatch):
         return code, captured.out, captured.err
 
     return invoke
+
+
+def one_line_error(code, out, err, *words):
+    """A CLI failure as users must see it: exit 1, one `error: ...` line naming `words`, no traceback."""
+    assert code == 1, (code, out, err)
+    assert "Traceback" not in out + err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def tiny12(tmp_path_factory) -> Path:
+    """Random-weight Dinov2Model with 12 blocks (the default descriptor layers 4, 9 and 11 exist)."""
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    cfg = Dinov2Config(hidden_size=32, num_hidden_layers=12, num_attention_heads=2, intermediate_size=64,
+                       patch_size=14, image_size=224)
+    d = tmp_path_factory.mktemp("tiny12")
+    Dinov2Model(cfg).eval().save_pretrained(d)
+    return d

@@ -69,18 +69,6 @@ def make_groups(root: Path, names=GROUP_PHOTOS, n_aug: int = 4, seed: int = 0) -
     return root
 
 
-@pytest.fixture(scope="session")
-def tiny12(tmp_path_factory) -> Path:
-    """Random-weight Dinov2Model with 12 blocks (the default descriptor layers 4, 9 and 11 exist)."""
-    import torch
-    from transformers import Dinov2Config, Dinov2Model
-
-    torch.manual_seed(0)
-    cfg = Dinov2Config(hidden_size=32, num_hidden_layers=12, num_attention_heads=2, intermediate_size=64,
-                       patch_size=14, image_size=224)
-    d = tmp_path_factory.mktemp("tiny12")
-    Dinov2Model(cfg).eval().save_pretrained(d)
-    return d
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from conftest import TINY, run_cli, table_rows
+from conftest import TINY, one_line_error, run_cli, table_rows
 
 
 @pytest.fixture
@@ -19,14 +19,6 @@ def db(tmp_path, new_index, photos):
     return path
 
 
-def one_line_error(code, out, err, *words):
-    assert code == 1, (code, out, err)
-    assert "Traceback" not in out + err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
 
 
 # -- query --------------------------------------------------------------------------------------

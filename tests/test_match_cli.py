@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import spair_fixture as sf
-from conftest import EXAMPLES, run_cli
+from conftest import EXAMPLES, one_line_error, run_cli
 from simsearch.bench.pck import read_pairs
 
 
@@ -30,13 +30,6 @@ def _points_arg(points) -> str:
     return ";".join(f"{x:.1f},{y:.1f}" for x, y in points)
 
 
-def one_line_error(code, out, err, *words):
-    assert code == 1, (code, out, err)
-    assert "Traceback" not in out + err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import json
 import pytest
 
 import dense_helpers as H
-from conftest import EXAMPLES, QUERIES
+from conftest import EXAMPLES, QUERIES, one_line_error
 
 pytestmark = pytest.mark.slow
 
@@ -23,13 +23,6 @@ def _json_lines(out: str) -> list[dict]:
     return [json.loads(line) for line in out.strip().splitlines()]
 
 
-def one_line_error(code, out, err, *words):
-    assert code == 1, (code, out, err)
-    assert "Traceback" not in out + err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 @pytest.fixture(scope="module")

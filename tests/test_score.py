@@ -26,18 +26,6 @@ def photo(name: str, size=(64, 64)) -> Image.Image:
     return Image.open(EXAMPLES / f"{name}.jpg").convert("RGB").resize(size, Image.Resampling.BICUBIC)
 
 
-@pytest.fixture(scope="session")
-def tiny12(tmp_path_factory) -> Path:
-    """Random-weight Dinov2Model with 12 blocks (the default descriptor layers 4, 9 and 11 exist)."""
-    import torch
-    from transformers import Dinov2Config, Dinov2Model
-
-    torch.manual_seed(0)
-    cfg = Dinov2Config(hidden_size=32, num_hidden_layers=12, num_attention_heads=2, intermediate_size=64,
-                       patch_size=14, image_size=224)
-    d = tmp_path_factory.mktemp("tiny12")
-    Dinov2Model(cfg).eval().save_pretrained(d)
-    return d
 
 
 @pytest.fixture
