@@ -24,8 +24,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -44,18 +42,7 @@ def loadavg() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
-def machine_info() -> dict:
-    import torch
-
-    cpu = "?"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    mem_kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
-    return {"nproc": os.cpu_count(), "cpu_model": cpu, "mem_gib": round(mem_kb / 2**20, 1),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "gpu": torch.cuda.is_available()}
+from speed import machine_info  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 # -- data ----------------------------------------------------------------------------------------
