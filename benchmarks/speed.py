@@ -429,7 +429,9 @@ def cmd_latency(args) -> dict:
     base = build_base(work, args.base, args.seed, args.image_size)
     qfolder = synth(work, f"queries{args.queries}", args.queries, seed=args.seed + 1000, min_side=400, max_side=800)
     queries = sorted(qfolder.rglob("*.jpg"))
-    sizes = {}
+    import faiss
+
+    sizes, opened = {}, {}
     for n in args.sizes:
         db = build_synthetic_db(base, work / f"syn{n}.db", n, args.noise, args.seed)
         idx = Index(db, device="cpu")
@@ -444,36 +446,45 @@ def cmd_latency(args) -> dict:
         vecs = {mode: [getattr(idx.embed_image(q), mode)[0] for q in queries] for mode in ("content", "style")}
         for mode in ("content", "style"):
             idx.search_vector(vecs[mode][0], args.k, mode)  # warm the style index too
-        res = {
-            "rows": idx.count(), "ann_kind": idx._index_for("content").kind,
-            "ann_refresh_seconds": ann_s, "ann_rebuilt": rebuilt, "first_search_seconds": first_s,
-            "disk_gib": round(idx.store.disk_bytes() / 2**30, 2),
-            "search_file_content": time_calls(lambda q: idx.search(q, k=args.k), queries),
-            "search_vector_content": time_calls(lambda v: idx.search_vector(v, args.k, "content"), vecs["content"]),
-            "search_vector_style": time_calls(lambda v: idx.search_vector(v, args.k, "style"), vecs["style"]),
-        }
-        # where search_vector's time goes: the FAISS search vs fetching path/id rows from LanceDB
-        index = idx._index_for("content")
-        q = np.stack(vecs["content"])
-        res["faiss_only_content"] = time_calls(lambda v: index.search(v[None], args.k), q)
-        # experiment: the same with FAISS's OpenMP at 1 thread (FAISS ships its own libgomp)
-        import faiss
-
-        threads = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(1)
-        res["faiss_only_content_1thread"] = time_calls(lambda v: index.search(v[None], args.k), q)
-        res["search_vector_content_faiss_1thread"] = time_calls(lambda v: idx.search_vector(v, args.k, "content"), q)
-        faiss.omp_set_num_threads(threads)
-        keys = [index.search(v[None], args.k)[1][0] for v in q]
-        res["lance_rows_only"] = time_calls(lambda ks: idx.store.rows(ks, ["path", "id"]), keys)
-        # and search(file)'s: decode + preprocess + forward (batch 1)
-        res["embed_file_only"] = time_calls(lambda p: idx.embed_image(p), queries)
-        sizes[str(n)] = res
-        print(f"{n} rows: search(file) p50 {res['search_file_content']['p50_ms']:.1f} ms p95 "
-              f"{res['search_file_content']['p95_ms']:.1f}; search_vector p50 {res['search_vector_content']['p50_ms']:.2f} "
-              f"p95 {res['search_vector_content']['p95_ms']:.2f} ms (faiss p50 {res['faiss_only_content']['p50_ms']:.2f}, "
-              f"lance rows p50 {res['lance_rows_only']['p50_ms']:.2f})", flush=True)
-        del idx
+        opened[n] = (idx, vecs)
+        sizes[str(n)] = {"rows": idx.count(), "ann_kind": idx._index_for("content").kind,
+                         "ann_refresh_seconds": ann_s, "ann_rebuilt": rebuilt, "first_search_seconds": first_s,
+                         "disk_gib": round(idx.store.disk_bytes() / 2**30, 2), "rounds": []}
+    # Rounds alternate the sizes, so that a burst of other jobs on the machine does not hit only one.
+    for r in range(args.rounds):
+        for n in args.sizes:
+            idx, vecs = opened[n]
+            res = {
+                "search_file_content": time_calls(lambda q: idx.search(q, k=args.k), queries),
+                "search_vector_content": time_calls(lambda v: idx.search_vector(v, args.k, "content"), vecs["content"]),
+                "search_vector_style": time_calls(lambda v: idx.search_vector(v, args.k, "style"), vecs["style"]),
+            }
+            # where search_vector's time goes: the FAISS search vs fetching path/id rows from LanceDB
+            index = idx._index_for("content")
+            q = np.stack(vecs["content"])
+            res["faiss_only_content"] = time_calls(lambda v: index.search(v[None], args.k), q)
+            keys = [index.search(v[None], args.k)[1][0] for v in q]
+            res["lance_rows_only"] = time_calls(lambda ks: idx.store.rows(ks, ["path", "id"]), keys)
+            # experiment: FAISS's OpenMP (its own libgomp, beside torch's) at 1 thread
+            threads = faiss.omp_get_max_threads()
+            faiss.omp_set_num_threads(1)
+            res["faiss_only_content_1thread"] = time_calls(lambda v: index.search(v[None], args.k), q)
+            res["search_vector_content_faiss_1thread"] = time_calls(lambda v: idx.search_vector(v, args.k, "content"), q)
+            faiss.omp_set_num_threads(threads)
+            # and search(file)'s: decode + preprocess + forward (batch 1)
+            res["embed_file_only"] = time_calls(lambda p: idx.embed_image(p), queries)
+            sizes[str(n)]["rounds"].append(res)
+            print(f"round {r} {n} rows: search(file) p50 {res['search_file_content']['p50_ms']:.1f} ms p95 "
+                  f"{res['search_file_content']['p95_ms']:.1f}; search_vector p50 {res['search_vector_content']['p50_ms']:.2f} "
+                  f"p95 {res['search_vector_content']['p95_ms']:.2f} ms (faiss p50 {res['faiss_only_content']['p50_ms']:.2f}, "
+                  f"1 thread {res['faiss_only_content_1thread']['p50_ms']:.2f}; lance rows p50 "
+                  f"{res['lance_rows_only']['p50_ms']:.2f}); load {res['search_file_content']['load_before']:.2f}", flush=True)
+    for n in args.sizes:
+        rounds = sizes[str(n)]["rounds"]
+        sizes[str(n)]["median_over_rounds"] = {
+            key: {stat: statistics.median(rd[key][stat] for rd in rounds) for stat in ("p50_ms", "p95_ms")}
+            for key in rounds[0]}
+    del opened
     result = {
         "command": " ".join(["python benchmarks/speed.py", *sys.argv[1:]]),
         "how_rows_were_made": (
@@ -786,7 +797,7 @@ def render() -> None:
     if lat := R.get("latency"):
         L += [f"## Query latency, warm, in-process ({lat['date']})", "", lat["how_rows_were_made"], "",
               f"Queries: {lat['queries']}.", "",
-              "| rows | FAISS | call | p50 ms | p95 ms | mean ms | load avg |", "|---|---|---|---|---|---|---|"]
+              "| rows | FAISS | round | call | p50 ms | p95 ms | mean ms | load avg |", "|---|---|---|---|---|---|---|---|"]
         names = [("search_file_content", "Index.search(file) content"),
                  ("embed_file_only", "  of which: embed_image(file)"),
                  ("search_vector_content", "Index.search_vector content"),
@@ -796,12 +807,13 @@ def render() -> None:
                  ("faiss_only_content_1thread", "experiment: FAISS search, faiss.omp_set_num_threads(1)"),
                  ("search_vector_content_faiss_1thread", "experiment: Index.search_vector, FAISS at 1 thread")]
         for n, res in lat["sizes"].items():
-            for key, label in names:
-                if key not in res:
-                    continue
-                s = res[key]
-                L.append(f"| {int(n):,} | {res['ann_kind']} | {label} | {s['p50_ms']:.2f} | {s['p95_ms']:.2f} | "
-                         f"{s['mean_ms']:.2f} | {s['load_before']:.2f}→{s['load_after']:.2f} |")
+            for r, rd in enumerate(res.get("rounds", [res])):
+                for key, label in names:
+                    if key not in rd:
+                        continue
+                    s = rd[key]
+                    L.append(f"| {int(n):,} | {res['ann_kind']} | {r} | {label} | {s['p50_ms']:.2f} | {s['p95_ms']:.2f} | "
+                             f"{s['mean_ms']:.2f} | {s['load_before']:.2f}→{s['load_after']:.2f} |")
         L += ["", "FAISS (re)build on first open: " + ", ".join(
             f"{int(n):,} rows {res['ann_refresh_seconds']:.2f} s" for n, res in lat["sizes"].items()) +
             "; table on disk: " + ", ".join(f"{int(n):,} rows {res['disk_gib']} GiB" for n, res in lat["sizes"].items()), ""]
@@ -880,6 +892,7 @@ def main(argv=None):
     p.add_argument("--queries", type=int, default=50)
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--rounds", type=int, default=3, help="measurement rounds, sizes alternating (default %(default)s)")
 
     p = sub.add_parser("cold", help="CLI cold start: --help and query as subprocesses, with a breakdown")
     p.add_argument("--runs", type=int, default=5)
