@@ -20,6 +20,7 @@ import numpy as np
 from .bench.features import METRIC_HELP, METRICS, FeatureSet
 from .errors import SimsearchError
 from .images import iter_image_files
+from .paths import normalize
 
 
 def _images(path: Path, what: str) -> list[Path]:
@@ -59,11 +60,11 @@ def make_pairs(ref: str | Path, gen: str | Path, pairs_csv: str | Path | None = 
             for p in (r, g):
                 if not p.is_file():
                     raise SimsearchError(f"{pairs_csv}: line {n}: {p}: no such file")
-            pairs.append((str(r.absolute()), str(g.absolute())))
+            pairs.append((normalize(r), normalize(g)))
         return pairs, []
     refs, gens = _images(ref, "reference"), _images(gen, "generated")
     if all_pairs or ref.is_file():
-        return [(str(r.absolute()), str(g.absolute())) for r in refs for g in gens], []
+        return [(normalize(r), normalize(g)) for r in refs for g in gens], []
     pairs, unmatched = [], []
     for g in gens:
         owners = [r for r in refs if _matches(r, g)]
@@ -71,8 +72,8 @@ def make_pairs(ref: str | Path, gen: str | Path, pairs_csv: str | Path | None = 
             longest = max(len(r.stem) for r in owners)
             owners = [r for r in owners if len(r.stem) == longest]
         if not owners:
-            unmatched.append(str(g.absolute()))
-        pairs += [(str(r.absolute()), str(g.absolute())) for r in owners]
+            unmatched.append(normalize(g))
+        pairs += [(normalize(r), normalize(g)) for r in owners]
     if not pairs:
         raise SimsearchError(f"no generated image in {gen} matches a reference name in {ref}; "
                              "name them after the reference, pass --pairs CSV, or use --all-pairs")

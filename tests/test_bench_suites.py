@@ -268,3 +268,16 @@ def test_groups_of_one_image_each_is_a_clear_error(cli, tmp_path, tiny12):
         photo(name, (32, 32)).save(root / name / "a.png")
     code, out, err = cli("bench", "groups", root, "--model", tiny12)
     one_line_error(code, err, "two images")
+
+
+def test_groups_root_given_with_dotdot(cli, groups_root, tiny12, monkeypatch):
+    """The bench root spelled relative to a sibling folder, through `..` (it crashed with IndexError)."""
+    monkeypatch.chdir(next(p for p in groups_root.iterdir() if p.is_dir()))
+    code, out, err = cli("bench", "groups", f"../../{groups_root.name}", "--model", tiny12, "--metric", "cosine",
+                         "--triplets", "50", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    from simsearch.images import iter_image_files
+
+    assert result["images"] == len(list(iter_image_files(groups_root))) and not result["failed"]
+    assert result["root"] == f"../../{groups_root.name}"

@@ -317,3 +317,18 @@ def test_identical_copy_scores_one_and_above_a_different_image(tmp_path, embedde
         assert html.count("data:image/jpeg;base64,") >= 12
     finally:
         fs.close()
+
+
+def test_relative_paths_with_dotdot(cli, named, tiny12, monkeypatch):
+    """`cd refs && simsearch score --ref ../refs --gen ../gen`: the indexer and the pairing must spell
+    every path the same way (it crashed with IndexError when one used abspath and the other absolute())."""
+    refs, gen, expected = named
+    monkeypatch.chdir(refs)
+    code, out, err = cli("score", "--ref", "../refs", "--gen", "../gen", "--metric", "cosine", "--model", tiny12,
+                         "--out", "../report.json")
+    assert code == 0, err
+    report = json.loads((refs.parent / "report.json").read_text())
+    assert len(report["pairs"]) == sum(len(v) for v in expected.values())
+    assert all(".." not in p["ref"] and ".." not in p["gen"] for p in report["pairs"])
+    assert rel_pairs([(p["ref"], p["gen"]) for p in report["pairs"]], refs, gen) == rel_pairs(
+        make_pairs(refs, gen)[0], refs, gen)

@@ -18,6 +18,7 @@ from ..errors import SimsearchError
 from ..index import Index
 from ..indexers.local import IndexReport, index_files
 from ..rerank.aas import aligned_attention_score, attend
+from ..paths import normalize
 from ..store import path_key
 
 METRICS = ("cosine", "style", "aas")
@@ -37,8 +38,7 @@ class FeatureSet:
         self.index = Index(cache or Path(self._tmp.name) / "features.db", model=model, device=device)
         self.report: IndexReport = index_files(self.index, paths, batch_size, on_total=on_total, on_advance=on_advance)
         failed = {p for p, _ in self.report.failed}
-        self.paths = [str(Path(p).expanduser().absolute()) for p in paths]
-        self.paths = [p for p in dict.fromkeys(self.paths) if p not in failed]
+        self.paths = [p for p in dict.fromkeys(normalize(p) for p in paths) if p not in failed]
         if not self.paths:
             raise SimsearchError("none of the images could be read: " + "; ".join(f"{p}: {r}" for p, r in self.report.failed[:3]))
         self.pos = {p: i for i, p in enumerate(self.paths)}

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import SimsearchError
 from ..images import IMAGE_EXTENSIONS, iter_image_files
+from ..paths import normalize
 from .features import METRICS, FeatureSet, zscore_combine
 from .metrics import leave_one_out, ordering_accuracy, sample_triplets, triplet_accuracy, wilson
 
@@ -45,7 +46,7 @@ def read_groups(root: str | Path) -> tuple[list[str], list[str]]:
     paths, labels = [], []
     for group in sorted(p for p in root.iterdir() if p.is_dir()):
         for f in iter_image_files(group):
-            paths.append(str(f.absolute()))
+            paths.append(normalize(f))
             labels.append(group.name)
     if len(set(labels)) < 2:
         raise SimsearchError(f"{root}: needs at least two group folders with images (found {len(set(labels))})")
@@ -114,12 +115,12 @@ def read_ip(root: str | Path) -> list[tuple[str, str, list[tuple[float, str]]]]:
     for ip in sorted(p for p in root.iterdir() if p.is_dir()):
         files = [f for f in sorted(ip.iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
         refs = [f for f in files if f.stem == "reference"]
-        variants = [(w, str(f.absolute())) for f in files if (w := _weight(f)) is not None]
+        variants = [(w, normalize(f)) for f in files if (w := _weight(f)) is not None]
         if len(refs) != 1:
             raise SimsearchError(f"{ip}: expected exactly one reference.<ext> (found {len(refs)})")
         if len({w for w, _ in variants}) < 2:
             raise SimsearchError(f"{ip}: needs at least two variants with different numeric weights, e.g. 0.2.png, 0.8.png")
-        sets.append((ip.name, str(refs[0].absolute()), sorted(variants)))
+        sets.append((ip.name, normalize(refs[0]), sorted(variants)))
     if not sets:
         raise SimsearchError(f"{root}: no IP folders found")
     return sets
