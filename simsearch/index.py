@@ -54,52 +54,69 @@ def _normalise_model(model: str) -> str:
 
 class Index:
     def __init__(self, db: str | Path = DEFAULT_DB, model: str | None = None, device: str = "auto",
-                 conf: DescriptorConfig | None = None, ivf_threshold: int = ann.IVF_THRESHOLD, **overrides):
+                 conf: DescriptorConfig | None = None, ivf_threshold: int = ann.IVF_THRESHOLD,
+                 nprobe: int = ann.NPROBE, embedder: Embedder | None = None, **overrides):
         """Open the database at `db`, or prepare one to be created by the first `add_folder`.
 
         `model`, `conf` or DescriptorConfig fields given as keywords state what the caller expects;
         for an existing database they must match what it was built with, else ConfigMismatchError
-        names both configurations.
+        names both configurations. `ivf_threshold` and `nprobe` set the FAISS index kind (see
+        simsearch.ann). `embedder` shares an already loaded model (its configuration must be this
+        index's).
         """
         self.root = Path(db).expanduser()
         self.store = ImageStore(self.root)
         self.device = device
         self.ivf_threshold = ivf_threshold
-        self._embedder: Embedder | None = None
+        self.nprobe = nprobe
         self._ann: dict[str, ann.VectorIndex] = {}
         if model is not None:
             overrides["model"] = _normalise_model(model)
+        if embedder is not None and conf is None and not overrides:
+            conf = embedder.conf
+        self._requested = conf, overrides
         if self.store.exists():
-            stored = DescriptorConfig.from_dict(self.store.meta["config"])
-            wanted = conf or replace(stored, **overrides)
-            if wanted != stored:
-                raise ConfigMismatchError(
-                    f"{self.root} was built with {stored.describe()}; requested {wanted.describe()}. "
-                    f"Use another --db or the same configuration.")
-            self.conf = stored
+            self.conf = self._check_config(DescriptorConfig.from_dict(self.store.meta["config"]))
         else:
             self.conf = conf or DescriptorConfig.for_model(**overrides)
+        if embedder is not None and embedder.conf != self.conf:
+            raise ConfigMismatchError(f"the shared embedder has {embedder.conf.describe()}, the index {self.conf.describe()}")
+        self._embedder: Embedder | None = embedder
+
+    def _check_config(self, stored: DescriptorConfig) -> DescriptorConfig:
+        conf, overrides = self._requested
+        wanted = conf or replace(stored, **overrides)
+        if wanted != stored:
+            raise ConfigMismatchError(
+                f"{self.root} was built with {stored.describe()}; requested {wanted.describe()}. "
+                f"Use another --db or the same configuration.")
+        return stored
 
     # -- model -------------------------------------------------------------------------------
     @property
     def embedder(self) -> Embedder:
         if self._embedder is None:
-            emb = Embedder(self.conf, self.device)
-            if self.store.exists():
-                stored = self.store.meta.get("weights")
-                if stored != emb.fingerprint:
-                    raise ConfigMismatchError(
-                        f"{self.root} was built with weights {stored} of '{self.conf.model}', "
-                        f"but those weights now fingerprint as {emb.fingerprint}; re-index into a new --db")
-            self._embedder = emb
+            self._embedder = Embedder(self.conf, self.device)
+        if self.store.exists():
+            self._check_weights(self._embedder)
         return self._embedder
 
+    def _check_weights(self, emb: Embedder) -> None:
+        stored = self.store.meta.get("weights")
+        if stored != emb.fingerprint:
+            raise ConfigMismatchError(
+                f"{self.root} was built with weights {stored} of '{self.conf.model}', "
+                f"but those weights now fingerprint as {emb.fingerprint}; re-index into a new --db")
+
     def ensure_table(self) -> ImageStore:
+        """Create the database, or open it when another process created it first; either way it
+        must hold this index's configuration and weights."""
         if not self.store.exists():
             emb = self.embedder
-            meta = {"config": self.conf.to_dict(), "weights": emb.fingerprint,
-                    "dense_shape": list(emb.dense_shape), "format": 1}
+            meta = {"config": self.conf.to_dict(), "weights": emb.fingerprint, "dense_shape": list(emb.dense_shape)}
             self.store.create(meta, emb.dims["content"], emb.dims["style"])
+            self.conf = self._check_config(DescriptorConfig.from_dict(self.store.meta["config"]))
+            self._check_weights(emb)
         return self.store
 
     # -- indexing ----------------------------------------------------------------------------
@@ -112,16 +129,19 @@ class Index:
     def refresh_ann(self) -> dict[str, bool]:
         """Bring every FAISS index up to the table's version. -> {column: rebuilt}"""
         self.store.refresh()
-        rebuilt = {}
-        for column in VECTOR_COLUMNS:
-            self._ann[column], rebuilt[column] = ann.load_fresh(self.store, column, self.ivf_threshold)
-        return rebuilt
+        return {column: self._load_ann(column) for column in VECTOR_COLUMNS}
 
-    def _index_for(self, column: str) -> ann.VectorIndex:
-        current = self._ann.get(column)
+    def vector_index(self, mode: str) -> ann.VectorIndex:
+        """The FAISS index of `mode` ("content" or "style"), brought up to the table's version."""
+        current = self._ann.get(mode)
         if current is None or current.table_version != self.store.version:
-            self._ann[column], _ = ann.load_fresh(self.store, column, self.ivf_threshold)
-        return self._ann[column]
+            self._load_ann(mode)
+        return self._ann[mode]
+
+    def _load_ann(self, mode: str) -> bool:
+        self._ann[mode], rebuilt = ann.load_fresh(self.store, mode, self.ivf_threshold)
+        self._ann[mode].nprobe = self.nprobe
+        return rebuilt
 
     # -- search ------------------------------------------------------------------------------
     def embed_image(self, image: str | Path | Image.Image):
@@ -157,13 +177,16 @@ class Index:
         return self.rerank(emb.dense[0], hits, rerank)[:k]
 
     def rerank(self, query_dense: np.ndarray, hits: list[Hit], method: str = "both") -> list[Hit]:
-        """Reorder `hits` by a second-stage score computed from the stored dense tensors."""
+        """Reorder `hits` by a second-stage score computed from the stored dense tensors. Hits whose
+        rows were deleted since the search are dropped, so no score lands on another hit."""
         from .rerank import rerank_scores
 
+        found = self.store.find([h.key for h in hits], ["dense"])
+        hits = [h for h in hits if h.key in found]
         if not hits:
             return hits
-        scores = rerank_scores(self.embedder.backbone, self.conf.dense_layer, query_dense,
-                               self.dense([h.key for h in hits]), method)
+        dense = self._decode_dense([found[h.key] for h in hits])
+        scores = rerank_scores(self.embedder.backbone, self.conf.dense_layer, query_dense, dense, method)
         for i, h in enumerate(hits):
             h.scores = {"first_stage": h.score, **{name: float(v[i]) for name, v in scores.items() if name != "score"}}
             h.score = float(scores["score"][i])
@@ -173,15 +196,17 @@ class Index:
         return ordered
 
     def search_vector(self, vector: np.ndarray, k: int, mode: str = "content", where: str | None = None) -> list[Hit]:
-        index = self._index_for(mode)
+        """Nearest rows to `vector`; ranks count only rows still in the table (no gaps)."""
+        index = self.vector_index(mode)
         allowed = self.store.keys_where(where) if where else None
         if allowed is not None and len(allowed) == 0:
             return []
         scores, keys = index.search(vector[None], k, allowed)
         pairs = [(float(s), int(key)) for s, key in zip(scores[0], keys[0]) if key >= 0]
-        rows = {r["key"]: r for r in self.store.rows([key for _, key in pairs], ["path", "id"])}
-        return [Hit(rank=i + 1, score=s, path=rows[key]["path"], id=rows[key]["id"], key=key)
-                for i, (s, key) in enumerate(pairs) if key in rows]
+        rows = self.store.find([key for _, key in pairs], ["path", "id"])
+        kept = [(s, key) for s, key in pairs if key in rows]
+        return [Hit(rank=i, score=s, path=rows[key]["path"], id=rows[key]["id"], key=key)
+                for i, (s, key) in enumerate(kept, 1)]
 
     # -- state -------------------------------------------------------------------------------
     def count(self) -> int:
@@ -205,9 +230,12 @@ class Index:
         }
 
     def dense(self, keys) -> np.ndarray:
-        """Stored dense tensors for `keys`, (len(keys), T, C) float32, in key order."""
+        """Stored dense tensors for `keys`, (len(keys), T, C) float32, in key order (MissingRowsError
+        if a key is not in the table)."""
+        return self._decode_dense(self.store.rows(keys, ["dense"]))
+
+    def _decode_dense(self, rows: list[dict]) -> np.ndarray:
         from .descriptors.codec import decode_dense
 
         tokens, dim = self.store.meta["dense_shape"]
-        rows = self.store.rows(keys, ["dense"])
         return np.stack([decode_dense(r["dense"], tokens, dim, self.conf.dense_dtype) for r in rows])

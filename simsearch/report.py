@@ -17,7 +17,7 @@ from .viz import draw_matches, image_data_uri, table_html, write_page
 
 def _key_grid(backbone, layer: int, hidden: np.ndarray, image_size: tuple[int, int], input_size: int) -> DenseDescriptors:
     """Key-facet descriptors of stored hidden states, placed on an image of `image_size`."""
-    keys = merge_heads(backbone.qkv(layer, torch.as_tensor(hidden)[None])[1])[0, 1:].float()
+    keys = merge_heads(backbone.qkv(layer, torch.as_tensor(hidden, device=backbone.device)[None])[1])[0, 1:].float().cpu()
     side = int(round(len(keys) ** 0.5))
     stride = backbone.patch_size
     return DenseDescriptors(desc=keys, saliency=torch.ones(len(keys)), grid=(side, side), stride=stride,
@@ -33,7 +33,8 @@ def write_results_html(index, query: str | Path, hits, path: str | Path, mode: s
     q_thumb = q_img.copy()
     q_thumb.thumbnail((256, 256))
     q_dense = index.embed_image(q_img).dense[0]
-    rows_by_key = {r["key"]: r for r in index.store.rows([h.key for h in hits], ["thumb"])}
+    rows_by_key = index.store.find([h.key for h in hits], ["thumb"])
+    hits = [h for h in hits if h.key in rows_by_key]
     dense = index.dense([h.key for h in hits]) if hits else []
     bb, layer, size = index.embedder.backbone, index.conf.dense_layer, index.conf.image_size
     q_grid = _key_grid(bb, layer, q_dense, q_thumb.size, size)

@@ -1,8 +1,24 @@
-"""The LanceDB table: the source of truth, one row per image file.
+"""The LanceDB store: the source of truth.
 
-Rows are keyed by path (absolute); `key` is a stable int64 derived from the path for FAISS, `id`
-the content hash. The descriptor configuration and the weights fingerprint live in the Arrow
-schema metadata, so they travel with the table.
+Two tables (format 2):
+- `images`, the payload: one row per indexed file with its key (int64 from the path, FAISS ids),
+  id (content hash), path, size in pixels, pooled vectors, the dense tensor the rerankers read and a
+  thumbnail. Written only by appends and deletes by key.
+- `files`, the catalog the incremental indexer compares with the disk: key, path, id, size, mtime.
+  Touching files rewrites these ~100-byte rows, never a dense tensor.
+
+Why not one table kept up to date with merge_insert: Lance's merge_insert joins against the whole
+target table, heavy columns included, so its memory grows with the table (measured: 1.2 GB to touch
+10 rows of a 400 MB table), and an update rewrites whole rows.
+
+Consistency without transactions across tables: every write holds one inter-process lock
+(`ROOT/.simsearch.lock`), and within it the payload is written before the catalog and removed after
+it. A run killed in between leaves either a payload row without a catalog row (the file counts as
+new and is embedded again, replacing it) or, in a prune, a payload row of a vanished file (the next
+prune sweeps it). Readers take no lock: every table commit is atomic.
+
+Format 1 databases (one table that also held size and mtime) still open; the first write creates
+the catalog from them.
 """
 
 from __future__ import annotations
@@ -11,29 +27,41 @@ import hashlib
 import json
 from datetime import timedelta
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from .errors import EmptyIndexError, SimsearchError
+from .paths import TABLE
 
-TABLE = "images"
+CATALOG = "files"
 META_KEY = b"simsearch"
 VECTOR_COLUMNS = ("content", "style")
+CATALOG_COLUMNS = ("key", "path", "id", "size", "mtime_ns")
+FORMAT = 2
+IN_CHUNK = 1000  # keys per `key IN (...)` filter: bounds the SQL text and each read
+LOCK_TIMEOUT_S = 600
+
+
+class MissingRowsError(SimsearchError):
+    """Rows asked for by key are not in the table (deleted since they were found)."""
+
+    def __init__(self, keys: list[int]):
+        self.keys = keys
+        super().__init__(f"{len(keys)} rows are no longer in the table (first key {keys[0]})")
 
 
 def path_key(path: str) -> int:
-    """Stable positive int64 for a path (FAISS ids)."""
+    """Stable positive int64 for a normalized path (FAISS ids)."""
     return int.from_bytes(hashlib.blake2b(path.encode(), digest_size=8).digest(), "little") >> 1
 
 
-def schema(content_dim: int, style_dim: int, meta: dict) -> pa.Schema:
+def payload_schema(content_dim: int, style_dim: int, meta: dict) -> pa.Schema:
     return pa.schema([
         pa.field("key", pa.int64()),
         pa.field("id", pa.string()),  # content hash (blake2b-128, hex)
         pa.field("path", pa.string()),
-        pa.field("size", pa.int64()),
-        pa.field("mtime_ns", pa.int64()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         pa.field("content", pa.list_(pa.float32(), content_dim)),
@@ -43,11 +71,29 @@ def schema(content_dim: int, style_dim: int, meta: dict) -> pa.Schema:
     ], metadata={META_KEY: json.dumps(meta).encode()})
 
 
+CATALOG_SCHEMA = pa.schema([
+    pa.field("key", pa.int64()),
+    pa.field("path", pa.string()),
+    pa.field("id", pa.string()),
+    pa.field("size", pa.int64()),
+    pa.field("mtime_ns", pa.int64()),
+])
+
+
 def _connect(root: Path):
     """Every read sees the latest commit, also one made by another handle or process."""
     import lancedb
 
     return lancedb.connect(str(root), read_consistency_interval=timedelta(0))
+
+
+def _chunks(items: list, size: int = IN_CHUNK) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _in(keys: Iterable[int]) -> str:
+    return "key IN (" + ", ".join(str(int(k)) for k in keys) + ")"
 
 
 class ImageStore:
@@ -56,7 +102,8 @@ class ImageStore:
         if self.root.exists() and not self.root.is_dir():
             raise SimsearchError(f"{self.root}: not a database directory (it is a file)")
         self._db = _connect(self.root) if self.root.exists() else None
-        self._table = None
+        self._table = self._catalog = self._meta = None
+        self._lock = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def exists(self) -> bool:
@@ -64,16 +111,49 @@ class ImageStore:
 
     @property
     def table(self):
+        """The payload table."""
         if self._table is None:
             if not self.exists():
                 raise EmptyIndexError(f"{self.root}: no simsearch database here (run `simsearch index FOLDER --db {self.root}`)")
             self._table = self._db.open_table(TABLE)
         return self._table
 
+    @property
+    def lock(self):
+        """The inter-process write lock (reentrant within this store)."""
+        if self._lock is None:
+            from filelock import FileLock
+
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._lock = FileLock(str(self.root / ".simsearch.lock"), timeout=LOCK_TIMEOUT_S)
+        return self._lock
+
     def create(self, meta: dict, content_dim: int, style_dim: int) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._db = _connect(self.root)
-        self._table = self._db.create_table(TABLE, schema=schema(content_dim, style_dim, meta))
+        """Create the tables, or open them if another process just did (the caller compares `meta`)."""
+        with self.lock:
+            self._db = _connect(self.root)
+            if not self.exists():
+                if CATALOG in self._db.table_names():  # left by a deleted payload table: it lists nothing now
+                    self._db.drop_table(CATALOG)
+                self._db.create_table(TABLE, schema=payload_schema(content_dim, style_dim, {**meta, "format": FORMAT}))
+                self._db.create_table(CATALOG, schema=CATALOG_SCHEMA)
+            self._table = self._catalog = self._meta = None
+
+    @property
+    def catalog(self):
+        """The files table; a format 1 database gets one, built from its payload, on first use."""
+        if self._catalog is None:
+            if CATALOG not in self._db.table_names():
+                with self.lock:
+                    if CATALOG not in self._db.table_names():
+                        self._migrate_v1()
+            self._catalog = self._db.open_table(CATALOG)
+        return self._catalog
+
+    def _migrate_v1(self) -> None:
+        catalog = self._db.create_table(CATALOG, schema=CATALOG_SCHEMA)
+        for batch in self.table.search().select(list(CATALOG_COLUMNS)).limit(None).to_batches():
+            catalog.add(pa.Table.from_batches([batch]).cast(CATALOG_SCHEMA))
 
     def refresh(self) -> None:
         """See writes made through other handles or processes."""
@@ -83,10 +163,12 @@ class ImageStore:
     # -- metadata ----------------------------------------------------------------------------
     @property
     def meta(self) -> dict:
-        raw = (self.table.schema.metadata or {}).get(META_KEY)
-        if raw is None:
-            raise SimsearchError(f"{self.root}: table '{TABLE}' has no simsearch metadata (not made by simsearch?)")
-        return json.loads(raw)
+        if self._meta is None:
+            raw = (self.table.schema.metadata or {}).get(META_KEY)
+            if raw is None:
+                raise SimsearchError(f"{self.root}: table '{TABLE}' has no simsearch metadata (not made by simsearch?)")
+            self._meta = json.loads(raw)
+        return self._meta
 
     @property
     def version(self) -> int:
@@ -99,8 +181,8 @@ class ImageStore:
         return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
 
     # -- reads -------------------------------------------------------------------------------
-    def _select(self, columns: list[str], where: str | None = None) -> pa.Table:
-        q = self.table.search()
+    def _select(self, columns: list[str], where: str | None = None, table=None) -> pa.Table:
+        q = (table if table is not None else self.table).search()
         if where:
             q = q.where(where)
         try:
@@ -111,8 +193,8 @@ class ImageStore:
             raise
 
     def files(self) -> dict[str, tuple[str, int, int]]:
-        """path -> (content id, size, mtime_ns) for the incremental indexer."""
-        t = self._select(["path", "id", "size", "mtime_ns"])
+        """path -> (content id, size, mtime_ns) from the catalog, for the incremental indexer."""
+        t = self._select(["path", "id", "size", "mtime_ns"], table=self.catalog)
         cols = [t.column(c).to_pylist() for c in ("path", "id", "size", "mtime_ns")]
         return {p: (i, s, m) for p, i, s, m in zip(*cols)}
 
@@ -129,38 +211,68 @@ class ImageStore:
     def keys_where(self, where: str) -> np.ndarray:
         return self._select(["key"], where).column("key").to_numpy()
 
-    def rows(self, keys, columns: list[str]) -> list[dict]:
-        """Rows for `keys`, in the order of `keys` (missing keys are skipped)."""
-        keys = [int(k) for k in keys]
-        if not keys:
-            return []
+    def find(self, keys, columns: list[str]) -> dict[int, dict]:
+        """key -> row (the `columns` asked for) for those of `keys` still in the table."""
         cols = list(dict.fromkeys(["key", *columns]))
-        t = self._select(cols, f"key IN ({', '.join(map(str, keys))})")
-        by_key = {r["key"]: r for r in t.to_pylist()}
-        return [by_key[k] for k in keys if k in by_key]
+        found: dict[int, dict] = {}
+        for chunk in _chunks([int(k) for k in keys]):
+            for row in self._select(cols, _in(chunk)).to_pylist():
+                found[row["key"]] = row
+        return found
 
-    # -- writes ------------------------------------------------------------------------------
-    def upsert(self, rows: pa.Table) -> None:
-        """Insert or replace rows by path in one commit (atomic: all of `rows` or none)."""
-        (self.table.merge_insert("path").when_matched_update_all().when_not_matched_insert_all()
-         .execute(rows))
+    def rows(self, keys, columns: list[str]) -> list[dict]:
+        """Rows for `keys`, in the order of `keys`; MissingRowsError names any key not in the table."""
+        keys = [int(k) for k in keys]
+        found = self.find(keys, columns)
+        missing = [k for k in keys if k not in found]
+        if missing:
+            raise MissingRowsError(missing)
+        return [found[k] for k in keys]
 
-    def set_file_stats(self, stats: dict[str, tuple[int, int]]) -> None:
-        """Record new (size, mtime_ns) of files whose content did not change, in one commit."""
-        if not stats:
-            return
-        rows = self._select(self.table.schema.names, "key IN (" + ", ".join(str(path_key(p)) for p in stats) + ")")
-        paths = rows.column("path").to_pylist()
-        for name, i in (("size", 0), ("mtime_ns", 1)):
-            rows = rows.set_column(rows.schema.get_field_index(name), name,
-                                   pa.array([stats[p][i] for p in paths], pa.int64()))
-        self.upsert(rows.cast(self.table.schema))
+    # -- writes (all under the lock) -----------------------------------------------------------
+    def put(self, rows: pa.Table) -> None:
+        """Insert or replace rows by key: payload columns plus the catalog's size and mtime_ns."""
+        keys = rows.column("key").to_pylist()
+        with self.lock:
+            for chunk in _chunks(keys):
+                self.table.delete(_in(chunk))  # replaced rows first: at worst a changed file is re-embedded
+            self.table.add(rows.select(self.table.schema.names).cast(self.table.schema))
+            self._replace_catalog(rows.select(list(CATALOG_COLUMNS)))
+
+    def _replace_catalog(self, rows: pa.Table) -> None:
+        for chunk in _chunks(rows.column("key").to_pylist()):
+            self.catalog.delete(_in(chunk))
+        self.catalog.add(rows.cast(CATALOG_SCHEMA))
+
+    def touch(self, stats: dict[str, tuple[int, int]]) -> None:
+        """Record the new (size, mtime_ns) of files whose content did not change: catalog rows only."""
+        paths = list(stats)
+        with self.lock:
+            for chunk in _chunks(paths):
+                current = self._select(["key", "path", "id"], _in(path_key(p) for p in chunk), table=self.catalog)
+                kept = current.column("path").to_pylist()
+                self._replace_catalog(current.append_column("size", pa.array([stats[p][0] for p in kept], pa.int64()))
+                                      .append_column("mtime_ns", pa.array([stats[p][1] for p in kept], pa.int64())))
 
     def delete_paths(self, paths: list[str]) -> None:
-        for i in range(0, len(paths), 500):
-            chunk = paths[i:i + 500]
-            self.table.delete("key IN (" + ", ".join(str(path_key(p)) for p in chunk) + ")")
+        """Forget files: catalog first, then payload (a kill in between leaves a payload orphan that
+        `sweep` removes, never a catalog row claiming an image that is not there)."""
+        with self.lock:
+            for chunk in _chunks([path_key(p) for p in paths]):
+                self.catalog.delete(_in(chunk))
+                self.table.delete(_in(chunk))
+
+    def sweep(self) -> int:
+        """Delete payload rows that have no catalog row (left by a killed prune). -> rows deleted"""
+        with self.lock:
+            catalog = set(self._select(["key"], table=self.catalog).column("key").to_pylist())
+            orphans = [k for k in self._select(["key"]).column("key").to_pylist() if k not in catalog]
+            for chunk in _chunks(orphans):
+                self.table.delete(_in(chunk))
+        return len(orphans)
 
     def compact(self) -> None:
         """Merge the small fragments left by batched writes; old versions are kept for a week."""
-        self.table.optimize()
+        with self.lock:
+            self.table.optimize()
+            self.catalog.optimize()

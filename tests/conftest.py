@@ -31,11 +31,21 @@ os.environ.pop("SIMSEARCH_DB", None)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parent.parent
+# `make test` (and so CI) sets this: a test that lacks a system dependency (Chromium, opencv-doc's
+# images) fails instead of skipping, so the README's command runs everything. Plain `pytest` skips
+# with the reason; `make test-deps` installs what is missing.
+STRICT = os.environ.get("SIMSEARCH_TEST_STRICT") == "1"
 EXAMPLES = REPO / "examples" / "images"
 QUERIES = REPO / "examples" / "queries"
 
 # Descriptor configuration used with the tiny model (it has 4 blocks; the defaults use blocks up to 11).
 TINY = dict(image_size=56, style_layer=2, dense_layer=2)
+
+
+def tiny_cli_options(model) -> list[str]:
+    """`simsearch index` options that build a database of the TINY configuration on `model`."""
+    return ["--model", str(model), "--image-size", str(TINY["image_size"]), "--style-layer", str(TINY["style_layer"]),
+            "--dense-layer", str(TINY["dense_layer"]), "--content-layer", str(TINY["content_layer"])]
 
 
 def _tiny_conf() -> None:
@@ -50,15 +60,29 @@ def _tiny_conf() -> None:
 _tiny_conf()
 
 
-def save_tiny(directory: Path, seed: int = 0) -> Path:
+def save_tiny_vit(directory: Path, family: str = "dinov2", layers: int = 4, patch_size: int = 14,
+                  image_size: int = 56, hidden: int = 32, heads: int = 2, mlp_ratio: int = 4, seed: int = 0) -> Path:
+    """A random-weight transformers ViT saved with save_pretrained (config.json + safetensors), so the
+    real local-directory loading path runs: `Dinov2Model` ("dinov2") or `ViTModel` ("dino", DINO v1)."""
     import torch
-    from transformers import Dinov2Config, Dinov2Model
+    from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
 
     torch.manual_seed(seed)
-    cfg = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-                       patch_size=14, image_size=56)
-    Dinov2Model(cfg).eval().save_pretrained(directory)
+    shape = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, patch_size=patch_size,
+                 image_size=image_size)
+    if family == "dinov2":
+        model = Dinov2Model(Dinov2Config(mlp_ratio=mlp_ratio, **shape))
+    else:
+        model = ViTModel(ViTConfig(intermediate_size=mlp_ratio * hidden, **shape), add_pooling_layer=False)
+    model.eval().save_pretrained(directory)
     return Path(directory)
+
+
+def require(available, reason: str):
+    """Skip (fail under `make test`) unless a system dependency is available; returns it."""
+    if not available:
+        (pytest.fail if STRICT else pytest.skip)(f"{reason}; `make test-deps` installs it")
+    return available
 
 
 def pytest_configure(config):
@@ -69,13 +93,13 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    return save_tiny(tmp_path_factory.mktemp("tiny-dinov2"), seed=0)
+    return save_tiny_vit(tmp_path_factory.mktemp("tiny-dinov2"), seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_b(tmp_path_factory) -> Path:
     """Same architecture as `tiny_model`, other random weights."""
-    return save_tiny(tmp_path_factory.mktemp("tiny-dinov2-b"), seed=1)
+    return save_tiny_vit(tmp_path_factory.mktemp("tiny-dinov2-b"), seed=1)
 
 
 @pytest.fixture
@@ -140,12 +164,27 @@ def write_patterns(folder: Path, n: int, start: int = 0, size=(64, 48), fmt: str
     return out
 
 
-def table_rows(db: Path) -> list[dict]:
-    """Every row's path, id, key, size, mtime through a fresh LanceDB connection (no simsearch code)."""
+def table_rows(db: Path, complete: bool = True) -> list[dict]:
+    """Every catalogued image's path, id, key, size, mtime through a fresh LanceDB connection (no
+    simsearch code), checking the store's invariants: keys unique in both tables, every catalog row
+    backed by a payload row that agrees with it, and (`complete`: no run was killed) nothing else."""
     import lancedb
 
-    t = lancedb.connect(str(db)).open_table("images")
-    return t.to_arrow().select(["path", "id", "key", "size", "mtime_ns", "width", "height"]).to_pylist()
+    conn = lancedb.connect(str(db))
+    images = {r["key"]: r for r in conn.open_table("images").to_arrow()
+              .select(["path", "id", "key", "width", "height"]).to_pylist()}
+    files = conn.open_table("files").to_arrow().to_pylist()
+    assert len(images) == conn.open_table("images").count_rows(), "duplicate keys in the payload"
+    assert len({f["key"] for f in files}) == len(files), "duplicate keys in the catalog"
+    assert {f["key"] for f in files} <= set(images), "a catalog row without its image"
+    if complete:
+        assert len(files) == len(images), "payload rows the catalog does not list"
+    rows = []
+    for f in files:
+        r = images[f["key"]]
+        assert (f["path"], f["id"]) == (r["path"], r["id"]), (f, r)
+        rows.append(dict(r, size=f["size"], mtime_ns=f["mtime_ns"]))
+    return rows
 
 
 # -- CLI ----------------------------------------------------------------------------------------
@@ -198,12 +237,57 @@ def one_line_error(code, out, err, *words):
 @pytest.fixture(scope="session")
 def tiny12(tmp_path_factory) -> Path:
     """Random-weight Dinov2Model with 12 blocks (the default descriptor layers 4, 9 and 11 exist)."""
-    import torch
-    from transformers import Dinov2Config, Dinov2Model
+    return save_tiny_vit(tmp_path_factory.mktemp("tiny12"), layers=12, image_size=224)
 
-    torch.manual_seed(0)
-    cfg = Dinov2Config(hidden_size=32, num_hidden_layers=12, num_attention_heads=2, intermediate_size=64,
-                       patch_size=14, image_size=224)
-    d = tmp_path_factory.mktemp("tiny12")
-    Dinov2Model(cfg).eval().save_pretrained(d)
-    return d
+
+@pytest.fixture(scope="session")
+def embedded_db(tmp_path_factory, embedded_model) -> tuple[Path, Path]:
+    """A database of the 12 examples/images photos built with the embedded DINOv2-S/14, once per
+    session for every module that needs one. -> (db, photos folder)"""
+    from simsearch import Index
+
+    root = tmp_path_factory.mktemp("embedded-examples-db")
+    db, photos = root / "db", root / "photos"
+    shutil.copytree(EXAMPLES, photos)
+    report = Index(db, model=embedded_model).add_folder(photos)
+    assert report.added == 12 and not report.failed, report
+    return db, photos
+
+
+# -- awkward files: one zoo for the decoder, indexer and CLI tests ---------------------------------
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims width x height, with almost no pixel data (a decompression bomb shape)."""
+    import struct
+    import zlib
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+
+
+def corrupt_tiff() -> bytes:
+    """A TIFF whose next-IFD pointer leads into garbage: Pillow raises TypeError, not OSError."""
+    import struct
+
+    import numpy as np
+    from PIL import Image
+
+    data = bytearray(image_bytes(Image.fromarray(np.zeros((48, 64, 3), np.uint8)), "TIFF"))
+    ifd = struct.unpack("<I", data[4:8])[0]
+    n = struct.unpack("<H", data[ifd:ifd + 2])[0]
+    data[ifd + 2 + 12 * n + 1] = 108
+    return bytes(data)
+
+
+def broken_files(src) -> dict[str, tuple[bytes, str]]:
+    """Files no decoder can use, made from the PIL image `src`. -> {name: (bytes, word the reason names)}"""
+    jpg, png = image_bytes(src, "JPEG"), image_bytes(src, "PNG")
+    return {
+        "truncated.jpg": (jpg[: len(jpg) // 2], "truncated"),
+        "truncated.png": (png[: len(png) // 3], "truncated"),
+        "empty.jpg": (b"", "empty file"),
+        "text.jpg": (b"not an image at all\n" * 50, "not an image Pillow can read"),
+        "bomb.png": (png_header(20_000, 12_000), "decompression bomb"),  # 240 Mpx
+        "corrupt.tif": (corrupt_tiff(), "cannot decode"),
+    }

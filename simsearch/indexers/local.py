@@ -5,7 +5,8 @@ Three stages overlap so the model never waits on the disk:
   main thread      batch -> backbone forward
   writer thread    rows -> LanceDB merge_insert every `write_rows` rows (one atomic commit each)
 Memory stays flat: at most `prefetch` decoded images and two pending writes exist at any time.
-A killed run loses at most the rows not yet committed; the next run skips what was committed.
+Ctrl-C commits every row already embedded before it stops; a killed run loses at most the rows not
+yet committed, and the next run skips what was committed.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from ..descriptors.codec import encode_dense
 from ..errors import ImageError
 from ..images import iter_image_files, open_image, thumbnail_jpeg
+from ..paths import is_under, normalize
 from ..store import path_key
 
 
@@ -121,8 +123,7 @@ def index_files(index, files: Iterable[str | Path], batch_size: int = 16, prune_
                 on_advance: Callable[[int], None] | None = None) -> IndexReport:
     """Index the given image files (see index_folder)."""
     t0 = time.perf_counter()
-    # abspath also folds "." and "..": one spelling per file, so one row per file
-    paths = list(dict.fromkeys(os.path.abspath(os.path.expanduser(p)) for p in files))
+    paths = list(dict.fromkeys(normalize(p) for p in files))  # one spelling per file, so one row per file
     if on_total:
         on_total(len(paths))
     advance = on_advance or (lambda n: None)
@@ -179,7 +180,7 @@ def index_files(index, files: Iterable[str | Path], batch_size: int = 16, prune_
 
     pending_rows: list[pa.Table] = []
     pending_count = 0
-    writer = _Writer(store.upsert)
+    writer = _Writer(store.put)
 
     def flush():
         nonlocal pending_rows, pending_count
@@ -205,7 +206,7 @@ def index_files(index, files: Iterable[str | Path], batch_size: int = 16, prune_
             "style": _fixed_list(emb.style),
             "dense": pa.array([encode_dense(d, dtype) for d in emb.dense], pa.binary()),
             "thumb": pa.array([b.thumb for b in batch], pa.binary()),
-        }, schema=store.table.schema))
+        }))
         pending_count += len(batch)
         report.added += sum(not b.is_update for b in batch)
         report.updated += sum(b.is_update for b in batch)
@@ -230,16 +231,18 @@ def index_files(index, files: Iterable[str | Path], batch_size: int = 16, prune_
                 advance(1)
             if batch:
                 embed_batch(batch)
-        flush()
     finally:
-        writer.close()  # commits what was embedded, also on Ctrl-C
+        try:
+            flush()  # rows already embedded are paid for: commit them, also on Ctrl-C
+        finally:
+            writer.close()
 
-    store.set_file_stats(touched)
+    store.touch(touched)
     if prune_root is not None:
-        scanned = set(paths)
-        prefix = os.path.abspath(prune_root)
-        gone = [p for p in known if (p == prefix or p.startswith(prefix.rstrip(os.sep) + os.sep)) and p not in scanned]
+        scanned, folder = set(paths), normalize(prune_root)
+        gone = [p for p in known if is_under(p, folder) and p not in scanned]
         store.delete_paths(gone)
+        store.sweep()
         report.pruned = len(gone)
     if report.embedded or report.pruned:
         store.compact()

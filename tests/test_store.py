@@ -1,0 +1,114 @@
+"""The LanceDB store: rows by key (in order, or naming what is missing), reranking that never attaches a
+score to the wrong hit, touched files costing catalog writes only, and format 1 databases."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from conftest import table_rows, write_patterns
+from simsearch import Index
+from simsearch.store import MissingRowsError, path_key
+
+
+@pytest.fixture
+def idx(tmp_path, new_index, photos):
+    index = new_index(tmp_path / "db")
+    index.add_folder(photos)
+    return index
+
+
+def test_rows_in_key_order_or_missing_named(idx, photos):
+    paths = [str(photos / n) for n in ("rocket.jpg", "brick.jpg", "astronaut.jpg")]
+    rows = idx.store.rows([path_key(p) for p in paths], ["path"])
+    assert [r["path"] for r in rows] == paths
+    gone = path_key(str(photos / "nothing-here.jpg"))
+    with pytest.raises(MissingRowsError) as info:
+        idx.store.rows([path_key(paths[0]), gone], ["path"])
+    assert info.value.keys == [gone]
+    assert set(idx.store.find([path_key(paths[0]), gone], ["path"])) == {path_key(paths[0])}
+
+
+def test_rerank_after_rows_were_deleted(idx, photos):
+    """Rows deleted between the first stage and the rerank: their hits drop out, every other hit keeps
+    its own score (scores were assigned by position onto a shorter list before), ranks stay 1..n."""
+    query = idx.embed_image(photos / "coffee.jpg")
+    hits = idx.search_vector(query.content[0], 12)
+    alone = {h.key: idx.rerank(query.dense[0], [h], "aas")[0].score for h in hits}
+    gone = [hits[1].path, hits[4].path]
+    Index(idx.root).store.delete_paths(gone)  # another handle, as another process would
+    reranked = idx.rerank(query.dense[0], hits, "aas")
+    assert {h.path for h in reranked} == {h.path for h in hits} - set(gone)
+    assert [h.rank for h in reranked] == list(range(1, 11))
+    for h in reranked:
+        assert h.score == pytest.approx(alone[h.key], abs=1e-6)
+
+
+def test_search_ranks_have_no_gaps_when_rows_vanish(idx, photos):
+    """The FAISS index answered before a delete committed: missing rows are skipped and ranks are
+    counted over the rows returned (they had gaps)."""
+    query = idx.embed_image(photos / "coffee.jpg").content[0]
+    before = idx.search_vector(query, 6)
+    answered = idx.vector_index("content")  # holds all 12 rows
+    Index(idx.root).store.delete_paths([before[0].path, before[2].path])
+    answered.table_version = idx.store.version  # simulate: the delete lands between search and fetch
+    after = idx.search_vector(query, 6)
+    assert [h.path for h in after] == [h.path for i, h in enumerate(before) if i not in (0, 2)]
+    assert [h.rank for h in after] == [1, 2, 3, 4]
+
+
+def data_files(db, table: str) -> set:
+    return {p.name for p in (db / f"{table}.lance" / "data").glob("*")}
+
+
+def test_touched_files_cost_catalog_writes_only(tmp_path, new_index, photos):
+    """`touch` on every file (content unchanged): the payload table, dense tensors included, is not
+    rewritten; only the small catalog rows are (it read and rewrote every column of every row)."""
+    write_patterns(photos / "more", 40)
+    db = tmp_path / "db"
+    index = new_index(db)
+    index.add_folder(photos)
+    payload_version, payload_files = index.store.version, data_files(db, "images")
+    for p in photos.rglob("*"):
+        if p.is_file():
+            os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns + 10**9))
+    report = new_index(db).add_folder(photos)
+    assert (report.skipped, report.added, report.updated) == (52, 0, 0)
+    assert Index(db).store.version == payload_version and data_files(db, "images") == payload_files
+    rows = table_rows(db)
+    assert all(r["mtime_ns"] == (photos / r["path"]).stat().st_mtime_ns for r in rows)
+    again = new_index(db).add_folder(photos)  # the new mtimes were recorded: nothing is even read now
+    assert again.skipped == 52
+
+
+def test_format1_database_opens_and_migrates(tmp_path, new_index, photos):
+    """A database from before the catalog (one table holding size and mtime too) answers queries as it
+    is, and the first index run builds the catalog from it without embedding anything again."""
+    db = tmp_path / "db"
+    new_index(db).add_folder(photos)
+    conn = lancedb.connect(str(db))
+    images, files = conn.open_table("images").to_arrow(), conn.open_table("files").to_arrow()
+    stats = {r["key"]: r for r in files.to_pylist()}
+    meta = json.loads(images.schema.metadata[b"simsearch"])
+    meta["format"] = 1
+    old = images.append_column("size", pa.array([stats[k]["size"] for k in images.column("key").to_pylist()], pa.int64()))
+    old = old.append_column("mtime_ns", pa.array([stats[k]["mtime_ns"] for k in images.column("key").to_pylist()], pa.int64()))
+    old = old.replace_schema_metadata({b"simsearch": json.dumps(meta).encode()})
+    conn.drop_table("files")
+    conn.drop_table("images")
+    conn.create_table("images", old)
+
+    hits = Index(db).search(photos / "horse.jpg", k=2)
+    assert hits[0].path == str(photos / "horse.jpg")
+    assert "files" not in lancedb.connect(str(db)).table_names()  # reading did not write
+    report = new_index(db).add_folder(photos)
+    assert (report.skipped, report.added) == (12, 0)
+    assert len(table_rows(db)) == 12
+    write_patterns(photos / "new", 2)
+    assert new_index(db).add_folder(photos).added == 2  # new rows carry the old columns too
+    assert len(table_rows(db)) == 14 and np.all(Index(db).store.vectors("content")[1].any(1))
