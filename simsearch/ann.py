@@ -6,8 +6,10 @@ answers from a stale index.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import numpy as np
 from .store import ImageStore
 
 IVF_THRESHOLD = 50_000  # below this an exact search over all vectors is fast enough (< 10 ms at 10k x 384)
+NPROBE = 16  # IVF lists searched per query
 
 
 def gpu_available() -> bool:
@@ -28,7 +31,7 @@ class VectorIndex:
     index: faiss.Index  # CPU index with ids = store keys
     table_version: int
     kind: str  # "flat" | "ivf<nlist>"
-    nprobe: int = 16
+    nprobe: int = NPROBE
     weights: str = ""  # fingerprint of the model whose vectors these are
     _gpu: faiss.Index | None = None
 
@@ -78,46 +81,80 @@ class VectorIndex:
 
     # -- persistence -------------------------------------------------------------------------
     def save(self, path: Path) -> None:
-        """Write atomically: the index file first, then the sidecar that vouches for it."""
+        """Write the index under a name of its own, then the sidecar that vouches for it.
+
+        Every build writes a new uniquely named file and the sidecar (replaced atomically) names it
+        with its digest, so two processes saving at once can never pair one's sidecar with the
+        other's index; superseded files are removed afterwards.
+        """
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".faiss.tmp")
-        faiss.write_index(self.index, str(tmp))
-        os.replace(tmp, path.with_suffix(".faiss"))
-        side = path.with_suffix(".json.tmp")
-        side.write_text(json.dumps({"table_version": self.table_version, "kind": self.kind, "ntotal": self.ntotal,
-                                    "d": self.index.d, "weights": self.weights}))
-        os.replace(side, path.with_suffix(".json"))
+        fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".faiss", dir=path.parent)
+        os.close(fd)
+        faiss.write_index(self.index, tmp)
+        side = {"file": Path(tmp).name, "digest": _digest(Path(tmp)), "table_version": self.table_version,
+                "kind": self.kind, "ntotal": self.ntotal, "d": self.index.d, "weights": self.weights}
+        fd, side_tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".json.tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(side, f)
+        os.replace(side_tmp, path.with_suffix(".json"))
+        for old in path.parent.glob(f"{path.name}.*.faiss"):
+            if old.name != side["file"]:
+                old.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: Path) -> "VectorIndex | None":
+        """The saved index, or None when it is missing, damaged or not the file its sidecar vouches for."""
         try:
             side = json.loads(path.with_suffix(".json").read_text())
-            index = faiss.read_index(str(path.with_suffix(".faiss")))
-        except (OSError, ValueError, RuntimeError):
+            file = path.parent / side["file"]
+            if _digest(file) != side["digest"]:
+                return None
+            index = faiss.read_index(str(file))
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError):
             return None
-        if index.ntotal != side.get("ntotal") or index.d != side.get("d"):
-            return None  # sidecar and index written by different runs
+        if (index.ntotal, index.d) != (side.get("ntotal"), side.get("d")):
+            return None
         return cls(index=index, table_version=side["table_version"], kind=side["kind"], weights=side.get("weights", ""))
+
+
+def _digest(file: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def index_path(store: ImageStore, column: str) -> Path:
     return store.root / "ann" / column
 
 
+def _matches(cached: "VectorIndex | None", store: ImageStore, column: str) -> bool:
+    # The version alone is not enough: a table deleted and rebuilt (other model) restarts its numbering.
+    dim = store.table.schema.field(column).type.list_size
+    return cached is not None and (cached.table_version, cached.weights, cached.index.d) == (
+        store.version, store.meta["weights"], dim)
+
+
 def load_fresh(store: ImageStore, column: str, ivf_threshold: int = IVF_THRESHOLD) -> tuple[VectorIndex, bool]:
     """The index for `column`, rebuilt and saved if missing or behind the table. -> (index, rebuilt)."""
+    from filelock import FileLock
+
     path = index_path(store, column)
-    version = store.version
-    weights = store.meta["weights"]
-    dim = store.table.schema.field(column).type.list_size
     cached = VectorIndex.load(path)
-    # The version alone is not enough: a table deleted and rebuilt (other model) restarts its numbering.
-    if cached is not None and (cached.table_version, cached.weights, cached.index.d) == (version, weights, dim):
+    if _matches(cached, store, column):
         return cached, False
-    keys, vectors = store.vectors(column)
-    fresh = VectorIndex.build(keys, vectors, version, ivf_threshold)
-    fresh.weights = weights
-    fresh.save(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.with_suffix(".lock"))):  # one rebuild at a time; the next finds it fresh
+        store.refresh()
+        cached = VectorIndex.load(path)
+        if _matches(cached, store, column):
+            return cached, False
+        version = store.version  # read before the rows: a commit in between makes the index stale, not wrong
+        keys, vectors = store.vectors(column)
+        fresh = VectorIndex.build(keys, vectors, version, ivf_threshold)
+        fresh.weights = store.meta["weights"]
+        fresh.save(path)
     return fresh, True
 
 

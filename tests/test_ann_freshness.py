@@ -99,7 +99,7 @@ def test_damaged_index_is_rebuilt(tmp_path, new_index, photos, damage):
     db = tmp_path / "db"
     idx = new_index(db)
     idx.add_folder(photos)
-    faiss_file = db / "ann" / "content.faiss"
+    faiss_file = db / "ann" / sidecar(db, "content")["file"]  # the file the sidecar vouches for
     side_file = db / "ann" / "content.json"
     if damage == "garbage":
         faiss_file.write_bytes(b"\x00garbage" * 100)
@@ -126,8 +126,7 @@ def test_swapped_index_files_are_rebuilt(tmp_path, new_index, photos):
     db = tmp_path / "db"
     idx = new_index(db)
     idx.add_folder(photos)
-    shutil.copy(db / "ann" / "style.faiss", db / "ann" / "content.faiss")
-    shutil.copy(db / "ann" / "style.json", db / "ann" / "content.json")
+    shutil.copy(db / "ann" / "style.json", db / "ann" / "content.json")  # now vouches for the style file
     hit = Index(db).search(photos / "camera.jpg", k=1, mode="content")[0]
     assert hit.path == str(photos / "camera.jpg")
 
@@ -199,20 +198,23 @@ def test_pil_query_equals_path_query(tmp_path, new_index):
 
 # -- IVF ----------------------------------------------------------------------------------------
 def test_ivf_exact_top1(tmp_path, new_index):
+    """A real inverted file through the whole stack: several lists, fewer probed (with 30 rows the
+    list count was 1, an exhaustive scan)."""
     folder = tmp_path / "many"
-    paths = write_patterns(folder, 30)
+    paths = write_patterns(folder, 200, size=(32, 24))
     db = tmp_path / "db"
-    idx = new_index(db, ivf_threshold=10)
-    idx.add_folder(folder)
-    assert sidecar(db, "content")["kind"].startswith("ivf")
-    assert idx.info()["ann"]["content"]["ntotal"] == 30
-    for p in paths:
-        hit = idx.search(p, k=1)[0]
+    idx = new_index(db, ivf_threshold=100, nprobe=2)
+    idx.add_folder(folder, batch_size=32)
+    nlist = int(sidecar(db, "content")["kind"].removeprefix("ivf"))
+    assert nlist > idx.vector_index("content").nprobe == 2
+    assert idx.info()["ann"]["content"]["ntotal"] == 200
+    for p in paths[::10]:
+        hit = idx.search(p, k=1)[0]  # a vector's own list is the nearest to it: found with any nprobe
         assert hit.path == str(p) and hit.score == pytest.approx(1.0, abs=1e-5)
     hits = idx.search(paths[3], k=5, where="path LIKE '%pat000%'")  # pat0000..pat0009
     assert hits[0].path == str(paths[3]) and all("pat000" in h.path for h in hits)
     # a fresh handle loads the saved IVF index (no rebuild) and agrees
-    again = Index(db, ivf_threshold=10)
+    again = Index(db, ivf_threshold=100, nprobe=2)
     assert again.refresh_ann() == {"content": False, "style": False}
     assert again.search(paths[7], k=1)[0].path == str(paths[7])
 
