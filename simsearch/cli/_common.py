@@ -1,0 +1,84 @@
+"""What every command shares: the consoles, the option blocks, escaping and progress bars.
+
+Anything a user controls (paths, reasons, filters, error messages) reaches rich through `esc` or as a
+`Text`, never as markup: a file named `[bold]` must print as `[bold]`, and `[/b]` must not crash.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
+
+out = Console()
+err = Console(stderr=True)
+
+DEFAULT_DB = Path("simsearch.db")
+DbOption = Annotated[Path, typer.Option("--db", help="Database directory.", envvar="SIMSEARCH_DB")]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+ModelOption = Annotated[Optional[str], typer.Option("--model", help="Registry name, hub id or local directory.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+OutOption = Annotated[Optional[Path], typer.Option("--out", help="Also write the JSON here.")]
+CacheOption = Annotated[Optional[Path], typer.Option(help="Keep descriptors in this database between runs.")]
+MetricsOption = Annotated[str, typer.Option("--metric", help="aas, cosine, style, or all (comma-separated).")]
+# dense correspondence settings (match, bench pck)
+StrideOption = Annotated[Optional[int], typer.Option(help="Patch stride; must divide the patch size (e.g. 14, 7, 2).")]
+LayerOption = Annotated[int, typer.Option(help="Block whose facet is used.")]
+FacetOption = Annotated[str, typer.Option("--facet", help="key, query, value or token.")]
+LogBinOption = Annotated[bool, typer.Option(help="Log-binned descriptors.")]
+ImageSizeOption = Annotated[int, typer.Option(help="Model input side.")]
+
+
+def esc(value) -> str:
+    """A user-controlled value made safe to embed in rich markup."""
+    return escape(str(value))
+
+
+def cell(value) -> Text:
+    """A table cell shown exactly as given (tables parse plain strings as markup)."""
+    return Text(str(value))
+
+
+def warn_failed(failed) -> None:
+    """One `failed: PATH: reason` line per unreadable file."""
+    for path, reason in failed:
+        err.print(f"[yellow]failed[/]: {esc(path)}: {esc(reason)}", highlight=False, soft_wrap=True)
+
+
+def note(message: str) -> None:
+    """A plain status line on stderr (`message` is user-controlled text, printed verbatim)."""
+    err.print(Text(message), highlight=False, soft_wrap=True)
+
+
+def quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+
+
+def progress_callbacks(progress, label: str):
+    """(on_total, on_advance) driving one task of a rich Progress."""
+    task = progress.add_task(label, total=None)
+    return (lambda n: progress.update(task, total=n)), (lambda n: progress.advance(task, n))
+
+
+def parse_floats(values: list[str], option: str) -> tuple[float, ...]:
+    from ..errors import SimsearchError
+
+    try:
+        return tuple(float(v) for text in values for v in text.split(",") if v.strip())
+    except ValueError:
+        raise SimsearchError(f"{option} {' '.join(values)!r}: expected numbers such as 0.1,0.05") from None
+
+
+def parse_metrics(metric: str) -> tuple[str, ...]:
+    from ..bench.features import METRICS
+
+    return METRICS if metric == "all" else tuple(m.strip() for m in metric.split(","))

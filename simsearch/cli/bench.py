@@ -1,0 +1,151 @@
+"""`simsearch bench`: keypoint PCK, grouped folders, Sref and IP."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from ._common import (CacheOption, DeviceOption, FacetOption, ImageSizeOption, JsonOption, LayerOption, LogBinOption,
+                      MetricsOption, ModelOption, OutOption, StrideOption, cell, err, esc, out, parse_floats,
+                      parse_metrics, progress_callbacks, quiet_libraries, warn_failed)
+
+app = typer.Typer(no_args_is_help=True, help="Benchmarks: keypoint PCK, grouped folders, Sref, IP.")
+TripletsOption = Annotated[int, typer.Option(min=1, help="Seeded triplet sample size.")]
+
+
+@app.command("pck")
+def pck(
+    root: Annotated[Path, typer.Argument(help="SPair-71k layout root.")],
+    split: Annotated[str, typer.Option(help="trn, val or test.")] = "test",
+    alpha: Annotated[list[str], typer.Option(help="PCK thresholds: --alpha 0.1,0.05 or repeated.")] = ["0.1"],
+    categories: Annotated[Optional[list[str]], typer.Option("--category", help="Only these (repeatable).")] = None,
+    stride: StrideOption = None,
+    model: ModelOption = None,
+    layer: LayerOption = 9,
+    facet_name: FacetOption = "key",
+    log_bin: LogBinOption = True,
+    image_size: ImageSizeOption = 224,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+):
+    """PCK@alpha of nearest-neighbour keypoint transfer, per category and mean."""
+    from rich.progress import Progress
+
+    from ..api import dense_matcher
+    from ..bench.pck import evaluate_pck, read_pairs
+
+    quiet_libraries()
+    pairs = read_pairs(root, split, categories)
+    matcher = dense_matcher(model, device, layer=layer, facet=facet_name, log_bin=log_bin,
+                            image_size=image_size, stride=stride)
+    with Progress(console=err, transient=True) as progress:
+        task = progress.add_task("pairs", total=len(pairs))
+        result = evaluate_pck(matcher, pairs, parse_floats(alpha, "--alpha"), on_advance=lambda k: progress.advance(task, k))
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    table = Table(title=f"PCK on {esc(root)} ({esc(split)}, {result.pairs} pairs, {result.points} points)",
+                  title_justify="left")
+    table.add_column("category")
+    for a in result.alphas:
+        table.add_column(f"PCK@{a}", justify="right")
+    table.add_column("points", justify="right")
+    for cat, r in result.per_category.items():
+        table.add_row(cell(cat), *[f"{100 * r[f'pck@{a}']:.1f}" for a in result.alphas], str(r["points"]))
+    table.add_row("[bold]mean", *[f"[bold]{100 * result.mean[f'pck@{a}']:.1f}" for a in result.alphas], str(result.points))
+    out.print(table)
+
+
+def _print(result, as_json: bool, out_file: Optional[Path]):
+    if out_file:
+        out_file.write_text(json.dumps(result.to_dict(), indent=2))
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    warn_failed(result.failed)
+    stats = sorted({k for m in result.metrics.values() for k in m if k != "queries"},
+                   key=lambda k: ("triplet" not in k and "ordering" not in k, k))
+    table = Table(title=f"{result.protocol} on {esc(result.root)}: {result.images} images, {result.groups} groups",
+                  title_justify="left")
+    table.add_column("metric")
+    for s in stats:
+        table.add_column(s.replace("_", " "), justify="right")
+    for m, values in result.metrics.items():
+        cells = []
+        for s in stats:
+            v = values.get(s)
+            if isinstance(v, dict):  # an estimate with its 95% interval
+                cells.append(cell(f"{100 * v['value']:.1f} [{100 * v['ci95'][0]:.1f}, {100 * v['ci95'][1]:.1f}] n={v['n']}"))
+            else:
+                cells.append("" if v is None else f"{100 * v:.1f}")
+        table.add_row(m, *cells)
+    out.print(table)
+    out.print("percent; \\[low, high] is the 95% Wilson interval", style="dim")
+
+
+def _run(fn, root: Path, as_json: bool, out_file: Optional[Path], **kw):
+    from rich.progress import Progress
+
+    quiet_libraries()
+    with Progress(console=err, transient=True) as progress:
+        result = fn(root, progress=progress_callbacks(progress, "embedding"), **kw)
+    _print(result, as_json, out_file)
+
+
+@app.command("groups")
+def groups(
+    root: Annotated[Path, typer.Argument(help="ROOT/<group>/<image>.")],
+    mode: Annotated[str, typer.Option(help="content or style.")] = "content",
+    metric: MetricsOption = "all",
+    triplets: TripletsOption = 2000,
+    seed: int = 0,
+    model: ModelOption = None,
+    cache: CacheOption = None,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+    out_file: OutOption = None,
+):
+    """Triplet accuracy, leave-one-out mAP and recall@k of every metric on grouped folders."""
+    from ..bench.suites import evaluate_groups
+
+    _run(evaluate_groups, root, as_json, out_file, mode=mode, metrics=parse_metrics(metric), triplets=triplets,
+         seed=seed, model=model, cache=cache, device=device)
+
+
+@app.command("sref")
+def sref(
+    root: Annotated[Path, typer.Argument(help="ROOT/<style>/<image>.")],
+    metric: MetricsOption = "all",
+    triplets: TripletsOption = 2000,
+    seed: int = 0,
+    model: ModelOption = None,
+    cache: CacheOption = None,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+    out_file: OutOption = None,
+):
+    """The Sref protocol (style groups) on a folder in its layout."""
+    from ..bench.suites import evaluate_sref
+
+    _run(evaluate_sref, root, as_json, out_file, metrics=parse_metrics(metric), triplets=triplets, seed=seed,
+         model=model, cache=cache, device=device)
+
+
+@app.command("ip")
+def ip(
+    root: Annotated[Path, typer.Argument(help="ROOT/<ip>/reference.<ext> and <weight>.<ext>.")],
+    metric: MetricsOption = "all",
+    model: ModelOption = None,
+    cache: CacheOption = None,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+    out_file: OutOption = None,
+):
+    """The IP protocol: higher-weight variants must score closer to their reference."""
+    from ..bench.suites import evaluate_ip
+
+    _run(evaluate_ip, root, as_json, out_file, metrics=parse_metrics(metric), model=model, cache=cache, device=device)
