@@ -69,9 +69,11 @@ class Embedder:
         self.conf = conf
         self.backbone = load_backbone(conf.model, device)
         n = self.backbone.num_layers
-        for name in ("content_layer", "style_layer", "dense_layer"):
-            if getattr(conf, name) is not None and not 0 <= getattr(conf, name) <= n:
-                raise SimsearchError(f"{name}={getattr(conf, name)} is outside 0..{n} for {conf.model}")
+        # style and dense read block l's own norm and attention, so l < n; content may be the final output (n)
+        for name, top in (("content_layer", n), ("style_layer", n - 1), ("dense_layer", n - 1)):
+            value = getattr(conf, name)
+            if value is not None and not 0 <= value <= top:
+                raise SimsearchError(f"{name}={value} is outside 0..{top} for {conf.model} ({n} blocks)")
         h, w = self.backbone.grid_size(conf.image_size, conf.image_size)
         self.dense_shape = (1 + h * w, self.backbone.dim)
         dc = self.backbone.dim * (2 if conf.content_pooling == "cls+mean" else 1)

@@ -94,7 +94,7 @@ def test_bad_configuration_values(tmp_path, tiny_model):
         Index(tmp_path / "a", model=str(tiny_model), image_size=8)
     with pytest.raises(SimsearchError, match="dense dtype"):
         Index(tmp_path / "b", model=str(tiny_model), dense_dtype="int4")
-    with pytest.raises(SimsearchError, match=r"_layer=\d+ is outside 0\.\.4"):
+    with pytest.raises(SimsearchError, match=r"style_layer=4 is outside 0\.\.3 .*\(4 blocks\)"):
         Index(tmp_path / "c", model=str(tiny_model), image_size=56).ensure_table()
     with pytest.raises(WeightsNotFoundError, match="no config.json"):
         Index(tmp_path / "d", model=str(tmp_path)).ensure_table()
@@ -104,3 +104,14 @@ def test_bad_configuration_values(tmp_path, tiny_model):
         Index(tmp_path / "f", model="nobody/no-such-dinov2").ensure_table()
     for name in "abcdef":
         assert not (tmp_path / name / "images.lance").exists()
+
+
+def test_dense_layer_must_be_a_block(tmp_path, tiny_model):
+    """dense_layer == number of blocks passed validation and failed later inside rerank (blocks[n])."""
+    from simsearch import SimsearchError
+
+    conf = dict(model=str(tiny_model), image_size=56, style_layer=2, content_layer=4)
+    with pytest.raises(SimsearchError, match=r"dense_layer=4 is outside 0\.\.3"):
+        Index(tmp_path / "a", dense_layer=4, **conf).ensure_table()
+    assert not (tmp_path / "a" / "images.lance").exists()
+    Index(tmp_path / "b", dense_layer=3, **conf).ensure_table()  # the last block is fine
