@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dense_helpers as H
+from conftest import save_tiny_vit
 from simsearch.descriptors.facets import attention_probs, facet, merge_heads
 from simsearch.descriptors.logbin import BINS, log_bin, log_bin_tokens
 from simsearch.descriptors.saliency import cls_saliency
@@ -144,7 +144,8 @@ def test_merge_heads():
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_vits")
-    return {"dinov2": H.save_tiny_dinov2(root / "dinov2"), "dino": H.save_tiny_vit(root / "vit")}
+    return {"dinov2": save_tiny_vit(root / "dinov2", layers=2, patch_size=8, image_size=32, mlp_ratio=2),
+            "dino": save_tiny_vit(root / "vit", family="dino", layers=2, patch_size=8, image_size=32, mlp_ratio=2)}
 
 
 @pytest.fixture(scope="module", params=["dinov2", "dino"])
@@ -242,6 +243,14 @@ def test_log_binned_facet_on_a_real_grid(tiny_backbone):
         k = facet(tiny_backbone, 1, out.hidden[1], "key")[:, 1:]
         lb = log_bin_tokens(k, out.grid)
     assert lb.shape == (1, out.grid[0] * out.grid[1], 17 * tiny_backbone.dim)
-    # The centre bin of level 0 is the descriptor itself.
-    torch.testing.assert_close(lb[..., 4 * tiny_backbone.dim:5 * tiny_backbone.dim], k)
-    assert F.cosine_similarity(lb[0, 0], lb[0, 0], dim=0) > 0.99
+    c, (h, w) = tiny_backbone.dim, out.grid
+    cells = k[0].reshape(h, w, c)
+    bins = lb[0].reshape(h, w, 17, c)
+    # Level 0, bin (dy, dx) = (+1, +1) (index 8) of cell (2, 3) is cell (3, 4); the centre bin (4) is the cell.
+    torch.testing.assert_close(bins[2, 3, 8], cells[3, 4])
+    torch.testing.assert_close(bins[..., 4, :], cells)
+    # Level 1, bin (+3, +3) (index 16) of cell (2, 3) is the 3x3 mean around cell (5, 6).
+    torch.testing.assert_close(bins[2, 3, 16], cells[4:7, 5:8].mean((0, 1)))
+    # ... and at the border the pooled cells are replicated: (-3, -3) (index 9) of cell (0, 0) is the
+    # 2x2 mean of the corner (count_include_pad=False pooling at cell (0, 0), then replicated).
+    torch.testing.assert_close(bins[0, 0, 9], cells[0:2, 0:2].mean((0, 1)))

@@ -16,13 +16,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import dense_helpers as H
-from conftest import QUERIES
+from conftest import QUERIES, require
 
 pytestmark = pytest.mark.slow
 
 CHROMIUM = next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)
 NO_CHROMIUM = "headless Chromium not installed (Debian: `apt-get install -y chromium`)"
+
+
+@pytest.fixture
+def chromium():
+    return require(CHROMIUM, NO_CHROMIUM)
 
 
 class Page(HTMLParser):
@@ -72,13 +76,13 @@ def decode_data_uri(uri: str) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory, embedded_model):
+def page(tmp_path_factory, embedded_db):
     """The page written by `simsearch query --rerank both -k 4 --html` (through the CLI's main)."""
     import sys
 
     from simsearch.cli import main
 
-    db, _ = H.embedded_db(tmp_path_factory, embedded_model)
+    db, _ = embedded_db
     out = tmp_path_factory.mktemp("html") / "results.html"
     argv = sys.argv
     sys.argv = ["simsearch", "query", str(QUERIES / "cat_crop.jpg"), "--db", str(db), "--rerank", "both",
@@ -115,8 +119,7 @@ def _chromium(*args, timeout=120) -> subprocess.CompletedProcess:
                                f"--user-data-dir={profile}", *args], capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
-def test_html_dom_in_chromium(page):
+def test_html_dom_in_chromium(page, chromium):
     r = _chromium("--dump-dom", page.as_uri())
     assert r.returncode == 0, r.stderr[-2000:]
     dom = Page(r.stdout)
@@ -126,8 +129,7 @@ def test_html_dom_in_chromium(page):
         decode_data_uri(uri)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
-def test_html_screenshot_in_chromium(page, tmp_path):
+def test_html_screenshot_in_chromium(page, tmp_path, chromium):
     shot = tmp_path / "results.png"
     r = _chromium(f"--screenshot={shot}", "--window-size=1200,2000", page.as_uri())
     assert r.returncode == 0 and shot.is_file(), r.stderr[-2000:]

@@ -1,6 +1,6 @@
 """SPair-71k-layout keypoint benchmark on small fixtures with exact ground truth (tests/spair_fixture.py):
 pure-translation crops of examples/images (always) and opencv-doc's graf1 -> graf3 homography pair
-(skipped with a reason when opencv-doc's files are absent)."""
+(skipped with a reason when opencv-doc's files are absent; `make test` fails instead)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import spair_fixture as sf
+from conftest import require
 from simsearch.bench.pck import evaluate_pck, pck, read_pairs
 from simsearch.errors import SimsearchError
 
@@ -31,9 +32,7 @@ def translation_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def graf_root(tmp_path_factory):
-    graf_dir = sf.find_graf_data(extract_to=tmp_path_factory.mktemp("opencv-doc"))
-    if graf_dir is None:
-        pytest.skip(sf.graf_missing_reason())
+    graf_dir = require(sf.find_graf_data(extract_to=tmp_path_factory.mktemp("opencv-doc")), sf.graf_missing_reason())
     return sf.build_graf(tmp_path_factory.mktemp("spair-graf"), graf_dir)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dense_helpers as H
+from conftest import save_tiny_vit
 from simsearch.rerank import RERANKERS, rerank_scores
 from simsearch.rerank.aas import aas_directed, aligned_attention_score, attend
 
@@ -77,7 +77,7 @@ def test_aas_batch_equals_one_by_one():
 def tiny_dinov2(tmp_path_factory):
     from simsearch.backbones import load_backbone
 
-    return load_backbone(str(H.save_tiny_dinov2(tmp_path_factory.mktemp("tiny") / "dinov2", layers=3)), "cpu")
+    return load_backbone(str(save_tiny_vit(tmp_path_factory.mktemp("tiny") / "dinov2", layers=3, patch_size=8, image_size=32, mlp_ratio=2)), "cpu")
 
 
 def _dense(backbone, seed, layer=1, size=32):

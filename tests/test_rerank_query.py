@@ -8,15 +8,9 @@ import json
 
 import pytest
 
-import dense_helpers as H
 from conftest import EXAMPLES, QUERIES, one_line_error
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def embedded_db(tmp_path_factory, embedded_model):
-    return H.embedded_db(tmp_path_factory, embedded_model)
 
 
 def _json_lines(out: str) -> list[dict]:
