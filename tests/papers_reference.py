@@ -123,7 +123,9 @@ def diffsim_qkv(unet, latents_noisy, t, text_emb, layer_path: str = DIFFSIM_LAYE
     positionally and `encoder_hidden_states` as a keyword, so the hook is registered `with_kwargs=True`
     (their IP hook unpacks `input[:2]` and cannot run on diffusers >= 0.29). Their hooks are never
     removed (one more per call); this one is removed in `finally`. Pass `t` as DiffSim's DDPM t
-    (see diffsim_timestep); `scheduler.scale_model_input` is the identity for PNDM.
+    (see diffsim_timestep); `scheduler.scale_model_input` is the identity for PNDM. For the IP path
+    DiffSim's step() builds `image_embeds` with `pipe.prepare_ip_adapter_image_embeds(img, None, device, 1,
+    True)`: under CFG the uncond half is the CLIP hidden_states[-2] of an all-zero image.
     """
     attn = unet.get_submodule(layer_path)
     out = {}

@@ -107,6 +107,7 @@ def test_sd15_module_names_and_shapes(unet, pipe):
         assert pipe.vae.encode(x).latent_dist.mean.shape == (1, 4, 8, 8)
 
 
+@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks`:UserWarning")  # diffusers, failing lookup
 def test_single_file_holds_the_folder_weights_and_loads_offline(tmp_path, sd_dir, pipe):
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
@@ -125,6 +126,10 @@ def test_single_file_holds_the_folder_weights_and_loads_offline(tmp_path, sd_dir
         loaded = cls.from_single_file(str(ckpt), original_config=str(yaml_path), local_files_only=True)
         state_equal(loaded, part)
         assert plain_config(loaded) == plain_config(part)  # the YAML describes the same model
+        sub = "unet" if cls is UNet2DConditionModel else "vae"
+        state_equal(cls.from_single_file(str(ckpt), config=str(sd_dir), subfolder=sub, local_files_only=True), part)
+    with pytest.raises(OSError):  # neither: diffusers wants stable-diffusion-v1-5's config from the hub
+        UNet2DConditionModel.from_single_file(str(ckpt), local_files_only=True, cache_dir=tmp_path / "empty")
 
     prefix = "cond_stage_model.transformer."
     text = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}

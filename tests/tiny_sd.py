@@ -27,7 +27,7 @@ UNet and VAE, from `tiny.safetensors` + `tiny.yaml` (the A1111/ComfyUI conventio
 diffusers infers the model type from the keys ("v1") and fetches `stable-diffusion-v1-5/...` configs from
 the hub, which fails offline. Alternatively pass a local diffusers folder instead of the YAML (never
 both): `config=<folder>, subfolder="unet"` (or "vae"), `local_files_only=True`; that path also accepts
-config overrides as kwargs, the YAML path ignores them. Do not pass `torch_dtype=float16` in tests on CPU.
+config overrides as kwargs, the YAML path ignores them.
 
 The text encoder has no YAML description (LDM's `FrozenCLIPEmbedder` loads CLIP ViT-L/14 by name), so it
 needs a `CLIPTextConfig` from elsewhere (a folder's `text_encoder/config.json`): strip the prefix
