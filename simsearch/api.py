@@ -11,22 +11,12 @@ from .images import open_image
 from .rerank.correspondence import DenseMatcher, Matches
 
 MATCH_METHODS = ("nn", "best-buddies")
-DESCRIPTOR_FACETS = ("key", "query", "value", "token")  # per-patch facets; "attn" is not a descriptor
 
 
 def dense_matcher(model: str | None = None, device: str = "auto", **conf) -> DenseMatcher:
-    """A DenseMatcher on `model` (default: the embedded DINOv2-S/14). Unset options keep defaults;
-    the default stride is half the patch size (overlapping patches)."""
-    conf = {k: v for k, v in conf.items() if v is not None}
-    if conf.get("facet", "key") not in DESCRIPTOR_FACETS:
-        raise SimsearchError(f"unknown facet '{conf['facet']}' (choose from {', '.join(DESCRIPTOR_FACETS)})")
-    backbone = load_backbone(model or DEFAULT_MODEL, device)
-    conf.setdefault("stride", max(1, backbone.patch_size // 2))
-    if backbone.patch_size % conf["stride"]:
-        raise SimsearchError(f"stride {conf['stride']} must divide the patch size {backbone.patch_size}")
-    if not 0 <= conf.get("layer", DenseMatcher.default_conf["layer"]) < backbone.num_layers:
-        raise SimsearchError(f"layer {conf['layer']} is outside 0..{backbone.num_layers - 1}")
-    return DenseMatcher(backbone, **conf)
+    """A DenseMatcher on `model` (default: the embedded DINOv2-S/14). Unset options take the backbone's
+    defaults (for a ViT the stride is half the patch size: overlapping patches)."""
+    return DenseMatcher(load_backbone(model or DEFAULT_MODEL, device), **conf)
 
 
 def match_images(image_a: str | Path, image_b: str | Path, points=None, n: int = 10, method: str = "best-buddies",

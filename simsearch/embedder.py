@@ -9,27 +9,34 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .backbones import DEFAULT_MODEL, MODELS, load_backbone
+from .backbones import DEFAULT_MODEL, Layer, descriptor_defaults, load_backbone
 from .descriptors.codec import DENSE_DTYPES
 from .descriptors.pooling import CONTENT_POOLINGS, content_vector, style_vector
 from .errors import SimsearchError
-from .images import to_tensor
 
 
 @dataclass(frozen=True)
 class DescriptorConfig:
-    """Everything that decides what a stored vector means. Recorded with the table."""
+    """Everything that decides what a stored vector means. Recorded with the table.
+
+    Layers are block indices for ViTs and module paths for the Stable Diffusion UNet. A model starts
+    from its family's defaults and its preset's (`for_model`), measured per model.
+    """
 
     model: str = DEFAULT_MODEL
     image_size: int = 224  # the whole image resized to a square (no crop)
     content_pooling: str = "cls"  # see descriptors.pooling.CONTENT_POOLINGS
-    # Content tokens: the normed input to this block; None = the final normed output. Presets may
-    # set it (ModelCard.descriptor_defaults): the embedded model's last block is its weakest for
-    # retrieval, CLS entering block 11 scores 33 mAP on tuxpaint categories vs 20 for the final CLS.
-    content_layer: int | None = None
-    style_layer: int = 4  # channel statistics of the normed input to this block
-    dense_layer: int = 9  # the hidden state entering this block is stored for reranking
+    # Content tokens: the features of this layer; None = the backbone's final features. The embedded
+    # model's last block is its weakest for retrieval: CLS entering block 11 scores 33 mAP on tuxpaint
+    # categories vs 20 for the final CLS (its preset sets 11).
+    content_layer: Layer | None = None
+    style_layer: Layer = 4  # channel statistics of this layer's features
+    dense_layer: Layer = 9  # the source of this layer's attention is stored for reranking (AAS, matches)
     dense_dtype: str = "float16"
+    # diffusion backbones only: DDPM timestep, seed of the fixed noise, IP-Adapter Plus (DiffSim-C)
+    timestep: int | None = None
+    noise_seed: int | None = None
+    ip_adapter: str | None = None
 
     def __post_init__(self):
         if self.content_pooling not in CONTENT_POOLINGS:
@@ -41,9 +48,12 @@ class DescriptorConfig:
 
     @classmethod
     def for_model(cls, model: str = DEFAULT_MODEL, **overrides) -> "DescriptorConfig":
-        """The configuration for `model`: its preset's descriptor defaults, then `overrides`."""
-        card = MODELS.get(model)
-        return cls(model=model, **{**(card.descriptor_defaults if card else {}), **overrides})
+        """The configuration for `model`: its family's and preset's descriptor defaults, then `overrides`."""
+        return cls(model=model, **{**descriptor_defaults(model), **overrides})
+
+    def backbone_options(self) -> dict:
+        """What the backbone's loader takes from this configuration (noise and time for SD)."""
+        return {"timestep": self.timestep, "noise_seed": self.noise_seed, "ip_adapter": self.ip_adapter}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,23 +71,43 @@ class DescriptorConfig:
 class Embeddings:
     content: np.ndarray  # (B, Dc) float32, unit norm
     style: np.ndarray  # (B, Ds) float32, unit norm
-    dense: np.ndarray  # (B, T, C) float32, hidden state entering `dense_layer`
+    dense: np.ndarray  # (B, T, C) float32: the source of `dense_layer`'s attention
 
 
 class Embedder:
+    """One backbone driven by one DescriptorConfig: images in, stored descriptors out."""
+
     def __init__(self, conf: DescriptorConfig = DescriptorConfig(), device: str = "auto"):
         self.conf = conf
-        self.backbone = load_backbone(conf.model, device)
-        n = self.backbone.num_layers
-        # style and dense read block l's own norm and attention, so l < n; content may be the final output (n)
-        for name, top in (("content_layer", n), ("style_layer", n - 1), ("dense_layer", n - 1)):
-            value = getattr(conf, name)
-            if value is not None and not 0 <= value <= top:
-                raise SimsearchError(f"{name}={value} is outside 0..{top} for {conf.model} ({n} blocks)")
-        h, w = self.backbone.grid_size(conf.image_size, conf.image_size)
-        self.dense_shape = (1 + h * w, self.backbone.dim)
-        dc = self.backbone.dim * (2 if conf.content_pooling == "cls+mean" else 1)
-        self.dims = {"content": dc, "style": 2 * self.backbone.dim}
+        self.backbone = load_backbone(conf.model, device, **conf.backbone_options())
+        bb = self.backbone
+        bb.check_size(conf.image_size)
+        self.content_layer = bb.final_layer if conf.content_layer is None else conf.content_layer
+        self.wanted = {"content": (self.content_layer, "features"), "style": (conf.style_layer, "features"),
+                       "dense": (conf.dense_layer, "source")}
+        for role, (layer, kind) in self.wanted.items():
+            bb.check_layer(layer, kind, f"{role}_layer")
+        if conf.content_pooling in ("cls", "cls+mean") and bb.prefix_tokens == 0:
+            raise SimsearchError(f"content pooling '{conf.content_pooling}' needs a CLS token; {conf.model} has none (use mean or gem)")
+        self._shapes: tuple[tuple[int, int], dict[str, int]] | None = None
+
+    def _probe(self) -> tuple[tuple[int, int], dict[str, int]]:
+        """Stored shapes, from one forward on a blank image the first time a table needs them."""
+        if self._shapes is None:
+            size = self.conf.image_size
+            e = self.embed(torch.zeros(1, 3, size, size))
+            self._shapes = tuple(e.dense.shape[1:]), {"content": e.content.shape[1], "style": e.style.shape[1]}
+        return self._shapes
+
+    @property
+    def dense_shape(self) -> tuple[int, int]:
+        """(T, C) of the stored dense tensor."""
+        return self._probe()[0]
+
+    @property
+    def dims(self) -> dict[str, int]:
+        """Widths of the pooled vectors: {"content": Dc, "style": Ds}."""
+        return self._probe()[1]
 
     @property
     def fingerprint(self) -> str:
@@ -88,22 +118,15 @@ class Embedder:
         return self.backbone.device
 
     def preprocess(self, img: Image.Image) -> torch.Tensor:
-        return to_tensor(img, self.conf.image_size)
+        return self.backbone.preprocess(img, self.conf.image_size)
 
     @torch.inference_mode()
     def embed(self, pixels: torch.Tensor) -> Embeddings:
-        """pixels (B, 3, S, S) normalised -> Embeddings."""
-        c, bb = self.conf, self.backbone
-        content_layer = bb.num_layers if c.content_layer is None else c.content_layer
-        layers = (content_layer, c.style_layer, c.dense_layer)
-        # Blocks after the last one any descriptor reads are never run.
-        out = bb(pixels.to(self.device), keep=set(layers), last_block=max(layers))
-
-        def normed(layer: int) -> torch.Tensor:
-            return out.tokens if layer == bb.num_layers else bb.prenorm(layer, out.hidden[layer])
-
+        """pixels (B, 3, S, S) as `preprocess` makes them -> Embeddings."""
+        bb, p = self.backbone, self.backbone.prefix_tokens
+        tokens = bb.tokens(pixels.to(bb.device), self.wanted)
         return Embeddings(
-            content=content_vector(normed(content_layer), c.content_pooling).cpu().numpy(),
-            style=style_vector(normed(c.style_layer)[:, 1:]).cpu().numpy(),
-            dense=out.hidden[c.dense_layer].float().cpu().numpy(),
+            content=content_vector(tokens["content"], self.conf.content_pooling, prefix=p).cpu().numpy(),
+            style=style_vector(tokens["style"][:, p:]).cpu().numpy(),
+            dense=tokens["dense"].float().cpu().numpy(),
         )

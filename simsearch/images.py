@@ -1,4 +1,4 @@
-"""Reading image files safely and turning them into model input.
+"""Reading image files safely (model input is each backbone's `preprocess`).
 
 Every failure becomes an `ImageError(path, reason)`: the indexer reports it and moves on.
 """
@@ -13,14 +13,11 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Beyond this many pixels a file is treated as a decompression bomb (Pillow's own default is ~89 Mpx
 # and only warns up to twice that; we make the limit a hard error).
 MAX_PIXELS = 120_000_000
@@ -122,19 +119,6 @@ def _is_empty(source) -> bool:
         return os.path.getsize(source) == 0
     except OSError:
         return False
-
-
-def to_tensor(img: Image.Image, size: int) -> torch.Tensor:
-    """RGB image -> (3, size, size) float tensor, ImageNet-normalised.
-
-    The whole image is resized to a square (no crop), so nothing near the border is lost and
-    every image in a batch has the same token grid.
-    """
-    img = img.resize((size, size), Image.Resampling.BICUBIC)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (x - mean) / std
 
 
 def thumbnail_jpeg(img: Image.Image, size: int = THUMB_SIZE) -> bytes:

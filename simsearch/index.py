@@ -42,14 +42,13 @@ class Hit:
         return d
 
 
-def _normalise_model(model: str) -> str:
-    """A local checkpoint directory is recorded as an absolute path, so the database works from any cwd."""
+def _local_or_name(name: str) -> str:
+    """A local checkpoint (folder or file) is recorded as an absolute path, so the database works from
+    any cwd; registry names and hub ids stay as they are."""
     from .backbones import MODELS
 
-    path = Path(model).expanduser()
-    if model not in MODELS and path.is_dir():
-        return str(path.resolve())
-    return model
+    path = Path(name).expanduser()
+    return str(path.resolve()) if name not in MODELS and path.exists() else name
 
 
 class Index:
@@ -71,7 +70,9 @@ class Index:
         self.nprobe = nprobe
         self._ann: dict[str, ann.VectorIndex] = {}
         if model is not None:
-            overrides["model"] = _normalise_model(model)
+            overrides["model"] = _local_or_name(model)
+        if overrides.get("ip_adapter"):
+            overrides["ip_adapter"] = _local_or_name(overrides["ip_adapter"])
         if embedder is not None and conf is None and not overrides:
             conf = embedder.conf
         self._requested = conf, overrides

@@ -15,13 +15,13 @@ from .rerank.correspondence import DenseDescriptors, best_buddies
 from .viz import draw_matches, image_data_uri, table_html, write_page
 
 
-def _key_grid(backbone, layer: int, hidden: np.ndarray, image_size: tuple[int, int], input_size: int) -> DenseDescriptors:
-    """Key-facet descriptors of stored hidden states, placed on an image of `image_size`."""
-    keys = merge_heads(backbone.qkv(layer, torch.as_tensor(hidden, device=backbone.device)[None])[1])[0, 1:].float().cpu()
-    side = int(round(len(keys) ** 0.5))
-    stride = backbone.patch_size
-    return DenseDescriptors(desc=keys, saliency=torch.ones(len(keys)), grid=(side, side), stride=stride,
-                            patch=backbone.patch_size, input_size=input_size, image_size=image_size)
+def _key_grid(backbone, layer, dense: np.ndarray, image_size: tuple[int, int], input_size: int) -> DenseDescriptors:
+    """Key-facet descriptors of a stored attention source, placed on an image of `image_size`."""
+    keys = merge_heads(backbone.attention_inputs(layer, torch.as_tensor(dense)[None])[1])[0, backbone.prefix_tokens:]
+    h, w = backbone.patch_grid(len(keys) + backbone.prefix_tokens)
+    cell = input_size // w
+    return DenseDescriptors(desc=keys.float().cpu(), saliency=torch.ones(len(keys)), grid=(h, w), stride=cell,
+                            patch=cell, input_size=input_size, image_size=image_size)
 
 
 @torch.inference_mode()

@@ -94,7 +94,7 @@ def test_bad_configuration_values(tmp_path, tiny_model):
         Index(tmp_path / "a", model=str(tiny_model), image_size=8)
     with pytest.raises(SimsearchError, match="dense dtype"):
         Index(tmp_path / "b", model=str(tiny_model), dense_dtype="int4")
-    with pytest.raises(SimsearchError, match=r"style_layer=4 is outside 0\.\.3 .*\(4 blocks\)"):
+    with pytest.raises(SimsearchError, match=r"dense_layer=9 is outside 0\.\.3 \(4 blocks\)"):
         Index(tmp_path / "c", model=str(tiny_model), image_size=56).ensure_table()
     with pytest.raises(WeightsNotFoundError, match="no config.json"):
         Index(tmp_path / "d", model=str(tmp_path)).ensure_table()

@@ -156,10 +156,11 @@ def tiny_backbone(request, tiny_dirs):
 
 
 def test_load_backbone_picks_the_family_from_config(tiny_dirs):
-    from simsearch.backbones import resolve
+    from simsearch.backbones import family_of, load_backbone
 
-    assert resolve(str(tiny_dirs["dinov2"]))[1].model_class == "Dinov2Model"
-    assert resolve(str(tiny_dirs["dino"]))[1].model_class == "ViTModel"
+    assert family_of(str(tiny_dirs["dinov2"]))[0].name == family_of(str(tiny_dirs["dino"]))[0].name == "hf-vit"
+    assert load_backbone(str(tiny_dirs["dinov2"]), "cpu").kind.model_class == "Dinov2Model"
+    assert load_backbone(str(tiny_dirs["dino"]), "cpu").kind.model_class == "ViTModel"
 
 
 @pytest.mark.parametrize("size", [(32, 32), (48, 40)])
@@ -167,7 +168,7 @@ def test_backbone_at_patch_stride_equals_the_model(tiny_backbone, size):
     torch.manual_seed(0)
     x = torch.randn(2, 3, *size)
     kwargs = {} if size == (32, 32) else {"interpolate_pos_encoding": True}
-    if tiny_backbone.family.model_class == "Dinov2Model":
+    if tiny_backbone.kind.model_class == "Dinov2Model":
         kwargs = {}  # DINOv2 always interpolates
     with torch.inference_mode():
         ref = tiny_backbone.model(pixel_values=x, **kwargs).last_hidden_state
@@ -190,7 +191,9 @@ def test_overlapping_patches_grid(tiny_backbone, size):
 
 
 def test_stride_must_divide_the_patch(tiny_backbone):
-    with pytest.raises(ValueError, match="divide"):
+    from simsearch.errors import SimsearchError
+
+    with pytest.raises(SimsearchError, match="divide"):
         tiny_backbone(torch.randn(1, 3, 32, 32), stride=3)
 
 

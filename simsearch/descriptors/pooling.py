@@ -1,4 +1,4 @@
-"""Global descriptors from token tensors. Tokens are (B, 1+N, C) with the CLS token first."""
+"""Global descriptors from token tensors (B, P+N, C): P prefix tokens (CLS first) before the patches."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import torch.nn.functional as F
 CONTENT_POOLINGS = ("cls", "mean", "cls+mean", "gem")
 
 
-def content_vector(tokens: torch.Tensor, pooling: str = "cls") -> torch.Tensor:
-    """(B, 1+N, C) -> (B, D), L2-normalised. D = C, or 2C for `cls+mean`."""
-    cls, patches = tokens[:, 0], tokens[:, 1:]
+def content_vector(tokens: torch.Tensor, pooling: str = "cls", prefix: int = 1) -> torch.Tensor:
+    """(B, P+N, C) with P = `prefix` tokens (CLS first, registers) before the patches -> (B, D),
+    L2-normalised. D = C, or 2C for `cls+mean`."""
+    cls, patches = tokens[:, 0], tokens[:, prefix:]
     if pooling == "cls":
         v = cls
     elif pooling == "mean":

@@ -1,8 +1,8 @@
 """Second-stage reranking of first-stage (FAISS) hits from what the index stored.
 
-Candidates are never re-read from disk: their dense tensors (the hidden state entering block
-`dense_layer`) come from the table, and the block's own norm and q/k/v projections turn them into
-attention inputs.
+Candidates are never re-read from disk: their dense tensors (the source of `dense_layer`'s attention:
+for a ViT the hidden state entering that block, for the UNet the input of that attention module) come
+from the table, and the backbone's own projections turn them into attention inputs.
 
 - aas:     Aligned Attention Score of that block's self-attention (DiffSim), symmetric.
 - matches: share of the query's patches whose nearest neighbour (key facet) is mutual.
@@ -28,23 +28,23 @@ def _zscore(x: np.ndarray) -> np.ndarray:
 
 
 @torch.inference_mode()
-def rerank_scores(backbone, layer: int, query_dense: np.ndarray, cand_dense: np.ndarray,
+def rerank_scores(backbone, layer, query_dense: np.ndarray, cand_dense: np.ndarray,
                   method: str = "both") -> dict[str, np.ndarray]:
-    """query_dense (T, C), cand_dense (M, T, C) hidden states entering `layer`.
+    """query_dense (T, C), cand_dense (M, T, C): attention sources of `layer` as the index stores them.
 
     -> {"aas": (M,), "matches": (M,), "score": (M,) the sort key of `method`}; only what `method` needs.
     """
     if method not in RERANKERS:
         raise ValueError(f"unknown reranker '{method}' (choose from {', '.join(RERANKERS)})")
-    dev = backbone.device
-    qkv_a = backbone.qkv(layer, torch.as_tensor(query_dense, device=dev)[None])
-    qkv_b = backbone.qkv(layer, torch.as_tensor(cand_dense, device=dev))
+    qkv_a = backbone.attention_inputs(layer, torch.as_tensor(query_dense)[None])
+    qkv_b = backbone.attention_inputs(layer, torch.as_tensor(cand_dense))
     out: dict[str, np.ndarray] = {}
     if method in ("aas", "both"):
         out["aas"] = aligned_attention_score(qkv_a, qkv_b).float().cpu().numpy()
     if method in ("matches", "both"):
-        keys_a = merge_heads(qkv_a[1])[0, 1:]  # (N, C) patch keys, CLS dropped
-        keys_b = merge_heads(qkv_b[1])[:, 1:]  # (M, N, C)
+        p = backbone.prefix_tokens
+        keys_a = merge_heads(qkv_a[1])[0, p:]  # (N, C) patch keys, CLS and registers dropped
+        keys_b = merge_heads(qkv_b[1])[:, p:]  # (M, N, C)
         out["matches"] = mutual_nn_share(keys_a.float(), keys_b.float()).cpu().numpy()
     out["score"] = out["aas"] if method == "aas" else out["matches"] if method == "matches" else \
         0.5 * (_zscore(out["aas"]) + _zscore(out["matches"])) + 1e-6 * out["aas"]

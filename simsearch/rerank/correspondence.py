@@ -1,7 +1,7 @@
 """Dense correspondences between two images (Deep ViT Features, Amir et al.).
 
 Pure tensor functions on descriptor grids, plus `DenseMatcher`, which turns images into those
-grids with a backbone (facet, layer, stride, log-binning as configuration).
+grids with any backbone (layer, facet, stride, log-binning as configuration).
 """
 
 from __future__ import annotations
@@ -13,10 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..descriptors.facets import attention_probs, facet
 from ..descriptors.logbin import log_bin_tokens
-from ..descriptors.saliency import cls_saliency
-from ..images import to_tensor
 
 
 # -- pure functions ----------------------------------------------------------------------------
@@ -142,16 +139,17 @@ class Matches:
 
 
 class DenseMatcher:
-    """Correspondences between images from ViT facets. Configuration is data (`default_conf`)."""
+    """Correspondences between images from a backbone's dense descriptors. Configuration is data:
+    unset settings (None) take the backbone's `match_defaults` (a ViT: key facet of a late block at
+    half-patch stride, log-binned; the UNet: DIFT's up_blocks[1] features)."""
 
     default_conf = dict(
-        layer=9,  # Amir et al.: layer 9 of 12, key facet, log-binned
-        facet="key",
-        stride=7,  # overlapping patches: half the DINOv2 patch size
-        log_bin=True,
-        image_size=224,
-        saliency_threshold=0.05,
-        saliency_heads=None,  # all heads of the last block
+        layer=None,  # ViT block index, or UNet module path
+        facet=None,  # ViT: key, query, value or token
+        stride=None,  # ViT patch stride (overlapping patches)
+        log_bin=None,
+        image_size=None,
+        saliency_threshold=0.05,  # best buddies keep patches above it (families without saliency keep all)
         refine_window=2,  # soft-argmax neighbourhood for point transfer; 0 = plain NN
     )
 
@@ -159,24 +157,19 @@ class DenseMatcher:
         unknown = set(conf) - set(self.default_conf)
         if unknown:
             raise ValueError(f"unknown DenseMatcher options: {', '.join(sorted(unknown))}")
-        self.conf = {**self.default_conf, **conf}
+        given = {k: v for k, v in conf.items() if v is not None}
+        self.conf = {**self.default_conf, **backbone.match_defaults, **given}
         self.backbone = backbone
 
     @torch.inference_mode()
     def describe(self, image: Image.Image) -> DenseDescriptors:
         c, bb = self.conf, self.backbone
-        pixels = to_tensor(image, c["image_size"])[None].to(bb.device)
-        last = bb.num_layers - 1
-        out = bb(pixels, keep={c["layer"], last}, stride=c["stride"], last_block=last)
-        desc = facet(bb, c["layer"], out.hidden[c["layer"]], c["facet"])
-        desc = desc[:, 1:] if desc.dim() == 3 else desc  # drop CLS (token/key/query/value)
-        if c["log_bin"]:
-            desc = log_bin_tokens(desc, out.grid)
-        q, k, _ = bb.qkv(last, out.hidden[last])
-        cls_attn = attention_probs(q[:, :, :1], k)  # (1, H, 1, T): only the CLS row, not T x T
-        sal = cls_saliency(cls_attn, c["saliency_heads"])
-        return DenseDescriptors(desc=desc[0].float(), saliency=sal[0].float(), grid=out.grid, stride=c["stride"],
-                                patch=bb.patch_size, input_size=c["image_size"], image_size=image.size)
+        pixels = bb.preprocess(image, c["image_size"])[None]
+        g = bb.dense_descriptors(pixels, c["layer"], c["facet"], c["stride"])
+        desc = log_bin_tokens(g.desc, g.grid) if c["log_bin"] else g.desc
+        sal = g.saliency if g.saliency is not None else torch.ones(desc.shape[:2], device=desc.device)
+        return DenseDescriptors(desc=desc[0].float(), saliency=sal[0].float(), grid=g.grid, stride=g.stride,
+                                patch=g.patch, input_size=c["image_size"], image_size=image.size)
 
     def match_points(self, a: DenseDescriptors, b: DenseDescriptors, points_xy: np.ndarray) -> Matches:
         idx = a.xy_to_index(points_xy)
