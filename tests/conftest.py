@@ -291,3 +291,44 @@ def broken_files(src) -> dict[str, tuple[bytes, str]]:
         "bomb.png": (png_header(20_000, 12_000), "decompression bomb"),  # 240 Mpx
         "corrupt.tif": (corrupt_tiff(), "cannot decode"),
     }
+
+
+# -- Stable Diffusion (tests/tiny_sd.py builds SD1.5-shaped random models offline) -------------------
+SD_SIZE = 128  # model input side for the tiny UNet in tests: 16 x 16 latents, 4 x 4 DiffSim tokens
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    """A diffusers pipeline folder of the tiny SD model."""
+    import tiny_sd as builders
+
+    return builders.save_tiny_sd(tmp_path_factory.mktemp("tiny-sd") / "sd", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_file(tmp_path_factory) -> Path:
+    """The same weights as `tiny_sd`, as one original-layout .safetensors with its <stem>.yaml."""
+    import tiny_sd as builders
+
+    return builders.save_tiny_sd_single_file(tmp_path_factory.mktemp("tiny-sd-file") / "tiny.safetensors", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_ip_adapter(tmp_path_factory) -> Path:
+    """IP-Adapter Plus weights and image encoder for the tiny SD model, in h94/IP-Adapter's layout."""
+    import tiny_sd as builders
+
+    return builders.save_tiny_ip_adapter(tmp_path_factory.mktemp("tiny-ip") / "ip", seed=0)
+
+
+def save_tiny_timm(directory: Path, arch: str = "vit_small_patch14_dinov2", seed: int = 0, **model_args) -> Path:
+    """A random-weight timm ViT saved with `save_for_hf` (config.json with its model_args +
+    safetensors), so that `timm.create_model("local-dir:...")`, the real loading path, rebuilds it."""
+    import timm
+    import torch
+
+    args = {"img_size": 56, "depth": 2, "embed_dim": 32, "num_heads": 2, **model_args}
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, pretrained=False, num_classes=0, **args).eval()
+    timm.models.save_for_hf(model, directory, model_args=args, safe_serialization=True)
+    return Path(directory)

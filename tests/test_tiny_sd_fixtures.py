@@ -33,9 +33,9 @@ def unet(pipe):
 
 
 def inputs(seed=0, batch=1, grid=8):
-    """(noisy latents (B, 4, grid, grid), t, text embedding (B, 77, 16))."""
+    """(noisy latents (B, 4, grid, grid), t, text embedding (B, 77, 64))."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 4, grid, grid, generator=g), 101, torch.randn(batch, 77, 16, generator=g)
+    return torch.randn(batch, 4, grid, grid, generator=g), 101, torch.randn(batch, 77, 64, generator=g)
 
 
 def pil(seed, size=(40, 56)):
@@ -73,7 +73,7 @@ def test_folder_loads_offline_as_pipeline_and_as_components(sd_dir, pipe):
     sched = PNDMScheduler.from_pretrained(sd_dir, subfolder="scheduler", local_files_only=True)
     assert {k: sched.config[k] for k in tiny_sd.SD15_SCHEDULER} == tiny_sd.SD15_SCHEDULER
     assert pipe.vae.config.scaling_factor == 0.18215 and pipe.vae_scale_factor == 8
-    assert pipe.text_encoder.config.hidden_size == pipe.unet.config.cross_attention_dim == 16
+    assert pipe.text_encoder.config.hidden_size == pipe.unet.config.cross_attention_dim == 64
     assert pipe.safety_checker is None and pipe.feature_extractor is None
 
     tok = CLIPTokenizer.from_pretrained(sd_dir, subfolder="tokenizer", local_files_only=True)
@@ -89,7 +89,7 @@ def test_folder_loads_offline_as_pipeline_and_as_components(sd_dir, pipe):
     padded = tok("a photo of a cat", padding="max_length", max_length=77, return_tensors="pt").input_ids
     assert padded.shape == (1, 77) and (padded[0, len(ids):] == tok.eos_token_id).all()
     emb = pipe.encode_prompt(["", "a photo of a cat"], "cpu", 1, False)[0]
-    assert emb.shape == (2, 77, 16)
+    assert emb.shape == (2, 77, 64)
 
 
 def test_sd15_module_names_and_shapes(unet, pipe):
@@ -148,7 +148,7 @@ def test_ip_adapter_plus_loads_offline_and_conditions_the_unet(tmp_path, sd_dir,
     from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
     from safetensors.torch import load_file
 
-    ip_dir = tiny_sd.save_tiny_ip_adapter(tmp_path / "ip", unet_cross_dim=16, seed=0)
+    ip_dir = tiny_sd.save_tiny_ip_adapter(tmp_path / "ip", seed=0)
     pipe = StableDiffusionPipeline.from_pretrained(sd_dir, safety_checker=None, local_files_only=True)
     pipe.load_ip_adapter(str(ip_dir), subfolder="models", weight_name=tiny_sd.IP_ADAPTER_WEIGHT, local_files_only=True)
     ip_unet = pipe.unet
@@ -179,7 +179,7 @@ def test_ip_adapter_plus_loads_offline_and_conditions_the_unet(tmp_path, sd_dir,
     assert not torch.allclose(with_ip, without, atol=1e-4)
 
     q, k, v = ref.diffsim_qkv(ip_unet, x, t, text, ref.DIFFSIM_LAYER.replace("attn1", "attn2"), **cond)
-    assert q.shape[:2] == (1, 8) and len(k) == len(v) == 1 and k[0].shape == (1, 8, 4, 16)  # 4 IP tokens
+    assert q.shape[:2] == (1, 8) and len(k) == len(v) == 1 and k[0].shape == (1, 8, 4, 16)  # 4 IP tokens of the 128-wide attn2 (8 heads x 16)
 
 
 # -- the papers' taps ------------------------------------------------------------------------------
@@ -293,7 +293,7 @@ def test_sd_dino_co_pca_and_gather():
 
 def test_hedlin_maps(unet):
     x, t, _ = inputs(grid=16)
-    context = torch.randn(1, 77, 16, requires_grad=True)
+    context = torch.randn(1, 77, 64, requires_grad=True)
     maps = ref.hedlin_cross_attention_maps(unet, x, t, context, layers=range(3), max_tokens=8**2, upsample_res=16)
     assert maps.shape == (3, 16, 16)
     maps.sum().backward()

@@ -4,8 +4,8 @@ Every builder writes files that the real loading code reads (`from_pretrained`, 
 `load_ip_adapter`), so tests exercise the same paths as a user's downloaded model. Nothing touches the
 network; everything is seeded, so the same seed gives the same weights in every format.
 
-Shape: SD 1.5 with every width divided by 10 (model_channels 320 -> 32, VAE ch 128 -> 32) and a 16-wide
-text encoder. Module names, block types, head count (8), layers per block (2) and the timestep schedule
+Shape: SD 1.5 with every width divided by 10 (model_channels 320 -> 32, VAE ch 128 -> 32) and a 64-wide
+text encoder with one 64-wide head (CLIP's head width, from which a single file's text config follows). Module names, block types, head count (8), layers per block (2) and the timestep schedule
 are SD 1.5's, so paper tap points such as `up_blocks.1.attentions.2.transformer_blocks.0.attn1` exist.
 
 Why widths of 32 and not smaller: original LDM code hard-codes GroupNorm(32, C) in both the UNet and the
@@ -67,11 +67,11 @@ SCALE_FACTOR = 0.18215
 UNET = dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(32, 64, 128, 128), layers_per_block=2,
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=16, attention_head_dim=8)
+            cross_attention_dim=64, attention_head_dim=8)
 VAE = dict(sample_size=512, in_channels=3, out_channels=3, block_out_channels=(32, 32, 64, 64), layers_per_block=2,
            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
            latent_channels=4, scaling_factor=SCALE_FACTOR)
-TEXT = dict(hidden_size=16, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
             max_position_embeddings=77, hidden_act="quick_gelu")
 # Words that become single BPE tokens (anything else still tokenizes, byte by byte).
 WORDS = ("a", "photo", "of", "cat", "dog", "high", "quality", "image")
@@ -299,7 +299,7 @@ def plus_projection_to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
-def save_tiny_ip_adapter(directory, unet_cross_dim: int = 16, seed: int = 0, num_tokens: int = 4) -> Path:
+def save_tiny_ip_adapter(directory, unet_cross_dim: int = UNET["cross_attention_dim"], seed: int = 0, num_tokens: int = 4) -> Path:
     """Random IP-Adapter Plus weights for the tiny UNet, in h94/IP-Adapter's layout:
     `directory/models/ip-adapter-plus_sd15.safetensors` and `directory/models/image_encoder/`.
 

@@ -26,12 +26,21 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 OutOption = Annotated[Optional[Path], typer.Option("--out", help="Also write the JSON here.")]
 CacheOption = Annotated[Optional[Path], typer.Option(help="Keep descriptors in this database between runs.")]
 MetricsOption = Annotated[str, typer.Option("--metric", help="aas, cosine, style, or all (comma-separated).")]
-# dense correspondence settings (match, bench pck)
-StrideOption = Annotated[Optional[int], typer.Option(help="Patch stride; must divide the patch size (e.g. 14, 7, 2).")]
-LayerOption = Annotated[int, typer.Option(help="Block whose facet is used.")]
-FacetOption = Annotated[str, typer.Option("--facet", help="key, query, value or token.")]
-LogBinOption = Annotated[bool, typer.Option(help="Log-binned descriptors.")]
-ImageSizeOption = Annotated[int, typer.Option(help="Model input side.")]
+# diffusion backbones (index, score, bench): what the UNet sees
+TimestepOption = Annotated[Optional[int], typer.Option(help="Stable Diffusion: DDPM timestep of the noise (DiffSim's step 900 = t 101).")]
+NoiseSeedOption = Annotated[Optional[int], typer.Option(help="Stable Diffusion: seed of the one fixed noise tensor.")]
+IpAdapterOption = Annotated[Optional[str], typer.Option(help="Stable Diffusion: IP-Adapter Plus folder or hub id (DiffSim-C).")]
+# dense correspondence settings (match, bench pck); unset ones take the backbone's defaults
+StrideOption = Annotated[Optional[int], typer.Option(help="ViT patch stride; must divide the patch size (e.g. 14, 7, 2).")]
+LayerOption = Annotated[Optional[str], typer.Option(help="ViT block index, or UNet module path (e.g. up_blocks.1).")]
+FacetOption = Annotated[Optional[str], typer.Option("--facet", help="ViT facet: key, query, value or token.")]
+LogBinOption = Annotated[Optional[bool], typer.Option("--log-bin/--no-log-bin", help="Log-binned descriptors.")]
+ImageSizeOption = Annotated[Optional[int], typer.Option(help="Model input side.")]
+
+
+def parse_layer(text: str | None) -> int | str | None:
+    """A --layer value: a block index for ViTs, a module path for the UNet."""
+    return int(text) if text is not None and text.lstrip("-").isdigit() else text
 
 
 def esc(value) -> str:

@@ -10,8 +10,8 @@ import typer
 from rich.table import Table
 
 from ._common import (CacheOption, DeviceOption, FacetOption, ImageSizeOption, JsonOption, LayerOption, LogBinOption,
-                      MetricsOption, ModelOption, OutOption, StrideOption, cell, err, esc, out, parse_floats,
-                      parse_metrics, progress_callbacks, quiet_libraries, warn_failed)
+                      IpAdapterOption, MetricsOption, ModelOption, OutOption, StrideOption, TimestepOption, cell, err, esc,
+                      out, parse_floats, parse_layer, parse_metrics, progress_callbacks, quiet_libraries, warn_failed)
 
 app = typer.Typer(no_args_is_help=True, help="Benchmarks: keypoint PCK, grouped folders, Sref, IP.")
 TripletsOption = Annotated[int, typer.Option(min=1, help="Seeded triplet sample size.")]
@@ -25,10 +25,10 @@ def pck(
     categories: Annotated[Optional[list[str]], typer.Option("--category", help="Only these (repeatable).")] = None,
     stride: StrideOption = None,
     model: ModelOption = None,
-    layer: LayerOption = 9,
-    facet_name: FacetOption = "key",
-    log_bin: LogBinOption = True,
-    image_size: ImageSizeOption = 224,
+    layer: LayerOption = None,
+    facet_name: FacetOption = None,
+    log_bin: LogBinOption = None,
+    image_size: ImageSizeOption = None,
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
 ):
@@ -40,7 +40,7 @@ def pck(
 
     quiet_libraries()
     pairs = read_pairs(root, split, categories)
-    matcher = dense_matcher(model, device, layer=layer, facet=facet_name, log_bin=log_bin,
+    matcher = dense_matcher(model, device, layer=parse_layer(layer), facet=facet_name, log_bin=log_bin,
                             image_size=image_size, stride=stride)
     with Progress(console=err, transient=True) as progress:
         task = progress.add_task("pairs", total=len(pairs))
@@ -104,6 +104,9 @@ def groups(
     triplets: TripletsOption = 2000,
     seed: int = 0,
     model: ModelOption = None,
+    image_size: ImageSizeOption = None,
+    timestep: TimestepOption = None,
+    ip_adapter: IpAdapterOption = None,
     cache: CacheOption = None,
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
@@ -113,7 +116,7 @@ def groups(
     from ..bench.suites import evaluate_groups
 
     _run(evaluate_groups, root, as_json, out_file, mode=mode, metrics=parse_metrics(metric), triplets=triplets,
-         seed=seed, model=model, cache=cache, device=device)
+         seed=seed, model=model, cache=cache, device=device, timestep=timestep, ip_adapter=ip_adapter, image_size=image_size)
 
 
 @app.command("sref")
@@ -123,6 +126,9 @@ def sref(
     triplets: TripletsOption = 2000,
     seed: int = 0,
     model: ModelOption = None,
+    image_size: ImageSizeOption = None,
+    timestep: TimestepOption = None,
+    ip_adapter: IpAdapterOption = None,
     cache: CacheOption = None,
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
@@ -132,7 +138,7 @@ def sref(
     from ..bench.suites import evaluate_sref
 
     _run(evaluate_sref, root, as_json, out_file, metrics=parse_metrics(metric), triplets=triplets, seed=seed,
-         model=model, cache=cache, device=device)
+         model=model, cache=cache, device=device, timestep=timestep, ip_adapter=ip_adapter, image_size=image_size)
 
 
 @app.command("ip")
@@ -140,6 +146,9 @@ def ip(
     root: Annotated[Path, typer.Argument(help="ROOT/<ip>/reference.<ext> and <weight>.<ext>.")],
     metric: MetricsOption = "all",
     model: ModelOption = None,
+    image_size: ImageSizeOption = None,
+    timestep: TimestepOption = None,
+    ip_adapter: IpAdapterOption = None,
     cache: CacheOption = None,
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
@@ -148,4 +157,4 @@ def ip(
     """The IP protocol: higher-weight variants must score closer to their reference."""
     from ..bench.suites import evaluate_ip
 
-    _run(evaluate_ip, root, as_json, out_file, metrics=parse_metrics(metric), model=model, cache=cache, device=device)
+    _run(evaluate_ip, root, as_json, out_file, metrics=parse_metrics(metric), model=model, cache=cache, device=device, timestep=timestep, ip_adapter=ip_adapter, image_size=image_size)

@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import DEFAULT_DB, DbOption, DeviceOption, ModelOption, cell, err, esc, out, quiet_libraries, warn_failed
+from ._common import (DEFAULT_DB, DbOption, DeviceOption, IpAdapterOption, ModelOption, NoiseSeedOption, TimestepOption,
+                      cell, err, esc, out, parse_layer, quiet_libraries, warn_failed)
 
 
 def index(
@@ -21,9 +22,12 @@ def index(
     prune: Annotated[bool, typer.Option(help="Remove rows of files under FOLDER that are gone.")] = False,
     image_size: Annotated[Optional[int], typer.Option(help="Model input side (new databases only).")] = None,
     dense_dtype: Annotated[Optional[str], typer.Option(help="float16 or int8 (new databases only).")] = None,
-    content_layer: Annotated[Optional[int], typer.Option(help="Block whose normed input gives the content vector.")] = None,
-    style_layer: Annotated[Optional[int], typer.Option(help="Block whose normed input gives the style statistics.")] = None,
-    dense_layer: Annotated[Optional[int], typer.Option(help="Block whose input hidden state is stored for reranking.")] = None,
+    content_layer: Annotated[Optional[str], typer.Option(help="Layer (ViT block or UNet module) giving the content vector.")] = None,
+    style_layer: Annotated[Optional[str], typer.Option(help="Layer whose features give the style statistics.")] = None,
+    dense_layer: Annotated[Optional[str], typer.Option(help="Attention layer whose source is stored for reranking.")] = None,
+    timestep: TimestepOption = None,
+    noise_seed: NoiseSeedOption = None,
+    ip_adapter: IpAdapterOption = None,
     commit_every: Annotated[int, typer.Option(min=1, help="Rows per LanceDB commit (what a kill can lose).")] = 256,
 ):
     """Embed every image under FOLDER into the database; incremental and resumable."""
@@ -36,8 +40,9 @@ def index(
     from ..index import Index
 
     quiet_libraries()
-    overrides = {k: v for k, v in dict(image_size=image_size, dense_dtype=dense_dtype, content_layer=content_layer,
-                                       style_layer=style_layer, dense_layer=dense_layer).items() if v is not None}
+    overrides = {k: v for k, v in dict(image_size=image_size, dense_dtype=dense_dtype, content_layer=parse_layer(content_layer),
+                                       style_layer=parse_layer(style_layer), dense_layer=parse_layer(dense_layer),
+                                       timestep=timestep, noise_seed=noise_seed, ip_adapter=ip_adapter).items() if v is not None}
     idx = Index(db, model=model, device=device, **overrides)
     idx.ensure_table()  # loads the model and checks the configuration before the progress bar starts
     columns = [TextColumn("[bold]indexing"), BarColumn(), MofNCompleteColumn(),

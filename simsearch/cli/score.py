@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import (CacheOption, DeviceOption, MetricsOption, ModelOption, cell, err, note, out, parse_metrics,
+from ._common import (CacheOption, DeviceOption, ImageSizeOption, IpAdapterOption, MetricsOption, ModelOption, TimestepOption, cell, err, note, out, parse_metrics,
                       progress_callbacks, quiet_libraries, warn_failed)
 
 
@@ -22,6 +22,9 @@ def score(
     out_file: Annotated[Optional[Path], typer.Option("--out", help="report.json, or .csv for per-pair rows.")] = None,
     html_out: Annotated[Optional[Path], typer.Option("--html", help="HTML report with thumbnails.")] = None,
     model: ModelOption = None,
+    image_size: ImageSizeOption = None,
+    timestep: TimestepOption = None,
+    ip_adapter: IpAdapterOption = None,
     cache: CacheOption = None,
     device: DeviceOption = "auto",
 ):
@@ -35,7 +38,8 @@ def score(
     with Progress(console=err, transient=True) as progress:
         on_total, on_advance = progress_callbacks(progress, "embedding")
         report, fs = run_score(ref, gen, pairs, all_pairs, parse_metrics(metric), cache=cache, model=model,
-                               device=device, on_total=on_total, on_advance=on_advance)
+                               device=device, on_total=on_total, on_advance=on_advance, timestep=timestep,
+                               ip_adapter=ip_adapter, image_size=image_size)
     try:
         if out_file:
             note(f"wrote {report.write(out_file)}")
