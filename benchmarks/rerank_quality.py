@@ -1,6 +1,7 @@
 """Does second-stage reranking improve retrieval on real grouped data? (issue 3, "Measure")
 
     python benchmarks/rerank_quality.py [--root DIR] [--per-group 5] [--candidates 50] [--triplets 2000]
+                                        [--model M] [--out-dir DIR] [--quick]
 
 For each dataset (ROOT/<group>/<image>, built by benchmarks/data.py), every image is embedded once
 with the embedded model (simsearch.bench.features.FeatureSet, the normal indexer into a temp LanceDB).
@@ -20,50 +21,29 @@ Triplet accuracy (card-decks, style groups): sample_triplets(labels, 2000, seed=
 matrix (FeatureSet.matrix("aas"), every pair) vs cosine of the style vector (and of the content
 vector, for reference).
 
-Writes benchmarks/results/rerank_quality.{json,md}.
+Writes <out-dir>/rerank_quality.{json,md} (default benchmarks/results).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
+
+from common import (RESULTS, command_line, data_root, loadavg, log, machine_info, machine_line, measure, now,
+                    parse_args, read_grouped, setup_logging, write_results)
 
 from simsearch.bench.features import FeatureSet
 from simsearch.bench.metrics import leave_one_out, sample_triplets, triplet_accuracy
-from simsearch.images import iter_image_files
 from simsearch.rerank import RERANKERS, rerank_scores
 from simsearch.store import path_key
 
-RESULTS = Path(__file__).resolve().parent / "results"
 # dataset -> first-stage vector ("mode"); per-group cap applies to content datasets (None: all)
 DATASETS = {"card-decks": "style", "tuxpaint-categories": "content"}
-
-
-def default_root() -> Path:
-    return Path(os.environ.get("SIMSEARCH_DATA", "~/.cache/simsearch-data")).expanduser()
-
-
-def load_folder(folder: Path, per_group: int | None) -> tuple[list[str], np.ndarray]:
-    """(paths, group labels) of ROOT/<group>/<image>; the first `per_group` files by name per group."""
-    by_group: dict[str, list[Path]] = {}
-    for f in iter_image_files(folder):  # sorted
-        by_group.setdefault(f.relative_to(folder).parts[0], []).append(f)
-    paths, labels = [], []
-    for g in sorted(by_group):
-        files = sorted(by_group[g])[:per_group] if per_group else sorted(by_group[g])
-        paths += [str(f) for f in files]
-        labels += [g] * len(files)
-    return paths, np.array(labels)
+QUICK = {"per_group": 3, "deck_per_group": 3, "candidates": 4, "triplets": 50}
 
 
 def reranked_rows(first: np.ndarray, cands: np.ndarray, score: np.ndarray) -> np.ndarray:
@@ -75,7 +55,7 @@ def reranked_rows(first: np.ndarray, cands: np.ndarray, score: np.ndarray) -> np
     return row
 
 
-def rerank_eval(fs: FeatureSet, labels: np.ndarray, mode: str, n_cand: int, log) -> dict:
+def rerank_eval(fs: FeatureSet, labels: np.ndarray, mode: str, n_cand: int) -> dict:
     vec = fs.vectors[mode]
     first = vec @ vec.T
     n = len(labels)
@@ -97,7 +77,7 @@ def rerank_eval(fs: FeatureSet, labels: np.ndarray, mode: str, n_cand: int, log)
         for m in RERANKERS:
             mats[m][i] = reranked_rows(s, cands, keys[m].astype(np.float64))
         if (i + 1) % 25 == 0 or i + 1 == n:
-            log(f"  reranked {i + 1}/{n} queries, {time.perf_counter() - t0:.0f} s")
+            log.info("  reranked %d/%d queries, %.0f s", i + 1, n, time.perf_counter() - t0)
     rerank_s = time.perf_counter() - t0
     res = {"first stage": leave_one_out(first, labels)}
     for m in RERANKERS:
@@ -106,71 +86,62 @@ def rerank_eval(fs: FeatureSet, labels: np.ndarray, mode: str, n_cand: int, log)
             "max_abs_diff_both_vs_separate_call": check}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--root", type=Path, default=default_root())
+    ap.add_argument("--root", type=Path, default=data_root())
     ap.add_argument("--per-group", type=int, default=5, help="images per group for tuxpaint-categories (first by name)")
     ap.add_argument("--deck-per-group", type=int, default=0, help="images per group for card-decks (0: all 13)")
     ap.add_argument("--candidates", type=int, default=50)
     ap.add_argument("--triplets", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=16)
-    args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
-
-    start = time.perf_counter()
-    log = lambda msg: print(f"[{time.perf_counter() - start:6.0f}s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    record: dict = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                    "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
-                    "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                                "uptime_start": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()},
-                    "candidates": args.candidates, "datasets": {}}
+    ap.add_argument("--model", default=None, help="default: the embedded model")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS)
+    ap.add_argument("--quick", action="store_true", help=f"a run of seconds: {QUICK}")
+    args = parse_args(ap, argv, QUICK)
+    setup_logging()
+    record: dict = {"date": now(), "command": command_line(),
+                    "machine": machine_info(), "load_start": loadavg(), "candidates": args.candidates, "datasets": {}}
     caps = {"card-decks": args.deck_per_group or None, "tuxpaint-categories": args.per_group or None}
-    for name, mode in DATASETS.items():
-        paths, labels = load_folder(args.root / name, caps[name])
-        log(f"{name}: {len(paths)} images, {len(set(labels))} groups; embedding")
-        t0 = time.perf_counter()
-        fs = FeatureSet(paths, batch_size=args.batch)
-        try:
-            embed_s = time.perf_counter() - t0
-            keep = {os.path.abspath(p) for p in fs.paths}
-            labels = np.array([g for p, g in zip(paths, labels) if os.path.abspath(p) in keep])
-            record.setdefault("config", fs.config)
-            log(f"{name}: embedded in {embed_s:.0f} s ({len(fs.report.failed)} failed); reranking")
-            entry = {"mode": mode, "images": len(fs.paths), "groups": len(set(labels)),
-                     "per_group_cap": caps[name], "embed_s": embed_s, "failed": [p for p, _ in fs.report.failed]}
-            entry.update(rerank_eval(fs, labels, mode, args.candidates, log))
-            if name == "card-decks":
-                trip = sample_triplets(labels, args.triplets, seed=0)
-                t0 = time.perf_counter()
-                aas = fs.matrix("aas")
-                aas_s = time.perf_counter() - t0
-                log(f"{name}: AAS matrix {len(labels)}^2 in {aas_s:.0f} s")
-                sims = {"aas": aas, "cosine (style vector)": fs.vectors["style"] @ fs.vectors["style"].T,
-                        "cosine (content vector)": fs.vectors["content"] @ fs.vectors["content"].T}
-                entry["triplets"] = {"n": args.triplets, "seed": 0, "aas_matrix_s": aas_s,
-                                     "accuracy": {k: triplet_accuracy(s, trip).to_dict() for k, s in sims.items()}}
-            record["datasets"][name] = entry
-            log(f"{name}: " + json.dumps({k: [round(v['mAP'], 4), round(v['recall@1'], 4)]
-                                          for k, v in entry["results"].items()}))
-        finally:
-            fs.close()
-    record["total_s"] = time.perf_counter() - start
-    record["machine"]["uptime_end"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "rerank_quality.json").write_text(json.dumps(record, indent=2) + "\n")
-    (RESULTS / "rerank_quality.md").write_text(markdown(record))
-    print(markdown(record))
+    with measure() as total:
+        for name, mode in DATASETS.items():
+            paths, labels = read_grouped(args.root / name, caps[name])
+            log.info("%s: %d images, %d groups; embedding", name, len(paths), len(set(labels)))
+            with measure() as embed:
+                fs = FeatureSet(paths, model=args.model, batch_size=args.batch)
+            try:
+                labels = np.array([g for p, g in zip(paths, labels) if p in fs.pos])
+                record.setdefault("config", fs.config)
+                log.info("%s: embedded in %.0f s (%d failed); reranking", name, embed.seconds, len(fs.report.failed))
+                entry = {"mode": mode, "images": len(fs.paths), "groups": len(set(labels)),
+                         "per_group_cap": caps[name], "embed_s": embed.seconds, "failed": [p for p, _ in fs.report.failed]}
+                entry.update(rerank_eval(fs, labels, mode, args.candidates))
+                if name == "card-decks":
+                    trip = sample_triplets(labels, args.triplets, seed=0)
+                    with measure() as aas_t:
+                        aas = fs.matrix("aas")
+                    log.info("%s: AAS matrix %d^2 in %.0f s", name, len(labels), aas_t.seconds)
+                    sims = {"aas": aas, "cosine (style vector)": fs.vectors["style"] @ fs.vectors["style"].T,
+                            "cosine (content vector)": fs.vectors["content"] @ fs.vectors["content"].T}
+                    entry["triplets"] = {"n": args.triplets, "seed": 0, "aas_matrix_s": aas_t.seconds,
+                                         "accuracy": {k: triplet_accuracy(s, trip).to_dict() for k, s in sims.items()}}
+                record["datasets"][name] = entry
+                log.info("%s: %s", name, json.dumps({k: [round(v["mAP"], 4), round(v["recall@1"], 4)]
+                                                     for k, v in entry["results"].items()}))
+            finally:
+                fs.close()
+    record["total_s"], record["load_end"] = total.seconds, loadavg()
+    write_results("rerank_quality", record, md := markdown(record), args.out_dir)
+    print(md)
 
 
 def markdown(r: dict) -> str:
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
-    cfg = r.get("config", {})
+    cfg = r["config"]
     lines = ["# Reranking quality on real grouped data", "",
-             f"{r['date']}, model weights `{cfg.get('weights', '?')}`, device {cfg.get('device', '?')}, "
-             f"torch {cfg.get('torch', '?')}, simsearch {cfg.get('simsearch', '?')}; {r['machine']['cpus']} CPU cores "
-             f"({r['machine']['platform']}). Total run {r.get('total_s', 0):.0f} s.",
-             f"Load at start: `{r['machine']['uptime_start']}`; at end: `{r['machine'].get('uptime_end', '?')}` "
-             "(load above the core count means shared, slower cores).", "",
+             f"{r['date']}, model `{cfg['descriptors']['model']}` (weights `{cfg['weights']}`), device {cfg['device']}, "
+             f"simsearch {cfg['simsearch']}; {machine_line(r['machine'])}. Total run {r['total_s']:.0f} s; 1-min load "
+             f"average {r['load_start']:.1f} at the start, {r['load_end']:.1f} at the end (above the core count "
+             "means shared, slower cores).", "",
              f"Made by `{r['command']}` (data from `python benchmarks/data.py`).", "",
              f"Leave-one-out: each image queries all others. First stage = cosine of the dataset's mode vector; "
              f"its top {r['candidates']} candidates are reranked, the rest keep first-stage order. "

@@ -1,6 +1,6 @@
 """Retrieval quality of every global-descriptor choice on the real grouped folders of data.py.
 
-    python benchmarks/retrieval_quality.py [--root DIR] [--model NAME] [--batch 16]
+    python benchmarks/retrieval_quality.py [--root DIR] [--model NAME] [--batch 16] [--per-group N] [--out-dir DIR]
 
 One forward pass per image (224x224, the whole image resized, as the Embedder does) keeps the hidden
 state entering every block; every variant below is computed from that single pass:
@@ -14,41 +14,38 @@ state entering every block; every variant below is computed from that single pas
     chance              random vectors (seeded), the floor to read the others against
 
 Each image queries all others of its folder (leave-one-out); scores are mAP and recall@1/5 from
-simsearch.bench.metrics. Writes benchmarks/results/retrieval_quality.{json,md}.
+simsearch.bench.metrics. Writes <out-dir>/retrieval_quality.{json,md} (default benchmarks/results).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
-import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data import DATASETS, build, default_root  # noqa: E402
+from common import (RESULTS, command_line, data_root, loadavg, log, machine_info, machine_line, measure, now,
+                    parse_args, read_grouped, setup_logging, write_results)
+from data import DATASETS, build
 
-from simsearch.backbones import DEFAULT_MODEL, load_backbone  # noqa: E402
-from simsearch.bench.metrics import leave_one_out  # noqa: E402
-from simsearch.descriptors.pooling import CONTENT_POOLINGS, content_vector, style_vector  # noqa: E402
-from simsearch.images import iter_image_files, open_image, to_tensor  # noqa: E402
+from simsearch.backbones import DEFAULT_MODEL, load_backbone
+from simsearch.bench.metrics import leave_one_out
+from simsearch.descriptors.pooling import CONTENT_POOLINGS, content_vector, style_vector
+from simsearch.images import open_image, to_tensor
 
 SIZE = 224
 RAW_LAYERS = (4, 8, 11)
 MID_LAYERS = (6, 8, 9, 10, 11)
-RESULTS = Path(__file__).resolve().parent / "results"
+QUICK = {"per_group": 3}
 
 
-def load_folder(folder: Path) -> tuple[list[str], np.ndarray]:
-    """(real paths, group labels) of ROOT/<group>/<image>."""
-    files = list(iter_image_files(folder))
-    return [os.path.realpath(f) for f in files], np.array([f.relative_to(folder).parts[0] for f in files])
+def load_folder(folder: Path, per_group: int | None) -> tuple[list[str], np.ndarray]:
+    """(real paths, group labels) of ROOT/<group>/<image>: the datasets share files through symlinks."""
+    paths, labels = read_grouped(folder, per_group)
+    return [os.path.realpath(p) for p in paths], labels
 
 
 @torch.inference_mode()
@@ -81,14 +78,6 @@ def describe(backbone, paths: list[str], batch: int) -> dict[str, np.ndarray]:
     return vecs
 
 
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    return {"nproc": len(os.sched_getaffinity(0)), "cpu": cpu, "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-
-
 def markdown(report: dict) -> str:
     names = list(report["datasets"])
     m, t = report["machine"], report["timing"]
@@ -96,12 +85,11 @@ def markdown(report: dict) -> str:
         "# Retrieval quality of global descriptors",
         "",
         f"{report['date']}, model `{report['model']}` (weights fingerprint {report['fingerprint']}), "
-        f"{SIZE}x{SIZE} input; {m['nproc']} CPU cores ({m['cpu']}), GPU: {m['gpu'] or 'none'}, "
-        f"torch {m['torch']}. Forward pass of {t['images']} unique images: "
+        f"{SIZE}x{SIZE} input; {machine_line(m)}. Forward pass of {t['images']} unique images: "
         f"{t['embed_s']:.0f} s wall, {t['embed_cpu_s']:.0f} s CPU; total run {t['total_s']:.0f} s "
         f"(1-min load average {t['loadavg_1m']:.1f} at the end: above {m['nproc']} means shared cores).",
         "",
-        "Made by `python benchmarks/data.py && python benchmarks/retrieval_quality.py`. Leave-one-out over each "
+        f"Made by `python benchmarks/data.py && {report['command']}`. Leave-one-out over each "
         "folder: every image queries all others; mAP and recall@1 (R@1), in percent. Bold: best in its "
         "column among content variants and among style variants.",
         "",
@@ -126,39 +114,39 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--root", type=Path, default=default_root())
+    ap.add_argument("--root", type=Path, default=data_root())
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args(argv)
-    t0 = time.perf_counter()
-    args.root.mkdir(parents=True, exist_ok=True)
-    folders = {name: load_folder(build(args.root.resolve(), name)) for name in DATASETS}
-    unique = sorted({p for paths, _ in folders.values() for p in paths})
-    backbone = load_backbone(args.model)
-    print(f"{len(unique)} unique images in {len(folders)} datasets", file=sys.stderr)
-    t1, c1 = time.perf_counter(), time.process_time()
-    vecs = describe(backbone, unique, args.batch)
-    embed_s, embed_cpu_s = time.perf_counter() - t1, time.process_time() - c1
-    row = {p: i for i, p in enumerate(unique)}
-    results: dict[str, dict] = {}
-    for variant, v in vecs.items():
-        for name, (paths, labels) in folders.items():
-            x = v[[row[p] for p in paths]]
-            results.setdefault(variant, {})[name] = leave_one_out(x @ x.T, labels, ks=(1, 5))
+    ap.add_argument("--per-group", type=int, default=None, help="only the first N images of each group")
+    ap.add_argument("--quick", action="store_true", help=f"a run of seconds: {QUICK}")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = parse_args(ap, argv, QUICK)
+    setup_logging()
+    with measure() as total:
+        args.root.mkdir(parents=True, exist_ok=True)
+        folders = {name: load_folder(build(args.root.resolve(), name), args.per_group) for name in DATASETS}
+        unique = sorted({p for paths, _ in folders.values() for p in paths})
+        backbone = load_backbone(args.model)
+        log.info("%d unique images in %d datasets", len(unique), len(folders))
+        with measure() as embed:
+            vecs = describe(backbone, unique, args.batch)
+        row = {p: i for i, p in enumerate(unique)}
+        results: dict[str, dict] = {}
+        for variant, v in vecs.items():
+            for name, (paths, labels) in folders.items():
+                x = v[[row[p] for p in paths]]
+                results.setdefault(variant, {})[name] = leave_one_out(x @ x.T, labels, ks=(1, 5))
     report = {
-        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "date": now(), "command": command_line(),
         "model": args.model, "fingerprint": backbone.fingerprint, "image_size": SIZE,
-        "machine": machine(),
+        "machine": machine_info(),
         "datasets": {n: {"groups": len(set(lab)), "images": len(lab), "kind": DATASETS[n][2]}
                      for n, (_, lab) in folders.items()},
-        "timing": {"images": len(unique), "embed_s": embed_s, "embed_cpu_s": embed_cpu_s,
-                   "total_s": time.perf_counter() - t0, "loadavg_1m": os.getloadavg()[0]},
+        "timing": {"images": len(unique), "embed_s": embed.seconds, "embed_cpu_s": embed.cpu_seconds,
+                   "total_s": total.seconds, "loadavg_1m": loadavg()},
         "results": results,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "retrieval_quality.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / "retrieval_quality.md").write_text(md := markdown(report))
+    write_results("retrieval_quality", report, md := markdown(report), args.out_dir)
     print(md)
 
 

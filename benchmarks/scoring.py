@@ -1,48 +1,46 @@
 """Throughput of `simsearch.scoring.score` with the embedded model, and where the time goes.
 
-    python benchmarks/scoring.py [--refs 20] [--per-ref 10] [--side 512] [--work DIR] [--repeats 1]
+    python benchmarks/scoring.py [--refs 20] [--per-ref 10] [--side 512] [--work DIR] [--model M] [--out-dir DIR]
+    python benchmarks/scoring.py --quick --model DIR --out-dir DIR      # seconds: checks that it runs
 
 Data (deterministic, under --work, default /tmp/simsearch-scoring): 20 reference photos (the
 scikit-image sample photos shipped in its wheel, a test dependency), and per reference 10 "generated"
 images `<stem>_<k>.png` (512x512 PNG): random crops, flips, colour jitter, blends with another
 reference. Two pairings are timed, each from a cold start of the descriptors (new temporary
-database, model loaded inside the call) and again warm (same FeatureSet, descriptors computed):
+database, model loaded) and again warm (same FeatureSet, descriptors computed):
 
 - by name:   200 generated images against their 20 references  -> 200 pairs
 - all pairs: every generated image against every reference     -> 4000 pairs
 
-Every metric (cosine, style, aas). Time is split into: model load, model forward
-(IndexReport.embedded_seconds), the rest of indexing (listing, read, hash, decode, resize,
-thumbnail, LanceDB writes), and pair scoring per metric (AAS includes reading the dense tensors and
-computing q/k/v). Results: benchmarks/results/scoring.json and scoring.md. The 1-min load average is
-recorded next to each timing, because the machine may be shared (2.0 = both cores busy).
+Every metric (cosine, style, aas). Time is split into: model load (an Embedder built in the same
+process, timed on its own), model forward (IndexReport.embedded_seconds), the rest of indexing
+(listing, read, hash, decode, resize, thumbnail, LanceDB writes), and pair scoring per metric (AAS
+includes reading the dense tensors and computing q/k/v). Results: <out-dir>/scoring.json and
+scoring.md (default benchmarks/results). The 1-min load average is recorded next to each timing,
+because the machine may be shared (2.0 = both cores busy).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+from common import (RESULTS, command_line, log, machine_info, machine_line, measure, now, parse_args, setup_logging,
+                    write_results)
+
+from simsearch.backbones import DEFAULT_MODEL
+from simsearch.bench.features import METRICS, FeatureSet
+from simsearch.embedder import Embedder
+from simsearch.scoring import make_pairs, score
+
 REF_NAMES = ["astronaut", "brick", "camera", "cell", "chelsea", "coffee", "coins", "color", "grass", "gravel",
              "horse", "hubble_deep_field", "ihc", "logo", "microaneurysms", "moon", "motorcycle_left", "page",
              "retina", "rocket"]
-
-
-def loadavg() -> float:
-    return float(Path("/proc/loadavg").read_text().split()[0])
-
-
-from speed import machine_info  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+QUICK = {"refs": 3, "per_ref": 2, "side": 96}
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -85,108 +83,81 @@ def make_data(work: Path, n_refs: int, per_ref: int, side: int, seed: int = 0) -
     return refs_dir, gen_dir
 
 
-# -- timing ----------------------------------------------------------------------------------------
-class Timers:
-    """Wraps load_backbone and FeatureSet.pair_scores to time them inside an unmodified score()."""
-
-    def __init__(self):
-        import simsearch.bench.features as features
-        import simsearch.embedder as embedder
-
-        self.load_s = 0.0
-        self.metric_s: dict[str, float] = {}
-        orig_load, orig_pairs = embedder.load_backbone, features.FeatureSet.pair_scores
-        timers = self
-
-        def load_backbone(*a, **kw):
-            t = time.perf_counter()
-            try:
-                return orig_load(*a, **kw)
-            finally:
-                timers.load_s += time.perf_counter() - t
-
-        def pair_scores(fs, metric, i, j, *a, **kw):
-            t = time.perf_counter()
-            try:
-                return orig_pairs(fs, metric, i, j, *a, **kw)
-            finally:
-                timers.metric_s[metric] = timers.metric_s.get(metric, 0.0) + time.perf_counter() - t
-
-        embedder.load_backbone = load_backbone
-        features.FeatureSet.pair_scores = pair_scores
-
-    def reset(self):
-        self.load_s, self.metric_s = 0.0, {}
-
-
-def run_case(name: str, refs: Path, gen: Path, all_pairs: bool, timers: Timers, model: str) -> dict:
+# -- timing ------------------------------------------------------------------------------------------
+def run_case(name: str, refs: Path, gen: Path, all_pairs: bool, model: str, model_load_s: float) -> dict:
+    """Cold: what score() does from nothing, step by step so that each step is timed (FeatureSet: new
+    temporary database, model loaded, every image embedded; then each metric's pair scores). Warm:
+    score() itself on that FeatureSet, and each metric again."""
     import torch
 
-    from simsearch.scoring import score
-
-    timers.reset()
-    la0 = loadavg()
-    t, c = time.perf_counter(), time.process_time()
-    report, fs = score(refs, gen, all_pairs=all_pairs, model=model)
-    cold, cold_cpu = time.perf_counter() - t, time.process_time() - c
-    la1 = loadavg()
+    pairs, _ = make_pairs(refs, gen, all_pairs=all_pairs)
+    with measure() as cold:
+        fs = FeatureSet([p for pair in pairs for p in pair], model=model)
+        kept = [(r, g) for r, g in pairs if r in fs.pos and g in fs.pos]
+        i, j = (np.array([fs.pos[p] for p in side]) for side in zip(*kept))
+        cold_scores, metric_s = {}, {}
+        for m in METRICS:
+            with measure() as t:
+                cold_scores[m] = fs.pair_scores(m, i, j)
+            metric_s[m] = t.seconds
     r = fs.report
-    n_pairs, n_images = len(report.pairs), len(fs.paths)
-    load_s = timers.load_s
+    n_pairs, n_images = len(kept), len(fs.paths)
     forward = r.embedded_seconds
-    index_other = r.seconds - forward - load_s
-    metric_s = dict(timers.metric_s)
-    scoring_s = sum(metric_s.values())
-    other = cold - r.seconds - scoring_s
+    index_other = r.seconds - forward - model_load_s
+    rest = cold.seconds - r.seconds - sum(metric_s.values())
     cold_res = {
-        "seconds": cold, "pairs_per_s": n_pairs / cold, "images_per_s": n_images / cold,
-        "cpu_seconds": cold_cpu, "pairs_per_cpu_s": n_pairs / cold_cpu,
-        "model_load_s": load_s, "forward_s": forward, "index_other_s": index_other,
-        "pair_scoring_s": metric_s, "rest_s": other,
-        "share": {"forward": forward / cold, "model_load": load_s / cold, "index_other": index_other / cold,
-                  **{f"score_{m}": s / cold for m, s in metric_s.items()}, "rest": other / cold},
-        "load_before": la0, "load_after": la1,
+        "seconds": cold.seconds, "pairs_per_s": n_pairs / cold.seconds, "images_per_s": n_images / cold.seconds,
+        "cpu_seconds": cold.cpu_seconds, "pairs_per_cpu_s": n_pairs / cold.cpu_seconds,
+        "model_load_s": model_load_s, "forward_s": forward, "index_other_s": index_other,
+        "pair_scoring_s": metric_s, "rest_s": rest,
+        "share": {"forward": forward / cold.seconds, "model_load": model_load_s / cold.seconds,
+                  "index_other": index_other / cold.seconds,
+                  **{f"score_{m}": sec / cold.seconds for m, sec in metric_s.items()}, "rest": rest / cold.seconds},
+        "load_before": cold.load_before, "load_after": cold.load_after,
     }
     # warm: descriptors already computed (same FeatureSet; AAS q/k/v are cached on it after the first call)
-    timers.reset()
-    la0 = loadavg()
-    t = time.perf_counter()
-    report2, _ = score(refs, gen, all_pairs=all_pairs, features=fs)
-    warm = time.perf_counter() - t
-    warm_res = {"seconds": warm, "pairs_per_s": n_pairs / warm, "pair_scoring_s": dict(timers.metric_s),
-                "load_before": la0, "load_after": loadavg()}
+    with measure() as warm:
+        report, _ = score(refs, gen, all_pairs=all_pairs, features=fs)
+    warm_metric_s = {}
+    for m in METRICS:
+        with measure() as t:
+            fs.pair_scores(m, i, j)
+        warm_metric_s[m] = t.seconds
+    warm_res = {"seconds": warm.seconds, "pairs_per_s": n_pairs / warm.seconds, "pair_scoring_s": warm_metric_s,
+                "load_before": warm.load_before, "load_after": warm.load_after}
     per_metric = {m: {"seconds": sec, "pairs_per_s": n_pairs / sec if sec else float("inf")}
-                  for m, sec in warm_res["pair_scoring_s"].items()}
-    same = all(a == b for a, b in zip(report.pairs, report2.pairs))
+                  for m, sec in warm_metric_s.items()}
+    same = all(np.array_equal([p[m] for p in report.pairs], cold_scores[m]) for m in METRICS)
     fs.close()
-    print(f"{name}: {n_pairs} pairs, {n_images} images: cold {cold:.1f} s ({n_pairs / cold:.1f} pairs/s), "
-          f"forward {forward:.1f} s ({100 * forward / cold:.0f} %), warm {warm:.2f} s", flush=True)
+    log.info("%s: %d pairs, %d images: cold %.1f s (%.1f pairs/s), forward %.1f s (%.0f %%), warm %.2f s",
+             name, n_pairs, n_images, cold.seconds, n_pairs / cold.seconds, forward, 100 * forward / cold.seconds,
+             warm.seconds)
     return {"pairs": n_pairs, "images": n_images, "unmatched": len(report.unmatched), "cold": cold_res,
             "warm": warm_res, "warm_per_metric": per_metric, "deterministic_rerun": same,
             "overall": report.overall, "torch_threads": torch.get_num_threads()}
 
 
 def render(res: dict) -> str:
-    m = res["machine"]
     lines = [
         "# `simsearch score` throughput",
         "",
-        f"Measured {res['date']} on {m['nproc']} CPUs ({m['cpu_model']}), {m['mem_gib']} GiB, "
-        f"{'GPU' if m['gpu'] else 'no GPU'}; torch {m['torch']} with {m['torch_threads']} threads; "
+        f"Measured {res['date']} on {machine_line(res['machine'])}; "
         f"model `{res['model']}` (weights {res['weights']}) at {res['image_size']} px. The machine may be "
         "shared: the 1-min load average is given with each timing (2.0 = both cores busy).",
         "",
         f"Data: {res['data']['refs']} reference photos (scikit-image samples) and {res['data']['generated']} "
         f"generated images ({res['data']['side']}x{res['data']['side']} PNG: crops, flips, colour jitter, "
-        "blends), named `<ref>_<k>.png`. Re-run: `python benchmarks/scoring.py`.",
+        f"blends), named `<ref>_<k>.png`. Made by `{res['command']}`.",
         "",
         f"One-time process cost before the timings (imports, first model construction, one pair): "
         f"{res['first_call_warmup_s']:.1f} s; a CLI run pays it on top of the numbers below.",
         "",
-        "Cold = `simsearch.scoring.score(...)` from nothing: new temporary database, model loaded, every "
-        "image embedded once, then every metric (cosine, style, AAS) on every pair. Warm = the same call "
-        "with the FeatureSet of the cold call (descriptors already computed). CPU s = CPU time of the "
-        "process during the cold call (both cores; less sensitive than wall time to other jobs on the machine).",
+        "Cold = the work of `simsearch.scoring.score(...)` from nothing, done step by step to time each step: "
+        "a FeatureSet (new temporary database, model loaded, every image embedded once), then every metric "
+        "(cosine, style, AAS) on every pair. Warm = `score(..., features=fs)` with the FeatureSet of the cold "
+        "run (descriptors already computed). Model load = an Embedder of the same model built on its own in "
+        "the same process. CPU s = CPU time of the process during the cold run (both cores; less sensitive "
+        "than wall time to other jobs on the machine).",
         "",
         "| pairing | pairs | images | cold s | cold pairs/s | cold CPU s (pairs per CPU s) | warm s | warm pairs/s | load avg |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -196,10 +167,10 @@ def render(res: dict) -> str:
                      f"**{c['cold']['pairs_per_s']:.1f}** | {c['cold']['cpu_seconds']:.0f} ({c['cold']['pairs_per_cpu_s']:.2f}) | "
                      f"{c['warm']['seconds']:.2f} | "
                      f"{c['warm']['pairs_per_s']:.0f} | {c['cold']['load_before']:.1f}→{c['cold']['load_after']:.1f} |")
-    lines += ["", "With both cores to itself the cold call could not go faster than its CPU time / 2: "
+    lines += ["", "With both cores to itself the cold run could not go faster than its CPU time / 2: "
               + "; ".join(f"{n} at most {2 * c['cold']['pairs_per_cpu_s']:.1f} pairs/s" for n, c in res["cases"].items())
               + " (an upper bound; the wall-time figures above are what was measured on the shared machine)."]
-    lines += ["", "Where the cold time goes (share of the wall time of the cold call):", "",
+    lines += ["", "Where the cold time goes (share of the wall time of the cold run):", "",
               "| pairing | model forward | model load | rest of indexing (read, decode, resize, thumbnails, LanceDB) "
               "| cosine | style | AAS (dense read, q/k/v, attention) | other |",
               "|---|---|---|---|---|---|---|---|"]
@@ -215,7 +186,7 @@ def render(res: dict) -> str:
                      f"{cell('score_cosine', cc['pair_scoring_s']['cosine'])} | "
                      f"{cell('score_style', cc['pair_scoring_s']['style'])} | "
                      f"{cell('score_aas', cc['pair_scoring_s']['aas'])} | {cell('rest', cc['rest_s'])} |")
-    lines += ["", "Warm, per metric (pairs/s inside the warm call; AAS q/k/v are already cached on the FeatureSet):", "", "| pairing | cosine | style | AAS |", "|---|---|---|---|"]
+    lines += ["", "Warm, per metric (pairs/s of `FeatureSet.pair_scores` after the warm call; AAS q/k/v are already cached on the FeatureSet):", "", "| pairing | cosine | style | AAS |", "|---|---|---|---|"]
     for name, c in res["cases"].items():
         pm = c["warm_per_metric"]
         lines.append(f"| {name} | {pm['cosine']['pairs_per_s']:.0f} | {pm['style']['pairs_per_s']:.0f} | "
@@ -224,7 +195,7 @@ def render(res: dict) -> str:
               "grow; cosine and style are one dot product per pair and cost nothing next to it; AAS runs "
               "three attention passes of the dense layer per pair (A's queries on B, B's queries on A, "
               "and B's own self-attention) and dominates as soon as there are many more pairs than "
-              "images. Re-running on the same FeatureSet gives bit-identical scores: "
+              "images. The warm call gives bit-identical scores to the cold run: "
               + ", ".join(f"{n}: {c['deterministic_rerun']}" for n, c in res["cases"].items()) + "."]
     return "\n".join(lines) + "\n"
 
@@ -234,47 +205,30 @@ def main(argv=None):
     ap.add_argument("--refs", type=int, default=20)
     ap.add_argument("--per-ref", type=int, default=10)
     ap.add_argument("--side", type=int, default=512)
+    ap.add_argument("--quick", action="store_true", help=f"a run of seconds: {QUICK}")
     ap.add_argument("--model", default=None, help="default: the embedded model")
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("SIMSEARCH_SCORING_WORK", "/tmp/simsearch-scoring")))
+    ap.add_argument("--out-dir", type=Path, default=RESULTS)
     ap.add_argument("--only", choices=["by-name", "all-pairs"], default=None)
-    args = ap.parse_args(argv)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-    from simsearch.backbones import DEFAULT_MODEL
-    from simsearch.embedder import DescriptorConfig
-
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
+    args = parse_args(ap, argv, QUICK)
+    setup_logging()
     model = args.model or DEFAULT_MODEL
     refs, gen = make_data(args.work, args.refs, args.per_ref, args.side)
-    timers = Timers()
     # one-time process costs (imports, first model construction) are paid here, outside the timings
-    from simsearch.scoring import score
-
-    t = time.perf_counter()
-    _, fs = score(next(refs.glob("*.png")), next(gen.glob("*.png")), model=model)
+    with measure() as warmup:
+        _, fs = score(next(refs.glob("*.png")), next(gen.glob("*.png")), model=model)
+    conf = fs.index.conf
     fs.close()
-    warmup_s = time.perf_counter() - t
-    cases = {}
-    for name, all_pairs in (("by-name", False), ("all-pairs", True)):
-        if args.only and args.only != name:
-            continue
-        cases[name] = run_case(name, refs, gen, all_pairs, timers, model)
-    from simsearch.backbones import load_backbone
-
-    res = {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine_info(),
-           "model": model, "weights": load_backbone(model, "cpu").fingerprint,
-           "image_size": DescriptorConfig().image_size,
-           "data": {"refs": args.refs, "generated": args.refs * args.per_ref, "side": args.side,
-                    "work": str(args.work)},
-           "first_call_warmup_s": warmup_s, "cases": cases}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "scoring.json").write_text(json.dumps(res, indent=2) + "\n")
-    (RESULTS / "scoring.md").write_text(render(res))
-    print(f"wrote {RESULTS / 'scoring.json'} and scoring.md")
+    with measure() as load:  # what building the FeatureSet's model costs, now that the files are cached
+        weights = Embedder(conf).fingerprint
+    cases = {name: run_case(name, refs, gen, all_pairs, model, load.seconds)
+             for name, all_pairs in (("by-name", False), ("all-pairs", True)) if args.only in (None, name)}
+    res = {"date": now(), "command": command_line(), "machine": machine_info(), "model": model, "weights": weights,
+           "image_size": conf.image_size,
+           "data": {"refs": args.refs, "generated": args.refs * args.per_ref, "side": args.side, "work": str(args.work)},
+           "first_call_warmup_s": warmup.seconds, "cases": cases}
+    write_results("scoring", res, render(res), args.out_dir)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,14 +1,15 @@
 """Speed benchmarks for simsearch: indexing throughput vs bare forward, query latency, CLI cold
-start, and memory while indexing. Results go to benchmarks/results/speed.json (each command
-updates its own section) and speed.md (rendered from the whole JSON).
+start, and memory while indexing. Results go to <out-dir>/speed.json (each command updates its own
+section) and speed.md (rendered from the whole JSON); --out-dir defaults to benchmarks/results.
 
     python benchmarks/speed.py throughput [-n 512] [--batch-size 16] [--repeats 2]
     python benchmarks/speed.py stages     [--images 128]    # CPU ms per image of each stage
     python benchmarks/speed.py latency    [--sizes 1000 10000] [--queries 50]
     python benchmarks/speed.py cold       [--runs 5]        # needs the 1k db made by `latency`
     python benchmarks/speed.py memory     [-n 10000] [--side 160]
-    python benchmarks/speed.py all                          # the four above, in this order
+    python benchmarks/speed.py all                          # the five above, in this order
     python benchmarks/speed.py render                       # speed.md from speed.json only
+    python benchmarks/speed.py --quick --model DIR --out-dir DIR all   # seconds: checks that it runs
 
 Generated images and databases live under --work (default /tmp/simsearch-speed); image folders
 are deterministic (benchmarks/synth.py) and reused between runs. Every timing records the 1-min
@@ -18,10 +19,8 @@ load average before and after it, because the machine may be shared.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -31,62 +30,35 @@ import threading
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-RESULTS = HERE / "results"
+from common import (RESULTS, command_line, loadavg, log, machine_info, machine_line, measure, now, percentile,
+                    setup_logging, update_sections)
+from synth import make_folder
+
 DEFAULT_WORK = Path(os.environ.get("SIMSEARCH_SPEED_WORK", "/tmp/simsearch-speed"))
+COMMANDS = ("throughput", "stages", "latency", "cold", "memory")
+# --quick: every command in seconds, on a handful of images (checks that the script runs; no numbers to keep)
+QUICK = {
+    "throughput": dict(n=8, batch_size=4, bare_batches=1, repeats=1),
+    "stages": dict(n=8, images=8, batch_size=4, write_rows=8, threads=1),
+    "latency": dict(sizes=[40, 80], base=8, queries=3, k=3, rounds=1),
+    "cold": dict(runs=1, breakdown_runs=1, size=40, queries=3),
+    "memory": dict(n=24, side=64, batch_size=8, marks=[8, 16, 24]),
+}
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def loadavg() -> float:
-    return float(Path("/proc/loadavg").read_text().split()[0])
-
-
-def pct(values, q: float) -> float:
-    """Percentile with linear interpolation (numpy's default), values in any order."""
-    import numpy as np
-
-    return float(np.percentile(np.asarray(values, dtype=float), q))
-
-
-def machine_info() -> dict:
-    import torch
-
-    cpu = "?"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    mem_kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
-    return {
-        "nproc": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)), "cpu_model": cpu,
-        "mem_gib": round(mem_kb / 2**20, 1), "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
-        "python": platform.python_version(), "platform": platform.platform(),
-    }
-
-
-def update_results(section: str, data: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "speed.json"
-    allres = json.loads(path.read_text()) if path.exists() else {}
-    data = {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "niceness": os.nice(0),
+def update_results(args, section: str, data: dict) -> None:
+    data = {"date": now(), "niceness": os.nice(0),
             "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS") if k in os.environ},
             **data}
-    allres[section] = data
-    allres["machine"] = machine_info()
-    path.write_text(json.dumps(allres, indent=2) + "\n")
-    render()
-    print(f"[{section}] written to {path} and speed.md", flush=True)
+    update_sections("speed", {section: data, "machine": machine_info()}, render, args.out_dir)
 
 
 def synth(work: Path, name: str, n: int, **kw) -> Path:
-    from synth import make_folder
-
     folder = work / name
     t = time.perf_counter()
     make_folder(folder, n, **kw)
-    print(f"images: {n} under {folder} ({time.perf_counter() - t:.1f} s)", flush=True)
+    log.info("images: %d under %s (%.1f s)", n, folder, time.perf_counter() - t)
     return folder
 
 
@@ -104,20 +76,19 @@ def bare_forward(emb, batch_size: int, batches: int, warmup: int = 0) -> dict:
         with torch.inference_mode():
             for _ in range(warmup):
                 fn()
-            la = loadavg()
-            c, t = time.process_time(), time.perf_counter()
-            for _ in range(batches):
-                fn()
-            sec, cpu = time.perf_counter() - t, time.process_time() - c
-        out[name] = {"img_s": batch_size * batches / sec, "seconds": sec, "images": batch_size * batches,
-                     "cpu_ms_per_img": 1000 * cpu / (batch_size * batches),
-                     "load_before": la, "load_after": loadavg()}
+            with measure() as m:
+                for _ in range(batches):
+                    fn()
+        n = batch_size * batches
+        out[name] = {"img_s": n / m.seconds, "seconds": m.seconds, "images": n, "cpu_ms_per_img": 1000 * m.cpu_seconds / n,
+                     "load_before": m.load_before, "load_after": m.load_after}
     return out
 
 
 def numpy_to_tensor(img, size: int):
-    """The proposed images.to_tensor: the same normalisation done in numpy, so the reader threads
-    run no torch ops (each torch op there forks an OpenMP team that competes with the model's)."""
+    """An alternative to Embedder.preprocess, compared with it in `stages` (the library is not changed):
+    the same normalisation done in numpy, so the reader threads would run no torch ops (each torch op
+    there forks an OpenMP team that competes with the model's)."""
     import numpy as np
     import torch
     from PIL import Image
@@ -131,39 +102,27 @@ def numpy_to_tensor(img, size: int):
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
-VARIANTS = {"none": "the library as it is",
-            "numpy-normalize": "EXPERIMENT: simsearch.embedder.to_tensor replaced by numpy_to_tensor (proposed fix)"}
-
-
 def cmd_throughput(args) -> dict:
     import torch
 
     from simsearch import Index
 
-    if args.variant == "numpy-normalize":
-        import simsearch.embedder
-
-        simsearch.embedder.to_tensor = numpy_to_tensor
-
     work = Path(args.work)
     folder = synth(work, f"real{args.n}", args.n, seed=args.seed, min_side=400, max_side=800)
     runs = []
     shutil.rmtree(work / "tp-probe.db", ignore_errors=True)
-    idx0 = Index(work / "tp-probe.db", device="cpu", image_size=args.image_size)
+    idx0 = Index(work / "tp-probe.db", model=args.model, device="cpu", image_size=args.image_size)
     emb = idx0.embedder  # loaded once, shared by the bare measurements and every indexing run
     # Warm-up: a 16-image run pays the one-time costs (lazy imports of lancedb and the indexer, the
     # Rust runtime, the first forward); the cold start is measured separately by `cold`.
-    idx0._embedder = emb
     idx0.add_folder(synth(work, "warmup16", 16, seed=args.seed + 7), batch_size=args.batch_size)
-    print(f"torch threads {torch.get_num_threads()}, load {loadavg():.2f}", flush=True)
+    log.info(f"torch threads {torch.get_num_threads()}, load {loadavg():.2f}")
     for r in range(args.repeats):
         before = bare_forward(emb, args.batch_size, args.bare_batches, warmup=2 if r == 0 else 1)
-        print(f"run {r}: bare before  hf {before['hf_forward']['img_s']:.2f}  embed {before['embed']['img_s']:.2f} img/s",
-              flush=True)
+        log.info(f"run {r}: bare before  hf {before['hf_forward']['img_s']:.2f}  embed {before['embed']['img_s']:.2f} img/s")
         db = work / f"tp-{r}.db"
         shutil.rmtree(db, ignore_errors=True)
-        idx = Index(db, device="cpu", image_size=args.image_size)
-        idx._embedder = emb  # same weights, same process; a fresh db has nothing to check against
+        idx = Index(db, embedder=emb)  # the same loaded model
         ticks: list[tuple[float, int]] = []
         done = 0
 
@@ -172,11 +131,10 @@ def cmd_throughput(args) -> dict:
             done += k
             ticks.append((time.perf_counter(), done))
 
-        la = loadavg()
-        c0, t0 = time.process_time(), time.perf_counter()
-        report = idx.add_folder(folder, batch_size=args.batch_size, on_advance=advance)
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        la_after = loadavg()
+        t0 = time.perf_counter()
+        with measure() as m:
+            report = idx.add_folder(folder, batch_size=args.batch_size, on_advance=advance)
+        wall, cpu, la, la_after = m.seconds, m.cpu_seconds, m.load_before, m.load_after
         # steady state: from the first batch out of the model to the last (no pipeline fill, no
         # final commit / compaction / FAISS build)
         (t_a, n_a), (t_b, n_b) = ticks[0], ticks[-1]
@@ -204,18 +162,16 @@ def cmd_throughput(args) -> dict:
             "cpu_ratio_vs_embed": bare_cpu["embed"] / (1000 * cpu / report.embedded),
         }
         runs.append(run)
-        print(f"run {r}: e2e {run['e2e_img_s']:.2f} img/s (steady {steady:.2f}), bare after hf "
-              f"{after['hf_forward']['img_s']:.2f} embed {after['embed']['img_s']:.2f}; ratio e2e/embed "
-              f"{run['ratio_e2e_vs_embed']:.3f} e2e/hf {run['ratio_e2e_vs_hf']:.3f}  (load {la:.2f}->{la_after:.2f})",
-              flush=True)
+        log.info(f"run {r}: e2e {run['e2e_img_s']:.2f} img/s (steady {steady:.2f}), bare after hf "
+                 f"{after['hf_forward']['img_s']:.2f} embed {after['embed']['img_s']:.2f}; ratio e2e/embed "
+                 f"{run['ratio_e2e_vs_embed']:.3f} e2e/hf {run['ratio_e2e_vs_hf']:.3f}  (load {la:.2f}->{la_after:.2f})")
         if not args.keep:
             shutil.rmtree(db, ignore_errors=True)
     best = max(runs, key=lambda r: r["ratio_e2e_vs_hf"])
     result = {
-        "command": " ".join(["python benchmarks/speed.py", *sys.argv[1:]]),
+        "command": command_line(),
         "folder": f"{args.n} JPEGs, random crops of examples/images/*.jpg resized to a 400-800 px long side, "
                   f"quality 85-95, seed {args.seed} (benchmarks/synth.py)",
-        "variant": args.variant, "variant_description": VARIANTS[args.variant],
         "model": emb.conf.model, "image_size": args.image_size, "batch_size": args.batch_size,
         "bare_images_per_measurement": args.batch_size * args.bare_batches,
         "runs": runs,
@@ -227,11 +183,13 @@ def cmd_throughput(args) -> dict:
         "target": 0.90,
     }
     shutil.rmtree(work / "tp-probe.db", ignore_errors=True)
-    section = "throughput" + ("" if args.variant == "none" else f"_{args.variant}")
-    if policy := os.environ.get("OMP_WAIT_POLICY"):
-        section += f"_omp-{policy.lower()}"
-    update_results(section, result)
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    update_results(args, "throughput" + (f"_omp-{policy.lower()}" if policy else ""), result)
     return result
+
+
+PREPROCESS = "preprocess (Embedder.preprocess: resize + torch normalise)"
+ALT_PREPROCESS = "  alt: resize + numpy normalise (numpy_to_tensor, not in the library)"
 
 
 def cmd_stages(args) -> dict:
@@ -240,13 +198,12 @@ def cmd_stages(args) -> dict:
     model perfectly on the 2 cores, the best end-to-end / bare ratio is model / (model + the rest)."""
     import hashlib
 
-    import numpy as np
     import pyarrow as pa
     import torch
 
     from simsearch import Index
     from simsearch.descriptors.codec import encode_dense
-    from simsearch.images import open_image, thumbnail_jpeg, to_tensor
+    from simsearch.images import open_image, thumbnail_jpeg
     from simsearch.store import path_key
 
     work = Path(args.work)
@@ -254,10 +211,11 @@ def cmd_stages(args) -> dict:
     paths = sorted(folder.rglob("*.jpg"))[: args.images]
     db = work / "stages.db"
     shutil.rmtree(db, ignore_errors=True)
-    idx = Index(db, device="cpu", image_size=args.image_size)
+    idx = Index(db, model=args.model, device="cpu", image_size=args.image_size)
     emb = idx.embedder
     store = idx.ensure_table()
     size = emb.conf.image_size
+    threads = torch.get_num_threads()  # restored at the end: `all` runs the next command in this process
     torch.set_num_threads(1)
     cpu: dict[str, float] = {}
 
@@ -273,8 +231,8 @@ def cmd_stages(args) -> dict:
         data = timed("read file", Path(p).read_bytes)
         timed("blake2b hash", lambda d: hashlib.blake2b(d, digest_size=16).hexdigest(), data)
         loaded = timed("decode (open_image, JPEG draft)", open_image, data, size, str(p))
-        pixels.append(timed("preprocess (to_tensor: resize + torch normalise)", to_tensor, loaded.image, size))
-        timed("  alt: resize + numpy normalise (proposed)", numpy_to_tensor, loaded.image, size)
+        pixels.append(timed(PREPROCESS, emb.preprocess, loaded.image))
+        timed(ALT_PREPROCESS, numpy_to_tensor, loaded.image, size)
         thumbs.append(timed("thumbnail JPEG", thumbnail_jpeg, loaded.image))
     bs = args.batch_size
     batches = [torch.stack(pixels[i:i + bs]) for i in range(0, len(pixels) - bs + 1, bs)]
@@ -303,22 +261,23 @@ def cmd_stages(args) -> dict:
                 "style": pa.FixedSizeListArray.from_arrays(pa.array(e.style.reshape(-1)), e.style.shape[1]),
                 "dense": pa.array([encode_dense(d, emb.conf.dense_dtype) for d in e.dense], pa.binary()),
                 "thumb": pa.array(thumbs[i * bs:(i + 1) * bs], pa.binary()),
-            }, schema=store.table.schema)
+            })
         tables.append(timed("rows: encode_dense fp16 + Arrow table", build))
     per_commit = max(1, args.write_rows // bs)
     for i in range(0, len(tables), per_commit):
-        timed("LanceDB merge_insert (256-row commits, all lance threads)", store.upsert, pa.concat_tables(tables[i:i + per_commit]))
+        timed(f"LanceDB ImageStore.put ({args.write_rows}-row commits, all lance threads)", store.put,
+              pa.concat_tables(tables[i:i + per_commit]))
     timed("compact + FAISS build (once per run)", lambda: (store.compact(), idx.refresh_ann()))
     la_after = loadavg()
+    torch.set_num_threads(threads)
     n = len(paths)
-    per_img = {k: 1000 * v / (n_model if k.startswith("model") or k.startswith("rows") or k.startswith("Lance")
-                              or k.startswith("compact") else n) for k, v in cpu.items()}
+    per_img = {k: 1000 * v / (n_model if k.startswith(("model", "rows", "Lance", "compact")) else n) for k, v in cpu.items()}
     model_ms = per_img["model: Embedder.embed, 1 thread"]
-    rest = {k: v for k, v in per_img.items() if not k.startswith("model") and not k.startswith("  alt")}
+    rest = {k: v for k, v in per_img.items() if not k.startswith("model") and k != ALT_PREPROCESS}
     rest_ms = sum(rest.values())
-    alt_ms = rest_ms - per_img["preprocess (to_tensor: resize + torch normalise)"] + per_img["  alt: resize + numpy normalise (proposed)"]
+    alt_ms = rest_ms - per_img[PREPROCESS] + per_img[ALT_PREPROCESS]
     result = {
-        "command": " ".join(["python benchmarks/speed.py", *sys.argv[1:]]),
+        "command": command_line(),
         "images": n, "model_images": n_model, "load_before": la, "load_after": la_after,
         "cpu_ms_per_img": per_img,
         "model_cpu_ms_per_img_1_thread": model_ms,
@@ -329,34 +288,38 @@ def cmd_stages(args) -> dict:
         "predicted_best_ratio_with_numpy_normalise": model_ms / (model_ms + alt_ms),
     }
     for k, v in per_img.items():
-        print(f"  {v:8.2f} ms CPU/img  {k}")
-    print(f"model {model_ms:.1f} ms/img (1 thread), rest {rest_ms:.1f} -> best ratio {result['predicted_best_ratio']:.3f} "
-          f"({result['predicted_best_ratio_with_numpy_normalise']:.3f} with numpy normalise); load {la:.2f}->{la_after:.2f}")
+        log.info(f"  {v:8.2f} ms CPU/img  {k}")
+    log.info(f"model {model_ms:.1f} ms/img (1 thread), rest {rest_ms:.1f} -> best ratio {result['predicted_best_ratio']:.3f} "
+             f"({result['predicted_best_ratio_with_numpy_normalise']:.3f} with numpy normalise); load {la:.2f}->{la_after:.2f}")
     shutil.rmtree(db, ignore_errors=True)
-    update_results("stages", result)
+    update_results(args, "stages", result)
     return result
 
 
 # -- 2. latency ------------------------------------------------------------------------------------
-def build_base(work: Path, n_base: int, seed: int, image_size: int) -> Path:
+def build_base(work: Path, n_base: int, seed: int, image_size: int, model: str | None) -> Path:
     """A real index of `n_base` augmented images: the source of every synthetic row."""
     from simsearch import Index
+    from simsearch.errors import ConfigMismatchError
 
     db = work / f"base{n_base}.db"
-    if db.exists() and Index(db).count() == n_base:
-        return db
+    try:  # kept from an earlier run when it holds this configuration
+        if Index(db, model=model, image_size=image_size).count() == n_base:
+            return db
+    except ConfigMismatchError:
+        pass
     shutil.rmtree(db, ignore_errors=True)
     folder = synth(work, f"real{n_base}", n_base, seed=seed, min_side=400, max_side=800)
     t = time.perf_counter()
-    rep = Index(db, device="cpu", image_size=image_size).add_folder(folder, batch_size=16)
-    print(f"base index: {rep.embedded} images embedded in {time.perf_counter() - t:.1f} s", flush=True)
+    rep = Index(db, model=model, device="cpu", image_size=image_size).add_folder(folder, batch_size=16)
+    log.info(f"base index: {rep.embedded} images embedded in {time.perf_counter() - t:.1f} s")
     return db
 
 
 def build_synthetic_db(base_db: Path, out: Path, n: int, noise: float, seed: int, chunk: int = 256) -> Path:
     """`n` rows made from the base rows: row i copies base row i % n_base (dense tensor, thumbnail,
     width/height) with a new path/key/id, and its content/style vectors perturbed by Gaussian noise
-    of std `noise` per component, then re-normalised. Written through ImageStore.upsert in chunks of
+    of std `noise` per component, then re-normalised. Written through ImageStore.put in chunks of
     `chunk` rows (the indexer's commit size), then compacted like the indexer does."""
     import hashlib
 
@@ -365,18 +328,15 @@ def build_synthetic_db(base_db: Path, out: Path, n: int, noise: float, seed: int
 
     from simsearch.store import ImageStore, path_key
 
-    if out.exists():
-        s = ImageStore(out)
-        if s.exists() and s.count() == n:
-            return out
-        shutil.rmtree(out)
     base = ImageStore(base_db)
     meta = base.meta
-    cols = ["width", "height", "content", "style", "dense", "thumb"]
-    src = base._select(cols)
-    m = src.num_rows
-    content = src.column("content").combine_chunks().values.to_numpy().reshape(m, -1)
-    style = src.column("style").combine_chunks().values.to_numpy().reshape(m, -1)
+    if (made := ImageStore(out)).exists() and made.count() == n and made.meta == meta:
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    keys, content = base.vectors("content")
+    src = pa.Table.from_pylist(base.rows(keys, ["style", "width", "height", "dense", "thumb"]))
+    style = np.asarray(src.column("style").to_pylist(), np.float32)
+    m = len(keys)
     store = ImageStore(out)
     store.create(meta, content.shape[1], style.shape[1])
     rng = np.random.default_rng(seed)
@@ -402,10 +362,10 @@ def build_synthetic_db(base_db: Path, out: Path, n: int, noise: float, seed: int
             "style": pa.FixedSizeListArray.from_arrays(pa.array(s.reshape(-1)), s.shape[1]),
             "dense": src.column("dense").take(take).combine_chunks(),
             "thumb": src.column("thumb").take(take).combine_chunks(),
-        }, schema=store.table.schema)
-        store.upsert(rows)
+        })
+        store.put(rows)
     store.compact()
-    print(f"synthetic db: {n} rows -> {out} ({time.perf_counter() - t:.1f} s)", flush=True)
+    log.info(f"synthetic db: {n} rows -> {out} ({time.perf_counter() - t:.1f} s)")
     return out
 
 
@@ -416,7 +376,7 @@ def time_calls(fn, items) -> dict:
         t = time.perf_counter()
         fn(it)
         times.append((time.perf_counter() - t) * 1000)
-    return {"n": len(times), "p50_ms": pct(times, 50), "p95_ms": pct(times, 95), "mean_ms": statistics.fmean(times),
+    return {"n": len(times), "p50_ms": percentile(times, 50), "p95_ms": percentile(times, 95), "mean_ms": statistics.fmean(times),
             "min_ms": min(times), "max_ms": max(times), "load_before": la, "load_after": loadavg()}
 
 
@@ -426,7 +386,7 @@ def cmd_latency(args) -> dict:
     from simsearch import Index
 
     work = Path(args.work)
-    base = build_base(work, args.base, args.seed, args.image_size)
+    base = build_base(work, args.base, args.seed, args.image_size, args.model)
     qfolder = synth(work, f"queries{args.queries}", args.queries, seed=args.seed + 1000, min_side=400, max_side=800)
     queries = sorted(qfolder.rglob("*.jpg"))
     import faiss
@@ -435,6 +395,7 @@ def cmd_latency(args) -> dict:
     for n in args.sizes:
         db = build_synthetic_db(base, work / f"syn{n}.db", n, args.noise, args.seed)
         idx = Index(db, device="cpu")
+        model = idx.conf.model
         t = time.perf_counter()
         rebuilt = idx.refresh_ann()
         ann_s = time.perf_counter() - t
@@ -447,7 +408,7 @@ def cmd_latency(args) -> dict:
         for mode in ("content", "style"):
             idx.search_vector(vecs[mode][0], args.k, mode)  # warm the style index too
         opened[n] = (idx, vecs)
-        sizes[str(n)] = {"rows": idx.count(), "ann_kind": idx._index_for("content").kind,
+        sizes[str(n)] = {"rows": idx.count(), "ann_kind": idx.vector_index("content").kind,
                          "ann_refresh_seconds": ann_s, "ann_rebuilt": rebuilt, "first_search_seconds": first_s,
                          "disk_gib": round(idx.store.disk_bytes() / 2**30, 2), "rounds": []}
     # Rounds alternate the sizes, so that a burst of other jobs on the machine does not hit only one.
@@ -460,7 +421,7 @@ def cmd_latency(args) -> dict:
                 "search_vector_style": time_calls(lambda v: idx.search_vector(v, args.k, "style"), vecs["style"]),
             }
             # where search_vector's time goes: the FAISS search vs fetching path/id rows from LanceDB
-            index = idx._index_for("content")
+            index = idx.vector_index("content")
             q = np.stack(vecs["content"])
             res["faiss_only_content"] = time_calls(lambda v: index.search(v[None], args.k), q)
             keys = [index.search(v[None], args.k)[1][0] for v in q]
@@ -474,11 +435,11 @@ def cmd_latency(args) -> dict:
             # and search(file)'s: decode + preprocess + forward (batch 1)
             res["embed_file_only"] = time_calls(lambda p: idx.embed_image(p), queries)
             sizes[str(n)]["rounds"].append(res)
-            print(f"round {r} {n} rows: search(file) p50 {res['search_file_content']['p50_ms']:.1f} ms p95 "
-                  f"{res['search_file_content']['p95_ms']:.1f}; search_vector p50 {res['search_vector_content']['p50_ms']:.2f} "
-                  f"p95 {res['search_vector_content']['p95_ms']:.2f} ms (faiss p50 {res['faiss_only_content']['p50_ms']:.2f}, "
-                  f"1 thread {res['faiss_only_content_1thread']['p50_ms']:.2f}; lance rows p50 "
-                  f"{res['lance_rows_only']['p50_ms']:.2f}); load {res['search_file_content']['load_before']:.2f}", flush=True)
+            log.info(f"round {r} {n} rows: search(file) p50 {res['search_file_content']['p50_ms']:.1f} ms p95 "
+                     f"{res['search_file_content']['p95_ms']:.1f}; search_vector p50 {res['search_vector_content']['p50_ms']:.2f} "
+                     f"p95 {res['search_vector_content']['p95_ms']:.2f} ms (faiss p50 {res['faiss_only_content']['p50_ms']:.2f}, "
+                     f"1 thread {res['faiss_only_content_1thread']['p50_ms']:.2f}; lance rows p50 "
+                     f"{res['lance_rows_only']['p50_ms']:.2f}); load {res['search_file_content']['load_before']:.2f}")
     for n in args.sizes:
         rounds = sizes[str(n)]["rounds"]
         sizes[str(n)]["median_over_rounds"] = {
@@ -486,19 +447,19 @@ def cmd_latency(args) -> dict:
             for key in rounds[0]}
     del opened
     result = {
-        "command": " ".join(["python benchmarks/speed.py", *sys.argv[1:]]),
+        "command": command_line(),
         "how_rows_were_made": (
-            f"A real index of {args.base} augmented images (benchmarks/synth.py, seed {args.seed}) embedded by the "
-            f"embedded model at {args.image_size} px is the source. Each synthetic table holds N rows; row i copies "
+            f"A real index of {args.base} augmented images (benchmarks/synth.py, seed {args.seed}) embedded by "
+            f"{model} at {args.image_size} px is the source. Each synthetic table holds N rows; row i copies "
             f"source row i mod {args.base} (dense tensor, thumbnail, width, height) under a new fake path "
             f"/synthetic/.../row_i.jpg (new key and id), with its content and style vectors perturbed by "
-            f"N(0, {args.noise}^2) per component and re-normalised. Rows are written with ImageStore.upsert in "
+            f"N(0, {args.noise}^2) per component and re-normalised. Rows are written with ImageStore.put in "
             f"256-row commits with the real schema and metadata, then compacted; queries go through the real Index."),
         "queries": f"{args.queries} other augmented images (seed {args.seed + 1000}), k={args.k}, mode content "
                    f"(search_vector also style); warm: model loaded, FAISS built, 4 searches done before timing",
         "k": args.k, "sizes": sizes,
     }
-    update_results("latency", result)
+    update_results(args, "latency", result)
     return result
 
 
@@ -518,25 +479,14 @@ import transformers; mark("import transformers")
 import lancedb, pyarrow; mark("import lancedb+pyarrow")
 import faiss; mark("import faiss")
 from simsearch.index import Index; mark("import simsearch.index (+PIL, rest)")
-simsearch.cli._quiet_libraries(); mark("_quiet_libraries")
+transformers.utils.logging.set_verbosity_error(); mark("quiet transformers")
 idx = Index(sys.argv[1], device="cpu"); mark("Index(db) open (lance connect, schema, config check)")
 n = idx.count(); mark("count rows")
-from simsearch.backbones import resolve, fingerprint
-from simsearch.backbones.vit import ViTBackbone
-source, family = resolve(idx.conf.model); mark("resolve embedded weights (ensure_converted)")
-cls = getattr(transformers, family.model_class); mark("import transformers' Dinov2Model module (lazy import)")
-net = cls.from_pretrained(source); mark("Dinov2Model.from_pretrained (read safetensors, build, load)")
-fp = fingerprint(net); mark("weights fingerprint")
-bb = ViTBackbone(net, family); bb.fingerprint = fp
-from simsearch.embedder import Embedder
-emb = Embedder.__new__(Embedder)
-emb.conf = idx.conf; emb.backbone = bb
-h, w = bb.grid_size(idx.conf.image_size, idx.conf.image_size)
-emb.dense_shape = (1 + h * w, bb.dim); emb.dims = {"content": bb.dim, "style": 2 * bb.dim}
-idx._embedder = emb; mark("(wrap)")
+transformers.Dinov2Model; mark("import transformers' Dinov2Model module (lazy import)")
+idx.embedder; mark("load the model (resolve weights, from_pretrained, fingerprint, weights check)")
 e = idx.embed_image(sys.argv[2]); mark("embed query (decode + first forward, batch 1)")
 e = idx.embed_image(sys.argv[2]); mark("embed query again (warm forward)")
-vi = idx._index_for("content"); mark("load FAISS index (+table version check)")
+vi = idx.vector_index("content"); mark("load FAISS index (+table version check)")
 hits = idx.search_vector(e.content[0], 10, "content"); mark("search_vector (FAISS + lance rows)")
 print(json.dumps(T))
 """
@@ -590,7 +540,7 @@ def cmd_cold(args) -> dict:
     env.pop("SIMSEARCH_DB")
     subprocess.run([exe, "query", str(query), "--db", str(db), "-k", "10"], capture_output=True, env=env)  # page cache
     result = {
-        "command": " ".join(["python benchmarks/speed.py", *sys.argv[1:]]),
+        "command": command_line(),
         "note": "fresh process each run (page cache warm: files were read before); wall time of the whole subprocess",
         "db": f"{args.size}-row synthetic table (see latency)",
         "python_startup": run_wall([sys.executable, "-c", "pass"], args.runs, env),
@@ -611,10 +561,10 @@ def cmd_cold(args) -> dict:
         steps.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     result["breakdown_median_s"] = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
     result["breakdown_runs"] = args.breakdown_runs
-    print(json.dumps({k: result[k] for k in ("help", "query")}, indent=1))
+    log.info(json.dumps({k: result[k] for k in ("help", "query")}, indent=1))
     for k, v in result["breakdown_median_s"].items():
-        print(f"  {v * 1000:8.1f} ms  {k}")
-    update_results("cold_start", result)
+        log.info(f"  {v * 1000:8.1f} ms  {k}")
+    update_results(args, "cold_start", result)
     return result
 
 
@@ -622,8 +572,8 @@ def cmd_cold(args) -> dict:
 WORKER = r"""
 import sys, time
 from simsearch import Index
-folder, db, bs = sys.argv[1], sys.argv[2], int(sys.argv[3])
-idx = Index(db, device="cpu")
+folder, db, bs, model = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] or None
+idx = Index(db, model=model, device="cpu")
 idx.embedder
 print("READY", time.perf_counter(), flush=True)
 def adv(k, n=[0]):
@@ -650,7 +600,7 @@ def cmd_memory(args) -> dict:
     db = work / f"mem{args.n}.db"
     shutil.rmtree(db, ignore_errors=True)
     la0 = loadavg()
-    proc = subprocess.Popen([sys.executable, "-c", WORKER, str(folder), str(db), str(args.batch_size)],
+    proc = subprocess.Popen([sys.executable, "-c", WORKER, str(folder), str(db), str(args.batch_size), args.model or ""],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
     state = {"n": 0, "phase": "load", "ready": None, "done": None}
 
@@ -679,11 +629,11 @@ def cmd_memory(args) -> dict:
         phase = "tail" if (state["phase"] == "index" and n >= args.n) else state["phase"]
         samples.append((t, n, rss, hwm, phase))
         if t - last_print > 30:
-            print(f"  t={t:6.0f}s images={n:6d} rss={rss:7.0f} MiB hwm={hwm:7.0f} MiB load={loadavg():.2f}", flush=True)
+            log.info(f"  t={t:6.0f}s images={n:6d} rss={rss:7.0f} MiB hwm={hwm:7.0f} MiB load={loadavg():.2f}")
             last_print = t
         if args.limit_s and t > args.limit_s:
             proc.kill()
-            print(f"stopped after {args.limit_s} s at {n} images", flush=True)
+            log.info(f"stopped after {args.limit_s} s at {n} images")
             break
         time.sleep(0.5)
     proc.wait()
@@ -712,7 +662,7 @@ def cmd_memory(args) -> dict:
             seg_rate[f"{lo}-{lo + 1000}"] = round((b[1] - a[1]) / (b[0] - a[0]), 2)
     tail = [s for s in samples if s[4] == "tail"]
     result = {
-        "command": " ".join(["python benchmarks/speed.py", *sys.argv[1:]]),
+        "command": command_line(),
         "folder": f"{args.n} JPEGs {args.side}x{args.side}, random crops of examples/images (seed {args.seed})",
         "images_done": samples[-1][1] if samples else 0, "wall_s": round(wall, 1),
         "worker_report": state["done"] and {"embedded": int(state["done"][0]), "failed": int(state["done"][1]),
@@ -728,31 +678,24 @@ def cmd_memory(args) -> dict:
         "rate_img_s_per_1k_segment": seg_rate,
         "trace": [(round(s[0], 1), s[1], round(s[2], 1)) for s in samples[:: max(1, len(samples) // 400)]],
     }
-    print(json.dumps({k: v for k, v in result.items() if k != "trace"}, indent=1))
+    log.info(json.dumps({k: v for k, v in result.items() if k != "trace"}, indent=1))
     if not args.keep:
         shutil.rmtree(db, ignore_errors=True)
-    update_results("memory", result)
+    update_results(args, "memory", result)
     return result
 
 
 # -- markdown ----------------------------------------------------------------------------------
-def render() -> None:
-    path = RESULTS / "speed.json"
-    if not path.exists():
-        return
-    R = json.loads(path.read_text())
-    m = R.get("machine", {})
+def render(R: dict) -> str:
     L = ["# simsearch speed benchmarks", "",
-         f"Machine: {m.get('nproc')} CPUs ({m.get('cpu_model')}), {m.get('mem_gib')} GiB RAM, no GPU; torch "
-         f"{m.get('torch')} with {m.get('torch_threads')} intra-op / {m.get('torch_interop_threads')} inter-op threads; "
-         f"Python {m.get('python')}. The machine is shared with other jobs: the 1-min load average is given next to "
-         "every timing (2.0 = both cores busy).", "",
+         f"Machine: {machine_line(R['machine'])}; {R['machine']['torch_interop_threads']} torch inter-op threads. The "
+         "machine is shared with other jobs: the 1-min load average is given next to every timing (2.0 = both cores busy).",
+         "",
          "Re-run: `python benchmarks/speed.py all` (or one of `throughput`, `latency`, `cold`, `memory`; `--help`).", ""]
     for section in sorted(k for k in R if k.startswith("throughput")):
         tp = R[section]
         env = ", ".join(f"{k}={v}" for k, v in tp.get("env", {}).items())
-        L += [f"## Indexing throughput{'' if tp.get('variant', 'none') == 'none' else ' — ' + tp['variant_description']}"
-              f"{' — ' + env if env else ''} ({tp['date']})", "",
+        L += [f"## Indexing throughput{' — ' + env if env else ''} ({tp['date']})", "",
               f"{tp['folder']}; model {tp['model']} at {tp['image_size']} px, batch {tp['batch_size']}, CPU. "
               f"Bare = the same loaded model on pre-made tensors in the same process, {tp['bare_images_per_measurement']} "
               "images measured right before and right after each indexing run (mean of the two): `hf` is the raw "
@@ -857,7 +800,7 @@ def render() -> None:
               ", ".join(f"{k}: {v}" for k, v in mem["rate_img_s_per_1k_segment"].items()), ""]
         if mem.get("summary"):
             L += [mem["summary"], ""]
-    (RESULTS / "speed.md").write_text("\n".join(L))
+    return "\n".join(L)
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -865,6 +808,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=str(DEFAULT_WORK), help="where images and databases go (default %(default)s)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default=None, help="default: the embedded model")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where speed.json and speed.md go (default %(default)s)")
+    ap.add_argument("--quick", action="store_true", help="every command on a handful of images, in seconds")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("throughput", help="indexing img/s vs bare forward img/s, same process")
@@ -874,8 +820,6 @@ def main(argv=None):
     p.add_argument("--bare-batches", type=int, default=8, help="batches per bare measurement (default %(default)s)")
     p.add_argument("--repeats", type=int, default=2, help="bare/index/bare cycles (default %(default)s)")
     p.add_argument("--keep", action="store_true", help="keep the databases")
-    p.add_argument("--variant", choices=list(VARIANTS), default="none",
-                   help="none (default), or numpy-normalize: monkeypatch the proposed to_tensor (experiment)")
 
     p = sub.add_parser("stages", help="CPU ms per image of each indexing stage, one thread (load-robust)")
     p.add_argument("-n", type=int, default=512, help="folder to take images from (default real512)")
@@ -910,18 +854,23 @@ def main(argv=None):
 
     sub.add_parser("all", help="throughput, stages, latency, cold, memory with defaults")
     sub.add_parser("render", help="rewrite speed.md from speed.json")
+    argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if args.quick and args.cmd in QUICK:  # the command's quick defaults; options given explicitly still win
+        sub.choices[args.cmd].set_defaults(**QUICK[args.cmd])
+        args = ap.parse_args(argv)
+    setup_logging()
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    print(f"load average {loadavg():.2f} ({os.cpu_count()} CPUs)", flush=True)
+    log.info("load average %.2f (%d CPUs)", loadavg(), os.cpu_count())
     if args.cmd == "render":
-        render()
+        results = json.loads((args.out_dir / "speed.json").read_text())
+        (args.out_dir / "speed.md").write_text(render(results))
     elif args.cmd == "all":
-        for name in ("throughput", "stages", "latency", "cold", "memory"):
-            main([f"--work={args.work}", f"--seed={args.seed}", name])
+        for name in COMMANDS:
+            main([*argv[:argv.index("all")], name])
     else:
-        {"throughput": cmd_throughput, "stages": cmd_stages, "latency": cmd_latency, "cold": cmd_cold, "memory": cmd_memory}[args.cmd](args)
+        {"throughput": cmd_throughput, "stages": cmd_stages, "latency": cmd_latency, "cold": cmd_cold,
+         "memory": cmd_memory}[args.cmd](args)
 
 
 if __name__ == "__main__":

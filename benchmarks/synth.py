@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "images"
+from common import EXAMPLES
 
 
 def make_folder(out: str | Path, n: int, seed: int = 0, min_side: int = 400, max_side: int = 800,

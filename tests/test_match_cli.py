@@ -1,7 +1,7 @@
 """`simsearch match A B`: point transfer, best buddies, the side-by-side picture and one-line errors.
 
 Runs `simsearch.cli.main` in this process (the `cli` fixture of conftest.py) with the embedded model,
-on a pure-translation crop pair (tests/spair_fixture.py) whose true correspondences are known; one
+on a pure-translation crop pair (simsearch.bench.fixtures) whose true correspondences are known; one
 case runs the real console script.
 """
 
@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import spair_fixture as sf
 from conftest import EXAMPLES, one_line_error, run_cli
+from simsearch.bench import fixtures as fx
 from simsearch.bench.pck import read_pairs
 
 
 @pytest.fixture(scope="module")
 def crop_pair(tmp_path_factory):
     """(image A, image B, source keypoints, target keypoints) of one translation pair (coffee)."""
-    root = sf.build_translation(tmp_path_factory.mktemp("spair"), photos=["coffee"])
+    root = fx.build_translation(tmp_path_factory.mktemp("spair"), fx.example_offsets(EXAMPLES, ["coffee"]))
     pair = read_pairs(root)[0]
     return pair.src, pair.trg, pair.src_kps, pair.trg_kps
 
@@ -70,7 +70,7 @@ def test_match_best_buddies_out_png(cli, embedded_model, crop_pair, tmp_path):
     assert img.size == (round(wa * height / ha) + 12 + round(wb * height / hb), height)
     # For a pure translation, best buddies should mostly agree with the true offset.
     offset = np.array([m["a"] for m in matches]) - np.array([m["b"] for m in matches])
-    true = np.array(sf.TRANSLATION_PAIRS[2][2][0], float)  # coffee, first offset (dx, dy)
+    true = np.array(fx.EXAMPLE_OFFSETS["coffee"][0], float)  # (dx, dy) of the pair
     close = np.linalg.norm(offset - true, axis=1) <= 0.1 * max(wb, hb)
     assert close.mean() >= 0.5, offset
 

@@ -1,4 +1,4 @@
-"""SPair-71k-layout keypoint benchmark on small fixtures with exact ground truth (tests/spair_fixture.py):
+"""SPair-71k-layout keypoint benchmark on small fixtures with exact ground truth (simsearch.bench.fixtures):
 pure-translation crops of examples/images (always) and opencv-doc's graf1 -> graf3 homography pair
 (skipped with a reason when opencv-doc's files are absent; `make test` fails instead)."""
 
@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-import spair_fixture as sf
-from conftest import require
+from conftest import EXAMPLES, require
+from simsearch.bench import fixtures as fx
 from simsearch.bench.pck import evaluate_pck, pck, read_pairs
 from simsearch.errors import SimsearchError
 
@@ -27,13 +27,13 @@ GRAF_FLOOR_S14 = 0.40
 
 @pytest.fixture(scope="module")
 def translation_root(tmp_path_factory):
-    return sf.build_translation(tmp_path_factory.mktemp("spair-translation"))
+    return fx.build_translation(tmp_path_factory.mktemp("spair-translation"), fx.example_offsets(EXAMPLES))
 
 
 @pytest.fixture(scope="module")
 def graf_root(tmp_path_factory):
-    graf_dir = require(sf.find_graf_data(extract_to=tmp_path_factory.mktemp("opencv-doc")), sf.graf_missing_reason())
-    return sf.build_graf(tmp_path_factory.mktemp("spair-graf"), graf_dir)
+    graf_dir = require(fx.find_graf_data(extract_to=tmp_path_factory.mktemp("opencv-doc")), fx.graf_missing_reason())
+    return fx.build_graf(tmp_path_factory.mktemp("spair-graf"), graf_dir)
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +46,12 @@ def matcher(embedded_model):
 # -- the fixture itself ---------------------------------------------------------------------------
 def test_translation_fixture_layout(translation_root):
     pairs = read_pairs(translation_root)
-    n_expected = sum(len(offsets) for _, _, offsets in sf.TRANSLATION_PAIRS)
+    n_expected = sum(len(offsets) for offsets in fx.EXAMPLE_OFFSETS.values())
     assert len(pairs) == n_expected
-    assert {p.category for p in pairs} == {name for name, _, _ in sf.TRANSLATION_PAIRS}
+    assert {p.category for p in pairs} == set(fx.EXAMPLE_OFFSETS)
     for p in pairs:
         assert p.src.is_file() and p.trg.is_file()
-        assert p.src_kps.shape == p.trg_kps.shape == (sf.GRID**2, 2)
+        assert p.src_kps.shape == p.trg_kps.shape == (fx.GRID**2, 2)
         offset = p.src_kps - p.trg_kps  # pure translation: one offset for every point
         np.testing.assert_allclose(offset, np.broadcast_to(offset[0], offset.shape), atol=0.011)
         from PIL import Image
@@ -74,16 +74,34 @@ def test_translation_crops_really_are_translations(translation_root):
             assert np.abs(pa - pb).mean() < 6  # measured worst 3.3 over all pairs
 
 
+def test_translation_fixture_from_any_image_and_offsets_that_do_not_fit(tmp_path):
+    from PIL import Image
+
+    img = tmp_path / "my photo.png"
+    Image.open(EXAMPLES / "coins.jpg").save(img)  # 384 x 303: crops of 288 x 227
+    root = fx.build_translation(tmp_path / "fixture", {img: [(10, -6)]}, grid=3)
+    (pair,) = read_pairs(root)
+    assert pair.category == "my photo" and pair.src_kps.shape == (9, 2)
+    np.testing.assert_allclose(pair.src_kps - pair.trg_kps, np.tile([10, -6], (9, 1)), atol=0.011)
+    with pytest.raises(SimsearchError, match=r"my photo.png: offset \(97, 0\) leaves no room"):
+        fx.build_translation(tmp_path / "bad", {img: [(97, 0)]})
+    with pytest.raises(SimsearchError, match=r"offset \(0, 70\) leaves no room .* overlapping by more than 10 px"):
+        fx.build_translation(tmp_path / "bad", {img: [(0, 70)]}, crop=0.1)
+
+
 def test_homography_reader_and_mapping(tmp_path):
     xml = tmp_path / "H.xml"
     xml.write_text('<?xml version="1.0"?>\n<opencv_storage>\n<H13 type_id="opencv-matrix">\n  <rows>3</rows>\n'
                    '  <cols>3</cols>\n  <dt>d</dt>\n  <data>\n\t2. 0. 10.\n\t0. 1. -5.\n\t0. 0. 1. </data></H13>\n'
                    '</opencv_storage>\n')
-    h = sf.read_opencv_matrix(xml)
+    h = fx.read_opencv_matrix(xml)
     np.testing.assert_array_equal(h, [[2, 0, 10], [0, 1, -5], [0, 0, 1]])
-    np.testing.assert_allclose(sf.apply_homography(h, np.array([[1.0, 2.0], [0.0, 0.0]])), [[12, -3], [10, -5]])
+    np.testing.assert_allclose(fx.apply_homography(h, np.array([[1.0, 2.0], [0.0, 0.0]])), [[12, -3], [10, -5]])
     persp = np.array([[1, 0, 0], [0, 1, 0], [0.5, 0, 1.0]])
-    np.testing.assert_allclose(sf.apply_homography(persp, np.array([[2.0, 4.0]])), [[1.0, 2.0]])
+    np.testing.assert_allclose(fx.apply_homography(persp, np.array([[2.0, 4.0]])), [[1.0, 2.0]])
+    xml.write_text("<opencv_storage><H13><rows>3</rows></H13></opencv_storage>")
+    with pytest.raises(SimsearchError, match="H.xml: not an OpenCV matrix file"):
+        fx.read_opencv_matrix(xml)
 
 
 # -- PCK arithmetic -------------------------------------------------------------------------------
@@ -120,7 +138,7 @@ class OracleMatcher:
 def test_evaluate_pck_averages_per_category_then_over_categories(translation_root):
     pairs = read_pairs(translation_root, categories=["astronaut", "coffee"])
     assert [p.category for p in pairs] == ["astronaut", "astronaut", "coffee", "coffee"]
-    n = sf.GRID**2
+    n = fx.GRID**2
     far = np.array([1000.0, 0.0])
     errors = [np.zeros((n, 2)), np.zeros((n, 2)),  # astronaut: all exact -> 1.0
               np.where(np.arange(n)[:, None] < 5, far, 0.0), np.tile(far, (n, 1))]  # coffee: 20/50 -> 0.4
@@ -196,7 +214,7 @@ def test_cli_bench_pck_json_equals_the_library(cli, matcher, translation_root):
     expected = json.loads(json.dumps(evaluate_pck(matcher.with_conf(stride=14), pairs, (0.1, 0.05)).to_dict()))
     assert set(got) == set(expected) == {"alphas", "mean", "per_category", "pairs", "points", "config"}
     assert got["alphas"] == [0.1, 0.05]
-    assert got["pairs"] == 2 and got["points"] == 2 * sf.GRID**2
+    assert got["pairs"] == 2 and got["points"] == 2 * fx.GRID**2
     assert set(got["per_category"]) == {"chelsea"}
     assert set(got["per_category"]["chelsea"]) == {"pck@0.1", "pck@0.05", "points"}
     assert got["config"] == expected["config"]

@@ -1,0 +1,166 @@
+"""The benchmark scripts run end to end in their quick modes on the tiny random 12-block ViT and
+write their results (JSON + markdown, into a temporary --out-dir) with the expected keys.
+
+All scripts run one after another in ONE subprocess (each as `__main__`, with its own argv, as
+`python benchmarks/<script>.py ...` would), so torch and transformers are imported once. The grouped
+datasets of benchmarks/data.py come from Debian packages; here a small stand-in with the same layout
+is made from examples/images. Not run: `speed.py cold` and `memory` (each starts fresh Python
+processes, tens of seconds) and data.py / verify_embedded.py (they need apt and onnxruntime).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import EXAMPLES, REPO
+
+pytestmark = pytest.mark.slow  # one subprocess, ~25 s of CPU
+RUNNER = r"""
+import json, runpy, sys, time, traceback
+sys.path.insert(0, "benchmarks")  # as for a script run from there
+status = {}
+for label, script, argv in json.loads(sys.argv[1]):
+    sys.argv = [script, *argv]
+    print(f"=== {label}", file=sys.stderr, flush=True)
+    t, c = time.perf_counter(), time.process_time()
+    try:
+        runpy.run_path(script, run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    except Exception:
+        traceback.print_exc()
+        code = "exception"
+    status[label] = {"code": code, "seconds": round(time.perf_counter() - t, 1), "cpu": round(time.process_time() - c, 1)}
+print("STATUS " + json.dumps(status))
+"""
+# Grouped stand-ins of data.py's datasets: two groups of three images each.
+DATASETS = {"tuxpaint-categories": ("animals", "food"), "card-ranks": ("1", "2"),
+            "tuxpaint-style": ("cartoon", "photo"), "card-decks": ("oxygen", "paris")}
+
+
+def grouped_data(root):
+    photos = sorted(EXAMPLES.glob("*.jpg"))
+    for d, (name, groups) in enumerate(DATASETS.items()):
+        for g, group in enumerate(groups):
+            (root / name / group).mkdir(parents=True)
+            for k in range(3):
+                img = Image.open(photos[(3 * g + k + d) % len(photos)]).convert("RGB")
+                img.resize((80, 60)).save(root / name / group / f"{group}_{k}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny12):
+    """-> (status per run, out dir per script, the runner's stderr, the temporary folder)"""
+    tmp = tmp_path_factory.mktemp("benchmarks")
+    data = grouped_data(tmp / "data")
+    out = {name: tmp / "out" / name for name in ("scoring", "speed", "dense", "rerank", "retrieval", "proxy")}
+    common = ["--quick", "--model", str(tiny12)]
+    plan = [
+        ("scoring", "benchmarks/scoring.py", [*common, "--work", str(tmp / "scoring"), "--out-dir", str(out["scoring"])]),
+        *[(f"speed {cmd}", "benchmarks/speed.py", [*common, "--work", str(tmp / "speed"), "--out-dir", str(out["speed"]), cmd])
+          for cmd in ("throughput", "stages", "latency")],
+        ("dense", "benchmarks/dense.py", [*common, "--work", str(tmp / "dense"), "--fixture", str(tmp / "spair"),
+                                          "--out-dir", str(out["dense"]), "all"]),
+        ("rerank_quality", "benchmarks/rerank_quality.py", [*common, "--root", str(data), "--out-dir", str(out["rerank"])]),
+        ("retrieval_quality", "benchmarks/retrieval_quality.py", [*common, "--root", str(data),
+                                                                  "--out-dir", str(out["retrieval"])]),
+        ("proxy_benchmarks", "benchmarks/proxy_benchmarks.py", [*common, "--data", str(data), "--work", str(tmp / "proxy"),
+                                                                "--max-images", "4", "--out-dir", str(out["proxy"])]),
+        ("make_spair_fixture", "benchmarks/make_spair_fixture.py", [str(tmp / "fixture"), "--no-graf"]),
+    ]
+    env = {**os.environ, "SIMSEARCH_DATA": str(tmp / "no-debian-data")}
+    proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(plan)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "STATUS " in proc.stdout, proc.stderr[-3000:]
+    status = json.loads(proc.stdout.split("STATUS ", 1)[1])
+    return status, out, proc.stderr, tmp
+
+
+def ran(runs, label: str) -> None:
+    """The run exited with 0; else its own part of the runner's stderr is the message."""
+    status, _, err, _ = runs
+    assert status[label]["code"] == 0, err.split(f"=== {label}\n", 1)[1].split("\n=== ", 1)[0][-4000:]
+
+
+def results(runs, label: str, script: str, name: str) -> dict:
+    _, out, _, _ = runs
+    ran(runs, label)
+    md = (out[script] / f"{name}.md").read_text()
+    assert md.startswith("# ") and "GPU:" in md  # rendered through to the end, machine facts included
+    return json.loads((out[script] / f"{name}.json").read_text())
+
+
+MACHINE = {"nproc", "cpu_model", "mem_gib", "gpu", "torch", "faiss", "torch_threads", "python"}
+
+
+def test_scoring(runs, tiny12):
+    res = results(runs, "scoring", "scoring", "scoring")
+    assert MACHINE <= set(res["machine"]) and res["model"] == str(tiny12)
+    assert res["data"] == {"refs": 3, "generated": 6, "side": 96, "work": str(runs[3] / "scoring")}
+    assert set(res["cases"]) == {"by-name", "all-pairs"}
+    assert (res["cases"]["by-name"]["pairs"], res["cases"]["all-pairs"]["pairs"]) == (6, 18)
+    for case in res["cases"].values():
+        assert case["images"] == 9 and case["deterministic_rerun"] is True
+        assert set(case["cold"]["pair_scoring_s"]) == set(case["warm_per_metric"]) == {"cosine", "style", "aas"}
+        assert set(case["overall"]) == {"cosine", "style", "aas"}
+
+
+def test_speed(runs):
+    res = results(runs, "speed latency", "speed", "speed")
+    ran(runs, "speed throughput")
+    ran(runs, "speed stages")
+    assert {"machine", "throughput", "stages", "latency"} <= set(res) and MACHINE <= set(res["machine"])
+    (run,) = res["throughput"]["runs"]
+    assert run["images"] == 8 and run["failed"] == 0
+    stages = res["stages"]["cpu_ms_per_img"]
+    assert res["stages"]["images"] == 8 and any(k.startswith("LanceDB ImageStore.put") for k in stages)
+    assert set(res["latency"]["sizes"]) == {"40", "80"}
+    for size in res["latency"]["sizes"].values():
+        assert size["ann_kind"] == "flat" and len(size["rounds"]) == 1
+
+
+def test_dense(runs):
+    res = results(runs, "dense", "dense", "dense")
+    assert set(res) == {"latency", "compress", "pck"}
+    assert {(r["dtype"], r["method"]) for r in res["latency"]["rows"]} == {
+        (d, m) for d in ("float16", "int8") for m in ("aas", "matches", "both")}
+    assert res["pck"]["fixtures"] == {"translation": {"pairs": 2, "points": 50, "categories": ["chelsea"]}}
+    assert len(res["pck"]["rows"]) == 8 and all(0 <= r["pck@0.1"] <= 1 for r in res["pck"]["rows"])
+
+
+def test_rerank_quality(runs):
+    res = results(runs, "rerank_quality", "rerank", "rerank_quality")
+    assert set(res["datasets"]) == {"card-decks", "tuxpaint-categories"}
+    for entry in res["datasets"].values():
+        assert entry["images"] == 6 and set(entry["results"]) == {"first stage", "+aas", "+matches", "+both"}
+    assert set(res["datasets"]["card-decks"]["triplets"]["accuracy"]) == {
+        "aas", "cosine (style vector)", "cosine (content vector)"}
+
+
+def test_retrieval_quality(runs):
+    res = results(runs, "retrieval_quality", "retrieval", "retrieval_quality")
+    assert {d: v["images"] for d, v in res["datasets"].items()} == dict.fromkeys(DATASETS, 6)
+    assert {"content:cls", "style:L12", "chance"} <= set(res["results"])
+
+
+def test_proxy_benchmarks(runs):
+    res = results(runs, "proxy_benchmarks", "proxy", "proxy_benchmarks")
+    assert res["verify_memo"]["identical"] is True
+    assert set(res["datasets"]) == set(DATASETS) and set(res["ip_like"]) == {"blend", "cut"}
+    entry = res["datasets"]["card-decks"]
+    assert entry["sample"] == {"images": 4, "of": 6, "cap_per_group": 2}  # --max-images 4: two per group
+    assert set(entry["runs"]) == {"groups --mode content", "groups --mode style", "sref"}
+    assert set(entry["runs"]["sref"]) == {"cosine", "style", "aas", "combined"}
+
+
+def test_make_spair_fixture(runs):
+    ran(runs, "make_spair_fixture")
+    assert len(list((runs[3] / "fixture" / "translation" / "PairAnnotation" / "test").glob("*.json"))) == 8
