@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# torch 2.13.0 is pinned for setup only: on the build machines pip finds its CPU wheel locally.
-TORCH  ?= torch==2.13.0
+# Pinned for setup only: timm needs torchvision, and on the build machines the one torch/torchvision
+# pair that imports together is 2.14.1/0.29.1 (pip finds both on local disk; a CUDA build, used on the CPU here).
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
 DATA   ?= $(or $(SIMSEARCH_DATA),$(HOME)/.cache/simsearch-data)
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -12,7 +13,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 $(BIN)/simsearch: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e ".[test]"
 	@touch $@
 

@@ -34,7 +34,7 @@ from data import DATASETS, build
 from simsearch.backbones import DEFAULT_MODEL, load_backbone
 from simsearch.bench.metrics import leave_one_out
 from simsearch.descriptors.pooling import CONTENT_POOLINGS, content_vector, style_vector
-from simsearch.images import open_image, to_tensor
+from simsearch.images import open_image
 
 SIZE = 224
 RAW_LAYERS = (4, 8, 11)
@@ -58,7 +58,7 @@ def describe(backbone, paths: list[str], batch: int) -> dict[str, np.ndarray]:
         out.setdefault(name, []).append(v.float().cpu().numpy())
 
     for i in range(0, len(paths), batch):
-        pixels = torch.stack([to_tensor(open_image(p, max_side=SIZE).image, SIZE) for p in paths[i:i + batch]])
+        pixels = torch.stack([backbone.preprocess(open_image(p, max_side=SIZE).image, SIZE) for p in paths[i:i + batch]])
         res = backbone(pixels.to(backbone.device), keep=set(range(1, n_layers)))
         for pooling in CONTENT_POOLINGS:
             add(f"content:{pooling}", content_vector(res.tokens, pooling))

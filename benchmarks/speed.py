@@ -93,7 +93,7 @@ def numpy_to_tensor(img, size: int):
     import torch
     from PIL import Image
 
-    from simsearch.images import IMAGENET_MEAN, IMAGENET_STD
+    from simsearch.backbones.vit import IMAGENET_MEAN, IMAGENET_STD
 
     mean255 = np.asarray(IMAGENET_MEAN, np.float32) * 255
     inv = 1 / (np.asarray(IMAGENET_STD, np.float32) * 255)
