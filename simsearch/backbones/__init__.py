@@ -143,6 +143,7 @@ def load_backbone(model: str = DEFAULT_MODEL, device: str | torch.device = "auto
         raise WeightsNotFoundError(f"{model}: {', '.join(sorted(unknown))} applies to Stable Diffusion models only")
     source = model if card is None else (str(embedded.ensure_converted()) if card.source == EMBEDDED else card.source)
     backbone = family.impl.load(source, name=model, **(card.load_options if card else {}), **options)
+    backbone.requires_grad_(False)  # never trained; gradients only ever flow to inputs (LDM's prompt)
     dev = resolve_device(device)
     backbone = backbone.to(dev)  # the fingerprint was taken before any dtype change: CPU and GPU agree
     if dev.type == "cuda":

@@ -78,7 +78,7 @@ class PCKResult:
 
 def evaluate_pck(matcher, pairs: list[PairAnnotation], alphas=(0.1,),
                  on_advance: Callable[[int], None] | None = None) -> PCKResult:
-    """Transfer every source keypoint with `matcher` (a DenseMatcher) and score it."""
+    """Transfer every source keypoint with `matcher` (any correspondence.Matcher) and score it."""
     cache: dict[Path, object] = {}
 
     def describe(path: Path):

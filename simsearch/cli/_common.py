@@ -36,6 +36,9 @@ LayerOption = Annotated[Optional[str], typer.Option(help="ViT block index, or UN
 FacetOption = Annotated[Optional[str], typer.Option("--facet", help="ViT facet: key, query, value or token.")]
 LogBinOption = Annotated[Optional[bool], typer.Option("--log-bin/--no-log-bin", help="Log-binned descriptors.")]
 ImageSizeOption = Annotated[Optional[int], typer.Option(help="Model input side.")]
+FeaturesOption = Annotated[str, typer.Option(help="dino (a ViT's facets), sd (Stable Diffusion decoder features) or sd+dino.")]
+DinoOption = Annotated[Optional[str], typer.Option(help="The ViT fused with SD for --features sd+dino (default: the embedded model).")]
+DinoSizeOption = Annotated[Optional[int], typer.Option(help="Input side of the ViT in --features sd+dino (default 840).")]
 
 
 def parse_layer(text: str | None) -> int | str | None:

@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import (CacheOption, DeviceOption, FacetOption, ImageSizeOption, JsonOption, LayerOption, LogBinOption,
+from ._common import (CacheOption, DeviceOption, DinoOption, DinoSizeOption, FacetOption, ImageSizeOption, JsonOption,
+                      LayerOption, LogBinOption,
                       IpAdapterOption, MetricsOption, ModelOption, OutOption, StrideOption, TimestepOption, cell, err, esc,
                       out, parse_floats, parse_layer, parse_metrics, progress_callbacks, quiet_libraries, warn_failed)
 
@@ -23,40 +24,51 @@ def pck(
     split: Annotated[str, typer.Option(help="trn, val or test.")] = "test",
     alpha: Annotated[list[str], typer.Option(help="PCK thresholds: --alpha 0.1,0.05 or repeated.")] = ["0.1"],
     categories: Annotated[Optional[list[str]], typer.Option("--category", help="Only these (repeatable).")] = None,
-    stride: StrideOption = None,
+    features: Annotated[list[str], typer.Option(help="dino, sd, sd+dino: repeat or comma-separate to compare them on the same pairs.")] = ["dino"],
     model: ModelOption = None,
+    dino: DinoOption = None,
+    stride: StrideOption = None,
     layer: LayerOption = None,
     facet_name: FacetOption = None,
     log_bin: LogBinOption = None,
     image_size: ImageSizeOption = None,
+    dino_size: DinoSizeOption = None,
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
 ):
-    """PCK@alpha of nearest-neighbour keypoint transfer, per category and mean."""
+    """PCK@alpha of nearest-neighbour keypoint transfer, per category and mean, for each feature set."""
     from rich.progress import Progress
 
-    from ..api import dense_matcher
+    from ..api import make_matchers
     from ..bench.pck import evaluate_pck, read_pairs
 
     quiet_libraries()
     pairs = read_pairs(root, split, categories)
-    matcher = dense_matcher(model, device, layer=parse_layer(layer), facet=facet_name, log_bin=log_bin,
-                            image_size=image_size, stride=stride)
+    names = [f.strip() for text in features for f in text.split(",") if f.strip()]
+    matchers = make_matchers(names, model, dino, device, layer=parse_layer(layer), facet=facet_name, stride=stride,
+                             log_bin=log_bin, image_size=image_size, dino_size=dino_size)
+    alphas = parse_floats(alpha, "--alpha")
+    results = {}
     with Progress(console=err, transient=True) as progress:
-        task = progress.add_task("pairs", total=len(pairs))
-        result = evaluate_pck(matcher, pairs, parse_floats(alpha, "--alpha"), on_advance=lambda k: progress.advance(task, k))
+        for name, matcher in matchers.items():
+            task = progress.add_task(name, total=len(pairs))
+            results[name] = evaluate_pck(matcher, pairs, alphas, on_advance=lambda k, t=task: progress.advance(t, k))
     if as_json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print(json.dumps({name: r.to_dict() for name, r in results.items()} if len(results) > 1
+                         else next(iter(results.values())).to_dict(), indent=2))
         return
-    table = Table(title=f"PCK on {esc(root)} ({esc(split)}, {result.pairs} pairs, {result.points} points)",
-                  title_justify="left")
+    first = next(iter(results.values()))
+    table = Table(title=f"PCK on {esc(root)} ({esc(split)}, {first.pairs} pairs, {first.points} points)", title_justify="left")
     table.add_column("category")
-    for a in result.alphas:
-        table.add_column(f"PCK@{a}", justify="right")
+    for name in results:
+        for a in first.alphas:
+            table.add_column(f"{esc(name)} PCK@{a}", justify="right")
     table.add_column("points", justify="right")
-    for cat, r in result.per_category.items():
-        table.add_row(cell(cat), *[f"{100 * r[f'pck@{a}']:.1f}" for a in result.alphas], str(r["points"]))
-    table.add_row("[bold]mean", *[f"[bold]{100 * result.mean[f'pck@{a}']:.1f}" for a in result.alphas], str(result.points))
+    for cat in first.per_category:
+        table.add_row(cell(cat), *[f"{100 * r.per_category[cat][f'pck@{a}']:.1f}" for r in results.values() for a in first.alphas],
+                      str(first.per_category[cat]["points"]))
+    table.add_row("[bold]mean", *[f"[bold]{100 * r.mean[f'pck@{a}']:.1f}" for r in results.values() for a in first.alphas],
+                  str(first.points))
     out.print(table)
 
 

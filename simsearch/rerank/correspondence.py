@@ -138,10 +138,52 @@ class Matches:
                 for pa, pb, c in zip(self.points_a, self.points_b, self.confidence)]
 
 
-class DenseMatcher:
-    """Correspondences between images from a backbone's dense descriptors. Configuration is data:
-    unset settings (None) take the backbone's `match_defaults` (a ViT: key facet of a late block at
-    half-patch stride, log-binned; the UNet: DIFT's up_blocks[1] features)."""
+class Matcher:
+    """Correspondences between two images from per-image descriptions. `describe` is per image (cache
+    it); `pair` turns two descriptions into comparable grids (identity here; per-pair co-PCA for SD
+    features); the rest is shared."""
+
+    conf: dict
+
+    def describe(self, image: Image.Image):
+        raise NotImplementedError
+
+    def pair(self, a, b) -> tuple[DenseDescriptors, DenseDescriptors]:
+        return a, b
+
+    def match_points(self, a, b, points_xy: np.ndarray) -> Matches:
+        """`points_xy` (P, 2) pixels of image a -> where they land in image b."""
+        a, b = self.pair(a, b)
+        idx = a.xy_to_index(points_xy)
+        rc, conf = transfer_points(a.desc, b.desc, idx, b.grid, window=self.conf["refine_window"])
+        return Matches(points_a=np.asarray(points_xy, dtype=np.float32).reshape(-1, 2),
+                       points_b=b.cell_to_xy(rc), confidence=conf.cpu().numpy())
+
+    def best_buddies(self, a, b, n: int = 10) -> Matches:
+        a, b = self.pair(a, b)
+        pairs, sim = best_buddies(a.desc, b.desc, a.saliency, b.saliency, n=n,
+                                  threshold=self.conf["saliency_threshold"])
+        return Matches(points_a=a.cell_to_xy(_cells(pairs[:, 0], a.grid)), points_b=b.cell_to_xy(_cells(pairs[:, 1], b.grid)),
+                       confidence=sim.cpu().numpy())
+
+    def nearest(self, a, b, n: int = 10) -> Matches:
+        """The n most confident nearest-neighbour transfers of a's salient cells."""
+        pa, pb = self.pair(a, b)
+        salient = torch.nonzero(pa.saliency > self.conf["saliency_threshold"]).squeeze(1)
+        probe = self.match_points(a, b, pa.cell_to_xy(_cells(salient, pa.grid)))
+        top = np.argsort(-probe.confidence, kind="stable")[:n]
+        return Matches(probe.points_a[top], probe.points_b[top], probe.confidence[top])
+
+
+def _cells(index: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Flat cell indices -> (P, 2) (row, col)."""
+    return torch.stack([index // grid[1], index % grid[1]], 1)
+
+
+class DenseMatcher(Matcher):
+    """Correspondences from one backbone's dense descriptors. Configuration is data: unset settings
+    (None) take the backbone's `match_defaults` (a ViT: key facet of a late block at half-patch
+    stride, log-binned; the UNet: DIFT's up_blocks[1] features)."""
 
     default_conf = dict(
         layer=None,  # ViT block index, or UNet module path
@@ -171,19 +213,6 @@ class DenseMatcher:
         return DenseDescriptors(desc=desc[0].float(), saliency=sal[0].float(), grid=g.grid, stride=g.stride,
                                 patch=g.patch, input_size=c["image_size"], image_size=image.size)
 
-    def match_points(self, a: DenseDescriptors, b: DenseDescriptors, points_xy: np.ndarray) -> Matches:
-        idx = a.xy_to_index(points_xy)
-        rc, conf = transfer_points(a.desc, b.desc, idx, b.grid, window=self.conf["refine_window"])
-        return Matches(points_a=np.asarray(points_xy, dtype=np.float32).reshape(-1, 2),
-                       points_b=b.cell_to_xy(rc), confidence=conf.cpu().numpy())
-
-    def best_buddies(self, a: DenseDescriptors, b: DenseDescriptors, n: int = 10) -> Matches:
-        pairs, sim = best_buddies(a.desc, b.desc, a.saliency, b.saliency, n=n,
-                                  threshold=self.conf["saliency_threshold"])
-        wa, wb = a.grid[1], b.grid[1]
-        rc_a = torch.stack([pairs[:, 0] // wa, pairs[:, 0] % wa], 1)
-        rc_b = torch.stack([pairs[:, 1] // wb, pairs[:, 1] % wb], 1)
-        return Matches(points_a=a.cell_to_xy(rc_a), points_b=b.cell_to_xy(rc_b), confidence=sim.cpu().numpy())
-
     def with_conf(self, **conf) -> "DenseMatcher":
+        """The same backbone with other settings (no reload)."""
         return DenseMatcher(self.backbone, **{**self.conf, **conf})
