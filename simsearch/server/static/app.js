@@ -71,7 +71,8 @@ async function search() {
 function showResults(result) {
   const q = result.query;
   const ms = Object.entries(result.ms).map(([stage, t]) => `${stage} ${Math.round(t)} ms`).join(", ");
-  setStatus(`${result.hits.length} ${q.mode} hits` + (q.rerank !== "none" ? `, reranked by ${q.rerank}` : "") + ` (${ms})`);
+  setStatus(`${result.hits.length} ${q.mode} hits` + (q.where ? ` where ${q.where}` : "") +
+            (q.rerank !== "none" ? `, reranked by ${q.rerank}` : "") + ` (${ms})`);
   $("results").replaceChildren(...result.hits.map((hit) => {
     const name = hit.path.split("/").pop();
     return element("li", { class: "hit", "data-rank": hit.rank, "data-path": hit.path }, [
