@@ -12,14 +12,18 @@ import json
 import logging
 import os
 import shutil
+import socket
+import subprocess
+import time
 
+import httpx
 import lancedb
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from conftest import QUERIES, broken_files, image_bytes, png_header
+from conftest import QUERIES, broken_files, cli_command, one_line_error, png_header
 from live_server import live_server
 from simsearch import Index
 from simsearch.server import bind_warning, create_app
@@ -296,3 +300,33 @@ def test_bind_warning():
     for host in ("0.0.0.0", "::", "192.168.1.20", "example.org"):
         warning = bind_warning(host, 8000)
         assert warning.startswith("WARNING") and f"{host}:8000" in warning and "no authentication" in warning
+
+
+def test_serve_command(tmp_path, new_index, photos, cli):
+    """`simsearch serve` in a subprocess: it loads the database, says where to go, and answers."""
+    code, out, err = cli("serve", "--db", tmp_path / "missing")
+    one_line_error(code, out, err, "missing", "no simsearch database")
+    db = tmp_path / "db"
+    new_index(db).add_folder(photos)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([*cli_command(), "serve", "--db", str(db), "--port", str(port), "--max-upload-mb", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, COLUMNS="200"))
+    try:
+        info = None
+        for _ in range(600):
+            try:
+                info = httpx.get(f"http://127.0.0.1:{port}/api/info", timeout=5)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.communicate()
+                time.sleep(0.2)
+        assert info is not None and info.status_code == 200
+        assert info.json()["rows"] == 12 and info.json()["server"]["max_upload_bytes"] == 2 << 20
+        assert "access-control-allow-origin" not in info.headers
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=60)
+    assert f"12 images, model {Index(db).conf.model}: open http://127.0.0.1:{port}" in " ".join(err.split())
+    assert "WARNING" not in err and "Traceback" not in err
