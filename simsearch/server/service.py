@@ -99,6 +99,7 @@ class SearchService:
             image = open_image(data, max_side=self.index.conf.image_size, name=filename).image
         t1 = time.perf_counter()
         with self.model_lock:
+            t_model = time.perf_counter()
             emb = self.index.embed_image(image)
         t2 = time.perf_counter()
         thumb = image.copy()
@@ -107,7 +108,7 @@ class SearchService:
         hits = self._search(getattr(emb, mode)[0], emb.dense[0], mode, k, rerank, candidates, where)
         t3 = time.perf_counter()
         return self._result({"id": qid, "key": None}, mode, k, rerank, candidates, where, hits,
-                            decode=t1 - t0, forward=t2 - t1, search=t3 - t2)
+                            decode=t1 - t0, queue=t_model - t1, forward=t2 - t_model, search=t3 - t2)
 
     def search_key(self, key: int, mode: str, k: int, rerank: str | None, candidates: int, where: str | None) -> dict:
         """Search from an indexed image's stored vectors (no file, no forward)."""
@@ -159,8 +160,11 @@ class SearchService:
         return Image.open(io.BytesIO(self.thumbnail(key)[0])).convert("RGB")
 
     def info(self) -> dict:
+        import torch
+
         from ..rerank import RERANKERS
 
         return {**self.index.info(),
                 "server": {"max_upload_bytes": self.max_upload_bytes, "query_cache": self.queries.size,
-                           "modes": ["content", "style"], "rerankers": ["none", *RERANKERS]}}
+                           "modes": ["content", "style"], "rerankers": ["none", *RERANKERS],
+                           "device": str(self.index.embedder.device), "torch_threads": torch.get_num_threads()}}
