@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import lancedb
@@ -77,27 +78,38 @@ def test_info(client, embedded_db, embedded_model):
     assert info["server"]["rerankers"] == ["none", "aas", "matches", "both"]
 
 
-@pytest.mark.parametrize("mode, rerank, k, where", [
-    ("content", None, 5, None),
-    ("style", "both", 4, None),
-    ("content", "aas", 3, "path NOT LIKE '%chelsea%'"),
+@pytest.fixture(scope="module")
+def query_files(tmp_path_factory, embedded_db) -> dict[str, Path]:
+    """The cat crop, and a photo stored sideways with EXIF orientation 6 (both must be turned alike)."""
+    rotated = tmp_path_factory.mktemp("exif") / "astronaut_exif6.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(embedded_db[1] / "astronaut.jpg").transpose(Image.Transpose.ROTATE_90).save(rotated, exif=exif.tobytes())
+    return {"cat": QUERIES / "cat_crop.jpg", "exif6": rotated}
+
+
+@pytest.mark.parametrize("query, mode, rerank, k, where, first", [
+    ("cat", "content", None, 5, None, "chelsea.jpg"),  # the query is a crop of it
+    ("cat", "style", "both", 4, None, "chelsea.jpg"),
+    ("cat", "content", "aas", 3, "path NOT LIKE '%chelsea%'", None),
+    ("exif6", "content", None, 3, None, "astronaut.jpg"),
 ])
-def test_upload_gives_the_cli_results(client, cli, embedded_db, mode, rerank, k, where):
+def test_upload_gives_the_cli_results(client, cli, embedded_db, query_files, query, mode, rerank, k, where, first):
     """Same query, same database: `simsearch query --json` and the API agree on paths, ranks and scores."""
-    args = ["query", QUERIES / "cat_crop.jpg", "--db", embedded_db[0], "--json", "--mode", mode, "-k", k]
+    path = query_files[query]
+    args = ["query", path, "--db", embedded_db[0], "--json", "--mode", mode, "-k", k]
     args += ["--rerank", rerank] if rerank else []
     args += ["--where", where] if where else []
     code, out, err = cli(*args)
     assert code == 0, err
     expected = [json.loads(line) for line in out.splitlines()]
     form = dict(mode=mode, k=k, rerank=rerank or "none", **({"where": where} if where else {}))
-    r = upload(client, **form)
+    r = upload(client, path.read_bytes(), path.name, **form)
     assert r.status_code == 200, r.text
     got = [{name: value for name, value in hit.items() if name != "key"} for hit in r.json()["hits"]]
     assert got == expected
     assert len(got) == k and (where is None or all("chelsea" not in h["path"] for h in got))
-    if where is None:
-        assert os.path.basename(got[0]["path"]) == "chelsea.jpg"  # the query is a crop of it
+    assert first is None or os.path.basename(got[0]["path"]) == first
     query = r.json()["query"]
     assert (query["mode"], query["k"], query["rerank"], query["key"]) == (mode, k, rerank or "none", None)
     assert len(query["id"]) >= 16
