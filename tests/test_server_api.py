@@ -342,3 +342,11 @@ def test_serve_command(tmp_path, new_index, photos, cli):
         out, err = proc.communicate(timeout=60)
     assert f"12 images, model {Index(db).conf.model}: open http://127.0.0.1:{port}" in " ".join(err.split())
     assert "WARNING" not in err and "Traceback" not in err
+
+
+def test_empty_database_answers_409(tmp_path, new_index):
+    db = tmp_path / "db"
+    new_index(db).ensure_table()
+    client = TestClient(create_app(Index(db)))
+    assert client.get("/api/info").json()["rows"] == 0
+    json_error(upload(client), 409, "holds no images")
