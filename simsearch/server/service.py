@@ -102,11 +102,11 @@ class SearchService:
             t_model = time.perf_counter()
             emb = self.index.embed_image(image)
         t2 = time.perf_counter()
-        thumb = image.copy()
-        thumb.thumbnail((QUERY_THUMB, QUERY_THUMB))
-        qid = self.queries.put(Query(emb.dense[0], thumb))
         hits = self._search(getattr(emb, mode)[0], emb.dense[0], mode, k, rerank, candidates, where)
         t3 = time.perf_counter()
+        thumb = image.copy()
+        thumb.thumbnail((QUERY_THUMB, QUERY_THUMB))
+        qid = self.queries.put(Query(emb.dense[0], thumb))  # only a query that answered is remembered
         return self._result({"id": qid, "key": None}, mode, k, rerank, candidates, where, hits,
                             decode=t1 - t0, queue=t_model - t1, forward=t2 - t_model, search=t3 - t2)
 
