@@ -79,7 +79,9 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         length = headers.get(b"content-length", b"0")
-        if not length.isdigit() or int(length) > self.max_bytes:
+        if not length.isdigit():
+            return await error(400, "invalid Content-Length header")(scope, receive, send)
+        if int(length) > self.max_bytes:
             return await error(413, f"request body exceeds the {self.max_bytes:,}-byte limit")(scope, receive, send)
         seen = 0
 
