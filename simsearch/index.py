@@ -157,6 +157,12 @@ class Index:
                where: str | None = None, rerank: str | None = None, candidates: int = 50) -> list[Hit]:
         """Top-k images like `image`. mode: "content" or "style"; where: a SQL filter on the table;
         rerank: "aas", "matches" or "both" reorders the first `candidates` hits (see simsearch.rerank)."""
+        self.check_query(k, mode, rerank)
+        emb = self.embed_image(image)
+        return self.search_embedded(getattr(emb, mode)[0], emb.dense[0], k, mode, where, rerank, candidates)
+
+    def check_query(self, k: int, mode: str = "content", rerank: str | None = None) -> None:
+        """Refuse a query before any forward: unknown mode or reranker, k outside 1..rows."""
         if mode not in MODES:
             raise SimsearchError(f"unknown mode '{mode}' (choose from {', '.join(MODES)})")
         n = self.count()
@@ -171,11 +177,20 @@ class Index:
 
             if rerank not in RERANKERS:
                 raise SimsearchError(f"unknown reranker '{rerank}' (choose from {', '.join(RERANKERS)})")
-        emb = self.embed_image(image)
+
+    def search_embedded(self, vector: np.ndarray, dense: np.ndarray | None, k: int = 10, mode: str = "content",
+                        where: str | None = None, rerank: str | None = None, candidates: int = 50) -> list[Hit]:
+        """`search` for a query already embedded: its `mode` vector and (to rerank) its dense tensor (T, C)."""
         if rerank is None:
-            return self.search_vector(getattr(emb, mode)[0], k, mode, where)
-        hits = self.search_vector(getattr(emb, mode)[0], max(k, min(candidates, n)), mode, where)
-        return self.rerank(emb.dense[0], hits, rerank)[:k]
+            return self.search_vector(vector, k, mode, where)
+        hits = self.search_vector(vector, max(k, min(candidates, self.count())), mode, where)
+        return self.rerank(dense, hits, rerank)[:k]
+
+    def stored_query(self, key: int, mode: str = "content") -> tuple[np.ndarray, np.ndarray]:
+        """The `mode` vector and the dense tensor stored for row `key`, to search from an indexed
+        image without its file (MissingRowsError when the row is gone)."""
+        row = self.store.rows([key], [mode, "dense"])[0]
+        return np.asarray(row[mode], dtype=np.float32), self._decode_dense([row])[0]
 
     def rerank(self, query_dense: np.ndarray, hits: list[Hit], method: str = "both") -> list[Hit]:
         """Reorder `hits` by a second-stage score computed from the stored dense tensors. Hits whose

@@ -25,6 +25,20 @@ def _key_grid(backbone, layer, dense: np.ndarray, image_size: tuple[int, int], i
 
 
 @torch.inference_mode()
+def match_picture(index, query_dense: np.ndarray, query_image: Image.Image, hit_dense: np.ndarray,
+                  hit_image: Image.Image, n_matches: int = 8, height: int = 160) -> Image.Image:
+    """The query and a hit side by side with their best-buddy correspondences, found on the key facet
+    of the stored dense layer (query_dense, hit_dense: (T, C) hidden states entering that block)."""
+    bb, layer, size = index.embedder.backbone, index.conf.dense_layer, index.conf.image_size
+    q_grid = _key_grid(bb, layer, query_dense, query_image.size, size)
+    h_grid = _key_grid(bb, layer, hit_dense, hit_image.size, size)
+    pairs, sim = best_buddies(q_grid.desc, h_grid.desc, q_grid.saliency, h_grid.saliency, n=n_matches)
+    rc = lambda idx, w: torch.stack([idx // w, idx % w], 1)  # noqa: E731
+    return draw_matches(query_image, hit_image, q_grid.cell_to_xy(rc(pairs[:, 0], q_grid.grid[1])),
+                        h_grid.cell_to_xy(rc(pairs[:, 1], h_grid.grid[1])), sim.numpy(), height=height)
+
+
+@torch.inference_mode()
 def write_results_html(index, query: str | Path, hits, path: str | Path, mode: str, n_matches: int = 8) -> Path:
     """Query, hits with thumbnails and scores, and each hit's correspondences to the query."""
     from .images import open_image
@@ -36,17 +50,11 @@ def write_results_html(index, query: str | Path, hits, path: str | Path, mode: s
     rows_by_key = index.store.find([h.key for h in hits], ["thumb"])
     hits = [h for h in hits if h.key in rows_by_key]
     dense = index.dense([h.key for h in hits]) if hits else []
-    bb, layer, size = index.embedder.backbone, index.conf.dense_layer, index.conf.image_size
-    q_grid = _key_grid(bb, layer, q_dense, q_thumb.size, size)
     score_names = list(hits[0].scores) if hits and hits[0].scores else []
     rows = []
     for hit, hit_dense in zip(hits, dense):
         thumb = Image.open(io.BytesIO(rows_by_key[hit.key]["thumb"])).convert("RGB")
-        h_grid = _key_grid(bb, layer, hit_dense, thumb.size, size)
-        pairs, sim = best_buddies(q_grid.desc, h_grid.desc, q_grid.saliency, h_grid.saliency, n=n_matches)
-        rc = lambda idx, w: torch.stack([idx // w, idx % w], 1)  # noqa: E731
-        pic = draw_matches(q_thumb, thumb, q_grid.cell_to_xy(rc(pairs[:, 0], q_grid.grid[1])),
-                           h_grid.cell_to_xy(rc(pairs[:, 1], h_grid.grid[1])), sim.numpy(), height=160)
+        pic = match_picture(index, q_dense, q_thumb, hit_dense, thumb, n_matches)
         rows.append([str(hit.rank), f"{hit.score:.4f}", *[f"{hit.scores[n]:.4f}" for n in score_names],
                      f'<img alt="hit {hit.rank}" src="{image_data_uri(thumb)}">',
                      f'<img alt="matches {hit.rank}" src="{image_data_uri(pic)}">',
