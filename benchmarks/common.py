@@ -100,6 +100,37 @@ def read_grouped(root: str | Path, per_group: int | None = None) -> tuple[list[s
     return paths, np.array(labels)
 
 
+# -- models ----------------------------------------------------------------------------------------
+def random_sd(width: float = 1.0, seed: int = 0):
+    """SD 1.x (v1-inference, simsearch's config for single files) with every channel count times `width` and
+    random weights, as a simsearch backbone (no real SD weights exist offline). -> (backbone, DiffSim's layer)"""
+    import copy
+
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm, create_vae_diffusers_config_from_ldm
+
+    from simsearch.backbones.sd import DIFFSIM_LAYER, SD1_ORIGINAL_CONFIG, StableDiffusionBackbone
+
+    def scaled(channels: int) -> int:  # multiples of 32: LDM's GroupNorm has 32 groups
+        return max(32, round(channels * width / 32) * 32)
+
+    cfg = copy.deepcopy(SD1_ORIGINAL_CONFIG)
+    p = cfg["model"]["params"]
+    p["unet_config"]["params"]["model_channels"] = scaled(320)
+    p["unet_config"]["params"]["context_dim"] = scaled(768)
+    p["first_stage_config"]["params"]["ddconfig"]["ch"] = scaled(128)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**create_unet_diffusers_config_from_ldm(cfg, {}))
+    vae = AutoencoderKL(**create_vae_diffusers_config_from_ldm(cfg, {}))
+    vae.decoder = vae.post_quant_conv = None
+    prompt = torch.randn(1, 77, p["unet_config"]["params"]["context_dim"])
+    scheduler = DDPMScheduler(beta_start=p["linear_start"], beta_end=p["linear_end"], beta_schedule="scaled_linear")
+    bb = StableDiffusionBackbone(unet, vae, prompt, scheduler, timestep=101).requires_grad_(False).eval()
+    return bb, DIFFSIM_LAYER
+
+
+
 # -- results -----------------------------------------------------------------------------------------
 def write_results(name: str, data: dict, markdown: str, out_dir: Path = RESULTS) -> Path:
     """out_dir/<name>.json and out_dir/<name>.md, side by side. -> the JSON path"""
