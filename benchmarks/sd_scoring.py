@@ -139,7 +139,7 @@ def int8_agreement(bb, layer, dense: torch.Tensor) -> dict:
 
 def render(r: dict) -> str:
     m = r["machine"]
-    lines = [f"# Stable Diffusion scoring: per-image cost, all pairs vs DiffSim's per-pair protocol, storage",
+    lines = ["# Stable Diffusion scoring: per-image cost, all pairs vs DiffSim's per-pair protocol, storage",
              "", f"`{r['command']}` on {r['date']}: {common.machine_line(m)}. Random-weight SD 1.x architecture "
              "(full size: 860M-parameter UNet; tiny: widths / 10). Timings are wall seconds on a machine shared with "
              "other jobs (load averages beside them); CPU seconds are this process's.", ""]

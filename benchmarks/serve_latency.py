@@ -201,7 +201,7 @@ def render() -> None:
         c = r["concurrent"]
         lines.append(f"| {size} | {c['clients']} | {c['requests']} | **{c['requests_per_s']:.2f}** | {c['p50_s']:.3f} | "
                      f"{c['p95_s']:.3f} | {c['forward_ms_p50']:.0f} | {c['queue_ms_p50']:.0f} | {c['load'][0]:.2f}→{c['load'][1]:.2f} |")
-    lines += ["", f"Server start to first answer (model, FAISS, one warm-up forward): "
+    lines += ["", "Server start to first answer (model, FAISS, one warm-up forward): "
               + ", ".join(f"{size} rows {r['startup_s']:.1f} s" for size, r in res["sizes"].items()) + ".", ""]
     (RESULTS / "serve.md").write_text("\n".join(lines))
     print(f"wrote {RESULTS / 'serve.md'}")

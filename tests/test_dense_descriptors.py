@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import save_tiny_vit
 from simsearch.descriptors.facets import attention_probs, facet, merge_heads

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 import papers_reference as ref
 from conftest import EXAMPLES, SD_SIZE, save_tiny_vit
 from simsearch.backbones import load_backbone
-from simsearch.rerank.correspondence import DenseDescriptors
 from simsearch.rerank.fusion import FusedMatcher, PairDescription, co_pca, fuse, gather_layers
 
 pytestmark = pytest.mark.slow

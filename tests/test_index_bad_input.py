@@ -5,10 +5,8 @@ survive unchanged."""
 from __future__ import annotations
 
 import os
-import struct
 import subprocess
 import threading
-import zlib
 from pathlib import Path
 
 import numpy as np

@@ -27,7 +27,6 @@ from torch import nn
 from ..errors import SimsearchError, WeightsNotFoundError
 
 Layer = int | str  # a ViT block index, or a module path inside the UNet
-KINDS = ("features", "source")
 
 
 @dataclass
