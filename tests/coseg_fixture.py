@@ -52,8 +52,9 @@ def stamp_paths(stamps: Path, category: str, n: int) -> list[Path]:
 
 
 def composite(stamp: Image.Image, photo: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
-    """The stamp, scaled to 40-65% of the shorter side, pasted at a random place on a random crop of
-    `photo` of random size (256-352 px a side). -> RGB image, its ground-truth mask (alpha >= 128)."""
+    """The stamp, its longer side scaled to 40-65% of the canvas's shorter side, pasted at a random place
+    on a random crop of `photo` of random size (256-352 px a side).
+    -> RGB image, its ground-truth mask (alpha >= 128)"""
     w, h = (int(v) for v in rng.integers(256, 353, size=2))
     side = rng.uniform(0.55, 0.9) * min(photo.size)
     cw, ch = (side, side * h / w) if w >= h else (side * w / h, side)

@@ -9,7 +9,17 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import DeviceOption, ImageSizeOption, ModelOption, StrideOption, cell, note, out, quiet_libraries, warn_failed
+from ._common import (
+    DeviceOption,
+    ImageSizeOption,
+    ModelOption,
+    StrideOption,
+    cell,
+    note,
+    out,
+    quiet_libraries,
+    warn_failed,
+)
 
 OutDirOption = Annotated[Path, typer.Option("--out", help="Folder for the masks and overlays.")]
 PartsOption = Annotated[Optional[int], typer.Option(min=1, help="Also split the common object into N parts.")]
@@ -29,7 +39,7 @@ def coseg(
     elbow: Annotated[Optional[float], typer.Option(help="Elbow coefficient for k (0.975).")] = None,
     votes: Annotated[Optional[float], typer.Option(help="Share of images a cluster must be salient in (0.75).")] = None,
     outliers: Annotated[Optional[float], typer.Option(
-        "--remove-outliers", help="Drop images whose CLS has cosine below this to the set's mean (theirs: 0.7).")] = None,
+        "--outlier-threshold", help="Drop images whose CLS has a cosine below this to the mean (theirs: 0.7).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
 ):
     """Co-segment the common object of a set of images: one mask per image (+ parts with --parts)."""
@@ -79,12 +89,11 @@ def print_report(report) -> None:
     table.add_column("foreground", justify="right")
     if r.parts is not None:
         table.add_column("parts", justify="right")
-    table.add_column("mask", overflow="fold")
     table.add_column("image", overflow="fold")
     for row in report.to_dicts():
         share = f"{100 * row['foreground']:.1f}%" if row["inlier"] else "outlier"
         part_cells = [" ".join(f"{100 * s:.0f}%" for s in row["part_shares"])] if r.parts is not None else []
-        table.add_row(share, *part_cells, cell(row["mask"]), cell(row["path"]))
+        table.add_row(share, *part_cells, cell(row["path"]))
     out.print(table)
     if not len(r.foreground):
         note("no cluster was salient in enough images: the masks are empty (try a lower --threshold or --votes)")
