@@ -340,9 +340,9 @@ def write_coseg_page(report: CosegReport, images: Sequence[Image.Image], path: s
         rows.append([_img_tag(pic, Path(p).name) for pic in pictures]
                     + [f"{100 * r.masks[i].mean():.1f}%" if r.inliers[i] else "outlier (dropped)",
                        f'<span class="path">{html.escape(p)}</span>'])
-    summary = (f"<p>{len(report.paths)} images, {int(r.inliers.sum())} kept by the outlier filter; k = {r.clusters} "
-               f"clusters by the elbow rule, {len(r.foreground)} of them foreground (salient in most images)."
-               f"</p>")
+    kept = f", {int(r.inliers.sum())} kept by the outlier filter" if not r.inliers.all() else ""
+    summary = (f"<p>{len(report.paths)} images{kept}; k = {r.clusters} clusters by the elbow rule, "
+               f"{len(r.foreground)} of them foreground (salient in most images).</p>")
     failed = "".join(f"<li>{html.escape(p)}: {html.escape(why)}</li>" for p, why in report.failed)
     return write_page(path, title, [summary, table_html(headers, rows, numeric={len(headers) - 2})]
                 + ([f"<h2>not read</h2><ul>{failed}</ul>"] if failed else []))

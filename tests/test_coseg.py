@@ -198,6 +198,14 @@ def test_coseg_cli_writes_masks_overlays_parts_and_a_page(cli, tmp_path, tiny_mo
     assert "co-segmentation: k =" in stdout and str(folder / "horse <b>[i].png") in stdout
     assert (out / "coffee <b>[i]_parts_overlay.jpg").is_file()
 
+    # a threshold no two different images pass: every image is an outlier, every mask empty
+    code, stdout, err = cli("coseg", folder, "--out", out, "--model", tiny_model, "--image-size", 56,
+                            "--outlier-threshold", 0.99999, "--json")
+    assert code == 0, err
+    rows = [json.loads(line) for line in stdout.strip().splitlines()]
+    assert [r["inlier"] for r in rows] == [False] * 4 and all(r["foreground"] == 0 for r in rows)
+    assert err.count("outlier (CLS far from the set's mean), left out: ") == 4
+
 
 def test_coseg_cli_errors(cli, tmp_path, tiny_model):
     empty = tmp_path / "empty"
@@ -231,6 +239,8 @@ def test_query_coseg_segments_the_query_with_its_hits(cli, tmp_path, new_index, 
     text = (out / "coseg.html").read_text()
     assert "co-segmentation of chelsea.jpg and its hits" in text and text.count("data:image/jpeg") == 2 * 4
     assert f"wrote 4 masks and overlays to {out}" in err
+    dropped = [line.rsplit(": ", 1)[1] for line in err.splitlines() if line.startswith("outlier")]
+    assert text.count("outlier (dropped)") == len(dropped) and set(dropped) <= set(hits)
 
 
 # -- the real thing: cut-out photos with alpha pasted on photos -----------------------------------

@@ -78,6 +78,9 @@ def run(paths, out_dir: Path, conf, html_out: Path | None, title: str = "simsear
         report = cosegment_files(paths, out_dir, conf, html_path=html_out, title=title,
                                  on_image=lambda: progress.advance(task), **kw)
     warn_failed(report.failed)
+    for path, kept in zip(report.paths, report.result.inliers):
+        if not kept:
+            note(f"outlier (CLS far from the set's mean), left out: {path}")
     note(f"wrote {len(report.files)} masks and overlays to {out_dir}" + (f", and {report.html}" if report.html else ""))
     return report
 
