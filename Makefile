@@ -27,12 +27,14 @@ demo: weights
 	$(BIN)/simsearch query examples/queries/cat_crop.jpg --db demo.db -k 5
 	$(BIN)/simsearch query examples/images/gravel.jpg --db demo.db -k 3 --mode style
 
-# What some tests need beyond pip: Debian's chromium (pages rendered in a real browser) and the
-# opencv-doc package's graf images (ground-truth homography for keypoint PCK), downloaded, not installed.
+# What some tests need beyond pip: Debian's chromium (pages rendered in a real browser), the
+# opencv-doc package's graf images (ground-truth homography for keypoint PCK) and the tuxpaint stamps
+# (cut-out photos with alpha: co-segmentation ground truth), downloaded, not installed.
 test-deps:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 	@mkdir -p "$(DATA)/debs"
 	@ls "$(DATA)"/debs/opencv-doc_*.deb >/dev/null 2>&1 || (cd "$(DATA)/debs" && apt-get download -qq opencv-doc)
+	@ls "$(DATA)"/debs/tuxpaint-stamps-default_*.deb >/dev/null 2>&1 || (cd "$(DATA)/debs" && apt-get download -qq tuxpaint-stamps-default)
 
 # Everything CI runs, nothing skipped for want of a download (SIMSEARCH_TEST_STRICT turns such skips into failures).
 test: weights test-deps

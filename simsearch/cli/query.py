@@ -24,6 +24,8 @@ def query(
     rerank: Annotated[Optional[str], typer.Option(help="Rerank with aas, matches or both.")] = None,
     candidates: Annotated[int, typer.Option(min=1, help="First-stage hits to rerank.")] = 50,
     html_out: Annotated[Optional[Path], typer.Option("--html", help="Write a self-contained results page.")] = None,
+    coseg_dir: Annotated[Optional[Path], typer.Option(
+        "--coseg", help="Co-segment the query with its hits into this folder (masks, overlays, coseg.html).")] = None,
 ):
     """Print the top-k images like IMAGE."""
     from ..errors import EmptyIndexError, ImageError
@@ -43,6 +45,12 @@ def query(
         from ..report import write_results_html
 
         note(f"wrote {write_results_html(idx, image, hits, html_out, mode)}")
+    if coseg_dir:
+        from ..coseg import QUERY_CONFIG, query_set
+        from .coseg import run
+
+        run(query_set(image, hits), coseg_dir, QUERY_CONFIG, coseg_dir / "coseg.html",
+            title=f"co-segmentation of {image.name} and its hits", backbone=idx.embedder.backbone)
     if as_json:
         for hit in hits:
             print(json.dumps(hit.to_dict()))

@@ -1,0 +1,132 @@
+"""Co-segmentation quality and speed on composites with exact ground truth.
+
+    python benchmarks/coseg.py [--per-category 6] [--image-size 392] [--categories food/fruit ...]
+
+Sets: for each of 10 tuxpaint categories of cut-out photos, n stamps pasted on crops of different
+example photos (tests/coseg_fixture.py, seeded per category; the Debian package comes from
+benchmarks/data.py's data root: `python benchmarks/data.py tuxpaint-categories` fetches it).
+Method: simsearch.coseg with its defaults on the embedded DINOv2-S/14 (CPU). Score: Jaccard of each
+mask against the stamp's alpha mask (>= 128), averaged per category, then over categories.
+Baseline: the same saliency maps, upsampled the same way, thresholded: at the method's 0.065, and at
+the one threshold best over the whole benchmark (an oracle: it looks at the ground truth).
+Results: benchmarks/results/coseg.json and coseg.md (a run with other settings writes coseg-<tag>.*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from coseg_fixture import CATEGORIES, composite_set, stamps_dir  # noqa: E402
+from dense import loadavg, machine  # noqa: E402
+
+THRESHOLDS = np.round(np.arange(0.02, 0.62, 0.02), 2)
+
+
+def run(categories: list[str], n: int, conf, seed: int) -> dict:
+    from simsearch import coseg as C
+    from simsearch.backbones import DEFAULT_MODEL, load_backbone
+
+    stamps = stamps_dir()
+    if stamps is None:
+        sys.exit("tuxpaint stamps missing: run `python benchmarks/data.py tuxpaint-categories` first")
+    backbone = load_backbone(DEFAULT_MODEL, "cpu")
+    rows, baseline = {}, {}
+    for i, category in enumerate(categories):
+        images, truths = composite_set(stamps, category, n, seed=seed + i)
+        load = loadavg()
+        t0 = time.perf_counter()
+        feats = [C.image_features(backbone, img, conf) for img in images]
+        t1 = time.perf_counter()
+        result = C.cosegment_features(feats, [t.shape for t in truths], conf)
+        t2 = time.perf_counter()
+        scores = [C.jaccard(m, t) for m, t in zip(result.masks, truths)]
+        baseline[category] = [saliency_only(result, truths, th) for th in THRESHOLDS]
+        rows[category] = {"images": len(images), "jaccard": float(np.mean(scores)), "per_image": scores,
+                          "saliency_fixed": saliency_only(result, truths, conf.saliency_threshold),
+                          "k": result.clusters, "foreground_clusters": len(result.foreground),
+                          "features_s_per_image": (t1 - t0) / len(images), "clustering_s": t2 - t1,
+                          "load_before": load, "load_after": loadavg()}
+        print(f"{category}: J {rows[category]['jaccard']:.3f} (k {result.clusters}), "
+              f"{(t1 - t0) / len(images):.2f} s/image + {t2 - t1:.2f} s clustering", file=sys.stderr, flush=True)
+    overall = np.mean([baseline[c] for c in categories], axis=0)
+    best = int(np.argmax(overall))
+    for c in categories:
+        rows[c]["saliency_oracle"] = float(baseline[c][best])
+    keys = ("jaccard", "saliency_fixed", "saliency_oracle", "features_s_per_image", "clustering_s")
+    mean = {k: float(np.mean([rows[c][k] for c in categories])) for k in keys}
+    return {"categories": rows, "config": asdict(conf), "per_category": n, "seed": seed, "model": DEFAULT_MODEL,
+            "oracle_threshold": float(THRESHOLDS[best]), "mean": mean,
+            "machine": machine()}
+
+
+def saliency_only(result, truths, threshold: float) -> float:
+    """Mean Jaccard of the baseline: each image's saliency map, upsampled like the masks, above `threshold`."""
+    from simsearch.coseg import jaccard, saliency_mask
+
+    return float(np.mean([jaccard(saliency_mask(s, t.shape, threshold), t) for s, t in zip(result.saliency, truths)]))
+
+
+def render(res: dict, command: str) -> str:
+    m, mach = res["mean"], res["machine"]
+    conf = res["config"]
+    layer = "the last (11)" if conf["layer"] is None else conf["layer"]
+    lines = [
+        "# Co-segmentation on tuxpaint stamps pasted on photos", "",
+        f"Command: `{command}`", "",
+        f"Machine: {mach['cpu']}, {mach['cpus']} CPUs visible, torch {mach['torch']} with {mach['torch_threads']} "
+        f"thread(s), no GPU used, {mach['when']} (shared machine: 1-min load average per category in the JSON).", "",
+        f"Model: {res['model']} (embedded DINOv2-S/14), key facet of block {layer}, {conf['image_size']} px, "
+        f"stride {conf['stride'] or 7}; elbow {conf['elbow']}, saliency threshold {conf['saliency_threshold']}, "
+        f"votes {conf['votes']}. {res['per_category']} composites per category (seed {res['seed']}): each a stamp "
+        f"of the category pasted on a crop of a different examples/images photo. Jaccard of the mask against the "
+        f"stamp's alpha mask, mean per category.",
+        f"Saliency-only baseline: the same CLS-attention saliency maps, upsampled like the masks, above "
+        f"{conf['saliency_threshold']} (the method's threshold), or above {res['oracle_threshold']} (the single best "
+        f"threshold over the whole benchmark, chosen on the ground truth: an upper bound for any fixed threshold).",
+        "",
+        "| category | images | co-segmentation J | saliency > fixed | saliency > oracle | k | s / image |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c, r in res["categories"].items():
+        lines.append(f"| {c} | {r['images']} | {r['jaccard']:.3f} | {r['saliency_fixed']:.3f} | "
+                     f"{r['saliency_oracle']:.3f} | {r['k']} | {r['features_s_per_image']:.2f} |")
+    lines.append(f"| **mean** | | **{m['jaccard']:.3f}** | {m['saliency_fixed']:.3f} | {m['saliency_oracle']:.3f} | | "
+                 f"{m['features_s_per_image']:.2f} |")
+    lines += ["", f"Time per image: {m['features_s_per_image']:.2f} s of feature extraction (one forward at "
+              f"{conf['image_size']} px, stride {conf['stride'] or 7}) plus {m['clustering_s']:.2f} s of clustering "
+              f"per set, on CPU."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    from simsearch.coseg import CosegConfig
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--categories", nargs="*", default=CATEGORIES)
+    ap.add_argument("--per-category", type=int, default=6)
+    ap.add_argument("--image-size", type=int, default=CosegConfig.image_size)
+    ap.add_argument("--layer", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tag", default="", help="results go to coseg-TAG.* instead of coseg.*")
+    args = ap.parse_args(argv)
+    conf = replace(CosegConfig(), image_size=args.image_size, layer=args.layer)
+    res = run(args.categories, args.per_category, conf, args.seed)
+    out = HERE / "results" / (f"coseg-{args.tag}" if args.tag else "coseg")
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+    out.with_suffix(".md").write_text(render(res, "python benchmarks/coseg.py " + " ".join(argv or sys.argv[1:])))
+    print(out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
