@@ -3,8 +3,8 @@
     python benchmarks/coseg.py [--per-category 6] [--image-size 392] [--categories food/fruit ...]
 
 Sets: for each of 10 tuxpaint categories of cut-out photos, n stamps pasted on crops of different
-example photos (tests/coseg_fixture.py, seeded per category; the Debian package comes from
-benchmarks/data.py's data root: `python benchmarks/data.py tuxpaint-categories` fetches it).
+example photos (simsearch.bench.fixtures.composite_set, seeded per category; the Debian package is
+unpacked under the data root: `make test-deps` or `python benchmarks/data.py tuxpaint-categories` fetch it).
 Method: simsearch.coseg with its defaults on the embedded DINOv2-S/14 (CPU). Score: Jaccard of each
 mask against the stamp's alpha mask (>= 128), averaged per category, then over categories.
 Baseline: the same saliency maps, upsampled the same way, thresholded: at the method's 0.065, and at
@@ -15,7 +15,6 @@ Results: benchmarks/results/coseg.json and coseg.md (a run with other settings w
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import asdict, replace
@@ -23,12 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests"))
-
-from coseg_fixture import CATEGORIES, composite_set, stamps_dir  # noqa: E402
-from dense import loadavg, machine  # noqa: E402
+import common
+from simsearch.bench.fixtures import COSEG_CATEGORIES, composite_set, stamps_dir
 
 THRESHOLDS = np.round(np.arange(0.02, 0.62, 0.02), 2)
 
@@ -39,12 +34,12 @@ def run(categories: list[str], n: int, conf, seed: int) -> dict:
 
     stamps = stamps_dir()
     if stamps is None:
-        sys.exit("tuxpaint stamps missing: run `python benchmarks/data.py tuxpaint-categories` first")
+        sys.exit("tuxpaint stamps missing: run `make test-deps` or `python benchmarks/data.py tuxpaint-categories` first")
     backbone = load_backbone(DEFAULT_MODEL, "cpu")
     rows, baseline = {}, {}
     for i, category in enumerate(categories):
-        images, truths = composite_set(stamps, category, n, seed=seed + i)
-        load = loadavg()
+        images, truths = composite_set(stamps, category, n, common.EXAMPLES, seed=seed + i)
+        load = common.loadavg()
         t0 = time.perf_counter()
         feats = [C.image_features(backbone, img, conf) for img in images]
         t1 = time.perf_counter()
@@ -56,7 +51,7 @@ def run(categories: list[str], n: int, conf, seed: int) -> dict:
                           "saliency_fixed": saliency_only(result, truths, conf.saliency_threshold),
                           "k": result.clusters, "foreground_clusters": len(result.foreground),
                           "features_s_per_image": (t1 - t0) / len(images), "clustering_s": t2 - t1,
-                          "load_before": load, "load_after": loadavg()}
+                          "load_before": load, "load_after": common.loadavg()}
         print(f"{category}: J {rows[category]['jaccard']:.3f} (k {result.clusters}), "
               f"{(t1 - t0) / len(images):.2f} s/image + {t2 - t1:.2f} s clustering", file=sys.stderr, flush=True)
     overall = np.mean([baseline[c] for c in categories], axis=0)
@@ -67,7 +62,7 @@ def run(categories: list[str], n: int, conf, seed: int) -> dict:
     mean = {k: float(np.mean([rows[c][k] for c in categories])) for k in keys}
     return {"categories": rows, "config": asdict(conf), "per_category": n, "seed": seed, "model": DEFAULT_MODEL,
             "oracle_threshold": float(THRESHOLDS[best]), "mean": mean,
-            "machine": machine()}
+            "machine": common.machine_info(), "date": common.now()}
 
 
 def saliency_only(result, truths, threshold: float) -> float:
@@ -84,8 +79,8 @@ def render(res: dict, command: str) -> str:
     lines = [
         "# Co-segmentation on tuxpaint stamps pasted on photos", "",
         f"Command: `{command}`", "",
-        f"Machine: {mach['cpu']}, {mach['cpus']} CPUs visible, torch {mach['torch']} with {mach['torch_threads']} "
-        f"thread(s), no GPU used, {mach['when']} (shared machine: 1-min load average per category in the JSON).", "",
+        f"Machine: {common.machine_line(mach)}; no GPU used; {res['date']} (shared machine: 1-min load average "
+        f"per category in the JSON).", "",
         f"Model: {res['model']} (embedded DINOv2-S/14), key facet of block {layer}, {conf['image_size']} px, "
         f"stride {conf['stride'] or 7}; elbow {conf['elbow']}, saliency threshold {conf['saliency_threshold']}, "
         f"votes {conf['votes']}. {res['per_category']} composites per category (seed {res['seed']}): each a stamp "
@@ -113,19 +108,17 @@ def main(argv: list[str] | None = None) -> None:
     from simsearch.coseg import CosegConfig
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--categories", nargs="*", default=CATEGORIES)
+    ap.add_argument("--categories", nargs="*", default=COSEG_CATEGORIES)
     ap.add_argument("--per-category", type=int, default=6)
     ap.add_argument("--image-size", type=int, default=CosegConfig.image_size)
     ap.add_argument("--layer", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="", help="results go to coseg-TAG.* instead of coseg.*")
+    ap.add_argument("--out-dir", type=Path, default=common.RESULTS)
     args = ap.parse_args(argv)
     conf = replace(CosegConfig(), image_size=args.image_size, layer=args.layer)
     res = run(args.categories, args.per_category, conf, args.seed)
-    out = HERE / "results" / (f"coseg-{args.tag}" if args.tag else "coseg")
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-    out.with_suffix(".md").write_text(render(res, "python benchmarks/coseg.py " + " ".join(argv or sys.argv[1:])))
-    print(out.with_suffix(".md").read_text())
+    common.write_results(f"coseg-{args.tag}" if args.tag else "coseg", res, render(res, common.command_line()), args.out_dir)
 
 
 if __name__ == "__main__":

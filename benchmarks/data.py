@@ -32,6 +32,7 @@ from pathlib import Path
 from PIL import Image
 
 from common import data_root
+from simsearch.bench.fixtures import debian_package, spread  # noqa: F401 (spread: for the datasets)
 
 MIN_GROUP = 5  # groups with fewer images are skipped
 CARD_HEIGHT = 200  # rendered card height in pixels
@@ -43,43 +44,9 @@ STAMPS = "usr/share/tuxpaint/stamps"
 DECKS = "usr/share/carddecks"
 
 
-def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
-
-
 def fetch(root: Path, package: str) -> Path:
-    """Download (apt-get download) and unpack (dpkg -x) a Debian package; returns the unpacked tree."""
-    tree = root / "pkgs" / package
-    if tree.is_dir():
-        return tree
-    debs = root / "debs"
-    debs.mkdir(parents=True, exist_ok=True)
-    if not list(debs.glob(f"{package}_*.deb")):
-        print(f"apt-get download {package}", file=sys.stderr)
-        try:
-            run(["apt-get", "download", package], cwd=debs)
-        except (subprocess.CalledProcessError, FileNotFoundError):
-            try:  # stale or empty package lists: refresh once and retry
-                run(["apt-get", "update"])
-                run(["apt-get", "download", package], cwd=debs)
-            except (subprocess.CalledProcessError, FileNotFoundError) as e:
-                sys.exit(f"cannot fetch Debian package {package} ({getattr(e, 'stderr', e)}); "
-                         f"put {package}_*.deb into {debs} by hand")
-    deb = sorted(debs.glob(f"{package}_*.deb"))[-1]
-    tree.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{package}.", dir=tree.parent))
-    run(["dpkg", "-x", str(deb), str(tmp)])
-    tmp.chmod(0o755)  # mkdtemp makes it private
-    tmp.rename(tree)
-    return tree
-
-
-def spread(items: list, cap: int) -> list:
-    """Deterministic subset of at most `cap` items, evenly spaced over the sorted list."""
-    items = sorted(items)
-    if len(items) <= cap:
-        return items
-    return [items[i * len(items) // cap] for i in range(cap)]
+    """The unpacked tree of a Debian package under `root`, downloaded if need be."""
+    return debian_package(package, root)
 
 
 # ---- datasets: each returns {group: [image paths]} ------------------------------------------------

@@ -249,13 +249,13 @@ def test_cosegmentation_of_real_cutouts_beats_saliency_alone(embedded_model):
     """Five birds, each on a crop of another example photo: the masks must match the alpha masks better
     than the saliency map they vote with, thresholded alone (benchmarks/coseg.py measures ten
     categories)."""
-    import coseg_fixture
+    from simsearch.bench import fixtures
 
     from simsearch.backbones import load_backbone
 
-    stamps = require(coseg_fixture.stamps_dir(), "tuxpaint stamps not found (Debian package tuxpaint-stamps-default "
+    stamps = require(fixtures.stamps_dir(), "tuxpaint stamps not found (Debian package tuxpaint-stamps-default "
                                                  "in the data root of benchmarks/data.py)")
-    images, truths = coseg_fixture.composite_set(stamps, "animals/birds", 5, seed=0)
+    images, truths = fixtures.composite_set(stamps, "animals/birds", 5, EXAMPLES, seed=0)
     result = C.cosegment(load_backbone(embedded_model, "cpu"), images)
     coseg = np.mean([C.jaccard(m, t) for m, t in zip(result.masks, truths)])
     saliency = np.mean([C.jaccard(C.saliency_mask(s, t.shape, 0.065), t) for s, t in zip(result.saliency, truths)])

@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -133,6 +134,46 @@ def _graf_dir_candidates() -> list[Path]:
     return [*([Path(env)] if env else []), data_root() / "pkgs" / "opencv-doc" / GRAF_SUBDIR, Path("/") / GRAF_SUBDIR]
 
 
+def debian_package(package: str, root: str | Path | None = None, download: bool = True) -> Path:
+    """The unpacked tree of a Debian package under the data root (`pkgs/<package>`), unpacking
+    `debs/<package>_*.deb` with `dpkg -x` and, when allowed, downloading it first (`apt-get download`, no
+    install). SimsearchError when it cannot be had."""
+    root = Path(root) if root is not None else data_root()
+    tree, debs = root / "pkgs" / package, root / "debs"
+    if tree.is_dir():
+        return tree
+    debs.mkdir(parents=True, exist_ok=True)
+
+    def run(*cmd: str, cwd: Path | None = None) -> None:
+        subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=cwd)
+
+    if not list(debs.glob(f"{package}_*.deb")):
+        if not download:
+            raise SimsearchError(f"{debs}: no {package}_*.deb (apt-get download {package}, or `make test-deps`)")
+        try:
+            run("apt-get", "download", package, cwd=debs)
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            try:  # stale or empty package lists: refresh once and retry
+                run("apt-get", "update")
+                run("apt-get", "download", package, cwd=debs)
+            except (subprocess.CalledProcessError, FileNotFoundError) as e:
+                raise SimsearchError(f"cannot fetch Debian package {package} ({getattr(e, 'stderr', e)}); "
+                                     f"put {package}_*.deb into {debs} by hand") from None
+    deb = sorted(debs.glob(f"{package}_*.deb"))[-1]
+    tree.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{package}.", dir=tree.parent))
+    run("dpkg", "-x", str(deb), str(tmp))
+    tmp.chmod(0o755)  # mkdtemp makes it private
+    tmp.rename(tree)  # appears whole or not at all
+    return tree
+
+
+def spread(items, cap: int) -> list:
+    """A deterministic subset of at most `cap` items, evenly spaced over the sorted list."""
+    items = sorted(items)
+    return items if len(items) <= cap else [items[i * len(items) // cap] for i in range(cap)]
+
+
 def find_graf_data(extract_to: str | Path | None = None) -> Path | None:
     """The folder holding graf1.png, graf3.png and H1to3p.xml, or None.
 
@@ -189,3 +230,63 @@ def _write_pair(root: Path, split: str, pair_id: str, category: str, src: str, t
         "kps_ids": [str(i) for i in range(len(src_kps))],
         "viewpoint_variation": 0, "scale_variation": 0, "truncation": 0, "occlusion": 0,
     }))
+
+
+# -- co-segmentation sets -------------------------------------------------------------------------------
+# Debian's tuxpaint stamps (cut-out photos with an alpha channel) pasted onto crops of real photos: exact
+# ground-truth masks. `make test-deps` downloads the package; nothing here downloads it.
+STAMPS_PACKAGE = "tuxpaint-stamps-default"
+STAMPS = Path("usr/share/tuxpaint/stamps")
+# Folders of cut-out photos (drawings live in `cartoon/` subfolders, which are not read).
+COSEG_CATEGORIES = ["animals/birds", "animals/fish", "animals/insects", "animals/mammals", "animals/mammals/bovines",
+              "food/fruit", "food/vegetables", "household/tools", "plants/flowers", "space/planets"]
+
+
+def stamps_dir() -> Path | None:
+    """The unpacked stamps folder, unpacking a downloaded .deb if that is all there is; None when
+    neither is there (this never downloads)."""
+    try:
+        return debian_package(STAMPS_PACKAGE, download=False) / STAMPS
+    except SimsearchError:
+        return None
+
+
+def stamp_paths(stamps: Path, category: str, n: int) -> list[Path]:
+    """n stamps of a category folder, evenly spread over its sorted list (pre-mirrored copies skipped)."""
+    paths = [p for p in (stamps / category).glob("*.png") if not p.stem.endswith("_mirror")]
+    return spread(paths, n)
+
+
+def composite(stamp: Image.Image, photo: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
+    """The stamp, its longer side scaled to 40-65% of the canvas's shorter side, pasted at a random place
+    on a random crop of `photo` of random size (256-352 px a side).
+    -> RGB image, its ground-truth mask (alpha >= 128)"""
+    w, h = (int(v) for v in rng.integers(256, 353, size=2))
+    side = rng.uniform(0.55, 0.9) * min(photo.size)
+    cw, ch = (side, side * h / w) if w >= h else (side * w / h, side)
+    x0, y0 = rng.uniform(0, photo.width - cw), rng.uniform(0, photo.height - ch)
+    canvas = photo.convert("RGB").resize((w, h), Image.Resampling.BICUBIC, box=(x0, y0, x0 + cw, y0 + ch))
+    stamp = stamp.convert("RGBA")
+    scale = rng.uniform(0.4, 0.65) * min(w, h) / max(stamp.size)
+    stamp = stamp.resize((max(1, round(stamp.width * scale)), max(1, round(stamp.height * scale))),
+                         Image.Resampling.LANCZOS)
+    x, y = int(rng.integers(0, w - stamp.width + 1)), int(rng.integers(0, h - stamp.height + 1))
+    canvas.paste(stamp, (x, y), stamp)
+    mask = np.zeros((h, w), dtype=bool)
+    mask[y:y + stamp.height, x:x + stamp.width] = np.asarray(stamp.getchannel("A")) >= 128
+    return canvas, mask
+
+
+def composite_set(stamps: Path, category: str, n: int, photos_dir: str | Path, seed: int = 0
+                  ) -> tuple[list[Image.Image], list[np.ndarray]]:
+    """n stamps of `category`, each on a crop of a different photo of `photos_dir` (seeded)."""
+    rng = np.random.default_rng(seed)
+    photos = sorted(Path(photos_dir).glob("*.jpg"))
+    order = rng.permutation(len(photos))
+    images, masks = [], []
+    for i, path in enumerate(stamp_paths(stamps, category, n)):
+        with Image.open(path) as stamp, Image.open(photos[order[i % len(photos)]]) as photo:
+            img, mask = composite(stamp, photo, rng)
+        images.append(img)
+        masks.append(mask)
+    return images, masks
