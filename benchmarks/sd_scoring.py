@@ -144,9 +144,16 @@ def render(r: dict) -> str:
              "(full size: 860M-parameter UNet; tiny: widths / 10). Timings are wall seconds on a machine shared with "
              "other jobs (load averages beside them); CPU seconds are this process's.", ""]
     if "per_image" in r:
+        labels = {"vae_encode": "VAE encode (posterior mean, noised)",
+                  "unet_to_last_tap": "VAE + UNet up to its last tap (simsearch: stops after up_blocks[1])",
+                  "unet_whole": "VAE + the whole UNet (what DiffSim runs per image)"}
         lines += ["## One image at 512 px (full-size UNet, CPU)", "", "| step | wall s | CPU s | load |", "|---|---|---|---|"]
-        lines += [f"| {k} | {v['seconds']:.2f} | {v['cpu_seconds']:.2f} | {v['load']:.1f} |" for k, v in r["per_image"].items()]
-        lines.append("")
+        lines += [f"| {labels[k]} | {v['seconds']:.2f} | {v['cpu_seconds']:.2f} | {v['load']:.1f} |" for k, v in r["per_image"].items()]
+        pi = r["per_image"]
+        unet_part = pi["unet_to_last_tap"]["cpu_seconds"] - pi["vae_encode"]["cpu_seconds"]
+        unet_all = pi["unet_whole"]["cpu_seconds"] - pi["vae_encode"]["cpu_seconds"]
+        lines += ["", f"In CPU seconds (the wall times are dominated by the machine's other load): the UNet up to "
+                  f"the last tap costs {unet_part:.1f} s, the whole UNet {unet_all:.1f} s ({100 * unet_part / unet_all:.0f}%).", ""]
     for model in ("full", "tiny"):
         if model not in r:
             continue
