@@ -3,7 +3,7 @@
 Three stages overlap so the model never waits on the disk:
   reader threads   stat -> read bytes -> hash -> decode -> resize   (bounded prefetch window)
   main thread      batch -> backbone forward
-  writer thread    rows -> LanceDB merge_insert every `write_rows` rows (one atomic commit each)
+  writer thread    rows -> store.put every `write_rows` rows (appends; deletes only replaced keys)
 Memory stays flat: at most `prefetch` decoded images and two pending writes exist at any time.
 Ctrl-C commits every row already embedded before it stops; a killed run loses at most the rows not
 yet committed, and the next run skips what was committed.
@@ -114,14 +114,15 @@ def index_folder(index, folder: str | Path, batch_size: int = 16, prune: bool = 
     root = Path(folder).expanduser()
     if not root.exists():
         raise ImageError(root, "no such file or directory")
-    return index_files(index, iter_image_files(root), batch_size, prune_root=root if prune else None, **kwargs)
+    return index_files(index, iter_image_files(root), batch_size, under=root, prune=prune, **kwargs)
 
 
-def index_files(index, files: Iterable[str | Path], batch_size: int = 16, prune_root: Path | None = None,
-                workers: int = 2, write_rows: int = 256,
+def index_files(index, files: Iterable[str | Path], batch_size: int = 16, under: Path | None = None,
+                prune: bool = False, workers: int = 2, write_rows: int = 256,
                 on_total: Callable[[int], None] | None = None,
                 on_advance: Callable[[int], None] | None = None) -> IndexReport:
-    """Index the given image files (see index_folder)."""
+    """Index the given image files (see index_folder). `under`: the folder they all lie in, so only
+    its part of the catalog is read (and, with `prune`, its vanished files removed)."""
     t0 = time.perf_counter()
     paths = list(dict.fromkeys(normalize(p) for p in files))  # one spelling per file, so one row per file
     if on_total:
@@ -130,7 +131,7 @@ def index_files(index, files: Iterable[str | Path], batch_size: int = 16, prune_
     report = IndexReport()
     embedder = index.embedder
     store = index.ensure_table()
-    known = store.files()
+    known = store.files(normalize(under) if under is not None else None)
 
     todo: list[tuple[str, os.stat_result]] = []
     for p in paths:
@@ -238,11 +239,11 @@ def index_files(index, files: Iterable[str | Path], batch_size: int = 16, prune_
             writer.close()
 
     store.touch(touched)
-    if prune_root is not None:
-        scanned, folder = set(paths), normalize(prune_root)
+    if prune and under is not None:
+        scanned, folder = set(paths), normalize(under)
         gone = [p for p in known if is_under(p, folder) and p not in scanned]
         store.delete_paths(gone)
-        store.sweep()
+        store.sweep(folder)
         report.pruned = len(gone)
     if report.embedded or report.pruned:
         store.compact()
