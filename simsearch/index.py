@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from .descriptors.codec import dense_nbytes
 from .embedder import DescriptorConfig, Embedder
 from .errors import ConfigMismatchError, EmptyIndexError, SimsearchError
 from .images import _to_rgb, open_image
-from .store import VECTOR_COLUMNS, ImageStore
+from .store import KEEP_VERSIONS, VECTOR_COLUMNS, ImageStore
 
 MODES = VECTOR_COLUMNS  # "content", "style"
 DEFAULT_DB = "simsearch.db"
@@ -55,17 +56,18 @@ def _normalise_model(model: str) -> str:
 class Index:
     def __init__(self, db: str | Path = DEFAULT_DB, model: str | None = None, device: str = "auto",
                  conf: DescriptorConfig | None = None, ivf_threshold: int = ann.IVF_THRESHOLD,
-                 nprobe: int = ann.NPROBE, embedder: Embedder | None = None, **overrides):
+                 nprobe: int = ann.NPROBE, embedder: Embedder | None = None,
+                 keep_versions: timedelta = KEEP_VERSIONS, **overrides):
         """Open the database at `db`, or prepare one to be created by the first `add_folder`.
 
         `model`, `conf` or DescriptorConfig fields given as keywords state what the caller expects;
         for an existing database they must match what it was built with, else ConfigMismatchError
         names both configurations. `ivf_threshold` and `nprobe` set the FAISS index kind (see
         simsearch.ann). `embedder` shares an already loaded model (its configuration must be this
-        index's).
+        index's). `keep_versions`: how long old table versions stay on disk (time travel).
         """
         self.root = Path(db).expanduser()
-        self.store = ImageStore(self.root)
+        self.store = ImageStore(self.root, keep_versions)
         self.device = device
         self.ivf_threshold = ivf_threshold
         self.nprobe = nprobe
@@ -127,7 +129,8 @@ class Index:
         return index_folder(self, folder, batch_size=batch_size, prune=prune, **kwargs)
 
     def refresh_ann(self) -> dict[str, bool]:
-        """Bring every FAISS index up to the table's version. -> {column: rebuilt}"""
+        """Bring every FAISS index up to the table's version (by the rows changed since the version
+        it reflects, or a full rebuild when due). -> {column: rebuilt in full}"""
         self.store.refresh()
         return {column: self._load_ann(column) for column in VECTOR_COLUMNS}
 
@@ -139,7 +142,7 @@ class Index:
         return self._ann[mode]
 
     def _load_ann(self, mode: str) -> bool:
-        self._ann[mode], rebuilt = ann.load_fresh(self.store, mode, self.ivf_threshold)
+        self._ann[mode], rebuilt = ann.load_fresh(self.store, mode, self.ivf_threshold, self._ann.get(mode))
         self._ann[mode].nprobe = self.nprobe
         return rebuilt
 
@@ -196,12 +199,20 @@ class Index:
         return ordered
 
     def search_vector(self, vector: np.ndarray, k: int, mode: str = "content", where: str | None = None) -> list[Hit]:
-        """Nearest rows to `vector`; ranks count only rows still in the table (no gaps)."""
+        """Nearest rows to `vector`; ranks count only rows still in the table (no gaps). With `where`,
+        k hits whenever k rows match: a small matching set is scored exactly from its stored vectors,
+        a large one searched with more IVF lists probed until k are found."""
         index = self.vector_index(mode)
         allowed = self.store.keys_where(where) if where else None
         if allowed is not None and len(allowed) == 0:
             return []
-        scores, keys = index.search(vector[None], k, allowed)
+        if allowed is not None and index.kind != "flat" and len(allowed) <= ann.EXACT_FILTER_ROWS:
+            keys, vectors = self.store.vectors_of(allowed, mode)
+            scores = vectors @ np.asarray(vector, np.float32)
+            top = np.argsort(-scores, kind="stable")[:k]
+            scores, keys = scores[top][None], keys[top][None]
+        else:
+            scores, keys = index.search(vector[None], k, allowed)
         pairs = [(float(s), int(key)) for s, key in zip(scores[0], keys[0]) if key >= 0]
         rows = self.store.find([key for _, key in pairs], ["path", "id"])
         kept = [(s, key) for s, key in pairs if key in rows]
