@@ -122,8 +122,15 @@ class Index:
         return self.store
 
     # -- indexing ----------------------------------------------------------------------------
-    def add_folder(self, folder: str | Path, batch_size: int = 16, prune: bool = False, **kwargs):
-        """Embed every image under `folder` (see indexers.local.index_folder for the options)."""
+    def add_folder(self, folder: str | Path, batch_size: int = 16, prune: bool = False, engine: str = "local", **kwargs):
+        """Embed every image under `folder` (see indexers.local.index_folder for the options).
+        engine="ray": on a Ray cluster, `folder` may be a URI (see indexers.distributed.index_with_ray)."""
+        if engine == "ray":
+            from .indexers.distributed import index_with_ray
+
+            return index_with_ray(self, folder, batch_size=batch_size, prune=prune, **kwargs)
+        if engine != "local":
+            raise SimsearchError(f"unknown engine '{engine}' (choose from local, ray)")
         from .indexers.local import index_folder
 
         return index_folder(self, folder, batch_size=batch_size, prune=prune, **kwargs)

@@ -55,6 +55,7 @@ CHANGES = "changes"
 META_KEY = b"simsearch"
 VECTOR_COLUMNS = ("content", "style")
 CATALOG_COLUMNS = ("key", "path", "id", "size", "mtime_ns")
+STAT_COLUMNS = ("path", "id", "size", "mtime_ns")  # what the indexer compares with the disk
 SCALAR_INDEXES = {TABLE: ("key",), CATALOG: ("key", "path"), CHANGES: ("seq",)}
 FORMAT = 2
 IN_CHUNK = 1000  # keys per `key IN (...)` filter: bounds the SQL text and each read
@@ -265,9 +266,12 @@ class ImageStore:
         """path -> (content id, size, mtime_ns) from the catalog, for the incremental indexer: every
         file, or (`under`, a normalized folder or file) only those at or below it, read through the
         path index."""
-        t = self._select(["path", "id", "size", "mtime_ns"], under_filter(under) if under else None, table=self.catalog)
-        cols = [t.column(c).to_pylist() for c in ("path", "id", "size", "mtime_ns")]
-        return {p: (i, s, m) for p, i, s, m in zip(*cols)}
+        return _stats(self._select(list(STAT_COLUMNS), under_filter(under) if under else None, table=self.catalog))
+
+    def files_of(self, paths: list[str]) -> dict[str, tuple[str, int, int]]:
+        """Like `files`, for the catalogued ones of `paths`, read by key."""
+        return {p: v for chunk in _chunks([path_key(p) for p in paths])
+                for p, v in _stats(self._select(list(STAT_COLUMNS), _in(chunk), table=self.catalog)).items()}
 
     def vectors(self, column: str, where: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """keys (N,) int64 and vectors (N, D) float32 of one vector column."""
@@ -380,6 +384,11 @@ class ImageStore:
             self.ensure_indexes()
             for table in (self.table, self.catalog, self.changes):
                 table.optimize(cleanup_older_than=self.keep_versions)
+
+
+def _stats(t: pa.Table) -> dict[str, tuple[str, int, int]]:
+    path, *rest = (t.column(c).to_pylist() for c in STAT_COLUMNS)
+    return {p: v for p, v in zip(path, zip(*rest))}
 
 
 def _vectors(t: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:

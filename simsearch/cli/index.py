@@ -13,7 +13,7 @@ from ._common import DEFAULT_DB, DbOption, DeviceOption, ModelOption, cell, err,
 
 
 def index(
-    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    folder: Annotated[str, typer.Argument(help="Folder of images (searched recursively); with --engine ray also a URI (s3://bucket/prefix).")],
     db: DbOption = DEFAULT_DB,
     model: ModelOption = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
@@ -25,12 +25,20 @@ def index(
     style_layer: Annotated[Optional[int], typer.Option(help="Block whose normed input gives the style statistics.")] = None,
     dense_layer: Annotated[Optional[int], typer.Option(help="Block whose input hidden state is stored for reranking.")] = None,
     commit_every: Annotated[int, typer.Option(min=1, help="Rows per LanceDB commit (what a kill can lose).")] = 256,
+    engine: Annotated[str, typer.Option(help="local, or ray: embed on a Ray cluster (an actor pool, one model each).")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (auto, ray://host:10001); default: a local one.")] = None,
 ):
     """Embed every image under FOLDER into the database; incremental and resumable."""
     from ..errors import ImageError
 
-    if not folder.exists():
+    from ..errors import SimsearchError
+
+    if engine not in ("local", "ray"):
+        raise SimsearchError(f"unknown engine '{engine}' (choose from local, ray)")
+    if "://" not in folder and not Path(folder).expanduser().exists():
         raise ImageError(folder, "no such file or directory")
+    if "://" in folder and engine != "ray":
+        raise SimsearchError(f"{folder}: URIs are read by --engine ray only")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from ..index import Index
@@ -50,8 +58,9 @@ def index(
             speed = progress.tasks[task].speed
             progress.update(task, rate=f"{speed:.1f} img/s" if speed else "")
 
-        report = idx.add_folder(folder, batch_size=batch_size, prune=prune, write_rows=commit_every,
-                                on_total=lambda n: progress.update(task, total=n), on_advance=advance)
+        report = idx.add_folder(folder, batch_size=batch_size, prune=prune, write_rows=commit_every, engine=engine,
+                                on_total=lambda n: progress.update(task, total=n), on_advance=advance,
+                                **({"address": address} if engine == "ray" else {}))
     warn_failed(report.failed)
     out.print(f"added {report.added} · updated {report.updated} · skipped {report.skipped} · "
               f"failed {len(report.failed)}" + (f" · pruned {report.pruned}" if prune else "") +
