@@ -17,13 +17,15 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from . import ann
-from .descriptors.codec import dense_nbytes
+from .descriptors.quant import COMPACT_CODECS
 from .embedder import DescriptorConfig, Embedder
 from .errors import ConfigMismatchError, EmptyIndexError, SimsearchError
 from .images import _to_rgb, open_image
 from .store import KEEP_VERSIONS, VECTOR_COLUMNS, ImageStore
 
 MODES = VECTOR_COLUMNS  # "content", "style"
+DENSE_CODECS = ("raw", *COMPACT_CODECS)
+DEFAULT_DENSE_CODEC = "raw"
 DEFAULT_DB = "simsearch.db"
 
 
@@ -57,7 +59,7 @@ class Index:
     def __init__(self, db: str | Path = DEFAULT_DB, model: str | None = None, device: str = "auto",
                  conf: DescriptorConfig | None = None, ivf_threshold: int = ann.IVF_THRESHOLD,
                  nprobe: int = ann.NPROBE, embedder: Embedder | None = None,
-                 keep_versions: timedelta = KEEP_VERSIONS, **overrides):
+                 keep_versions: timedelta = KEEP_VERSIONS, dense_codec: str | None = None, **overrides):
         """Open the database at `db`, or prepare one to be created by the first `add_folder`.
 
         `model`, `conf` or DescriptorConfig fields given as keywords state what the caller expects;
@@ -65,6 +67,8 @@ class Index:
         names both configurations. `ivf_threshold` and `nprobe` set the FAISS index kind (see
         simsearch.ann). `embedder` shares an already loaded model (its configuration must be this
         index's). `keep_versions`: how long old table versions stay on disk (time travel).
+        `dense_codec`: how a new table stores dense tensors: "raw" (config.dense_dtype) or a compact
+        learned codec "pca" (simsearch.descriptors.quant, <= 64 KB per image); an existing table keeps its own.
         """
         self.root = Path(db).expanduser()
         self.store = ImageStore(self.root, keep_versions)
@@ -72,6 +76,9 @@ class Index:
         self.ivf_threshold = ivf_threshold
         self.nprobe = nprobe
         self._ann: dict[str, ann.VectorIndex] = {}
+        if dense_codec is not None and dense_codec not in DENSE_CODECS:
+            raise SimsearchError(f"unknown dense codec '{dense_codec}' (choose from {', '.join(DENSE_CODECS)})")
+        self.dense_codec = dense_codec
         if model is not None:
             overrides["model"] = _normalise_model(model)
         if embedder is not None and conf is None and not overrides:
@@ -81,6 +88,8 @@ class Index:
             self.conf = self._check_config(DescriptorConfig.from_dict(self.store.meta["config"]))
         else:
             self.conf = conf or DescriptorConfig.for_model(**overrides)
+        if self.store.exists() and dense_codec not in (None, self.store.dense_format):
+            raise ConfigMismatchError(f"{self.root} stores dense tensors as {self.store.dense_format}, not {dense_codec}")
         if embedder is not None and embedder.conf != self.conf:
             raise ConfigMismatchError(f"the shared embedder has {embedder.conf.describe()}, the index {self.conf.describe()}")
         self._embedder: Embedder | None = embedder
@@ -115,7 +124,8 @@ class Index:
         must hold this index's configuration and weights."""
         if not self.store.exists():
             emb = self.embedder
-            meta = {"config": self.conf.to_dict(), "weights": emb.fingerprint, "dense_shape": list(emb.dense_shape)}
+            meta = {"config": self.conf.to_dict(), "weights": emb.fingerprint, "dense_shape": list(emb.dense_shape),
+                    "dense_codec": self.dense_codec or DEFAULT_DENSE_CODEC}
             self.store.create(meta, emb.dims["content"], emb.dims["style"])
             self.conf = self._check_config(DescriptorConfig.from_dict(self.store.meta["config"]))
             self._check_weights(emb)
@@ -241,8 +251,9 @@ class Index:
         return {
             "db": str(self.root), "rows": rows, "table_version": self.store.version,
             "config": meta["config"], "weights": meta["weights"],
-            "dense": {"shape": [tokens, dim], "dtype": self.conf.dense_dtype,
-                      "bytes_per_image": dense_nbytes(tokens, dim, self.conf.dense_dtype)},
+            "dense": {"shape": [tokens, dim],
+                      "dtype": self.conf.dense_dtype if self.store.dense_format == "raw" else self.store.dense_format,
+                      "bytes_per_image": self.store.dense_nbytes()},
             "disk_bytes": disk, "disk_bytes_per_image": disk // rows if rows else 0,
             "ann": {c: ann.index_state(self.store, c) for c in VECTOR_COLUMNS},
         }
@@ -253,7 +264,4 @@ class Index:
         return self._decode_dense(self.store.rows(keys, ["dense"]))
 
     def _decode_dense(self, rows: list[dict]) -> np.ndarray:
-        from .descriptors.codec import decode_dense
-
-        tokens, dim = self.store.meta["dense_shape"]
-        return np.stack([decode_dense(r["dense"], tokens, dim, self.conf.dense_dtype) for r in rows])
+        return self.store.decode_dense([r["dense"] for r in rows])

@@ -26,6 +26,11 @@ lock: every table commit is atomic.
 Scalar (BTREE) indexes on the payload's key, the catalog's key and path and the log's seq keep reads
 by key, by folder and "since V" proportional to what they return; `compact` folds new rows into them.
 
+Dense tensors arrive in `put` as float16 bytes and are stored in the table's format (meta
+`dense_codec`): "raw" keeps `config.dense_dtype` (float16, or int8 with a scale per token; tables
+made before compact codecs are raw), "pca" uses the learned codec of descriptors.quant (<= 64 KB
+per image), fitted on the rows of the table's first commit and kept in the `codec` table.
+
 Old versions: `compact` (after every index run that changed something) deletes table versions older
 than `keep_versions` (default KEEP_VERSIONS, one hour: time travel and readers that opened an older
 version keep working that long).
@@ -52,6 +57,8 @@ from .paths import TABLE
 
 CATALOG = "files"
 CHANGES = "changes"
+CODEC = "codec"  # the fitted dense codec of a compact table (one row)
+WIRE_DTYPE = "float16"  # how rows handed to `put` carry their dense tensors
 META_KEY = b"simsearch"
 VECTOR_COLUMNS = ("content", "style")
 CATALOG_COLUMNS = ("key", "path", "id", "size", "mtime_ns")
@@ -139,7 +146,7 @@ class ImageStore:
             raise SimsearchError(f"{self.root}: not a database directory (it is a file)")
         self.keep_versions = keep_versions
         self._db = _connect(self.root) if self.root.exists() else None
-        self._table = self._catalog = self._changes = self._meta = None
+        self._table = self._catalog = self._changes = self._meta = self._codec = None
         self._lock = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -170,13 +177,13 @@ class ImageStore:
         with self.lock:
             self._db = _connect(self.root)
             if not self.exists():
-                for name in (CATALOG, CHANGES):  # left by a deleted payload table: they describe nothing now
+                for name in (CATALOG, CHANGES, CODEC):  # left by a deleted payload table: they describe nothing now
                     if name in self._db.table_names():
                         self._db.drop_table(name)
                 meta = {**meta, "format": FORMAT, "uuid": uuid.uuid4().hex}
                 self._db.create_table(TABLE, schema=payload_schema(content_dim, style_dim, meta))
                 self._db.create_table(CATALOG, schema=CATALOG_SCHEMA)
-            self._table = self._catalog = self._changes = self._meta = None
+            self._table = self._catalog = self._changes = self._meta = self._codec = None
             self.ensure_indexes()
 
     @property
@@ -205,6 +212,64 @@ class ImageStore:
                         self._db.create_table(CHANGES, schema=changes_schema(self.version))
             self._changes = self._db.open_table(CHANGES)
         return self._changes
+
+    # -- dense tensors -------------------------------------------------------------------------
+    @property
+    def dense_format(self) -> str:
+        """"raw" (config.dense_dtype) or a compact codec of descriptors.quant."""
+        return self.meta.get("dense_codec", "raw")
+
+    @property
+    def dense_codec(self):
+        """The fitted compact codec (None for raw tables, or before the first commit)."""
+        if self._codec is None and self.dense_format != "raw" and CODEC in self._db.table_names():
+            from .descriptors.quant import DenseCodec
+
+            self._codec = DenseCodec.from_bytes(self._db.open_table(CODEC).to_arrow().column("data")[0].as_py())
+        return self._codec
+
+    def dense_nbytes(self) -> int:
+        from .descriptors.codec import dense_nbytes
+
+        tokens, dim = self.meta["dense_shape"]
+        if self.dense_format == "raw":
+            return dense_nbytes(tokens, dim, self.meta["config"]["dense_dtype"])
+        from .descriptors.quant import max_nbytes
+
+        return self.dense_codec.nbytes if self.dense_codec is not None else max_nbytes(tokens, dim)
+
+    def _store_dense(self, wire: pa.Array) -> pa.Array:
+        """Dense column from float16 wire bytes to the table's format (fitting the codec on first use)."""
+        from .descriptors.codec import decode_dense, encode_dense
+
+        tokens, dim = self.meta["dense_shape"]
+        dtype = self.meta["config"]["dense_dtype"]
+        if self.dense_format == "raw" and dtype == WIRE_DTYPE:
+            return wire
+        x = np.stack([decode_dense(b, tokens, dim, WIRE_DTYPE) for b in wire.to_pylist()])
+        if self.dense_format == "raw":
+            return pa.array([encode_dense(t, dtype) for t in x], pa.binary())
+        if self.dense_codec is None:
+            self._fit_codec(x)
+        return pa.array([self._codec.encode(t) for t in x], pa.binary())
+
+    def _fit_codec(self, samples: np.ndarray) -> None:
+        from .descriptors.quant import fit
+
+        self.dense_codec  # another process may have fitted it
+        if self._codec is None:
+            codec = fit(samples)
+            self._db.create_table(CODEC, pa.table({"kind": [codec.kind], "data": pa.array([codec.to_bytes()], pa.binary())}))
+            self._codec = codec
+
+    def decode_dense(self, blobs: list[bytes]) -> np.ndarray:
+        """Stored dense bytes -> (N, T, C) float32."""
+        if self.dense_format != "raw":
+            return self.dense_codec.decode(blobs)
+        from .descriptors.codec import decode_dense
+
+        tokens, dim = self.meta["dense_shape"]
+        return np.stack([decode_dense(b, tokens, dim, self.meta["config"]["dense_dtype"]) for b in blobs])
 
     def ensure_indexes(self) -> None:
         """Create the BTREE indexes a table lacks (databases made before they existed get them here)."""
@@ -331,6 +396,7 @@ class ImageStore:
         keys = rows.column("key").to_pylist()
         with self.lock:
             self.refresh()
+            rows = rows.set_column(rows.schema.get_field_index("dense"), "dense", self._store_dense(rows.column("dense").combine_chunks()))
             self._log(keys)
             for chunk in _chunks(self._existing(keys)):
                 self.table.delete(_in(chunk))  # replaced rows first: at worst a changed file is re-embedded

@@ -20,7 +20,8 @@ def index(
     device: DeviceOption = "auto",
     prune: Annotated[bool, typer.Option(help="Remove rows of files under FOLDER that are gone.")] = False,
     image_size: Annotated[Optional[int], typer.Option(help="Model input side (new databases only).")] = None,
-    dense_dtype: Annotated[Optional[str], typer.Option(help="float16 or int8 (new databases only).")] = None,
+    dense_dtype: Annotated[Optional[str], typer.Option(help="float16 or int8, for --dense-codec raw (new databases only).")] = None,
+    dense_codec: Annotated[Optional[str], typer.Option(help="raw (--dense-dtype) or pca (learned, <= 64 KB/image): how dense tensors are stored (new databases only).")] = None,
     content_layer: Annotated[Optional[int], typer.Option(help="Block whose normed input gives the content vector.")] = None,
     style_layer: Annotated[Optional[int], typer.Option(help="Block whose normed input gives the style statistics.")] = None,
     dense_layer: Annotated[Optional[int], typer.Option(help="Block whose input hidden state is stored for reranking.")] = None,
@@ -46,7 +47,7 @@ def index(
     quiet_libraries()
     overrides = {k: v for k, v in dict(image_size=image_size, dense_dtype=dense_dtype, content_layer=content_layer,
                                        style_layer=style_layer, dense_layer=dense_layer).items() if v is not None}
-    idx = Index(db, model=model, device=device, **overrides)
+    idx = Index(db, model=model, device=device, dense_codec=dense_codec, **overrides)
     idx.ensure_table()  # loads the model and checks the configuration before the progress bar starts
     columns = [TextColumn("[bold]indexing"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeRemainingColumn()]

@@ -31,7 +31,7 @@ from ..descriptors.codec import encode_dense
 from ..errors import ImageError
 from ..images import iter_image_files, open_image, thumbnail_jpeg
 from ..paths import is_under, normalize
-from ..store import path_key
+from ..store import WIRE_DTYPE, path_key
 
 
 @dataclass
@@ -218,7 +218,6 @@ def embed_rows(embedder, batch: list[Prepared]) -> pa.Table:
     if not batch:
         return row_schema(embedder).empty_table()
     emb = embedder.embed(torch.stack([b.pixels for b in batch]))
-    dtype = embedder.conf.dense_dtype
     return pa.table({
         "key": pa.array([b.key for b in batch], pa.int64()),
         "id": [b.id for b in batch],
@@ -229,7 +228,7 @@ def embed_rows(embedder, batch: list[Prepared]) -> pa.Table:
         "height": pa.array([b.height for b in batch], pa.int32()),
         "content": _fixed_list(emb.content),
         "style": _fixed_list(emb.style),
-        "dense": pa.array([encode_dense(d, dtype) for d in emb.dense], pa.binary()),
+        "dense": pa.array([encode_dense(d, WIRE_DTYPE) for d in emb.dense], pa.binary()),  # the store encodes it
         "thumb": pa.array([b.thumb for b in batch], pa.binary()),
     }, schema=row_schema(embedder))
 
