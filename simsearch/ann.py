@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,22 @@ DRIFT_MIN_ROWS = 1000
 DRIFT_RATIO = 1.2
 MERGE_FRACTION = 0.25
 MAX_DELTAS = 32
+# Fewer queries than this run FAISS on one thread: OpenMP's fork/join for a single query cost 36 ms
+# instead of 1 ms at 10k rows on a busy 2-core machine (benchmarks/results/speed.md, scale.md).
+PARALLEL_QUERIES = 16
+
+
+@contextmanager
+def _omp_threads(n_queries: int):
+    if n_queries >= PARALLEL_QUERIES or faiss.omp_get_max_threads() == 1:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def gpu_available() -> bool:
@@ -155,7 +172,10 @@ class VectorIndex:
 
         With `allowed` (keys), only those rows count; an IVF search probes more lists until every
         query has min(k, len(allowed)) hits (all lists probed is exact)."""
-        q = np.ascontiguousarray(queries, dtype=np.float32)
+        with _omp_threads(len(queries)):
+            return self._search(np.ascontiguousarray(queries, dtype=np.float32), k, allowed)
+
+    def _search(self, q: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         if allowed is not None:
             sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
             if self.kind == "flat":
