@@ -126,7 +126,7 @@ def index_folder(index, folder: str | Path, batch_size: int = 16, prune: bool = 
     return index_files(index, iter_image_files(root), batch_size, under=root, prune=prune, **kwargs)
 
 
-# -- the stages both indexers share (this one and indexers.ray) ------------------------------------
+# -- the stages both indexers share (this one and indexers.distributed) -------------------------
 def known_files(store, paths: list[str], under: str | None) -> dict[str, tuple[str, int, int]]:
     """The catalog's rows for `paths`: read by folder (path index) or by key, never the whole table."""
     return store.files(under) if under is not None else store.files_of(paths)
