@@ -37,7 +37,7 @@ class DenseCodec:
     scale: np.ndarray  # (C,) standard deviation of each component
     bits: np.ndarray  # (C,) int, bits per component
     kind: str = "pca"
-    _unpack: np.ndarray | None = field(default=None, repr=False)
+    _layout_cache: tuple | None = field(default=None, repr=False)
 
     @property
     def code_bytes(self) -> int:
@@ -47,11 +47,22 @@ class DenseCodec:
     def nbytes(self) -> int:
         return self.tokens * (self.code_bytes + STAT_BYTES)
 
-    def _layout(self) -> tuple[np.ndarray, np.ndarray]:
-        """For each packed bit: the component it belongs to and its place value."""
-        comp = np.repeat(np.arange(self.dim), self.bits)
-        place = np.concatenate([2 ** np.arange(b - 1, -1, -1) for b in self.bits if b] or [np.zeros(0, int)])
-        return comp, place
+    def _layout(self) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, int, int]]]:
+        """For each packed bit: its component and place value; and the runs of components with equal
+        bits, (first component, end, first bit, bits), which decode as one reshape and dot each."""
+        if self._layout_cache is None:
+            comp = np.repeat(np.arange(self.dim), self.bits)
+            place = np.concatenate([2 ** np.arange(b - 1, -1, -1) for b in self.bits if b] or [np.zeros(0, int)])
+            runs, j, bit = [], 0, 0
+            while j < self.dim:
+                end = j
+                while end < self.dim and self.bits[end] == self.bits[j]:
+                    end += 1
+                runs.append((j, end, bit, int(self.bits[j])))
+                bit += (end - j) * int(self.bits[j])
+                j = end
+            self._layout_cache = comp, place, runs
+        return self._layout_cache
 
     def encode(self, x: np.ndarray) -> bytes:
         """x (T, C) float -> bytes: packed codes, then float16 means and stds."""
@@ -62,7 +73,7 @@ class DenseCodec:
         levels = 2 ** self.bits
         step = 2 * CLIP / levels
         q = np.clip(np.floor(z / step) + levels // 2, 0, levels - 1).astype(np.int64)  # unsigned, 0..levels-1
-        comp, place = self._layout()
+        comp, place, _ = self._layout()
         bits = (q[:, comp] // place) % 2
         return np.packbits(bits.astype(np.uint8), axis=1).tobytes() + stats.tobytes()
 
@@ -75,14 +86,15 @@ class DenseCodec:
         data = np.frombuffer(b"".join(blobs), np.uint8).reshape(n, -1)
         packed = data[:, :t * self.code_bytes].reshape(n * t, self.code_bytes)
         stats = data[:, t * self.code_bytes:].copy().view(np.float16).reshape(n * t, 2).astype(np.float32)
-        if self._unpack is None:  # (packed bits, C): place values, so one matmul sums each component's bits
-            comp, place = self._layout()
-            self._unpack = np.zeros((len(comp), self.dim), np.float32)
-            self._unpack[np.arange(len(comp)), comp] = place
-        q = np.unpackbits(packed, axis=1, count=int(self.bits.sum())).astype(np.float32) @ self._unpack
-        levels = (2 ** self.bits).astype(np.float32)
-        step = 2 * CLIP / levels
-        z = np.where(self.bits > 0, (q - levels // 2 + 0.5) * step, 0.0)
+        bits = np.unpackbits(packed, axis=1, count=int(self.bits.sum()))
+        z = np.zeros((n * t, self.dim), np.float32)  # components given 0 bits decode to their mean
+        for first, end, start, b in self._layout()[2]:
+            if b:
+                run = bits[:, start:start + (end - first) * b].reshape(n * t, end - first, b)
+                q = np.zeros((n * t, end - first), np.uint8)
+                for i in range(b):  # most significant bit first
+                    q = (q << 1) | run[:, :, i]
+                z[:, first:end] = (q.astype(np.float32) - 2 ** (b - 1) + 0.5) * (2 * CLIP / 2 ** b)
         u = (z * self.scale) @ self.basis.T + self.mean
         return (u * stats[:, 1:] + stats[:, :1]).reshape(n, t, self.dim).astype(np.float32)
 
