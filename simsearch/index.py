@@ -58,7 +58,7 @@ def _normalise_model(model: str) -> str:
 class Index:
     def __init__(self, db: str | Path = DEFAULT_DB, model: str | None = None, device: str = "auto",
                  conf: DescriptorConfig | None = None, ivf_threshold: int = ann.IVF_THRESHOLD,
-                 nprobe: int = ann.NPROBE, embedder: Embedder | None = None,
+                 nprobe: int | None = ann.NPROBE, embedder: Embedder | None = None,
                  keep_versions: timedelta = KEEP_VERSIONS, dense_codec: str | None = None, **overrides):
         """Open the database at `db`, or prepare one to be created by the first `add_folder`.
 

@@ -231,7 +231,7 @@ def test_ivf_vector_index_many_lists():
     keys = rng.choice(2**62, size=6000, replace=False).astype(np.int64)
     ivf = VectorIndex.build(keys, vecs, table_version=7, ivf_threshold=1000)
     flat = VectorIndex.build(keys, vecs, table_version=7)
-    assert ivf.kind == "ivf" and ivf.nlist > ivf.nprobe and flat.kind == "flat" and ivf.ntotal == 6000
+    assert ivf.kind == "ivf" and ivf.nlist > ivf.probes and flat.kind == "flat" and ivf.ntotal == 6000
     _, got = ivf.search(vecs[:500], 10)
     _, want = flat.search(vecs[:500], 10)
     assert np.array_equal(got[:, 0], keys[:500])  # each vector is its own nearest neighbour

@@ -133,7 +133,7 @@ def index_with_ray(index, source: str | Path, batch_size: int = 16, prune: bool 
                                           "known_id": known.get(s.path, ("",))[0]} for s in todo],
                                         override_num_blocks=max(1, min(len(todo) // batch_size, 4 * actors)))
             out = items.map_batches(
-                EmbedActor, batch_size=batch_size, batch_format="pyarrow", concurrency=actors,
+                EmbedActor, batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
                 num_gpus=1 if gpus else 0, num_cpus=0 if gpus else threads,
                 fn_constructor_kwargs={"conf": index.conf.to_dict(), "fingerprint": embedder.fingerprint, "threads": threads})
             for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
