@@ -176,6 +176,24 @@ def test_filtered_search_returns_k(synth, monkeypatch):
     assert len(idx.search_vector(query, 10, where="path = '/data/b/00003.png'")) == 1
 
 
+def test_compaction_waits_for_enough_rows(synth, monkeypatch):
+    """A small index run does not rewrite the table; once OPTIMIZE_ROWS rows are unindexed it does."""
+    from simsearch import store as store_module
+
+    idx, put = synth
+    put(names("a", 300), vectors(300, seed=0))
+    idx.store.compact(full=True)
+    v = idx.store.version
+    put(names("b", 20), vectors(20, seed=1))
+    idx.store.compact()
+    assert idx.store.version == v + 1  # the append only: nothing merged or reindexed
+    monkeypatch.setattr(store_module, "OPTIMIZE_ROWS", 10)
+    monkeypatch.setattr(store_module, "OPTIMIZE_FRACTION", 0.0)
+    idx.store.compact()
+    stats = lancedb.connect(str(idx.root)).open_table("images").index_stats("key_idx")
+    assert stats.num_unindexed_rows == 0 and stats.num_indexed_rows == 320
+
+
 def test_scalar_indexes_and_appends(synth):
     idx, put = synth
     put(names("a", 100), vectors(100, seed=0))
@@ -188,7 +206,7 @@ def test_scalar_indexes_and_appends(synth):
     assert store.version == v + 1
     put(names("b", 10), vectors(10, seed=2))  # replaced: delete + append
     assert store.version == v + 3
-    store.compact()
+    store.compact(full=True)
     for name in ("images", "files"):
         stats = lancedb.connect(str(idx.root)).open_table(name).index_stats("key_idx")
         assert stats.num_unindexed_rows == 0 and stats.num_indexed_rows == 110
@@ -200,7 +218,7 @@ def test_catalog_read_by_folder(synth):
     tricky = ["/data/b", "/data/b/x.png", "/data/b/c/y.png", "/data/b2/z.png", "/data/b.png", "/data/b's/q.png",
               "/data/a/b/w.png"]
     put(tricky, vectors(len(tricky), seed=0))
-    idx.store.compact()  # folds the new rows into the path index
+    idx.store.compact(full=True)  # folds the new rows into the path index
     assert sorted(idx.store.files(under="/data/b")) == ["/data/b", "/data/b/c/y.png", "/data/b/x.png"]
     assert sorted(idx.store.files(under="/data/b's")) == ["/data/b's/q.png"]
     plan = idx.store.catalog.search().where(under_filter("/data/b")).select(["path"]).explain_plan(True)
@@ -214,9 +232,9 @@ def test_old_versions_are_cleaned_up(synth):
         put(names(f"x{i}", 50), vectors(50, seed=i))
     table = lancedb.connect(str(idx.root)).open_table("images")
     assert len(table.list_versions()) >= 5
-    Index(idx.root, keep_versions=timedelta(hours=1)).store.compact()
+    Index(idx.root, keep_versions=timedelta(hours=1)).store.compact(full=True)
     assert len(table.list_versions()) >= 5  # younger than the window: kept for time travel
     before = idx.store.disk_bytes()
-    Index(idx.root, keep_versions=timedelta(0)).store.compact()
+    Index(idx.root, keep_versions=timedelta(0)).store.compact(full=True)
     assert len(table.list_versions()) == 1 and idx.store.disk_bytes() < before
     assert len(table_rows(idx.root)) == 200
