@@ -10,19 +10,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from . import ann
-from .descriptors.codec import dense_nbytes
+from .descriptors.quant import COMPACT_CODECS
 from .embedder import DescriptorConfig, Embedder
 from .errors import ConfigMismatchError, EmptyIndexError, SimsearchError
 from .images import _to_rgb, open_image
-from .store import VECTOR_COLUMNS, ImageStore
+from .store import KEEP_VERSIONS, VECTOR_COLUMNS, ImageStore
 
 MODES = VECTOR_COLUMNS  # "content", "style"
+DENSE_CODECS = ("raw", *COMPACT_CODECS)
+DEFAULT_DENSE_CODEC = "raw"
 DEFAULT_DB = "simsearch.db"
 
 
@@ -54,21 +57,27 @@ def _local_or_name(name: str) -> str:
 class Index:
     def __init__(self, db: str | Path = DEFAULT_DB, model: str | None = None, device: str = "auto",
                  conf: DescriptorConfig | None = None, ivf_threshold: int = ann.IVF_THRESHOLD,
-                 nprobe: int = ann.NPROBE, embedder: Embedder | None = None, **overrides):
+                 nprobe: int | None = ann.NPROBE, embedder: Embedder | None = None,
+                 keep_versions: timedelta = KEEP_VERSIONS, dense_codec: str | None = None, **overrides):
         """Open the database at `db`, or prepare one to be created by the first `add_folder`.
 
         `model`, `conf` or DescriptorConfig fields given as keywords state what the caller expects;
         for an existing database they must match what it was built with, else ConfigMismatchError
         names both configurations. `ivf_threshold` and `nprobe` set the FAISS index kind (see
         simsearch.ann). `embedder` shares an already loaded model (its configuration must be this
-        index's).
+        index's). `keep_versions`: how long old table versions stay on disk (time travel).
+        `dense_codec`: how a new table stores dense tensors: "raw" (config.dense_dtype) or a compact
+        learned codec "pca" (simsearch.descriptors.quant, <= 64 KB per image); an existing table keeps its own.
         """
         self.root = Path(db).expanduser()
-        self.store = ImageStore(self.root)
+        self.store = ImageStore(self.root, keep_versions)
         self.device = device
         self.ivf_threshold = ivf_threshold
         self.nprobe = nprobe
         self._ann: dict[str, ann.VectorIndex] = {}
+        if dense_codec is not None and dense_codec not in DENSE_CODECS:
+            raise SimsearchError(f"unknown dense codec '{dense_codec}' (choose from {', '.join(DENSE_CODECS)})")
+        self.dense_codec = dense_codec
         if model is not None:
             overrides["model"] = _local_or_name(model)
         if overrides.get("ip_adapter"):
@@ -80,6 +89,8 @@ class Index:
             self.conf = self._check_config(DescriptorConfig.from_dict(self.store.meta["config"]))
         else:
             self.conf = conf or DescriptorConfig.for_model(**overrides)
+        if self.store.exists() and dense_codec not in (None, self.store.dense_format):
+            raise ConfigMismatchError(f"{self.root} stores dense tensors as {self.store.dense_format}, not {dense_codec}")
         if embedder is not None and embedder.conf != self.conf:
             raise ConfigMismatchError(f"the shared embedder has {embedder.conf.describe()}, the index {self.conf.describe()}")
         self._embedder: Embedder | None = embedder
@@ -114,21 +125,30 @@ class Index:
         must hold this index's configuration and weights."""
         if not self.store.exists():
             emb = self.embedder
-            meta = {"config": self.conf.to_dict(), "weights": emb.fingerprint, "dense_shape": list(emb.dense_shape)}
+            meta = {"config": self.conf.to_dict(), "weights": emb.fingerprint, "dense_shape": list(emb.dense_shape),
+                    "dense_codec": self.dense_codec or DEFAULT_DENSE_CODEC}
             self.store.create(meta, emb.dims["content"], emb.dims["style"])
             self.conf = self._check_config(DescriptorConfig.from_dict(self.store.meta["config"]))
             self._check_weights(emb)
         return self.store
 
     # -- indexing ----------------------------------------------------------------------------
-    def add_folder(self, folder: str | Path, batch_size: int = 16, prune: bool = False, **kwargs):
-        """Embed every image under `folder` (see indexers.local.index_folder for the options)."""
+    def add_folder(self, folder: str | Path, batch_size: int = 16, prune: bool = False, engine: str = "local", **kwargs):
+        """Embed every image under `folder` (see indexers.local.index_folder for the options).
+        engine="ray": on a Ray cluster, `folder` may be a URI (see indexers.distributed.index_with_ray)."""
+        if engine == "ray":
+            from .indexers.distributed import index_with_ray
+
+            return index_with_ray(self, folder, batch_size=batch_size, prune=prune, **kwargs)
+        if engine != "local":
+            raise SimsearchError(f"unknown engine '{engine}' (choose from local, ray)")
         from .indexers.local import index_folder
 
         return index_folder(self, folder, batch_size=batch_size, prune=prune, **kwargs)
 
     def refresh_ann(self) -> dict[str, bool]:
-        """Bring every FAISS index up to the table's version. -> {column: rebuilt}"""
+        """Bring every FAISS index up to the table's version (by the rows changed since the version
+        it reflects, or a full rebuild when due). -> {column: rebuilt in full}"""
         self.store.refresh()
         return {column: self._load_ann(column) for column in VECTOR_COLUMNS}
 
@@ -140,7 +160,7 @@ class Index:
         return self._ann[mode]
 
     def _load_ann(self, mode: str) -> bool:
-        self._ann[mode], rebuilt = ann.load_fresh(self.store, mode, self.ivf_threshold)
+        self._ann[mode], rebuilt = ann.load_fresh(self.store, mode, self.ivf_threshold, self._ann.get(mode))
         self._ann[mode].nprobe = self.nprobe
         return rebuilt
 
@@ -212,12 +232,20 @@ class Index:
         return ordered
 
     def search_vector(self, vector: np.ndarray, k: int, mode: str = "content", where: str | None = None) -> list[Hit]:
-        """Nearest rows to `vector`; ranks count only rows still in the table (no gaps)."""
+        """Nearest rows to `vector`; ranks count only rows still in the table (no gaps). With `where`,
+        k hits whenever k rows match: a small matching set is scored exactly from its stored vectors,
+        a large one searched with more IVF lists probed until k are found."""
         index = self.vector_index(mode)
         allowed = self.store.keys_where(where) if where else None
         if allowed is not None and len(allowed) == 0:
             return []
-        scores, keys = index.search(vector[None], k, allowed)
+        if allowed is not None and index.kind != "flat" and len(allowed) <= ann.EXACT_FILTER_ROWS:
+            keys, vectors = self.store.vectors_of(allowed, mode)
+            scores = vectors @ np.asarray(vector, np.float32)
+            top = np.argsort(-scores, kind="stable")[:k]
+            scores, keys = scores[top][None], keys[top][None]
+        else:
+            scores, keys = index.search(vector[None], k, allowed)
         pairs = [(float(s), int(key)) for s, key in zip(scores[0], keys[0]) if key >= 0]
         rows = self.store.find([key for _, key in pairs], ["path", "id"])
         kept = [(s, key) for s, key in pairs if key in rows]
@@ -239,8 +267,9 @@ class Index:
         return {
             "db": str(self.root), "rows": rows, "table_version": self.store.version,
             "config": meta["config"], "weights": meta["weights"],
-            "dense": {"shape": [tokens, dim], "dtype": self.conf.dense_dtype,
-                      "bytes_per_image": dense_nbytes(tokens, dim, self.conf.dense_dtype)},
+            "dense": {"shape": [tokens, dim],
+                      "dtype": self.conf.dense_dtype if self.store.dense_format == "raw" else self.store.dense_format,
+                      "bytes_per_image": self.store.dense_nbytes()},
             "disk_bytes": disk, "disk_bytes_per_image": disk // rows if rows else 0,
             "ann": {c: ann.index_state(self.store, c) for c in VECTOR_COLUMNS},
         }
@@ -251,7 +280,4 @@ class Index:
         return self._decode_dense(self.store.rows(keys, ["dense"]))
 
     def _decode_dense(self, rows: list[dict]) -> np.ndarray:
-        from .descriptors.codec import decode_dense
-
-        tokens, dim = self.store.meta["dense_shape"]
-        return np.stack([decode_dense(r["dense"], tokens, dim, self.conf.dense_dtype) for r in rows])
+        return self.store.decode_dense([r["dense"] for r in rows])

@@ -1,30 +1,50 @@
 """The LanceDB store: the source of truth.
 
-Two tables (format 2):
+Three tables (format 2):
 - `images`, the payload: one row per indexed file with its key (int64 from the path, FAISS ids),
   id (content hash), path, size in pixels, pooled vectors, the dense tensor the rerankers read and a
   thumbnail. Written only by appends and deletes by key.
 - `files`, the catalog the incremental indexer compares with the disk: key, path, id, size, mtime.
   Touching files rewrites these ~100-byte rows, never a dense tensor.
+- `changes`, the change log the FAISS indexes follow: (seq, key) for every key whose payload row a
+  write section adds, replaces or deletes, seq being the payload version when the section began. An
+  index that reflects payload version V catches up by re-reading the keys logged with seq >= V.
 
 Why not one table kept up to date with merge_insert: Lance's merge_insert joins against the whole
 target table, heavy columns included, so its memory grows with the table (measured: 1.2 GB to touch
 10 rows of a 400 MB table), and an update rewrites whole rows.
 
 Consistency without transactions across tables: every write holds one inter-process lock
-(`ROOT/.simsearch.lock`), and within it the payload is written before the catalog and removed after
-it. A run killed in between leaves either a payload row without a catalog row (the file counts as
-new and is embedded again, replacing it) or, in a prune, a payload row of a vanished file (the next
-prune sweeps it). Readers take no lock: every table commit is atomic.
+(`ROOT/.simsearch.lock`), and within it the change log is written first, then the payload, then the
+catalog (removals: log, catalog, payload). A run killed in between leaves either a payload row
+without a catalog row (the file counts as new and is embedded again, replacing it), in a prune a
+payload row of a vanished file (the next prune sweeps it), or log entries for keys that did not
+change (an index re-reads them: harmless). A version read under the lock is a section boundary, so
+an index that records it and later re-reads everything logged since misses nothing. Readers take no
+lock: every table commit is atomic.
+
+Scalar (BTREE) indexes on the payload's key, the catalog's key and path and the log's seq keep reads
+by key, by folder and "since V" proportional to what they return; `compact` folds new rows into them.
+
+Dense tensors arrive in `put` as float16 bytes and are stored in the table's format (meta
+`dense_codec`): "raw" keeps `config.dense_dtype` (float16, or int8 with a scale per token; tables
+made before compact codecs are raw), "pca" uses the learned codec of descriptors.quant (<= 64 KB
+per image), fitted on the rows of the table's first commit and kept in the `codec` table.
+
+Old versions: `compact` (after index runs, once enough rows or fragments have accumulated) deletes
+table versions older than `keep_versions` (default KEEP_VERSIONS, one hour: time travel and readers
+that opened an older version keep working that long).
 
 Format 1 databases (one table that also held size and mtime) still open; the first write creates
-the catalog from them.
+the catalog from them. Databases without a change log get one on their first write; until then (and
+for versions before it) an index is rebuilt in full.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -36,12 +56,21 @@ from .errors import EmptyIndexError, SimsearchError
 from .paths import TABLE
 
 CATALOG = "files"
+CHANGES = "changes"
+CODEC = "codec"  # the fitted dense codec of a compact table (one row)
+WIRE_DTYPE = "float16"  # how rows handed to `put` carry their dense tensors
 META_KEY = b"simsearch"
 VECTOR_COLUMNS = ("content", "style")
 CATALOG_COLUMNS = ("key", "path", "id", "size", "mtime_ns")
+STAT_COLUMNS = ("path", "id", "size", "mtime_ns")  # what the indexer compares with the disk
+SCALAR_INDEXES = {TABLE: ("key",), CATALOG: ("key", "path"), CHANGES: ("seq",)}
 FORMAT = 2
 IN_CHUNK = 1000  # keys per `key IN (...)` filter: bounds the SQL text and each read
 LOCK_TIMEOUT_S = 600
+KEEP_VERSIONS = timedelta(hours=1)
+OPTIMIZE_ROWS = 100_000  # lancedb's own rule of thumb for when to optimize
+OPTIMIZE_FRACTION = 0.1
+MAX_FRAGMENTS = 64
 
 
 class MissingRowsError(SimsearchError):
@@ -80,6 +109,12 @@ CATALOG_SCHEMA = pa.schema([
 ])
 
 
+def changes_schema(since: int) -> pa.Schema:
+    """The log covers payload versions >= `since` (the version when it was created)."""
+    return pa.schema([pa.field("seq", pa.int64()), pa.field("key", pa.int64())],
+                     metadata={META_KEY: json.dumps({"since": since}).encode()})
+
+
 def _connect(root: Path):
     """Every read sees the latest commit, also one made by another handle or process."""
     import lancedb
@@ -96,13 +131,25 @@ def _in(keys: Iterable[int]) -> str:
     return "key IN (" + ", ".join(str(int(k)) for k in keys) + ")"
 
 
+def _sql_text(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def under_filter(folder: str) -> str:
+    """Rows whose path is `folder` or lies below it, as a range the path index answers."""
+    prefix = folder.rstrip("/") + "/"
+    upper = prefix[:-1] + chr(ord("/") + 1)  # every string that starts with prefix sorts below this
+    return f"(path = {_sql_text(folder)} OR (path >= {_sql_text(prefix)} AND path < {_sql_text(upper)}))"
+
+
 class ImageStore:
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, keep_versions: timedelta = KEEP_VERSIONS):
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
             raise SimsearchError(f"{self.root}: not a database directory (it is a file)")
+        self.keep_versions = keep_versions
         self._db = _connect(self.root) if self.root.exists() else None
-        self._table = self._catalog = self._meta = None
+        self._table = self._catalog = self._changes = self._meta = self._codec = None
         self._lock = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -133,11 +180,14 @@ class ImageStore:
         with self.lock:
             self._db = _connect(self.root)
             if not self.exists():
-                if CATALOG in self._db.table_names():  # left by a deleted payload table: it lists nothing now
-                    self._db.drop_table(CATALOG)
-                self._db.create_table(TABLE, schema=payload_schema(content_dim, style_dim, {**meta, "format": FORMAT}))
+                for name in (CATALOG, CHANGES, CODEC):  # left by a deleted payload table: they describe nothing now
+                    if name in self._db.table_names():
+                        self._db.drop_table(name)
+                meta = {**meta, "format": FORMAT, "uuid": uuid.uuid4().hex}
+                self._db.create_table(TABLE, schema=payload_schema(content_dim, style_dim, meta))
                 self._db.create_table(CATALOG, schema=CATALOG_SCHEMA)
-            self._table = self._catalog = self._meta = None
+            self._table = self._catalog = self._changes = self._meta = self._codec = None
+            self.ensure_indexes()
 
     @property
     def catalog(self):
@@ -154,6 +204,87 @@ class ImageStore:
         catalog = self._db.create_table(CATALOG, schema=CATALOG_SCHEMA)
         for batch in self.table.search().select(list(CATALOG_COLUMNS)).limit(None).to_batches():
             catalog.add(pa.Table.from_batches([batch]).cast(CATALOG_SCHEMA))
+
+    @property
+    def changes(self):
+        """The change log, created on first use by a writer (so it covers versions from now on)."""
+        if self._changes is None:
+            if CHANGES not in self._db.table_names():
+                with self.lock:
+                    if CHANGES not in self._db.table_names():
+                        self._db.create_table(CHANGES, schema=changes_schema(self.version))
+            self._changes = self._db.open_table(CHANGES)
+        return self._changes
+
+    # -- dense tensors -------------------------------------------------------------------------
+    @property
+    def dense_format(self) -> str:
+        """"raw" (config.dense_dtype) or a compact codec of descriptors.quant."""
+        return self.meta.get("dense_codec", "raw")
+
+    @property
+    def dense_codec(self):
+        """The fitted compact codec (None for raw tables, or before the first commit)."""
+        if self._codec is None and self.dense_format != "raw" and CODEC in self._db.table_names():
+            from .descriptors.quant import DenseCodec
+
+            self._codec = DenseCodec.from_bytes(self._db.open_table(CODEC).to_arrow().column("data")[0].as_py())
+        return self._codec
+
+    def dense_nbytes(self) -> int:
+        from .descriptors.codec import dense_nbytes
+
+        tokens, dim = self.meta["dense_shape"]
+        if self.dense_format == "raw":
+            return dense_nbytes(tokens, dim, self.meta["config"]["dense_dtype"])
+        from .descriptors.quant import max_nbytes
+
+        return self.dense_codec.nbytes if self.dense_codec is not None else max_nbytes(tokens, dim)
+
+    def _store_dense(self, wire: pa.Array) -> pa.Array:
+        """Dense column from float16 wire bytes to the table's format (fitting the codec on first use)."""
+        from .descriptors.codec import decode_dense, encode_dense
+
+        tokens, dim = self.meta["dense_shape"]
+        dtype = self.meta["config"]["dense_dtype"]
+        if self.dense_format == "raw" and dtype == WIRE_DTYPE:
+            return wire
+        x = np.stack([decode_dense(b, tokens, dim, WIRE_DTYPE) for b in wire.to_pylist()])
+        if self.dense_format == "raw":
+            return pa.array([encode_dense(t, dtype) for t in x], pa.binary())
+        if self.dense_codec is None:
+            self._fit_codec(x)
+        return pa.array([self._codec.encode(t) for t in x], pa.binary())
+
+    def _fit_codec(self, samples: np.ndarray) -> None:
+        from .descriptors.quant import fit
+
+        self.dense_codec  # another process may have fitted it
+        if self._codec is None:
+            codec = fit(samples)
+            self._db.create_table(CODEC, pa.table({"kind": [codec.kind], "data": pa.array([codec.to_bytes()], pa.binary())}))
+            self._codec = codec
+
+    def decode_dense(self, blobs: list[bytes]) -> np.ndarray:
+        """Stored dense bytes -> (N, T, C) float32."""
+        if self.dense_format != "raw":
+            return self.dense_codec.decode(blobs)
+        from .descriptors.codec import decode_dense
+
+        tokens, dim = self.meta["dense_shape"]
+        return np.stack([decode_dense(b, tokens, dim, self.meta["config"]["dense_dtype"]) for b in blobs])
+
+    def ensure_indexes(self) -> None:
+        """Create the BTREE indexes a table lacks (databases made before they existed get them here)."""
+        from lancedb.index import BTree
+
+        with self.lock:
+            for name, columns in SCALAR_INDEXES.items():
+                table = {TABLE: self.table, CATALOG: self.catalog, CHANGES: self.changes}[name]
+                have = {c for i in table.list_indices() for c in i.columns}
+                for column in columns:
+                    if column not in have:
+                        table.create_index(column, config=BTree())
 
     def refresh(self) -> None:
         """See writes made through other handles or processes."""
@@ -174,6 +305,13 @@ class ImageStore:
     def version(self) -> int:
         return int(self.table.version)
 
+    def stable_version(self) -> int:
+        """The payload version at a write-section boundary: everything logged before it is committed,
+        and every later change is logged with seq >= it."""
+        with self.lock:
+            self.refresh()
+            return self.version
+
     def count(self) -> int:
         return self.table.count_rows() if self.exists() else 0
 
@@ -192,21 +330,27 @@ class ImageStore:
                 raise SimsearchError(f"invalid --where filter {where!r}: {str(e).splitlines()[0]}") from None
             raise
 
-    def files(self) -> dict[str, tuple[str, int, int]]:
-        """path -> (content id, size, mtime_ns) from the catalog, for the incremental indexer."""
-        t = self._select(["path", "id", "size", "mtime_ns"], table=self.catalog)
-        cols = [t.column(c).to_pylist() for c in ("path", "id", "size", "mtime_ns")]
-        return {p: (i, s, m) for p, i, s, m in zip(*cols)}
+    def files(self, under: str | None = None) -> dict[str, tuple[str, int, int]]:
+        """path -> (content id, size, mtime_ns) from the catalog, for the incremental indexer: every
+        file, or (`under`, a normalized folder or file) only those at or below it, read through the
+        path index."""
+        return _stats(self._select(list(STAT_COLUMNS), under_filter(under) if under else None, table=self.catalog))
+
+    def files_of(self, paths: list[str]) -> dict[str, tuple[str, int, int]]:
+        """Like `files`, for the catalogued ones of `paths`, read by key."""
+        return {p: v for chunk in _chunks([path_key(p) for p in paths])
+                for p, v in _stats(self._select(list(STAT_COLUMNS), _in(chunk), table=self.catalog)).items()}
 
     def vectors(self, column: str, where: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """keys (N,) int64 and vectors (N, D) float32 of one vector column."""
-        t = self._select(["key", column], where)
-        keys = t.column("key").to_numpy()
-        if t.num_rows == 0:
-            return keys, np.zeros((0, 0), np.float32)
-        flat = t.column(column).combine_chunks()
-        vecs = flat.values.to_numpy(zero_copy_only=False).reshape(t.num_rows, -1)
-        return keys, vecs.astype(np.float32, copy=False)
+        return _vectors(self._select(["key", column], where), column)
+
+    def vectors_of(self, keys, column: str) -> tuple[np.ndarray, np.ndarray]:
+        """keys and vectors of those of `keys` in the table, read by key."""
+        parts = [self._select(["key", column], _in(chunk)) for chunk in _chunks([int(k) for k in keys])]
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+        return _vectors(pa.concat_tables(parts), column)
 
     def keys_where(self, where: str) -> np.ndarray:
         return self._select(["key"], where).column("key").to_numpy()
@@ -229,18 +373,43 @@ class ImageStore:
             raise MissingRowsError(missing)
         return [found[k] for k in keys]
 
+    def changed_since(self, version: int) -> np.ndarray | None:
+        """Keys whose payload rows may differ from payload version `version` (added, replaced or
+        deleted since), or None when the log does not reach back that far."""
+        if CHANGES not in self._db.table_names():
+            return None
+        since = json.loads(self.changes.schema.metadata[META_KEY])["since"]
+        if version < since:
+            return None
+        return np.unique(self._select(["key"], f"seq >= {int(version)}", table=self.changes).column("key").to_numpy())
+
     # -- writes (all under the lock) -----------------------------------------------------------
+    def _log(self, keys: list[int]) -> None:
+        if keys:
+            self.changes.add(pa.table({"seq": pa.array([self.version] * len(keys), pa.int64()),
+                                       "key": pa.array(keys, pa.int64())}))
+
+    def _existing(self, keys: list[int]) -> list[int]:
+        """Those of `keys` that have a payload row (read through the key index)."""
+        return [k for chunk in _chunks(keys) for k in self._select(["key"], _in(chunk)).column("key").to_pylist()]
+
     def put(self, rows: pa.Table) -> None:
-        """Insert or replace rows by key: payload columns plus the catalog's size and mtime_ns."""
+        """Insert or replace rows by key: payload columns plus the catalog's size and mtime_ns. New
+        keys are appended; only keys that already have a payload row are deleted first."""
         keys = rows.column("key").to_pylist()
         with self.lock:
-            for chunk in _chunks(keys):
+            self.refresh()
+            rows = rows.set_column(rows.schema.get_field_index("dense"), "dense", self._store_dense(rows.column("dense").combine_chunks()))
+            self._log(keys)
+            for chunk in _chunks(self._existing(keys)):
                 self.table.delete(_in(chunk))  # replaced rows first: at worst a changed file is re-embedded
             self.table.add(rows.select(self.table.schema.names).cast(self.table.schema))
             self._replace_catalog(rows.select(list(CATALOG_COLUMNS)))
 
     def _replace_catalog(self, rows: pa.Table) -> None:
-        for chunk in _chunks(rows.column("key").to_pylist()):
+        keys = rows.column("key").to_pylist()
+        listed = [k for chunk in _chunks(keys) for k in self._select(["key"], _in(chunk), table=self.catalog).column("key").to_pylist()]
+        for chunk in _chunks(listed):
             self.catalog.delete(_in(chunk))
         self.catalog.add(rows.cast(CATALOG_SCHEMA))
 
@@ -258,21 +427,56 @@ class ImageStore:
         """Forget files: catalog first, then payload (a kill in between leaves a payload orphan that
         `sweep` removes, never a catalog row claiming an image that is not there)."""
         with self.lock:
+            self.refresh()
             for chunk in _chunks([path_key(p) for p in paths]):
+                self._log(chunk)
                 self.catalog.delete(_in(chunk))
                 self.table.delete(_in(chunk))
 
-    def sweep(self) -> int:
-        """Delete payload rows that have no catalog row (left by a killed prune). -> rows deleted"""
+    def sweep(self, under: str | None = None) -> int:
+        """Delete payload rows that have no catalog row (left by a killed prune), all or (`under`) those
+        at or below a folder. -> rows deleted"""
+        where = under_filter(under) if under else None
         with self.lock:
-            catalog = set(self._select(["key"], table=self.catalog).column("key").to_pylist())
-            orphans = [k for k in self._select(["key"]).column("key").to_pylist() if k not in catalog]
+            self.refresh()
+            catalog = set(self._select(["key"], where, table=self.catalog).column("key").to_pylist())
+            orphans = [k for k in self._select(["key"], where).column("key").to_pylist() if k not in catalog]
             for chunk in _chunks(orphans):
+                self._log(chunk)
                 self.table.delete(_in(chunk))
         return len(orphans)
 
-    def compact(self) -> None:
-        """Merge the small fragments left by batched writes; old versions are kept for a week."""
+    def compact(self, full: bool = False) -> None:
+        """Once enough has accumulated (or `full`): merge the small fragments left by batched writes,
+        fold new rows into the scalar indexes and delete versions older than `keep_versions`.
+
+        Lance's optimize merges fragments up to a million rows, so at 1M rows it rewrote ~18 s of
+        payload to fold in 1,000 new rows. Deferred until OPTIMIZE_ROWS (or OPTIMIZE_FRACTION of the
+        table) rows are unindexed or MAX_FRAGMENTS fragments exist, its cost per row stays bounded;
+        until then reads stay correct, scanning the few unindexed fragments beside the index."""
         with self.lock:
-            self.table.optimize()
-            self.catalog.optimize()
+            self.ensure_indexes()
+            for table in (self.table, self.catalog, self.changes):
+                if full or _needs_optimize(table):
+                    table.optimize(cleanup_older_than=self.keep_versions)
+
+
+def _needs_optimize(table) -> bool:
+    rows = table.count_rows()
+    unindexed = max((table.index_stats(i.name).num_unindexed_rows for i in table.list_indices()), default=rows)
+    return (unindexed >= max(OPTIMIZE_ROWS, OPTIMIZE_FRACTION * rows)
+            or table.stats()["fragment_stats"]["num_fragments"] > MAX_FRAGMENTS)
+
+
+def _stats(t: pa.Table) -> dict[str, tuple[str, int, int]]:
+    path, *rest = (t.column(c).to_pylist() for c in STAT_COLUMNS)
+    return {p: v for p, v in zip(path, zip(*rest))}
+
+
+def _vectors(t: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
+    keys = t.column("key").to_numpy()
+    if t.num_rows == 0:
+        return keys, np.zeros((0, 0), np.float32)
+    flat = t.column(column).combine_chunks()
+    vecs = flat.values.to_numpy(zero_copy_only=False).reshape(t.num_rows, -1)
+    return keys, vecs.astype(np.float32, copy=False)

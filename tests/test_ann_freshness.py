@@ -99,7 +99,7 @@ def test_damaged_index_is_rebuilt(tmp_path, new_index, photos, damage):
     db = tmp_path / "db"
     idx = new_index(db)
     idx.add_folder(photos)
-    faiss_file = db / "ann" / sidecar(db, "content")["file"]  # the file the sidecar vouches for
+    faiss_file = db / "ann" / sidecar(db, "content")["files"][0]["file"]  # the file the sidecar vouches for
     side_file = db / "ann" / "content.json"
     if damage == "garbage":
         faiss_file.write_bytes(b"\x00garbage" * 100)
@@ -205,8 +205,8 @@ def test_ivf_exact_top1(tmp_path, new_index):
     db = tmp_path / "db"
     idx = new_index(db, ivf_threshold=100, nprobe=2)
     idx.add_folder(folder, batch_size=32)
-    nlist = int(sidecar(db, "content")["kind"].removeprefix("ivf"))
-    assert nlist > idx.vector_index("content").nprobe == 2
+    nlist = sidecar(db, "content")["nlist"]
+    assert sidecar(db, "content")["kind"] == "ivf" and nlist > idx.vector_index("content").nprobe == 2
     assert idx.info()["ann"]["content"]["ntotal"] == 200
     for p in paths[::10]:
         hit = idx.search(p, k=1)[0]  # a vector's own list is the nearest to it: found with any nprobe
@@ -231,8 +231,7 @@ def test_ivf_vector_index_many_lists():
     keys = rng.choice(2**62, size=6000, replace=False).astype(np.int64)
     ivf = VectorIndex.build(keys, vecs, table_version=7, ivf_threshold=1000)
     flat = VectorIndex.build(keys, vecs, table_version=7)
-    nlist = int(ivf.kind.removeprefix("ivf"))
-    assert nlist > ivf.nprobe and flat.kind == "flat" and ivf.ntotal == 6000
+    assert ivf.kind == "ivf" and ivf.nlist > ivf.probes and flat.kind == "flat" and ivf.ntotal == 6000
     _, got = ivf.search(vecs[:500], 10)
     _, want = flat.search(vecs[:500], 10)
     assert np.array_equal(got[:, 0], keys[:500])  # each vector is its own nearest neighbour

@@ -43,6 +43,15 @@ def test_query_style_and_where(cli, db, photos):
     assert len(rows) == 11 and all("gravel" not in r["path"] for r in rows)
 
 
+def test_query_nprobe(cli, tmp_path, new_index, photos):
+    """--nprobe reaches the IVF index (a database made IVF by a low threshold)."""
+    db = tmp_path / "ivf"
+    new_index(db, ivf_threshold=10).add_folder(photos)
+    code, out, err = cli("query", photos / "coffee.jpg", "--db", db, "-k", "3", "--json", "--nprobe", "1")
+    assert code == 0, err
+    assert json.loads(out.splitlines()[0])["path"] == str(photos / "coffee.jpg")
+
+
 def test_query_table(cli, db, photos):
     code, out, _ = cli("query", photos / "rocket.jpg", "--db", db, "-k", "3")
     assert code == 0

@@ -59,7 +59,7 @@ def test_concurrent_rebuilds_never_pair_a_sidecar_with_another_index(tmp_path, n
     for column in ("content", "style"):
         path = index_path(Index(db).store, column)
         side = json.loads(path.with_suffix(".json").read_text())
-        assert sorted(p.name for p in path.parent.glob(f"{column}.*.faiss")) == [side["file"]]
+        assert sorted(p.name for p in path.parent.glob(f"{column}.*.faiss")) == [f["file"] for f in side["files"]]
         assert not list(path.parent.glob("*.tmp"))
         loaded = VectorIndex.load(path)
         assert loaded is not None and loaded.ntotal == 12 and loaded.table_version == Index(db).store.version
@@ -74,8 +74,8 @@ def test_sidecar_vouches_only_for_its_own_file(tmp_path, new_index, photos):
     other = new_index(tmp_path / "db2")
     other.add_folder(tmp_path / "other")
     path = index_path(Index(db).store, "content")
-    mine = path.parent / json.loads(path.with_suffix(".json").read_text())["file"]
+    mine = path.parent / json.loads(path.with_suffix(".json").read_text())["files"][0]["file"]
     theirs = index_path(other.store, "content")
-    mine.write_bytes((theirs.parent / json.loads(theirs.with_suffix(".json").read_text())["file"]).read_bytes())
+    mine.write_bytes((theirs.parent / json.loads(theirs.with_suffix(".json").read_text())["files"][0]["file"]).read_bytes())
     assert VectorIndex.load(path) is None
     assert Index(db).search(photos / "horse.jpg", k=1)[0].path == str(photos / "horse.jpg")

@@ -14,14 +14,15 @@ from ._common import (DEFAULT_DB, DbOption, DeviceOption, IpAdapterOption, Model
 
 
 def index(
-    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    folder: Annotated[str, typer.Argument(help="Folder of images (searched recursively); with --engine ray also a URI (s3://bucket/prefix).")],
     db: DbOption = DEFAULT_DB,
     model: ModelOption = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     device: DeviceOption = "auto",
     prune: Annotated[bool, typer.Option(help="Remove rows of files under FOLDER that are gone.")] = False,
     image_size: Annotated[Optional[int], typer.Option(help="Model input side (new databases only).")] = None,
-    dense_dtype: Annotated[Optional[str], typer.Option(help="float16 or int8 (new databases only).")] = None,
+    dense_dtype: Annotated[Optional[str], typer.Option(help="float16 or int8, for --dense-codec raw (new databases only).")] = None,
+    dense_codec: Annotated[Optional[str], typer.Option(help="raw (--dense-dtype) or pca (learned, <= 64 KB/image): how dense tensors are stored (new databases only).")] = None,
     content_layer: Annotated[Optional[str], typer.Option(help="Layer (ViT block or UNet module) giving the content vector.")] = None,
     style_layer: Annotated[Optional[str], typer.Option(help="Layer whose features give the style statistics.")] = None,
     dense_layer: Annotated[Optional[str], typer.Option(help="Attention layer whose source is stored for reranking.")] = None,
@@ -29,12 +30,20 @@ def index(
     noise_seed: NoiseSeedOption = None,
     ip_adapter: IpAdapterOption = None,
     commit_every: Annotated[int, typer.Option(min=1, help="Rows per LanceDB commit (what a kill can lose).")] = 256,
+    engine: Annotated[str, typer.Option(help="local, or ray: embed on a Ray cluster (an actor pool, one model each).")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (auto, ray://host:10001); default: a local one.")] = None,
 ):
     """Embed every image under FOLDER into the database; incremental and resumable."""
     from ..errors import ImageError
 
-    if not folder.exists():
+    from ..errors import SimsearchError
+
+    if engine not in ("local", "ray"):
+        raise SimsearchError(f"unknown engine '{engine}' (choose from local, ray)")
+    if "://" not in folder and not Path(folder).expanduser().exists():
         raise ImageError(folder, "no such file or directory")
+    if "://" in folder and engine != "ray":
+        raise SimsearchError(f"{folder}: URIs are read by --engine ray only")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from ..index import Index
@@ -43,7 +52,7 @@ def index(
     overrides = {k: v for k, v in dict(image_size=image_size, dense_dtype=dense_dtype, content_layer=parse_layer(content_layer),
                                        style_layer=parse_layer(style_layer), dense_layer=parse_layer(dense_layer),
                                        timestep=timestep, noise_seed=noise_seed, ip_adapter=ip_adapter).items() if v is not None}
-    idx = Index(db, model=model, device=device, **overrides)
+    idx = Index(db, model=model, device=device, dense_codec=dense_codec, **overrides)
     idx.ensure_table()  # loads the model and checks the configuration before the progress bar starts
     columns = [TextColumn("[bold]indexing"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeRemainingColumn()]
@@ -55,8 +64,9 @@ def index(
             speed = progress.tasks[task].speed
             progress.update(task, rate=f"{speed:.1f} img/s" if speed else "")
 
-        report = idx.add_folder(folder, batch_size=batch_size, prune=prune, write_rows=commit_every,
-                                on_total=lambda n: progress.update(task, total=n), on_advance=advance)
+        report = idx.add_folder(folder, batch_size=batch_size, prune=prune, write_rows=commit_every, engine=engine,
+                                on_total=lambda n: progress.update(task, total=n), on_advance=advance,
+                                **({"address": address} if engine == "ray" else {}))
     warn_failed(report.failed)
     out.print(f"added {report.added} · updated {report.updated} · skipped {report.skipped} · "
               f"failed {len(report.failed)}" + (f" · pruned {report.pruned}" if prune else "") +

@@ -23,6 +23,7 @@ def query(
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
     rerank: Annotated[Optional[str], typer.Option(help="Rerank with aas, matches or both.")] = None,
     candidates: Annotated[int, typer.Option(min=1, help="First-stage hits to rerank.")] = 50,
+    nprobe: Annotated[Optional[int], typer.Option(min=1, help="IVF lists probed (large databases): more is slower and closer to exact.")] = None,
     html_out: Annotated[Optional[Path], typer.Option("--html", help="Write a self-contained results page.")] = None,
     coseg_dir: Annotated[Optional[Path], typer.Option(
         "--coseg", help="Co-segment the query with its hits into this folder (masks, overlays, coseg.html).")] = None,
@@ -39,7 +40,7 @@ def query(
     from ..index import Index
 
     quiet_libraries()
-    idx = Index(db, model=model, device=device)
+    idx = Index(db, model=model, device=device, **({"nprobe": nprobe} if nprobe else {}))
     hits = idx.search(image, k=k, mode=mode, where=where, rerank=rerank, candidates=candidates)
     if html_out:
         from ..report import write_results_html

@@ -3,7 +3,7 @@
 Three stages overlap so the model never waits on the disk:
   reader threads   stat -> read bytes -> hash -> decode -> resize   (bounded prefetch window)
   main thread      batch -> backbone forward
-  writer thread    rows -> LanceDB merge_insert every `write_rows` rows (one atomic commit each)
+  writer thread    rows -> store.put every `write_rows` rows (appends; deletes only replaced keys)
 Memory stays flat: at most `prefetch` decoded images and two pending writes exist at any time.
 Ctrl-C commits every row already embedded before it stops; a killed run loses at most the rows not
 yet committed, and the next run skips what was committed.
@@ -31,7 +31,7 @@ from ..descriptors.codec import encode_dense
 from ..errors import ImageError
 from ..images import iter_image_files, open_image, thumbnail_jpeg
 from ..paths import is_under, normalize
-from ..store import path_key
+from ..store import WIRE_DTYPE, path_key
 
 
 @dataclass
@@ -54,7 +54,16 @@ class IndexReport:
 
 
 @dataclass
-class _Prepared:
+class Stat:
+    """What the catalog compares: a file's size and mtime."""
+    path: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class Prepared:
+    """An image read, hashed, decoded and made into model input: everything a row needs but the model."""
     path: str
     key: int
     id: str
@@ -114,69 +123,156 @@ def index_folder(index, folder: str | Path, batch_size: int = 16, prune: bool = 
     root = Path(folder).expanduser()
     if not root.exists():
         raise ImageError(root, "no such file or directory")
-    return index_files(index, iter_image_files(root), batch_size, prune_root=root if prune else None, **kwargs)
+    return index_files(index, iter_image_files(root), batch_size, under=root, prune=prune, **kwargs)
 
 
-def index_files(index, files: Iterable[str | Path], batch_size: int = 16, prune_root: Path | None = None,
-                workers: int = 2, write_rows: int = 256,
-                on_total: Callable[[int], None] | None = None,
-                on_advance: Callable[[int], None] | None = None) -> IndexReport:
-    """Index the given image files (see index_folder)."""
-    t0 = time.perf_counter()
-    paths = list(dict.fromkeys(normalize(p) for p in files))  # one spelling per file, so one row per file
+# -- the stages both indexers share (this one and indexers.distributed) -------------------------
+def known_files(store, paths: list[str], under: str | None) -> dict[str, tuple[str, int, int]]:
+    """The catalog's rows for `paths`: read by folder (path index) or by key, never the whole table."""
+    return store.files(under) if under is not None else store.files_of(paths)
+
+
+@dataclass
+class Run:
+    """One index run's shared state: the files to read, what the catalog knows, the report so far."""
+    index: object
+    paths: list[str]
+    known: dict[str, tuple[str, int, int]]
+    todo: list[Stat]
+    report: IndexReport
+    advance: Callable[[int], None]
+
+
+def begin(index, stats: list[Stat | tuple[str, str]], under: str | None,
+          on_total: Callable[[int], None] | None, on_advance: Callable[[int], None] | None) -> Run:
+    """Create or check the table, read the catalog's part for these files, plan what to read."""
+    paths = [s.path if isinstance(s, Stat) else s[0] for s in stats]
     if on_total:
         on_total(len(paths))
     advance = on_advance or (lambda n: None)
     report = IndexReport()
-    embedder = index.embedder
-    store = index.ensure_table()
-    known = store.files()
+    index.embedder  # loads the model and checks its weights against the table's
+    known = known_files(index.ensure_table(), paths, under)
+    return Run(index, paths, known, plan(stats, known, report, advance), report, advance)
 
-    todo: list[tuple[str, os.stat_result]] = []
-    for p in paths:
-        try:
-            p.encode("utf-8")  # the table stores UTF-8 text
-            st = os.stat(p)
-        except UnicodeEncodeError:
-            report.failed.append((p, "file name is not valid UTF-8"))
+
+def plan(stats: Iterable[Stat | tuple[str, str]], known: dict, report: IndexReport,
+         advance: Callable[[int], None]) -> list[Stat]:
+    """The files to read: those whose size or mtime differ from the catalog. `stats` holds a Stat per
+    file, or (path, reason) for one that cannot be used."""
+    todo = []
+    for st in stats:
+        if not isinstance(st, Stat):
+            report.failed.append(st)
             advance(1)
             continue
-        except OSError as e:
-            report.failed.append((p, e.strerror or str(e)))
-            advance(1)
-            continue
-        if not stat.S_ISREG(st.st_mode):  # reading a FIFO blocks forever, a device never ends
-            report.failed.append((p, "not a regular file"))
-            advance(1)
-            continue
-        old = known.get(p)
-        if old is not None and (old[1], old[2]) == (st.st_size, st.st_mtime_ns):
+        old = known.get(st.path)
+        if old is not None and (old[1], old[2]) == (st.size, st.mtime_ns):
             report.skipped += 1  # fast path: same size and mtime
             advance(1)
         else:
-            todo.append((p, st))
+            todo.append(st)
+    return todo
 
+
+def local_stat(path: str) -> Stat | tuple[str, str]:
+    try:
+        path.encode("utf-8")  # the table stores UTF-8 text
+        st = os.stat(path)
+    except UnicodeEncodeError:
+        return path, "file name is not valid UTF-8"
+    except OSError as e:
+        return path, e.strerror or str(e)
+    if not stat.S_ISREG(st.st_mode):  # reading a FIFO blocks forever, a device never ends
+        return path, "not a regular file"
+    return Stat(path, st.st_size, st.st_mtime_ns)
+
+
+def prepare(st: Stat, data: bytes, known_id: str | None, embedder) -> Prepared | str | ImageError:
+    """One file's bytes -> Prepared, "unchanged" (same content as catalogued), or the ImageError."""
+    digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+    if known_id == digest:
+        return "unchanged"
+    try:
+        loaded = open_image(data, max_side=embedder.conf.image_size, name=st.path)
+    except ImageError as e:
+        return e
+    return Prepared(path=st.path, key=path_key(st.path), id=digest, size=st.size, mtime_ns=st.mtime_ns,
+                    width=loaded.width, height=loaded.height, pixels=embedder.preprocess(loaded.image),
+                    thumb=thumbnail_jpeg(loaded.image), is_update=known_id is not None)
+
+
+def row_schema(embedder) -> pa.Schema:
+    """The rows `embed_rows` makes: payload columns plus the catalog's size and mtime_ns."""
+    return pa.schema([
+        ("key", pa.int64()), ("id", pa.string()), ("path", pa.string()), ("size", pa.int64()),
+        ("mtime_ns", pa.int64()), ("width", pa.int32()), ("height", pa.int32()),
+        ("content", pa.list_(pa.float32(), embedder.dims["content"])),
+        ("style", pa.list_(pa.float32(), embedder.dims["style"])),
+        ("dense", pa.binary()), ("thumb", pa.binary()),
+    ])
+
+
+def embed_rows(embedder, batch: list[Prepared]) -> pa.Table:
+    """Prepared images -> the rows `store.put` writes (one model forward for the batch)."""
+    if not batch:
+        return row_schema(embedder).empty_table()
+    emb = embedder.embed(torch.stack([b.pixels for b in batch]))
+    return pa.table({
+        "key": pa.array([b.key for b in batch], pa.int64()),
+        "id": [b.id for b in batch],
+        "path": [b.path for b in batch],
+        "size": pa.array([b.size for b in batch], pa.int64()),
+        "mtime_ns": pa.array([b.mtime_ns for b in batch], pa.int64()),
+        "width": pa.array([b.width for b in batch], pa.int32()),
+        "height": pa.array([b.height for b in batch], pa.int32()),
+        "content": _fixed_list(emb.content),
+        "style": _fixed_list(emb.style),
+        "dense": pa.array([encode_dense(d, WIRE_DTYPE) for d in emb.dense], pa.binary()),  # the store encodes it
+        "thumb": pa.array([b.thumb for b in batch], pa.binary()),
+    }, schema=row_schema(embedder))
+
+
+def finish(run: Run, touched: dict[str, tuple[int, int]], under: str | None, prune: bool, t0: float) -> IndexReport:
+    """After the rows are written: record touched files, prune, compact, bring the FAISS indexes up."""
+    index, report, known, paths = run.index, run.report, run.known, run.paths
+    store = index.store
+    store.touch(touched)
+    if prune and under is not None:
+        scanned, folder = set(paths), normalize(under)
+        gone = [p for p in known if is_under(p, folder) and p not in scanned]
+        store.delete_paths(gone)
+        store.sweep(folder)
+        report.pruned = len(gone)
+    if report.embedded or report.pruned:
+        store.compact()
+    index.refresh_ann()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def index_files(index, files: Iterable[str | Path], batch_size: int = 16, under: Path | None = None,
+                prune: bool = False, workers: int = 2, write_rows: int = 256,
+                on_total: Callable[[int], None] | None = None,
+                on_advance: Callable[[int], None] | None = None) -> IndexReport:
+    """Index the given image files (see index_folder). `under`: the folder they all lie in, so only
+    its part of the catalog is read (and, with `prune`, its vanished files removed)."""
+    t0 = time.perf_counter()
+    paths = list(dict.fromkeys(normalize(p) for p in files))  # one spelling per file, so one row per file
+    run = begin(index, [local_stat(p) for p in paths], normalize(under) if under is not None else None, on_total, on_advance)
+    known, todo, report, advance, embedder, store = run.known, run.todo, run.report, run.advance, index.embedder, index.store
     touched: dict[str, tuple[int, int]] = {}
 
-    def prepare(item: tuple[str, os.stat_result]) -> _Prepared | str | ImageError:
-        path, st = item
+    def read_and_prepare(st: Stat) -> Prepared | str | ImageError:
         try:
-            with open(path, "rb") as f:
+            with open(st.path, "rb") as f:
                 data = f.read()
         except OSError as e:
-            return ImageError(path, e.strerror or str(e))
-        digest = hashlib.blake2b(data, digest_size=16).hexdigest()
-        old = known.get(path)
-        if old is not None and old[0] == digest:
-            touched[path] = (st.st_size, st.st_mtime_ns)  # identical content: record the new stat
-            return "unchanged"
-        try:
-            loaded = open_image(data, max_side=embedder.conf.image_size, name=path)
-        except ImageError as e:
-            return e
-        return _Prepared(path=path, key=path_key(path), id=digest, size=st.st_size, mtime_ns=st.st_mtime_ns,
-                         width=loaded.width, height=loaded.height, pixels=embedder.preprocess(loaded.image),
-                         thumb=thumbnail_jpeg(loaded.image), is_update=old is not None)
+            return ImageError(st.path, e.strerror or str(e))
+        result = prepare(st, data, known.get(st.path, (None,))[0], embedder)
+        if result == "unchanged":
+            touched[st.path] = (st.size, st.mtime_ns)  # identical content: record the new stat
+        return result
 
     pending_rows: list[pa.Table] = []
     pending_count = 0
@@ -188,25 +284,11 @@ def index_files(index, files: Iterable[str | Path], batch_size: int = 16, prune_
             writer.put(pa.concat_tables(pending_rows))
             pending_rows, pending_count = [], 0
 
-    def embed_batch(batch: list[_Prepared]):
+    def embed_batch(batch: list[Prepared]):
         nonlocal pending_count
         t = time.perf_counter()
-        emb = embedder.embed(torch.stack([b.pixels for b in batch]))
+        pending_rows.append(embed_rows(embedder, batch))
         report.embedded_seconds += time.perf_counter() - t
-        dtype = embedder.conf.dense_dtype
-        pending_rows.append(pa.table({
-            "key": pa.array([b.key for b in batch], pa.int64()),
-            "id": [b.id for b in batch],
-            "path": [b.path for b in batch],
-            "size": pa.array([b.size for b in batch], pa.int64()),
-            "mtime_ns": pa.array([b.mtime_ns for b in batch], pa.int64()),
-            "width": pa.array([b.width for b in batch], pa.int32()),
-            "height": pa.array([b.height for b in batch], pa.int32()),
-            "content": _fixed_list(emb.content),
-            "style": _fixed_list(emb.style),
-            "dense": pa.array([encode_dense(d, dtype) for d in emb.dense], pa.binary()),
-            "thumb": pa.array([b.thumb for b in batch], pa.binary()),
-        }))
         pending_count += len(batch)
         report.added += sum(not b.is_update for b in batch)
         report.updated += sum(b.is_update for b in batch)
@@ -215,10 +297,10 @@ def index_files(index, files: Iterable[str | Path], batch_size: int = 16, prune_
         advance(len(batch))
 
     try:
-        batch: list[_Prepared] = []
+        batch: list[Prepared] = []
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="simsearch-read") as pool:
-            for result in _ordered_map(prepare, todo, pool, window=2 * batch_size + workers):
-                if isinstance(result, _Prepared):
+            for result in _ordered_map(read_and_prepare, todo, pool, window=2 * batch_size + workers):
+                if isinstance(result, Prepared):
                     batch.append(result)
                     if len(batch) == batch_size:
                         embed_batch(batch)
@@ -237,18 +319,7 @@ def index_files(index, files: Iterable[str | Path], batch_size: int = 16, prune_
         finally:
             writer.close()
 
-    store.touch(touched)
-    if prune_root is not None:
-        scanned, folder = set(paths), normalize(prune_root)
-        gone = [p for p in known if is_under(p, folder) and p not in scanned]
-        store.delete_paths(gone)
-        store.sweep()
-        report.pruned = len(gone)
-    if report.embedded or report.pruned:
-        store.compact()
-    index.refresh_ann()
-    report.seconds = time.perf_counter() - t0
-    return report
+    return finish(run, touched, under, prune, t0)
 
 
 def _fixed_list(x: np.ndarray) -> pa.FixedSizeListArray:

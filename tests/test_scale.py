@@ -1,0 +1,240 @@
+"""Costs that grow with the work done: FAISS indexes that follow the change log instead of being
+rebuilt, retraining only by the stated rule, filtered searches that still return k, the store's
+scalar indexes, appends without deletes, and old versions cleaned up. Real LanceDB and FAISS on
+synthetic rows (no model needed): vectors clustered around random centres."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from conftest import TINY, table_rows
+from simsearch import Index, ann
+from simsearch.embedder import DescriptorConfig
+from simsearch.store import ImageStore, path_key, under_filter
+
+D = 16
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def vectors(n: int, seed: int, centres: int = 30, spread: float = 0.4) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    c = np.random.default_rng(1000 + centres).normal(size=(centres, D))
+    return unit(c[rng.integers(0, centres, n)] + spread * rng.normal(size=(n, D)))
+
+
+def synthetic_rows(names: list[str], content: np.ndarray) -> pa.Table:
+    n = len(names)
+    fixed = lambda x: pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])  # noqa: E731
+    return pa.table({
+        "key": pa.array([path_key(p) for p in names], pa.int64()), "id": [f"id-{p}" for p in names], "path": names,
+        "size": pa.array([1] * n, pa.int64()), "mtime_ns": pa.array([1] * n, pa.int64()),
+        "width": pa.array([8] * n, pa.int32()), "height": pa.array([8] * n, pa.int32()),
+        "content": fixed(content), "style": fixed(np.concatenate([content, content], 1) / np.sqrt(2)),
+        "dense": pa.array([b""] * n, pa.binary()), "thumb": pa.array([b""] * n, pa.binary()),
+    })
+
+
+@pytest.fixture
+def synth(tmp_path, tiny_model):
+    """An Index over a store of synthetic rows. -> (Index, put(names, vectors), threshold)"""
+    db = tmp_path / "db"
+    store = ImageStore(db)
+    conf = DescriptorConfig(model=str(tiny_model), **TINY)
+    store.create({"config": conf.to_dict(), "weights": "synthetic", "dense_shape": [1, 1]}, D, 2 * D)
+
+    def put(names, vecs):
+        store.put(synthetic_rows(names, vecs))
+
+    return Index(db, ivf_threshold=1000, nprobe=2), put
+
+
+def names(prefix: str, n: int, start: int = 0) -> list[str]:
+    return [f"/data/{prefix}/{i:05d}.png" for i in range(start, start + n)]
+
+
+def top1(index: ann.VectorIndex, vecs: np.ndarray) -> np.ndarray:
+    return index.search(vecs, 1)[1][:, 0]
+
+
+def sidecar(idx: Index, column="content") -> dict:
+    return json.loads(ann.index_path(idx.store, column).with_suffix(".json").read_text())
+
+
+def test_incremental_add_replace_delete_without_retraining(synth):
+    idx, put = synth
+    base = vectors(3000, seed=0)
+    put(names("a", 3000), base)
+    assert idx.refresh_ann() == {"content": True, "style": True}
+    before = sidecar(idx)
+    assert before["kind"] == "ivf" and before["trained_n"] == 3000 and before["nlist"] > idx.nprobe
+
+    new = vectors(200, seed=1)
+    put(names("b", 200), new)  # added
+    moved = vectors(20, seed=2)
+    put(names("a", 20), moved)  # replaced: same keys, other vectors
+    idx.store.delete_paths(names("a", 50, start=100))  # deleted
+    assert idx.refresh_ann() == {"content": False, "style": False}  # caught up, not rebuilt
+
+    after = sidecar(idx)
+    assert after["files"][0] == before["files"][0]  # the trained base file is untouched
+    assert len(after["files"]) == 2 and after["files"][1]["rows"] == (200 + 20 + 50) + (200 + 20)  # keys changed + rows added back
+    assert (after["trained_n"], after["ntotal"], after["table_version"]) == (3000, 3150, idx.store.version)
+    vi = idx.vector_index("content")
+    assert vi.ntotal == 3150
+    assert np.array_equal(top1(vi, new), [path_key(p) for p in names("b", 200)])
+    assert np.array_equal(top1(vi, moved), [path_key(p) for p in names("a", 20)])
+    gone = {path_key(p) for p in names("a", 50, start=100)}
+    assert not gone & set(vi.search(base[100:150], 10)[1].ravel().tolist())
+
+    # another process: loads base + delta from disk and agrees
+    other = Index(idx.root, ivf_threshold=1000, nprobe=2).vector_index("content")
+    assert other.ntotal == 3150 and np.array_equal(top1(other, new), top1(vi, new))
+    assert np.array_equal(other.search(base[:300], 10)[1], vi.search(base[:300], 10)[1])
+
+
+def test_handle_follows_deltas_written_by_another_process(synth):
+    idx, put = synth
+    put(names("a", 2000), vectors(2000, seed=0))
+    idx.refresh_ann()
+    mine = idx.vector_index("content")
+    writer = Index(idx.root, ivf_threshold=1000, nprobe=2)
+    put(names("b", 30), vectors(30, seed=5))
+    assert writer.refresh_ann() == {"content": False, "style": False}  # writes a delta
+    again = idx.vector_index("content")
+    assert again is mine and again.ntotal == 2030  # the same object caught up, nothing rebuilt or reloaded
+
+
+def test_retrain_rule(synth):
+    """Rows doubling since training, or new rows the quantizer fits badly, trigger a rebuild."""
+    idx, put = synth
+    put(names("a", 2000), vectors(2000, seed=0))
+    idx.refresh_ann()
+    put(names("b", 1500), vectors(1500, seed=1))  # 3500 < 2 x 2000: caught up
+    assert idx.refresh_ann() == {"content": False, "style": False} and sidecar(idx)["trained_n"] == 2000
+    put(names("c", 600), vectors(600, seed=2))  # 4100 >= 2 x 2000: retrained
+    assert idx.refresh_ann()["content"] is True
+    assert sidecar(idx)["trained_n"] == 4100 and len(sidecar(idx)["files"]) == 1
+
+    # drift: 1,000 vectors from other clusters, far from every trained centroid
+    far = vectors(1000, seed=3, centres=7, spread=0.05)
+    put(names("d", 1000), far)
+    assert idx.refresh_ann()["content"] is True
+    vi = idx.vector_index("content")
+    assert vi.trained_n == 5100
+    assert np.array_equal(top1(vi, far[:50]), [path_key(p) for p in names("d", 50)])
+
+
+def test_retrain_reason_by_error():
+    vi = ann.VectorIndex.build(np.arange(3000), vectors(3000, seed=0), 1, ivf_threshold=1000)
+    assert vi.retrain_reason(1000) is None
+    vi.apply(np.arange(3000, 4000), np.arange(3000, 4000), vectors(1000, seed=4))  # same distribution
+    assert vi.retrain_reason(1000) is None
+    vi.apply(np.arange(4000, 5000), np.arange(4000, 5000), vectors(1000, seed=3, centres=7, spread=0.05))
+    assert vi.retrain_reason(1000).startswith("drift")
+
+
+def test_without_change_log_the_index_is_rebuilt(synth):
+    """A database from before the log (or an index older than it) is rebuilt, never guessed at."""
+    idx, put = synth
+    put(names("a", 1500), vectors(1500, seed=0))
+    idx.refresh_ann()
+    conn = lancedb.connect(str(idx.root))
+    conn.drop_table("changes")
+    gone = [path_key(p) for p in names("a", 5)]
+    conn.open_table("images").delete(f"key IN ({', '.join(map(str, gone))})")  # a write the log never saw
+    ImageStore(idx.root).put(synthetic_rows(names("b", 10), vectors(10, seed=1)))  # a new log, from here on
+    fresh = Index(idx.root, ivf_threshold=1000, nprobe=2)
+    assert fresh.refresh_ann() == {"content": True, "style": True}
+    assert fresh.vector_index("content").ntotal == 1505
+    assert not set(gone) & set(fresh.vector_index("content").search(vectors(1500, seed=0)[:5], 5)[1].ravel().tolist())
+
+
+def test_filtered_search_returns_k(synth, monkeypatch):
+    """nprobe 1 of many lists: a filter whose rows lie in other lists found nothing (or fewer than k)
+    before; now k hits, equal to the exact filtered top k, on both paths (small set scored exactly,
+    large set by widening the probe)."""
+    idx, put = synth
+    vecs = vectors(4000, seed=0)
+    put(names("a", 2000) + names("b", 2000), vecs)
+    idx.nprobe = 1
+    query = vecs[0]
+    for limit in (ann.EXACT_FILTER_ROWS, 100):  # exact path, then the widening path
+        monkeypatch.setattr(ann, "EXACT_FILTER_ROWS", limit)
+        hits = idx.search_vector(query, 10, where="path LIKE '/data/b/%'")
+        allowed, allowed_vecs = idx.store.vectors("content", "path LIKE '/data/b/%'")
+        want = allowed[np.argsort(-(allowed_vecs @ query), kind="stable")[:10]]
+        assert [h.key for h in hits] == list(want)
+    assert len(idx.search_vector(query, 10, where="path = '/data/b/00003.png'")) == 1
+
+
+def test_compaction_waits_for_enough_rows(synth, monkeypatch):
+    """A small index run does not rewrite the table; once OPTIMIZE_ROWS rows are unindexed it does."""
+    from simsearch import store as store_module
+
+    idx, put = synth
+    put(names("a", 300), vectors(300, seed=0))
+    idx.store.compact(full=True)
+    v = idx.store.version
+    put(names("b", 20), vectors(20, seed=1))
+    idx.store.compact()
+    assert idx.store.version == v + 1  # the append only: nothing merged or reindexed
+    monkeypatch.setattr(store_module, "OPTIMIZE_ROWS", 10)
+    monkeypatch.setattr(store_module, "OPTIMIZE_FRACTION", 0.0)
+    idx.store.compact()
+    stats = lancedb.connect(str(idx.root)).open_table("images").index_stats("key_idx")
+    assert stats.num_unindexed_rows == 0 and stats.num_indexed_rows == 320
+
+
+def test_scalar_indexes_and_appends(synth):
+    idx, put = synth
+    put(names("a", 100), vectors(100, seed=0))
+    store = idx.store
+    indexed = {name: {c for i in lancedb.connect(str(idx.root)).open_table(name).list_indices() for c in i.columns}
+               for name in ("images", "files", "changes")}
+    assert indexed == {"images": {"key"}, "files": {"key", "path"}, "changes": {"seq"}}
+    v = store.version
+    put(names("b", 10), vectors(10, seed=1))  # new keys: one append, no delete commit
+    assert store.version == v + 1
+    put(names("b", 10), vectors(10, seed=2))  # replaced: delete + append
+    assert store.version == v + 3
+    store.compact(full=True)
+    for name in ("images", "files"):
+        stats = lancedb.connect(str(idx.root)).open_table(name).index_stats("key_idx")
+        assert stats.num_unindexed_rows == 0 and stats.num_indexed_rows == 110
+    assert len(table_rows(idx.root)) == 110
+
+
+def test_catalog_read_by_folder(synth):
+    idx, put = synth
+    tricky = ["/data/b", "/data/b/x.png", "/data/b/c/y.png", "/data/b2/z.png", "/data/b.png", "/data/b's/q.png",
+              "/data/a/b/w.png"]
+    put(tricky, vectors(len(tricky), seed=0))
+    idx.store.compact(full=True)  # folds the new rows into the path index
+    assert sorted(idx.store.files(under="/data/b")) == ["/data/b", "/data/b/c/y.png", "/data/b/x.png"]
+    assert sorted(idx.store.files(under="/data/b's")) == ["/data/b's/q.png"]
+    plan = idx.store.catalog.search().where(under_filter("/data/b")).select(["path"]).explain_plan(True)
+    assert "path_idx" in plan
+
+
+@pytest.mark.filterwarnings("ignore:optimize\\(cleanup_older_than=0\\):UserWarning")
+def test_old_versions_are_cleaned_up(synth):
+    idx, put = synth
+    for i in range(4):
+        put(names(f"x{i}", 50), vectors(50, seed=i))
+    table = lancedb.connect(str(idx.root)).open_table("images")
+    assert len(table.list_versions()) >= 5
+    Index(idx.root, keep_versions=timedelta(hours=1)).store.compact(full=True)
+    assert len(table.list_versions()) >= 5  # younger than the window: kept for time travel
+    before = idx.store.disk_bytes()
+    Index(idx.root, keep_versions=timedelta(0)).store.compact(full=True)
+    assert len(table.list_versions()) == 1 and idx.store.disk_bytes() < before
+    assert len(table_rows(idx.root)) == 200
