@@ -208,6 +208,7 @@ def cli(capsys, monkeypatch):
     from simsearch.cli import main
 
     monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # what main() sets; undone after the test
 
     def invoke(*args):
         capsys.readouterr()
