@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data import _rsvg, default_root, fetch, spread  # noqa: E402
+from data import _rsvg, fetch
+from simsearch.bench.fixtures import data_root as default_root, spread
 
 PNG_THEMES = ["oxygen-icon-theme", "elementary-xfce-icon-theme", "faenza-icon-theme", "moka-icon-theme",
               "tuxpaint-stamps-default"]
