@@ -23,7 +23,8 @@ def index(
     image_size: Annotated[Optional[int], typer.Option(help="Model input side (new databases only).")] = None,
     dense_dtype: Annotated[Optional[str], typer.Option(help="float16 or int8 (new databases only).")] = None,
     content_layer: Annotated[Optional[str], typer.Option(help="Layer (ViT block or UNet module) giving the content vector.")] = None,
-    style_layer: Annotated[Optional[str], typer.Option(help="Layer whose features give the style statistics.")] = None,
+    style_layer: Annotated[Optional[str], typer.Option(help="Layer whose features give the style statistics; several joined by + (3+4+5).")] = None,
+    style_pooling: Annotated[Optional[str], typer.Option(help="Style statistics: meanstd, cov or meanstd+cov (new databases only).")] = None,
     dense_layer: Annotated[Optional[str], typer.Option(help="Attention layer whose source is stored for reranking.")] = None,
     timestep: TimestepOption = None,
     noise_seed: NoiseSeedOption = None,
@@ -41,7 +42,8 @@ def index(
 
     quiet_libraries()
     overrides = {k: v for k, v in dict(image_size=image_size, dense_dtype=dense_dtype, content_layer=parse_layer(content_layer),
-                                       style_layer=parse_layer(style_layer), dense_layer=parse_layer(dense_layer),
+                                       style_layer=parse_layer(style_layer), style_pooling=style_pooling,
+                                       dense_layer=parse_layer(dense_layer),
                                        timestep=timestep, noise_seed=noise_seed, ip_adapter=ip_adapter).items() if v is not None}
     idx = Index(db, model=model, device=device, **overrides)
     idx.ensure_table()  # loads the model and checks the configuration before the progress bar starts

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 CONTENT_POOLINGS = ("cls", "mean", "cls+mean", "gem")
+STYLE_POOLINGS = ("meanstd", "cov", "meanstd+cov")
 
 
 def content_vector(tokens: torch.Tensor, pooling: str = "cls", prefix: int = 1) -> torch.Tensor:
@@ -36,3 +37,60 @@ def style_vector(patches: torch.Tensor) -> torch.Tensor:
     mean = x.mean(1)
     std = x.std(1, unbiased=False)
     return F.normalize(torch.cat([F.normalize(mean, dim=-1), F.normalize(std, dim=-1)], dim=-1), dim=-1)
+
+
+def covariance_vector(patches: torch.Tensor) -> torch.Tensor:
+    """Channel covariance of patch tokens (the centred Gram matrix of Gatys-style style transfer).
+
+    patches (B, N, C) -> (B, C(C+1)/2): the upper triangle (diagonal included) of the C x C covariance
+    over tokens, signed-square-rooted (a few high-variance channels would otherwise decide every
+    cosine), then L2-normalised. Off-diagonal entries appear once, so the cosine of two vectors weights
+    them half as much as in the Frobenius inner product of the matrices.
+    """
+    x = patches.float()
+    x = x - x.mean(1, keepdim=True)
+    cov = x.transpose(1, 2) @ x / x.shape[1]  # (B, C, C)
+    i, j = torch.triu_indices(cov.shape[1], cov.shape[2])
+    v = cov[:, i, j]
+    return F.normalize(v.sign() * v.abs().sqrt(), dim=-1)
+
+
+def style_pooled(patches: torch.Tensor, pooling: str = "meanstd") -> torch.Tensor:
+    """One block's style statistics: `meanstd` (style_vector), `cov` (covariance_vector) or
+    `meanstd+cov` (both, each unit-norm, concatenated and renormalised). (B, N, C) -> (B, D)."""
+    if pooling == "meanstd":
+        return style_vector(patches)
+    if pooling == "cov":
+        return covariance_vector(patches)
+    if pooling == "meanstd+cov":
+        return concat_normalized([style_vector(patches), covariance_vector(patches)])
+    raise ValueError(f"unknown style pooling '{pooling}' (choose from {', '.join(STYLE_POOLINGS)})")
+
+
+def concat_normalized(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Unit-norm (B, D_i) parts -> their concatenation, L2-normalised: every part weighs the same in a
+    cosine whatever its width (multi-block style vectors)."""
+    return F.normalize(torch.cat([F.normalize(p.float(), dim=-1) for p in parts], dim=-1), dim=-1)
+
+
+def fit_whitening(x: torch.Tensor, dim: int | None = None, shrink: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """PCA whitening learned on unlabelled vectors x (N, D) -> (mean (D,), projection (D, k)).
+
+    k = `dim` (default: the rank of the centred data); `shrink` adds that fraction of the mean
+    eigenvalue to every eigenvalue before dividing, so that near-empty directions are not blown up.
+    With shrink = 0, (x - mean) @ projection has identity covariance on the data it was fit on.
+    """
+    x = x.double()
+    mean = x.mean(0)
+    xc = x - mean
+    _, s, vh = torch.linalg.svd(xc, full_matrices=False)
+    var = s**2 / x.shape[0]
+    rank = int((var > var[0] * 1e-10).sum())
+    k = min(dim or rank, rank)
+    var = var[:k] + shrink * var[:k].mean()
+    return mean.float(), (vh[:k].T / var.sqrt()).float()
+
+
+def whiten(x: torch.Tensor, mean: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """(N, D) -> (N, k) whitened by `fit_whitening`'s (mean, projection), L2-normalised."""
+    return F.normalize((x.float() - mean) @ projection, dim=-1)
