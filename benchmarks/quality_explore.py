@@ -36,18 +36,21 @@ import torch
 import torch.nn.functional as F
 
 from common import RESULTS, command_line, data_root, log, machine_info, now, setup_logging, update_sections
+from quality_suite import render
 
 from simsearch.backbones import DEFAULT_MODEL, load_backbone
 from simsearch.bench.features import aas_pairs
 from simsearch.bench.metrics import leave_one_out, sample_triplets, triplet_accuracy
 from simsearch.bench.suites import read_groups, read_suite
-from simsearch.descriptors.pooling import (content_vector, covariance_vector, fit_whitening, style_vector, whiten)
+from simsearch.descriptors.pooling import (channel_projection, content_vector, covariance_vector, fit_whitening,
+                                           style_vector, whiten)
 from simsearch.images import open_image
 from simsearch.rerank.aas import attend
 
 WINDOWS = [(a, a + w - 1) for w in (2, 3, 4, 5) for a in range(0, 13 - w + 1)]
 CALIBRATION_PAIRS = 500
 COMBINED_WEIGHTS = (0.25, 0.5, 0.75)
+COMBINED_BASES = ("ms@4", "cov@6", "cls@11", "cls@12")  # the vectors `comb` mixes with AAS (those scored)
 
 
 # -- token cache -------------------------------------------------------------------------------------
@@ -107,7 +110,8 @@ def score(sim: np.ndarray, labels: np.ndarray, trip: np.ndarray, ranking: bool =
     return out
 
 
-def vector_candidates(tok: Tokens, paths: list[str], layers: list[int], prefix: int) -> tuple[dict, dict]:
+def vector_candidates(tok: Tokens, paths: list[str], layers: list[int], prefix: int, kinds: set[str],
+                      sketch_dims: list[int]) -> tuple[dict, dict]:
     """-> ({name: (N, N) similarity}, {name: (N, D) vectors kept for whitening})."""
     sims, vecs = {}, {}
     for l in layers:
@@ -118,16 +122,23 @@ def vector_candidates(tok: Tokens, paths: list[str], layers: list[int], prefix: 
         vecs[f"cls@{l}"] = content_vector(f, "cls", prefix)
         for pooling in ("mean", "gem", "cls+mean"):
             sims[f"{pooling}@{l}"] = cos(content_vector(f, pooling, prefix))
-        cov = torch.cat([covariance_vector(patches[i:i + 32]) for i in range(0, len(patches), 32)])
-        sims[f"cov@{l}"] = cos(cov)
-        del cov, f
+        if "cov" in kinds:
+            cov = torch.cat([covariance_vector(patches[i:i + 32]) for i in range(0, len(patches), 32)])
+            sims[f"cov@{l}"] = cos(cov)
+            sims[f"ms+cov@{l}"] = 0.5 * (cos(vecs[f"ms@{l}"]) + sims[f"cov@{l}"])
+            del cov
+        for k in sketch_dims:  # covariance of the features projected on k fixed random orthonormal directions
+            proj = channel_projection(patches.shape[-1], k)
+            sims[f"cov{k}@{l}"] = cos(covariance_vector(patches @ proj))
+            sims[f"ms+cov{k}@{l}"] = 0.5 * (cos(vecs[f"ms@{l}"]) + sims[f"cov{k}@{l}"])
+        del f
         for name in (f"ms@{l}", f"raw-ms@{l}", f"cls@{l}"):
             sims[name] = cos(vecs[name])
-        sims[f"ms+cov@{l}"] = 0.5 * (sims[f"ms@{l}"] + sims[f"cov@{l}"])
     # A concatenation of unit-norm parts has as cosine the mean of the parts' cosines.
     for a, b in WINDOWS:
         if all(l in layers for l in range(a, b + 1)):
-            for kind in ("ms", "cov", "cls"):
+            for kind in ("ms", "cls", *(["cov"] if "cov" in kinds else []), *(f"cov{k}" for k in sketch_dims),
+                         *(f"ms+cov{k}" for k in sketch_dims)):
                 sims[f"{kind}@{a}-{b}"] = np.mean([sims[f"{kind}@{l}"] for l in range(a, b + 1)], 0)
     for picks in ((2, 4, 6), (2, 4, 6, 8), (3, 6, 9), (4, 8), (4, 8, 12), (0, 2, 4, 6, 8, 10, 12)):
         if all(l in layers for l in picks):
@@ -187,6 +198,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache-layers", default="all", help="blocks whose tokens to cache (all = 0..n)")
     ap.add_argument("--layers", default="all", help="blocks to score vector candidates of (all = the cached ones)")
     ap.add_argument("--aas-layers", default="", help="e.g. 5,9,9nocls (empty: no AAS)")
+    ap.add_argument("--no-cov", action="store_true", help="leave out the full covariance (C(C+1)/2 dims) candidates")
+    ap.add_argument("--no-whitening", action="store_true")
+    ap.add_argument("--sketch", default="", help="covariance of k random directions, e.g. 32,64,128")
     ap.add_argument("--triplets", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sets", default="", help="comma-separated subset of the suite's sets")
@@ -202,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     cached = list(range(bb.num_layers + 1)) if args.cache_layers == "all" else [int(x) for x in args.cache_layers.split(",")]
     layers = cached if args.layers == "all" else [int(x) for x in args.layers.split(",")]
     aas_layers = [x for x in args.aas_layers.split(",") if x]
+    kinds = set() if args.no_cov else {"cov"}
     tok = Tokens(bb, args.size, args.cache, cached)
     data = {}
     for name, info in suite.items():
@@ -214,10 +229,12 @@ def main(argv: list[str] | None = None) -> None:
     for name, (mode, paths, labels) in data.items():
         log.info("%s (%s): %d images", name, mode, len(paths))
         trips[name] = sample_triplets(labels, args.triplets, args.seed)
-        per_set_sims[name], per_set_vecs[name] = vector_candidates(tok, paths, layers, bb.prefix_tokens)
+        per_set_sims[name], per_set_vecs[name] = vector_candidates(tok, paths, layers, bb.prefix_tokens, kinds,
+                                                                   [int(k) for k in args.sketch.split(",") if k])
     # Whitening: fit on the other sets' images (unlabelled), or on the set's own images (transductive).
-    white_of = [k for k in per_set_vecs[next(iter(data))] if k.startswith(("ms@", "cls@"))]
+    white_of = [] if args.no_whitening else [k for k in per_set_vecs[next(iter(data))] if k.startswith(("ms@", "cls@"))]
     for name in data:
+        log.info("whitening on %s", name)
         for key in white_of:
             x = per_set_vecs[name][key]
             fits = {"wt": x}
@@ -238,7 +255,9 @@ def main(argv: list[str] | None = None) -> None:
             for key, sim in sims.items():
                 results[name][key] = score(sim, labels, trips[name], ranking=False)
                 m_a, s_a = calib[key]
-                for base in ("ms@4", "cls@11", "cls@12", "ms@2-5", "ms@3-6", "ms@1-4"):
+                for base in COMBINED_BASES:
+                    if base not in per_set_sims[name]:
+                        continue
                     vec = per_set_sims[name][base]
                     m_v, s_v = calibrate(vec, args.seed)
                     for w in COMBINED_WEIGHTS:
@@ -247,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
 
     ranks = rank_table(results, {n: m for n, (m, _, _) in data.items()})
     section = args.section or f"explore-{args.size}"
-    update_sections("quality_explore", {section: {
+    update_sections("quality_suite", {section: {
         "command": command_line(), "date": now(), "machine": machine_info(), "model": args.model,
         "size": args.size, "triplets": args.triplets, "seed": args.seed, "weights": bb.fingerprint,
         "sets": {n: {"mode": m, "images": len(p), "groups": len(set(lab))} for n, (m, p, lab) in data.items()},
@@ -274,29 +293,6 @@ def rank_table(results: dict, modes: dict) -> dict:
         r = np.mean([average_rank([results[s][c]["triplet"]["value"] for c in common]) for s in sets], 0)
         out[mode] = dict(sorted(zip(common, r.tolist()), key=lambda kv: kv[1]))
     return out
-
-
-def render(all_sections: dict) -> str:
-    lines = ["# Descriptor candidates on the proxy suite", "",
-             "Made by `benchmarks/quality_explore.py` (see its docstring for every candidate's definition). "
-             "Triplet accuracy % (2000 seeded triplets per set, 95% Wilson interval about +-2) and, for vectors, "
-             "leave-one-out mAP %. Sorted by mean rank of triplet accuracy over the sets of the mode.", ""]
-    for key, sec in all_sections.items():
-        modes = {n: s["mode"] for n, s in sec["sets"].items()}
-        lines += [f"## {key}: {sec['size']} px, model `{sec['model']}` ({sec['date']})", "",
-                  f"`{sec['command']}`", ""]
-        for mode, ranked in sec["ranks"].items():
-            sets = [n for n, m in modes.items() if m == mode]
-            lines += [f"### {mode} sets", "", "| candidate | mean rank | " + " | ".join(sets) + " |",
-                      "|---|---|" + "---|" * len(sets)]
-            for cand, r in list(ranked.items())[:40]:
-                cells = []
-                for s in sets:
-                    v = sec["results"][s][cand]
-                    cells.append(f"{100 * v['triplet']['value']:.1f}" + (f" / {100 * v['mAP']:.1f}" if "mAP" in v else ""))
-                lines.append(f"| {cand} | {r:.1f} | " + " | ".join(cells) + " |")
-            lines.append("")
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

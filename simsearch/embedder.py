@@ -11,7 +11,7 @@ from PIL import Image
 
 from .backbones import DEFAULT_MODEL, Layer, descriptor_defaults, load_backbone
 from .descriptors.codec import DENSE_DTYPES
-from .descriptors.pooling import CONTENT_POOLINGS, STYLE_POOLINGS, concat_normalized, content_vector, style_pooled
+from .descriptors.pooling import CONTENT_POOLINGS, concat_normalized, content_vector, style_parts, style_pooled
 from .errors import SimsearchError
 
 
@@ -30,7 +30,7 @@ class DescriptorConfig:
     # model's last block is its weakest for retrieval: CLS entering block 11 scores 33 mAP on tuxpaint
     # categories vs 20 for the final CLS (its preset sets 11).
     content_layer: Layer | None = None
-    # Style statistics (`style_pooling`, descriptors.pooling.STYLE_POOLINGS) of this layer's features;
+    # Style statistics (`style_pooling`, descriptors.pooling.style_pooled) of this layer's features;
     # of several layers (a tuple): each layer's unit-norm vector, concatenated (concat_normalized).
     style_layer: Layer | tuple[Layer, ...] = 4
     style_pooling: str = "meanstd"
@@ -47,8 +47,10 @@ class DescriptorConfig:
             if not layers:
                 raise SimsearchError("style_layer: an empty list of layers")
             object.__setattr__(self, "style_layer", layers[0] if len(layers) == 1 else layers)
-        if self.style_pooling not in STYLE_POOLINGS:
-            raise SimsearchError(f"style pooling '{self.style_pooling}' is not one of {', '.join(STYLE_POOLINGS)}")
+        try:
+            style_parts(self.style_pooling)
+        except ValueError as e:
+            raise SimsearchError(str(e)) from None
         if self.content_pooling not in CONTENT_POOLINGS:
             raise SimsearchError(f"content pooling '{self.content_pooling}' is not one of {', '.join(CONTENT_POOLINGS)}")
         if self.dense_dtype not in DENSE_DTYPES:

@@ -21,8 +21,8 @@ from conftest import EXAMPLES
 from test_bench_suites import make_groups, one_line_error
 
 from simsearch.bench.metrics import bootstrap_ci, leave_one_out, reranked, top_candidates
-from simsearch.descriptors.pooling import (concat_normalized, covariance_vector, fit_whitening, style_pooled,
-                                           style_vector, whiten)
+from simsearch.descriptors.pooling import (channel_projection, concat_normalized, covariance_vector, fit_whitening,
+                                           style_pooled, style_vector, whiten)
 
 
 # -- style descriptors -------------------------------------------------------------------------
@@ -47,8 +47,21 @@ def test_style_pooled_kinds():
     # each unit-norm half weighs the same: the cosine of two concatenations is the mean of the halves'
     expect = 0.5 * ((style_vector(x)[0] @ style_vector(x)[1]) + (covariance_vector(x)[0] @ covariance_vector(x)[1]))
     assert torch.allclose(both[0] @ both[1], expect, atol=1e-6)
-    with pytest.raises(ValueError, match="style pooling"):
-        style_pooled(x, "gram")
+    for bad in ("gram", "meanstd3", "cov0", "cov+cov", "meanstd+"):
+        with pytest.raises(ValueError, match="style pooling"):
+            style_pooled(x, bad)
+    # cov<k>: the covariance of the tokens projected on k fixed orthonormal directions
+    proj = channel_projection(4, 2)
+    assert torch.allclose(proj.T @ proj, torch.eye(2), atol=1e-6) and torch.equal(proj, channel_projection(4, 2))
+    assert torch.allclose(style_pooled(x, "cov2"), covariance_vector(x @ proj), atol=1e-6)
+    assert style_pooled(x, "meanstd+cov2").shape == (3, 8 + 3)
+    # a full-rank projection is a rotation: the covariance changes, its eigenvalues do not
+    rot = channel_projection(4, 4)
+    c1 = torch.cov(x[0].T, correction=0)
+    c2 = torch.cov((x[0] @ rot).T, correction=0)
+    assert torch.allclose(torch.linalg.eigvalsh(c1), torch.linalg.eigvalsh(c2), atol=1e-5)
+    with pytest.raises(ValueError, match="more directions"):
+        style_pooled(x, "cov5")
 
 
 def test_concat_normalized_is_the_mean_of_part_cosines():

@@ -24,7 +24,7 @@ def index(
     dense_dtype: Annotated[Optional[str], typer.Option(help="float16 or int8 (new databases only).")] = None,
     content_layer: Annotated[Optional[str], typer.Option(help="Layer (ViT block or UNet module) giving the content vector.")] = None,
     style_layer: Annotated[Optional[str], typer.Option(help="Layer whose features give the style statistics; several joined by + (3+4+5).")] = None,
-    style_pooling: Annotated[Optional[str], typer.Option(help="Style statistics: meanstd, cov or meanstd+cov (new databases only).")] = None,
+    style_pooling: Annotated[Optional[str], typer.Option(help="Style statistics: meanstd, cov, cov<k> (k random directions), or several joined by + (new databases only).")] = None,
     dense_layer: Annotated[Optional[str], typer.Option(help="Attention layer whose source is stored for reranking.")] = None,
     timestep: TimestepOption = None,
     noise_seed: NoiseSeedOption = None,

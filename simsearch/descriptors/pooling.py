@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import re
+
 import torch
 import torch.nn.functional as F
 
 CONTENT_POOLINGS = ("cls", "mean", "cls+mean", "gem")
-STYLE_POOLINGS = ("meanstd", "cov", "meanstd+cov")
+STYLE_POOLINGS = ("meanstd", "cov", "cov<k>")  # or several joined by + (style_parts)
 
 
 def content_vector(tokens: torch.Tensor, pooling: str = "cls", prefix: int = 1) -> torch.Tensor:
@@ -55,16 +58,43 @@ def covariance_vector(patches: torch.Tensor) -> torch.Tensor:
     return F.normalize(v.sign() * v.abs().sqrt(), dim=-1)
 
 
+@functools.lru_cache(maxsize=16)
+def channel_projection(channels: int, k: int, seed: int = 0) -> torch.Tensor:
+    """(channels, k) fixed orthonormal random directions (QR of a seeded Gaussian): projecting tokens on
+    them before `covariance_vector` keeps k(k+1)/2 instead of C(C+1)/2 numbers, a random sketch of the
+    covariance that needs no training data."""
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(channels, k, generator=g, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).float()  # signs fixed: the same directions on every LAPACK
+
+
+def style_parts(pooling: str) -> list[tuple[str, int | None]]:
+    """`meanstd`, `cov`, `cov<k>` or several joined by `+` -> [(kind, k)]; ValueError naming the choices."""
+    parts = []
+    for part in pooling.split("+"):
+        m = re.fullmatch(r"(meanstd|cov)(\d*)", part)
+        if not m or (m[1] == "meanstd" and m[2]) or (m[2] and int(m[2]) < 1) or part in dict(parts):
+            raise ValueError(f"unknown style pooling '{pooling}' (choose from {', '.join(STYLE_POOLINGS)} with k "
+                             "random directions, or several joined by +, e.g. meanstd+cov64)")
+        parts.append((m[1], int(m[2]) if m[2] else None))
+    return parts
+
+
 def style_pooled(patches: torch.Tensor, pooling: str = "meanstd") -> torch.Tensor:
-    """One block's style statistics: `meanstd` (style_vector), `cov` (covariance_vector) or
-    `meanstd+cov` (both, each unit-norm, concatenated and renormalised). (B, N, C) -> (B, D)."""
-    if pooling == "meanstd":
-        return style_vector(patches)
-    if pooling == "cov":
-        return covariance_vector(patches)
-    if pooling == "meanstd+cov":
-        return concat_normalized([style_vector(patches), covariance_vector(patches)])
-    raise ValueError(f"unknown style pooling '{pooling}' (choose from {', '.join(STYLE_POOLINGS)})")
+    """One block's style statistics (B, N, C) -> (B, D): `meanstd` (style_vector), `cov`
+    (covariance_vector), `cov<k>` (the covariance of the tokens projected on channel_projection(C, k));
+    several joined by `+` are each unit-norm, concatenated and renormalised (concat_normalized)."""
+    out = []
+    for kind, k in style_parts(pooling):
+        if kind == "meanstd":
+            out.append(style_vector(patches))
+        elif k is None:
+            out.append(covariance_vector(patches))
+        elif k > patches.shape[-1]:
+            raise ValueError(f"style pooling cov{k}: more directions than the {patches.shape[-1]} channels")
+        else:
+            out.append(covariance_vector(patches.float() @ channel_projection(patches.shape[-1], k).to(patches.device)))
+    return out[0] if len(out) == 1 else concat_normalized(out)
 
 
 def concat_normalized(parts: list[torch.Tensor]) -> torch.Tensor:
