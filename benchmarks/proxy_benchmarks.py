@@ -48,9 +48,10 @@ from common import (RESULTS, command_line, data_root, log, machine_info, machine
                     setup_logging, write_results)
 
 from simsearch.backbones import DEFAULT_MODEL
-from simsearch.bench.features import METRICS, FeatureSet, zscore_combine
-from simsearch.bench.metrics import leave_one_out, sample_triplets, triplet_accuracy
-from simsearch.bench.suites import evaluate_groups, evaluate_ip
+from simsearch.bench.features import METRICS, FeatureSet
+from simsearch.bench.metrics import sample_triplets
+from simsearch.bench.suites import (COMBINED_AAS_WEIGHT, RERANK_CANDIDATES, evaluate_groups, evaluate_ip, first_stage,
+                                    group_statistics)
 from simsearch.store import path_key
 
 DATASETS = {  # name -> (intended mode, what a group is)
@@ -96,9 +97,8 @@ def group_metrics(fs: FeatureSet, labels: np.ndarray, mode: str, triplets: int, 
     """The statistics of simsearch.bench.suites.evaluate_groups (labels: one per fs.paths), from memoised matrices."""
     trip = sample_triplets(labels, triplets, seed)
     sims = {m: matrices.get(fs, m) for m in METRICS}
-    sims["combined"] = zscore_combine([sims["cosine" if mode == "content" else "style"], sims["aas"]])
-    return {m: {"triplet_accuracy": triplet_accuracy(sim, trip).to_dict(), **leave_one_out(sim, labels, (1, 5))}
-            for m, sim in sims.items()}
+    k = min(RERANK_CANDIDATES, len(labels) - 1)
+    return group_statistics(sims, sims[first_stage(mode)], labels, trip, mode, k)
 
 
 def dataset_features(root: Path, cache: Path, model: str | None) -> tuple[FeatureSet, np.ndarray]:
@@ -333,8 +333,10 @@ def render(res: dict) -> str:
         f"Metrics: `cosine` = cosine of the content vectors ({d.get('content_pooling', '?')} token, normed input "
         f"of block {d.get('content_layer', 'last')}), `style` = cosine of the style vectors (channel mean/std of "
         f"the normed input of block {d.get('style_layer', '?')}), `aas` = Aligned Attention Score on the "
-        f"self-attention of block {d.get('dense_layer', '?')}, `combined` = mean of z-scored (cosine, AAS) in "
-        "content mode and (style, AAS) in style mode. Only `combined` depends on the mode. Weights "
+        f"self-attention of block {d.get('dense_layer', '?')}, `combined` = {COMBINED_AAS_WEIGHT:g} z(AAS) + "
+        f"{1 - COMBINED_AAS_WEIGHT:g} z(cosine) in content mode, z(style) in style mode. The ranking statistics of "
+        f"`aas` and `combined` rerank each query's first {RERANK_CANDIDATES} by the mode's vector, so they depend "
+        "on the mode too (simsearch.bench.suites.evaluate_groups). Weights "
         f"fingerprint {conf.get('weights', '?')}.",
         "",
         "## Overview: leave-one-out mAP % (bold: best single metric; chance = expected mAP of a random ranking)",

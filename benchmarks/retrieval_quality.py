@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--root", type=Path, default=data_root())
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated subset of data.py's datasets")
     ap.add_argument("--per-group", type=int, default=None, help="only the first N images of each group")
     ap.add_argument("--quick", action="store_true", help=f"a run of seconds: {QUICK}")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     with measure() as total:
         args.root.mkdir(parents=True, exist_ok=True)
-        folders = {name: load_folder(build(args.root.resolve(), name), args.per_group) for name in DATASETS}
+        folders = {name: load_folder(build(args.root.resolve(), name), args.per_group)
+                   for name in args.datasets.split(",")}
         unique = sorted({p for paths, _ in folders.values() for p in paths})
         backbone = load_backbone(args.model)
         log.info("%d unique images in %d datasets", len(unique), len(folders))

@@ -11,7 +11,7 @@ from PIL import Image
 
 from .backbones import DEFAULT_MODEL, Layer, descriptor_defaults, load_backbone
 from .descriptors.codec import DENSE_DTYPES
-from .descriptors.pooling import CONTENT_POOLINGS, content_vector, style_vector
+from .descriptors.pooling import CONTENT_POOLINGS, concat_normalized, content_vector, style_parts, style_pooled
 from .errors import SimsearchError
 
 
@@ -30,7 +30,10 @@ class DescriptorConfig:
     # model's last block is its weakest for retrieval: CLS entering block 11 scores 33 mAP on tuxpaint
     # categories vs 20 for the final CLS (its preset sets 11).
     content_layer: Layer | None = None
-    style_layer: Layer = 4  # channel statistics of this layer's features
+    # Style statistics (`style_pooling`, descriptors.pooling.style_pooled) of this layer's features;
+    # of several layers (a tuple): each layer's unit-norm vector, concatenated (concat_normalized).
+    style_layer: Layer | tuple[Layer, ...] = 4
+    style_pooling: str = "meanstd"
     dense_layer: Layer = 9  # the source of this layer's attention is stored for reranking (AAS, matches)
     dense_dtype: str = "float16"
     # diffusion backbones only: DDPM timestep, seed of the fixed noise, IP-Adapter Plus (DiffSim-C)
@@ -39,6 +42,15 @@ class DescriptorConfig:
     ip_adapter: str | None = None
 
     def __post_init__(self):
+        if isinstance(self.style_layer, (list, tuple)):  # JSON gives a list; one layer is stored as itself
+            layers = tuple(self.style_layer)
+            if not layers:
+                raise SimsearchError("style_layer: an empty list of layers")
+            object.__setattr__(self, "style_layer", layers[0] if len(layers) == 1 else layers)
+        try:
+            style_parts(self.style_pooling)
+        except ValueError as e:
+            raise SimsearchError(str(e)) from None
         if self.content_pooling not in CONTENT_POOLINGS:
             raise SimsearchError(f"content pooling '{self.content_pooling}' is not one of {', '.join(CONTENT_POOLINGS)}")
         if self.dense_dtype not in DENSE_DTYPES:
@@ -83,10 +95,11 @@ class Embedder:
         bb = self.backbone
         bb.check_size(conf.image_size)
         self.content_layer = bb.final_layer if conf.content_layer is None else conf.content_layer
-        self.wanted = {"content": (self.content_layer, "features"), "style": (conf.style_layer, "features"),
-                       "dense": (conf.dense_layer, "source")}
+        self.style_layers = conf.style_layer if isinstance(conf.style_layer, tuple) else (conf.style_layer,)
+        self.wanted = {"content": (self.content_layer, "features"), "dense": (conf.dense_layer, "source"),
+                       **{f"style{i}": (layer, "features") for i, layer in enumerate(self.style_layers)}}
         for role, (layer, kind) in self.wanted.items():
-            bb.check_layer(layer, kind, f"{role}_layer")
+            bb.check_layer(layer, kind, f"{role.rstrip('0123456789')}_layer")
         if conf.content_pooling in ("cls", "cls+mean") and bb.prefix_tokens == 0:
             raise SimsearchError(f"content pooling '{conf.content_pooling}' needs a CLS token; {conf.model} has none (use mean or gem)")
         self._shapes: tuple[tuple[int, int], dict[str, int]] | None = None
@@ -125,8 +138,9 @@ class Embedder:
         """pixels (B, 3, S, S) as `preprocess` makes them -> Embeddings."""
         bb, p = self.backbone, self.backbone.prefix_tokens
         tokens = bb.tokens(pixels.to(bb.device), self.wanted)
+        style = [style_pooled(tokens[f"style{i}"][:, p:], self.conf.style_pooling) for i in range(len(self.style_layers))]
         return Embeddings(
             content=content_vector(tokens["content"], self.conf.content_pooling, prefix=p).cpu().numpy(),
-            style=style_vector(tokens["style"][:, p:]).cpu().numpy(),
+            style=(style[0] if len(style) == 1 else concat_normalized(style)).cpu().numpy(),
             dense=tokens["dense"].float().cpu().numpy(),
         )

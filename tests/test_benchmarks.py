@@ -70,7 +70,7 @@ def runs(tmp_path_factory, tiny12):
         ("dense", "benchmarks/dense.py", [*common, "--work", str(tmp / "dense"), "--fixture", str(tmp / "spair"),
                                           "--out-dir", str(out["dense"]), "all"]),
         ("rerank_quality", "benchmarks/rerank_quality.py", [*common, "--root", str(data), "--out-dir", str(out["rerank"])]),
-        ("retrieval_quality", "benchmarks/retrieval_quality.py", [*common, "--root", str(data),
+        ("retrieval_quality", "benchmarks/retrieval_quality.py", [*common, "--root", str(data), "--datasets", ",".join(DATASETS),
                                                                   "--out-dir", str(out["retrieval"])]),
         ("proxy_benchmarks", "benchmarks/proxy_benchmarks.py", [*common, "--data", str(data), "--work", str(tmp / "proxy"),
                                                                 "--max-images", "4", "--out-dir", str(out["proxy"])]),

@@ -26,7 +26,7 @@ METRIC_HELP = {
     "cosine": "cosine of the content vectors",
     "style": "cosine of the style vectors (channel mean/std)",
     "aas": "Aligned Attention Score of the dense layer's self-attention (DiffSim)",
-    "combined": "mean of the z-scored metrics",
+    "combined": "weighted sum of the z-scored AAS and the mode's vector metric",
 }
 
 
@@ -81,23 +81,15 @@ class FeatureSet:
             return np.einsum("pd,pd->p", v[i], v[j])
         if metric != "aas":
             raise SimsearchError(f"unknown metric '{metric}' (choose from {', '.join(METRICS)})")
-        q, k, v, own = self._attention_inputs()
-        out = np.empty(len(i), dtype=np.float32)
-        for a in np.unique(i):  # one anchor against all its partners, batched
-            sel = np.flatnonzero(i == a)
-            for s in range(0, len(sel), chunk):
-                part = sel[s:s + chunk]
-                jj = torch.as_tensor(j[part], device=q.device)
-                out[part] = aligned_attention_score((q[a:a + 1], k[a:a + 1], v[a:a + 1]), (q[jj], k[jj], v[jj]),
-                                                    own[a:a + 1], own[jj]).float().cpu().numpy()
-        return out
+        return aas_pairs(self._attention_inputs(), i, j, chunk)
 
-    def matrix(self, metric: str) -> np.ndarray:
-        """(N, N) similarity over all pairs; the diagonal is 1 by definition of every metric here."""
-        n = len(self.paths)
-        i, j = np.triu_indices(n, k=1)
-        sim = np.eye(n, dtype=np.float32)
-        sim[i, j] = sim[j, i] = self.pair_scores(metric, i, j)
+    def matrix(self, metric: str, idx: np.ndarray | None = None) -> np.ndarray:
+        """(n, n) similarity over all pairs of the images `idx` (indices into self.paths; default all of
+        them); the diagonal is 1 by definition of every metric here."""
+        idx = np.arange(len(self.paths)) if idx is None else np.asarray(idx, dtype=np.int64)
+        i, j = np.triu_indices(len(idx), k=1)
+        sim = np.eye(len(idx), dtype=np.float32)
+        sim[i, j] = sim[j, i] = self.pair_scores(metric, idx[i], idx[j])
         return sim
 
     def close(self):
@@ -105,10 +97,17 @@ class FeatureSet:
             self._tmp.cleanup()
 
 
-def zscore_combine(scores: list[np.ndarray]) -> np.ndarray:
-    """Mean of z-scored arrays (over all their entries), so no metric dominates by its scale."""
-    out = np.zeros_like(scores[0], dtype=np.float64)
-    for s in scores:
-        sd = s.std()
-        out += (s - s.mean()) / (sd if sd > 1e-12 else 1.0)
-    return (out / len(scores)).astype(np.float32)
+@torch.inference_mode()
+def aas_pairs(qkv_own: tuple[torch.Tensor, ...], i: np.ndarray, j: np.ndarray, chunk: int = 64) -> np.ndarray:
+    """Symmetric AAS of the pairs (i[n], j[n]) -> (P,). qkv_own: q, k, v of every image (N, H, T, d) and
+    each image's own attention output attend(q, k, v)."""
+    q, k, v, own = qkv_own
+    out = np.empty(len(i), dtype=np.float32)
+    for a in np.unique(i):  # one anchor against all its partners, batched
+        sel = np.flatnonzero(i == a)
+        for s in range(0, len(sel), chunk):
+            part = sel[s:s + chunk]
+            jj = torch.as_tensor(j[part], device=q.device)
+            out[part] = aligned_attention_score((q[a:a + 1], k[a:a + 1], v[a:a + 1]), (q[jj], k[jj], v[jj]),
+                                                own[a:a + 1], own[jj]).float().cpu().numpy()
+    return out

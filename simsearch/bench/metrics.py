@@ -35,9 +35,9 @@ def wilson(successes: float, n: int, z: float = 1.96) -> Estimate:
     return Estimate(p, n, max(0.0, min(centre - half, p)), min(1.0, max(centre + half, p)))
 
 
-def leave_one_out(sim: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict:
-    """Each image queries all others. -> {"mAP", "recall@k"...}, averaged over queries that have
-    at least one other member of their group."""
+def _ranked_relevance(sim: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(Q, N-1) relevance of each ranked list, for the Q queries with at least one other member of
+    their group."""
     sim = np.asarray(sim, dtype=np.float64).copy()
     labels = np.asarray(labels)
     n = len(labels)
@@ -47,15 +47,67 @@ def leave_one_out(sim: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1,
     # images are listed in and a constant matrix scores no better than chance.
     order = np.lexsort((same, -sim), axis=1)[:, : n - 1]  # (N, N-1), self last -> dropped
     relevant = np.take_along_axis(same, order, axis=1)  # (N, N-1)
-    has_pos = relevant.any(1)
-    rel = relevant[has_pos]
+    return relevant[relevant.any(1)]
+
+
+def average_precisions(sim: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Leave-one-out average precision of each query that has another member of its group -> (Q,)."""
+    rel = _ranked_relevance(sim, labels)
     hits = np.cumsum(rel, axis=1)
     ranks = np.arange(1, rel.shape[1] + 1)
-    ap = (rel * hits / ranks).sum(1) / rel.sum(1)
-    out = {"mAP": float(ap.mean()), "queries": int(has_pos.sum())}
+    return (rel * hits / ranks).sum(1) / rel.sum(1)
+
+
+def leave_one_out(sim: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict:
+    """Each image queries all others. -> {"mAP", "recall@k"...}, averaged over queries that have
+    at least one other member of their group."""
+    rel = _ranked_relevance(sim, labels)
+    out = {"mAP": float(average_precisions(sim, labels).mean()), "queries": int(len(rel))}
     for k in ks:
         out[f"recall@{k}"] = float(rel[:, :k].any(1).mean())
     return out
+
+
+def bootstrap_ci(values: np.ndarray, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (e.g. per-query AP), resampling them
+    with replacement; seeded."""
+    values = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def reranked(first: np.ndarray, second: np.ndarray, candidates: int) -> np.ndarray:
+    """The similarity matrix a two-stage search ranks by: each row's `candidates` best columns by
+    `first` (itself excluded) come first, ordered by `second`; the rest follow in `first`'s order.
+    Entries of `second` outside the candidates are never read (they may be NaN). With candidates >=
+    N - 1 this is `second` off the diagonal."""
+    first = np.asarray(first, dtype=np.float64).copy()
+    n = len(first)
+    np.fill_diagonal(first, -np.inf)
+    out = first.copy()
+    cand = top_candidates(first, candidates)
+    rows = np.arange(n)[:, None]
+    vals = np.asarray(second, dtype=np.float64)[rows, cand]
+    if cand.shape[1] < n - 1:
+        rest = np.ones_like(first, dtype=bool)
+        rest[rows, cand] = False
+        np.fill_diagonal(rest, False)
+        # shift the rest of each row below its lowest candidate, keeping their first-stage order
+        gap = vals.min(1) - np.where(rest, first, -np.inf).max(1) - 1.0
+        out = np.where(rest, first + gap[:, None], out)
+    out[rows, cand] = vals
+    return out
+
+
+def top_candidates(first: np.ndarray, candidates: int) -> np.ndarray:
+    """(N, K) column indices of each row's K highest entries of `first`, itself excluded, K = min(candidates, N - 1)."""
+    first = np.asarray(first, dtype=np.float64).copy()
+    n = len(first)
+    np.fill_diagonal(first, -np.inf)
+    k = min(candidates, n - 1)
+    return np.argsort(-first, axis=1, kind="stable")[:, :k]
 
 
 def sample_triplets(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:

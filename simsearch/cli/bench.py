@@ -1,4 +1,4 @@
-"""`simsearch bench`: keypoint PCK, grouped folders, Sref and IP."""
+"""`simsearch bench`: keypoint PCK, grouped folders, Sref, IP and the proxy suite."""
 
 from __future__ import annotations
 
@@ -14,8 +14,11 @@ from ._common import (CacheOption, DeviceOption, DinoOption, DinoSizeOption, Fac
                       IpAdapterOption, MetricsOption, ModelOption, OutOption, StrideOption, TimestepOption, cell, err, esc,
                       out, parse_floats, parse_layer, parse_metrics, progress_callbacks, quiet_libraries, warn_failed)
 
-app = typer.Typer(no_args_is_help=True, help="Benchmarks: keypoint PCK, grouped folders, Sref, IP.")
+app = typer.Typer(no_args_is_help=True, help="Benchmarks: keypoint PCK, grouped folders, Sref, IP, the proxy suite.")
 TripletsOption = Annotated[int, typer.Option(min=1, help="Seeded triplet sample size.")]
+CandidatesOption = Annotated[Optional[int], typer.Option(
+    min=0, help="AAS / combined mAP and recall@k rerank each query's first N by the mode's vector (default 50); "
+                "0: every pair (exact, N^2).")]
 
 
 @app.command("pck")
@@ -97,6 +100,13 @@ def _print(result, as_json: bool, out_file: Optional[Path]):
         table.add_row(m, *cells)
     out.print(table)
     out.print("percent; \\[low, high] is the 95% Wilson interval", style="dim")
+    for m, text in result.config.get("definitions", {}).items():
+        out.print(cell(f"{m}: {text}"), style="dim")
+
+
+def _given(**options) -> dict:
+    """The options the user set; the others keep the library's defaults."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def _run(fn, root: Path, as_json: bool, out_file: Optional[Path], **kw):
@@ -115,6 +125,7 @@ def groups(
     metric: MetricsOption = "all",
     triplets: TripletsOption = 2000,
     seed: int = 0,
+    candidates: CandidatesOption = None,
     model: ModelOption = None,
     image_size: ImageSizeOption = None,
     timestep: TimestepOption = None,
@@ -128,7 +139,7 @@ def groups(
     from ..bench.suites import evaluate_groups
 
     _run(evaluate_groups, root, as_json, out_file, mode=mode, metrics=parse_metrics(metric), triplets=triplets,
-         seed=seed, model=model, cache=cache, device=device, timestep=timestep, ip_adapter=ip_adapter, image_size=image_size)
+         seed=seed, **_given(candidates=candidates), model=model, cache=cache, device=device, timestep=timestep, ip_adapter=ip_adapter, image_size=image_size)
 
 
 @app.command("sref")
@@ -137,6 +148,7 @@ def sref(
     metric: MetricsOption = "all",
     triplets: TripletsOption = 2000,
     seed: int = 0,
+    candidates: CandidatesOption = None,
     model: ModelOption = None,
     image_size: ImageSizeOption = None,
     timestep: TimestepOption = None,
@@ -150,7 +162,7 @@ def sref(
     from ..bench.suites import evaluate_sref
 
     _run(evaluate_sref, root, as_json, out_file, metrics=parse_metrics(metric), triplets=triplets, seed=seed,
-         model=model, cache=cache, device=device, timestep=timestep, ip_adapter=ip_adapter, image_size=image_size)
+         **_given(candidates=candidates), model=model, cache=cache, device=device, timestep=timestep, ip_adapter=ip_adapter, image_size=image_size)
 
 
 @app.command("ip")
@@ -170,3 +182,80 @@ def ip(
     from ..bench.suites import evaluate_ip
 
     _run(evaluate_ip, root, as_json, out_file, metrics=parse_metrics(metric), model=model, cache=cache, device=device, timestep=timestep, ip_adapter=ip_adapter, image_size=image_size)
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """`NAME` (the model's defaults) or `NAME:field=value,field=value` with DescriptorConfig fields;
+    a value is an integer, `none`, several layers joined by `+` (3+4+5), or text."""
+    from dataclasses import fields
+
+    from ..embedder import DescriptorConfig
+    from ..errors import SimsearchError
+
+    name, _, spec = text.partition(":")
+    known = {f.name for f in fields(DescriptorConfig)} - {"model"}
+    overrides = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or key not in known:
+            raise SimsearchError(f"--variant {text!r}: '{item}' is not field=value with a field of {', '.join(sorted(known))}")
+        overrides[key] = None if value.lower() == "none" else parse_layer(value)
+    if not name.strip():
+        raise SimsearchError(f"--variant {text!r}: needs a name before the colon")
+    return name.strip(), overrides
+
+
+@app.command("suite")
+def suite(
+    root: Annotated[Path, typer.Argument(help="A suite: ROOT/suite.json and ROOT/<set>/<group>/<image> (python benchmarks/data.py suite).")],
+    variant: Annotated[Optional[list[str]], typer.Option(
+        help="Descriptor choice to compare, repeatable: NAME or NAME:field=value,... (e.g. old:style_layer=4). Default: the model's defaults.")] = None,
+    metric: MetricsOption = "all",
+    triplets: TripletsOption = 2000,
+    seed: int = 0,
+    candidates: CandidatesOption = None,
+    model: ModelOption = None,
+    image_size: ImageSizeOption = None,
+    cache: Annotated[Optional[Path], typer.Option(help="Keep each variant's descriptors in a database under this folder.")] = None,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+    out_file: OutOption = None,
+):
+    """Every protocol on every set of a proxy suite: one table, rows = descriptor choice and metric,
+    columns = sets (triplet accuracy / mAP), and each row's mean rank over the style, content and all sets."""
+    from rich.progress import Progress
+
+    from ..bench.suites import evaluate_suite
+
+    quiet_libraries()
+    variants = dict(parse_variant(v) for v in variant) if variant else None
+    with Progress(console=err, transient=True) as progress:
+        task = progress.add_task("suite", total=None)
+        result = evaluate_suite(root, variants, metrics=parse_metrics(metric), triplets=triplets, seed=seed,
+                                **_given(candidates=candidates), cache=cache, model=model, device=device,
+                                image_size=image_size, progress=progress_callbacks(progress, "embedding"),
+                                on_set=lambda v, s: progress.update(task, description=f"{v}: {s}"))
+    data = result.to_dict()
+    if out_file:
+        out_file.write_text(json.dumps(data, indent=2))
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    warn_failed(result.failed)
+    sets = list(result.sets)
+    table = Table(title=f"suite {esc(root)}: triplet accuracy % / mAP %", title_justify="left")
+    table.add_column("descriptor: metric")
+    for s in sets:
+        table.add_column(f"{esc(s)} ({result.sets[s]['mode']})", justify="right")
+    groups = [g for g in ("style", "content", "all") if any(g in r for r in result.ranks.values())]
+    for g in groups:
+        table.add_column(f"mean rank {g}", justify="right")
+    for row in sorted(result.rows, key=lambda r: result.ranks.get(r, {}).get("all", float("inf"))):
+        cells = [f"{100 * st['triplet_accuracy']['value']:.1f} / {100 * st['mAP']:.1f}" if (st := result.rows[row].get(s)) else ""
+                 for s in sets]
+        table.add_row(cell(row), *cells, *[f"{result.ranks[row][g]:.1f}" if g in result.ranks.get(row, {}) else ""
+                                            for g in groups])
+    out.print(table)
+    for m, text in result.config["definitions"]["suite"].items():
+        out.print(cell(f"{m}: {text}"), style="dim")
+    out.print("rank: per set by triplet accuracy (1 = best), averaged; 95% intervals are in --json", style="dim")

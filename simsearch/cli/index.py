@@ -24,7 +24,8 @@ def index(
     dense_dtype: Annotated[Optional[str], typer.Option(help="float16 or int8, for --dense-codec raw (new databases only).")] = None,
     dense_codec: Annotated[Optional[str], typer.Option(help="raw (--dense-dtype) or pca (learned, <= 64 KB/image): how dense tensors are stored (new databases only).")] = None,
     content_layer: Annotated[Optional[str], typer.Option(help="Layer (ViT block or UNet module) giving the content vector.")] = None,
-    style_layer: Annotated[Optional[str], typer.Option(help="Layer whose features give the style statistics.")] = None,
+    style_layer: Annotated[Optional[str], typer.Option(help="Layer whose features give the style statistics; several joined by + (3+4+5).")] = None,
+    style_pooling: Annotated[Optional[str], typer.Option(help="Style statistics: meanstd, cov, cov<k> (k random directions), or several joined by + (new databases only).")] = None,
     dense_layer: Annotated[Optional[str], typer.Option(help="Attention layer whose source is stored for reranking.")] = None,
     timestep: TimestepOption = None,
     noise_seed: NoiseSeedOption = None,
@@ -50,7 +51,8 @@ def index(
 
     quiet_libraries()
     overrides = {k: v for k, v in dict(image_size=image_size, dense_dtype=dense_dtype, content_layer=parse_layer(content_layer),
-                                       style_layer=parse_layer(style_layer), dense_layer=parse_layer(dense_layer),
+                                       style_layer=parse_layer(style_layer), style_pooling=style_pooling,
+                                       dense_layer=parse_layer(dense_layer),
                                        timestep=timestep, noise_seed=noise_seed, ip_adapter=ip_adapter).items() if v is not None}
     idx = Index(db, model=model, device=device, dense_codec=dense_codec, **overrides)
     idx.ensure_table()  # loads the model and checks the configuration before the progress bar starts
