@@ -282,3 +282,27 @@ def test_multi_block_style_vector_is_stored_and_reopened(new_index, tiny_model, 
     assert len(stored) == 2 * (2 * 32 + 32 * 33 // 2)  # per block: mean/std (2C) + covariance triangle
     assert np.allclose(stored, expect.numpy(), atol=1e-5)
     assert np.allclose(again.embed_image(folder / "chelsea.png").style[0], expect.numpy(), atol=1e-5)
+
+
+def test_registry_defaults_are_the_ones_measured_on_the_suite(embedded_db):
+    """The embedded model's defaults are the `chosen` row of benchmarks/results/quality_suite.json: a
+    change to the registry without a re-run of `quality_suite.py compare` fails here. The database the
+    defaults build holds their style vector: mean/std (2C) + 32-direction covariance sketch, per block."""
+    from conftest import REPO
+
+    from simsearch import Index
+    from simsearch.backbones import DEFAULT_MODEL, descriptor_defaults
+
+    measured = json.loads((REPO / "benchmarks/results/quality_suite.json").read_text())["compare"]
+    assert measured["model"] == DEFAULT_MODEL
+    defaults = json.loads(json.dumps(descriptor_defaults(DEFAULT_MODEL)))  # tuples as the JSON lists them
+    assert defaults == measured["chosen"]
+    from simsearch.paths import normalize
+    from simsearch.store import path_key
+
+    db, photos = embedded_db
+    index = Index(db)
+    assert index.conf.style_layer == tuple(measured["chosen"]["style_layer"])
+    assert index.conf.style_pooling == measured["chosen"]["style_pooling"] == "meanstd+cov32"
+    style = index.store.rows([path_key(normalize(photos / "chelsea.jpg"))], ["style"])[0]["style"]
+    assert len(style) == 4 * (2 * 384 + 32 * 33 // 2)
