@@ -24,7 +24,7 @@ from ..store import path_key
 METRICS = ("cosine", "style", "aas")
 METRIC_HELP = {
     "cosine": "cosine of the content vectors",
-    "style": "cosine of the style vectors (channel mean/std)",
+    "style": "cosine of the style vectors (the configuration's style_pooling of its style_layer(s))",
     "aas": "Aligned Attention Score of the dense layer's self-attention (DiffSim)",
     "combined": "weighted sum of the z-scored AAS and the mode's vector metric",
 }
