@@ -130,7 +130,8 @@ def test_info(cli, db, tiny_model):
     assert code == 0
     data = json.loads(out)
     assert data["rows"] == 12
-    assert data["config"] == {"model": str(tiny_model), "content_pooling": "cls", "dense_dtype": "float16", **TINY,
+    assert data["config"] == {"model": str(tiny_model), "content_pooling": "cls", "style_pooling": "meanstd",
+                              "dense_dtype": "float16", **TINY,
                               "timestep": None, "noise_seed": None, "ip_adapter": None}  # diffusion-only fields
     assert data["dense"] == {"shape": [17, 32], "dtype": "float16", "bytes_per_image": 1088}
     assert data["ann"]["content"]["state"] == "fresh" and data["ann"]["content"]["ntotal"] == 12
