@@ -461,7 +461,7 @@ def render() -> None:
                   f"(fresh noise), recall@10 against exact search; latency one query at a time over {a['latency_queries']} queries, "
                   f"FAISS threads: {a['faiss_threads']}.", "",
                   "| index | parameter | recall@10 | ms/query p50 | p95 | build s | load |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {x['kind']} | {x['param']} | {x['recall@10']:.4f} | {x['ms_p50']:.2f} | {x['ms_p95']:.2f} | {x['build_s']} | {x['load']} |"
+        lines += [f"| {x['kind']} | {x['param']} | {x['recall@10']:.4f} | {x['ms_p50']:.2f} | {x['ms_p95']:.2f} | {x['build_s']} | {x['load']:.1f} |"
                   for x in a["results"]]
         lines.append("")
     if "growth" in r:
@@ -495,15 +495,17 @@ NOTES = """## Reading these numbers
 - The machine: 2 cores shared with other sessions' benchmarks; load averages of 6-15 during these runs
   (2.0 = both cores busy). Wall-clock latencies are several times what an idle machine gives; the CPU ms
   (rerank table) and the relative numbers (recall, catch-up vs rebuild, bytes) are the robust ones.
-- Sources: 5,000 distinct images, not the 10,000 planned: the embedding run (`scale_data.py`, resumable,
-  ~10 img/s on an idle machine) got ~1.7 img/s here and was stopped at 5,000 to leave time for the rest.
-  With noise 1x the nearest-neighbour distance 94% of a query's true top 10 were copies of its own source
-  and IVF found all of them at nprobe 4; at 3x, 37% (200k-row check), which is the set used.
-- ANN latencies were taken with 2 FAISS threads per single query; the library now runs single queries on
-  one thread (`ann.PARALLEL_QUERIES`), which at 10k rows turned 36 ms into 1.1 ms on this machine.
-  Recall does not depend on the load: at 1M rows IVF1024 needs nprobe ~64-128 for recall@10 >= 0.95 on
-  this hard set, hence the default nprobe = max(16, nlist / 12). HNSW32 (no removal by key, so not the
-  incremental default) reached 0.89 at efSearch 128 on 100k rows.
+- Sources: 10,000 distinct images (the ANN table; the growth, codec and rerank sections were measured
+  earlier on the first 5,000). With noise 1x the nearest-neighbour distance 94% of a query's true top 10
+  were copies of its own source and IVF found all of them at nprobe 4; at 3x, 37% (200k-row check),
+  which is the set used.
+- The ANN table was measured on a quiet machine (load ~1.8) with one FAISS thread per single query, as
+  the library runs them (`ann.PARALLEL_QUERIES`; under load two threads turned 1.1 ms into 36 ms at 10k
+  rows). The library's default at 1M rows (about 1,000 lists, nprobe max(16, nlist / 12) = 84) reaches
+  recall@10 0.975 at 13 ms. No kind reaches 0.95 within 5 ms on one thread here: IVF4096,Flat at
+  nprobe 128 is 0.957 at 5.7 ms (4,000 lists with nprobe nlist / 32 would be the faster default, at
+  77 s instead of 12 s of training at 1M), IVF4096,SQ8 0.944 at 4.0 ms. HNSW32 (no removal by key, so
+  not the incremental default) reached 0.90 at efSearch 128 on 100k rows.
 - +1,000 rows at 1M: the write (0.7 s) and the FAISS catch-up (0.5 s, both columns, no retraining) are
   proportional to the 1,000; a full FAISS rebuild took 294 s. The `compact` step then ran Lance's
   `optimize` every time (29 s at 1M: its compaction merges fragments up to 1M rows, rewriting payload);
