@@ -189,15 +189,19 @@ class ImageStore:
             self._table = self._catalog = self._changes = self._meta = self._codec = None
             self.ensure_indexes()
 
+    def _created_on_first_use(self, name: str, create) -> object:
+        """Open table `name`, first running `create()` under the write lock if no process has yet."""
+        if name not in self._db.table_names():
+            with self.lock:
+                if name not in self._db.table_names():
+                    create()
+        return self._db.open_table(name)
+
     @property
     def catalog(self):
         """The files table; a format 1 database gets one, built from its payload, on first use."""
         if self._catalog is None:
-            if CATALOG not in self._db.table_names():
-                with self.lock:
-                    if CATALOG not in self._db.table_names():
-                        self._migrate_v1()
-            self._catalog = self._db.open_table(CATALOG)
+            self._catalog = self._created_on_first_use(CATALOG, self._migrate_v1)
         return self._catalog
 
     def _migrate_v1(self) -> None:
@@ -209,11 +213,8 @@ class ImageStore:
     def changes(self):
         """The change log, created on first use by a writer (so it covers versions from now on)."""
         if self._changes is None:
-            if CHANGES not in self._db.table_names():
-                with self.lock:
-                    if CHANGES not in self._db.table_names():
-                        self._db.create_table(CHANGES, schema=changes_schema(self.version))
-            self._changes = self._db.open_table(CHANGES)
+            self._changes = self._created_on_first_use(
+                CHANGES, lambda: self._db.create_table(CHANGES, schema=changes_schema(self.version)))
         return self._changes
 
     # -- dense tensors -------------------------------------------------------------------------
