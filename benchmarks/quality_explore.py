@@ -40,7 +40,7 @@ from quality_suite import render
 
 from simsearch.backbones import DEFAULT_MODEL, load_backbone
 from simsearch.bench.features import aas_pairs
-from simsearch.bench.metrics import leave_one_out, sample_triplets, triplet_accuracy
+from simsearch.bench.metrics import average_rank, leave_one_out, sample_triplets, triplet_accuracy
 from simsearch.bench.suites import read_groups, read_suite
 from simsearch.descriptors.pooling import (channel_projection, content_vector, covariance_vector, fit_whitening,
                                            style_vector, whiten)
@@ -281,14 +281,6 @@ def kept_results(results: dict, ranks: dict, top: int = KEEP_TOP) -> dict:
     keep |= {c for per_set in results.values() for c in per_set
              if c.split("@")[0] in ("ms", "raw-ms", "cls", "aas") and "-" not in c.split("@")[1]}
     return {n: {c: v for c, v in per_set.items() if c in keep} for n, per_set in results.items()}
-
-
-def average_rank(values) -> np.ndarray:
-    """Rank 1 = highest value; tied values share the mean of their ranks."""
-    v = np.asarray(values, dtype=float)
-    better = (v[None, :] > v[:, None]).sum(1)
-    ties = (v[None, :] == v[:, None]).sum(1)
-    return 1 + better + (ties - 1) / 2
 
 
 def rank_table(results: dict, modes: dict) -> dict:

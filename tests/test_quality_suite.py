@@ -306,3 +306,9 @@ def test_registry_defaults_are_the_ones_measured_on_the_suite(embedded_db):
     assert index.conf.style_pooling == measured["chosen"]["style_pooling"] == "meanstd+cov32"
     style = index.store.rows([path_key(normalize(photos / "chelsea.jpg"))], ["style"])[0]["style"]
     assert len(style) == 4 * (2 * 384 + 32 * 33 // 2)
+
+
+def test_average_rank_shares_ties():
+    from simsearch.bench.metrics import average_rank
+
+    assert average_rank([0.9, 0.5, 0.9, 0.1]).tolist() == [1.5, 3.0, 1.5, 4.0]

@@ -68,6 +68,14 @@ def leave_one_out(sim: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1,
     return out
 
 
+def average_rank(values) -> np.ndarray:
+    """(N,) values -> (N,) ranks, 1 = highest; tied values share the mean of their ranks."""
+    v = np.asarray(values, dtype=float)
+    better = (v[None, :] > v[:, None]).sum(1)
+    ties = (v[None, :] == v[:, None]).sum(1)
+    return 1 + better + (ties - 1) / 2
+
+
 def bootstrap_ci(values: np.ndarray, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of `values` (e.g. per-query AP), resampling them
     with replacement; seeded."""

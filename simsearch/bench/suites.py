@@ -23,8 +23,8 @@ from ..errors import SimsearchError
 from ..images import IMAGE_EXTENSIONS, iter_image_files
 from ..paths import normalize
 from .features import METRIC_HELP, METRICS, FeatureSet
-from .metrics import (average_precisions, bootstrap_ci, leave_one_out, ordering_accuracy, reranked, sample_triplets,
-                      top_candidates, triplet_accuracy, wilson)
+from .metrics import (average_precisions, average_rank, bootstrap_ci, leave_one_out, ordering_accuracy, reranked,
+                      sample_triplets, top_candidates, triplet_accuracy, wilson)
 
 # Ranking statistics of AAS and `combined` rerank each query's first this many candidates (by the mode's
 # vector); triplet accuracy is always exact. 0 or None on the command line: every pair.
@@ -327,8 +327,7 @@ def mean_ranks(rows: dict[str, dict[str, dict]], modes: dict[str, str]) -> dict[
     names = [r for r in rows if all(s in rows[r] for s in modes)]
     per_set = {}
     for s in modes:
-        v = np.asarray([rows[r][s]["triplet_accuracy"]["value"] for r in names])
-        per_set[s] = 1 + (v[None, :] > v[:, None]).sum(1) + ((v[None, :] == v[:, None]).sum(1) - 1) / 2
+        per_set[s] = average_rank([rows[r][s]["triplet_accuracy"]["value"] for r in names])
     out = {}
     for i, r in enumerate(names):
         out[r] = {}
