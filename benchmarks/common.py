@@ -101,7 +101,7 @@ def read_grouped(root: str | Path, per_group: int | None = None) -> tuple[list[s
 
 
 # -- models ----------------------------------------------------------------------------------------
-def random_sd(width: float = 1.0, seed: int = 0):
+def random_sd(width: float = 1.0, seed: int = 0, device: str = "cpu"):
     """SD 1.x (v1-inference, simsearch's config for single files) with every channel count times `width` and
     random weights, as a simsearch backbone (no real SD weights exist offline). -> (backbone, DiffSim's layer)"""
     import copy
@@ -110,6 +110,7 @@ def random_sd(width: float = 1.0, seed: int = 0):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm, create_vae_diffusers_config_from_ldm
 
+    from simsearch.backbones import place
     from simsearch.backbones.sd import DIFFSIM_LAYER, SD1_ORIGINAL_CONFIG, StableDiffusionBackbone
 
     def scaled(channels: int) -> int:  # multiples of 32: LDM's GroupNorm has 32 groups
@@ -127,7 +128,7 @@ def random_sd(width: float = 1.0, seed: int = 0):
     prompt = torch.randn(1, 77, p["unet_config"]["params"]["context_dim"])
     scheduler = DDPMScheduler(beta_start=p["linear_start"], beta_end=p["linear_end"], beta_schedule="scaled_linear")
     bb = StableDiffusionBackbone(unet, vae, prompt, scheduler, timestep=101).requires_grad_(False).eval()
-    return bb, DIFFSIM_LAYER
+    return place(bb, device, channels_last=True), DIFFSIM_LAYER
 
 
 
@@ -164,11 +165,19 @@ class Measured:
 def measure() -> Iterator[Measured]:
     """with measure() as m: ...  then m.seconds, m.cpu_seconds, m.load_before, m.load_after"""
     m = Measured(load_before=loadavg())
+    _cuda_sync()
     t, c = time.perf_counter(), time.process_time()
     try:
         yield m
     finally:
+        _cuda_sync()  # GPU work launched in the block counts in its time
         m.seconds, m.cpu_seconds, m.load_after = time.perf_counter() - t, time.process_time() - c, loadavg()
+
+
+def _cuda_sync() -> None:
+    torch = sys.modules.get("torch")  # a script that never imported torch launched no GPU work
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def percentile(values, q: float) -> float:

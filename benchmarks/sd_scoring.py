@@ -80,7 +80,7 @@ def diffsim_per_pair(bb, layer, pixels: torch.Tensor, sample: int) -> dict:
         with measure() as m:
             for a, b in pairs:
                 noisy = bb.noisy_latents(pixels[[a, b]])
-                t = torch.full((2,), bb.timestep)
+                t = torch.full((2,), bb.timestep, device=bb.device)
                 bb.unet(noisy, t, encoder_hidden_states=bb.prompt_embedding.expand(2, -1, -1))
                 q, k, v = seen["qkv"]
                 aligned_attention_score((q[:1], k[:1], v[:1]), (q[1:], k[1:], v[1:]))
@@ -99,7 +99,7 @@ def per_image_costs(bb, layer, size: int, repeats: int) -> dict:
     out = {}
     for name, fn in (("vae_encode", lambda: bb.noisy_latents(x)),
                      ("unet_to_last_tap", lambda: bb.tokens(x, {"d": (layer, "source"), "c": ("up_blocks.1", "features")})),
-                     ("unet_whole", lambda: bb.unet(bb.noisy_latents(x), torch.tensor([bb.timestep]),
+                     ("unet_whole", lambda: bb.unet(bb.noisy_latents(x), torch.tensor([bb.timestep], device=bb.device),
                                                     encoder_hidden_states=bb.prompt_embedding))):
         fn()  # warm-up
         runs = []
@@ -123,7 +123,7 @@ def int8_agreement(bb, layer, dense: torch.Tensor) -> dict:
     @torch.inference_mode()
     def matrix(src):
         q, k, v = bb.attention_inputs(layer, src)
-        return torch.stack([aligned_attention_score((q[i:i + 1], k[i:i + 1], v[i:i + 1]), (q, k, v)) for i in range(len(q))]).numpy()
+        return torch.stack([aligned_attention_score((q[i:i + 1], k[i:i + 1], v[i:i + 1]), (q, k, v)) for i in range(len(q))]).float().cpu().numpy()
 
     exact, approx = matrix(dense), matrix(coded)
     rho, top1 = [], []
@@ -147,7 +147,7 @@ def render(r: dict) -> str:
         labels = {"vae_encode": "VAE encode (posterior mean, noised)",
                   "unet_to_last_tap": "VAE + UNet up to its last tap (simsearch: stops after up_blocks[1])",
                   "unet_whole": "VAE + the whole UNet (what DiffSim runs per image)"}
-        lines += ["## One image at 512 px (full-size UNet, CPU)", "", "| step | wall s | CPU s | load |", "|---|---|---|---|"]
+        lines += [f"## One image at 512 px (full-size UNet, {r.get('device', 'cpu')})", "", "| step | wall s | CPU s | load |", "|---|---|---|---|"]
         lines += [f"| {labels[k]} | {v['seconds']:.2f} | {v['cpu_seconds']:.2f} | {v['load']:.1f} |" for k, v in r["per_image"].items()]
         pi = r["per_image"]
         unet_part = pi["unet_to_last_tap"]["cpu_seconds"] - pi["vae_encode"]["cpu_seconds"]
@@ -186,12 +186,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--quick", action="store_true", help="seconds, not minutes: tiny model only, small N")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto (fp16 and channels-last on CUDA, as simsearch runs it)")
     ap.add_argument("--out-dir", type=common.Path, default=common.RESULTS)
     args = common.parse_args(ap, argv, quick=dict(full_n=[], tiny_n=[4, 6], tiny_size=128, tiny_sample=3, repeats=1))
     common.setup_logging()
-    results = {"command": common.command_line(), "date": common.now(), "machine": common.machine_info()}
+    results = {"command": common.command_line(), "date": common.now(), "machine": common.machine_info(),
+               "device": args.device}
     if args.full_n:
-        bb, layer = common.random_sd(1.0)
+        bb, layer = common.random_sd(1.0, device=args.device)
         log.info("full-size UNet: %.0fM parameters", sum(p.numel() for p in bb.unet.parameters()) / 1e6)
         results["per_image"] = per_image_costs(bb, layer, args.full_size, args.repeats)
         sims, difs = [], []
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         results["storage"] = int8_agreement(bb, layer, dense.float().cpu())
         del bb
     if args.tiny_n:
-        bb, layer = common.random_sd(0.1)
+        bb, layer = common.random_sd(0.1, device=args.device)
         sims, difs = [], []
         for n in args.tiny_n:
             x = pixels_of(bb, n, args.tiny_size)
@@ -213,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
             difs.append(diffsim_per_pair(bb, layer, x, args.tiny_sample))
             log.info("tiny N=%d: simsearch %.1f s, DiffSim %.1f s", n, sims[-1]["seconds"], difs[-1]["seconds"])
         results["tiny"] = {"size": args.tiny_size, "simsearch": sims, "diffsim": difs}
-    common.write_results("sd_scoring", results, render(results), args.out_dir)
+    # one results file per device kind: sd_scoring (CPU), sd_scoring_cuda
+    common.write_results("sd_scoring" if args.device == "cpu" else f"sd_scoring_{args.device}", results, render(results), args.out_dir)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,8 @@ def runs(tmp_path_factory, tiny12):
     """-> (status per run, out dir per script, the runner's stderr, the temporary folder)"""
     tmp = tmp_path_factory.mktemp("benchmarks")
     data = grouped_data(tmp / "data")
-    out = {name: tmp / "out" / name for name in ("scoring", "speed", "dense", "rerank", "retrieval", "proxy")}
+    out = {name: tmp / "out" / name for name in ("scoring", "speed", "dense", "rerank", "retrieval", "proxy",
+                                                  "rerank_device")}
     common = ["--quick", "--model", str(tiny12)]
     plan = [
         ("scoring", "benchmarks/scoring.py", [*common, "--work", str(tmp / "scoring"), "--out-dir", str(out["scoring"])]),
@@ -75,6 +76,7 @@ def runs(tmp_path_factory, tiny12):
         ("proxy_benchmarks", "benchmarks/proxy_benchmarks.py", [*common, "--data", str(data), "--work", str(tmp / "proxy"),
                                                                 "--max-images", "4", "--out-dir", str(out["proxy"])]),
         ("make_spair_fixture", "benchmarks/make_spair_fixture.py", [str(tmp / "fixture"), "--no-graf"]),
+        ("rerank_device", "benchmarks/rerank_device.py", ["--quick", "--out-dir", str(out["rerank_device"])]),
     ]
     env = {**os.environ, "SIMSEARCH_DATA": str(tmp / "no-debian-data")}
     proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(plan)], cwd=REPO, env=env,
@@ -164,3 +166,10 @@ def test_proxy_benchmarks(runs):
 def test_make_spair_fixture(runs):
     ran(runs, "make_spair_fixture")
     assert len(list((runs[3] / "fixture" / "translation" / "PairAnnotation" / "test").glob("*.json"))) == 8
+
+
+def test_rerank_device(runs):
+    res = results(runs, "rerank_device", "rerank_device", "rerank_device")
+    (row,) = res["results"]
+    assert res["candidates"] == 4 and row["device"] == "cpu" and row["runs"] == 2
+    assert 0 < row["ms_p50"] <= row["ms_p95"]

@@ -81,3 +81,25 @@ def test_match_and_score_on_cuda(tiny12, tmp_path):
         reports[device] = report
     for m in ("cosine", "aas"):
         assert reports["cuda"].overall[m]["mean"] == pytest.approx(reports["cpu"].overall[m]["mean"], **FP16)
+
+
+def test_stable_diffusion_on_cuda_agrees_with_cpu(tiny_sd):
+    """The UNet on the GPU (fp16, channels-last): the same content and style vectors and AAS scores as on
+    the CPU."""
+    from conftest import EXAMPLES
+    from simsearch.embedder import DescriptorConfig, Embedder
+    from simsearch.images import open_image
+    from simsearch.rerank import rerank_scores
+
+    conf = DescriptorConfig.for_model(model=str(tiny_sd), image_size=128)
+    images = [open_image(p, max_side=128).image for p in sorted(EXAMPLES.glob("*.jpg"))[:4]]
+    out = {}
+    for device in ("cpu", "cuda"):
+        emb = Embedder(conf, device)
+        e = emb.embed(torch.stack([emb.preprocess(im) for im in images]))
+        aas = rerank_scores(emb.backbone, conf.dense_layer, e.dense[0], e.dense[1:], "aas")["aas"]
+        out[device] = (e, aas)
+    (cpu, aas_cpu), (gpu, aas_gpu) = out["cpu"], out["cuda"]
+    for field in ("content", "style"):
+        assert np.abs(getattr(cpu, field) - getattr(gpu, field)).max() < 3e-2
+    assert aas_gpu == pytest.approx(aas_cpu, **FP16)

@@ -150,14 +150,20 @@ def load_backbone(model: str = DEFAULT_MODEL, device: str | torch.device = "auto
     source = model if card is None else (str(embedded.ensure_converted()) if card.source == EMBEDDED else card.source)
     backbone = family.impl.load(source, name=model, **(card.load_options if card else {}), **options)
     backbone.requires_grad_(False)  # never trained; gradients only ever flow to inputs (LDM's prompt)
+    # the fingerprint was taken before any dtype change: CPU and GPU agree
+    return place(backbone, device, channels_last=family.name == "sd")
+
+
+def place(backbone: Backbone, device: str | torch.device = "auto", channels_last: bool = False) -> Backbone:
+    """`backbone` on `device`: fp16 on CUDA, and channels-last there for convolutional ones (the UNet)."""
     dev = resolve_device(device)
-    backbone = backbone.to(dev)  # the fingerprint was taken before any dtype change: CPU and GPU agree
+    backbone = backbone.to(dev)
     if dev.type == "cuda":
         backbone.half()
-        if family.name == "sd":
+        if channels_last:
             backbone.to(memory_format=torch.channels_last)
     return backbone
 
 
 __all__ = ["Backbone", "GridFeatures", "Layer", "MODELS", "FAMILIES", "DEFAULT_MODEL", "ModelCard", "Family",
-           "load_backbone", "family_of", "descriptor_defaults", "is_local", "fingerprint", "resolve_device"]
+           "load_backbone", "place", "family_of", "descriptor_defaults", "is_local", "fingerprint", "resolve_device"]
