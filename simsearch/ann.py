@@ -301,7 +301,7 @@ def index_path(store: ImageStore, column: str) -> Path:
 
 def _identity(store: ImageStore, column: str) -> tuple:
     # The version alone is not enough: a table deleted and rebuilt (other model) restarts its numbering.
-    return store.meta["weights"], store.meta.get("uuid", ""), store.table.schema.field(column).type.list_size
+    return store.meta["weights"], store.meta.get("uuid", ""), store.schema.field(column).type.list_size
 
 
 def _compatible(vi: "VectorIndex | None", store: ImageStore, column: str) -> bool:

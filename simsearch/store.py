@@ -14,6 +14,10 @@ Why not one table kept up to date with merge_insert: Lance's merge_insert joins 
 target table, heavy columns included, so its memory grows with the table (measured: 1.2 GB to touch
 10 rows of a 400 MB table), and an update rewrites whole rows.
 
+Reads go through Lance itself (pylance), writes through LanceDB: a process that only reads (a cold
+`simsearch query`, the server) never imports LanceDB's client (1.5 s of a 2 s import floor). Every
+read checks out the table's latest version first, as LanceDB does with read_consistency_interval 0.
+
 Consistency without transactions across tables: every write holds one inter-process lock
 (`ROOT/.simsearch.lock`), and within it the change log is written first, then the payload, then the
 catalog (removals: log, catalog, payload). A run killed in between leaves either a payload row
@@ -116,7 +120,7 @@ def changes_schema(since: int) -> pa.Schema:
 
 
 def _connect(root: Path):
-    """Every read sees the latest commit, also one made by another handle or process."""
+    """The writers' connection; its tables see commits made by other handles or processes."""
     import lancedb
 
     return lancedb.connect(str(root), read_consistency_interval=timedelta(0))
@@ -148,22 +152,46 @@ class ImageStore:
         if self.root.exists() and not self.root.is_dir():
             raise SimsearchError(f"{self.root}: not a database directory (it is a file)")
         self.keep_versions = keep_versions
-        self._db = _connect(self.root) if self.root.exists() else None
+        self._db = None  # LanceDB connection, opened by the first write
         self._table = self._catalog = self._changes = self._meta = self._codec = None
+        self._session = None  # Lance's caches (manifests, scalar indexes), shared by every read
         self._lock = None
 
     # -- lifecycle ---------------------------------------------------------------------------
+    @property
+    def db(self):
+        if self._db is None:
+            self._db = _connect(self.root)
+        return self._db
+
+    def has_table(self, name: str) -> bool:
+        return (self.root / f"{name}.lance").is_dir()  # how LanceDB lists a local database's tables
+
     def exists(self) -> bool:
-        return self._db is not None and TABLE in self._db.table_names()
+        return self.has_table(TABLE)
+
+    def _check_exists(self) -> None:
+        if not self.exists():
+            raise EmptyIndexError(f"{self.root}: no simsearch database here (run `simsearch index FOLDER --db {self.root}`)")
 
     @property
     def table(self):
-        """The payload table."""
+        """The payload table, for writes (LanceDB)."""
         if self._table is None:
-            if not self.exists():
-                raise EmptyIndexError(f"{self.root}: no simsearch database here (run `simsearch index FOLDER --db {self.root}`)")
-            self._table = self._db.open_table(TABLE)
+            self._check_exists()
+            self._table = self.db.open_table(TABLE)
         return self._table
+
+    def reader(self, name: str = TABLE):
+        """Table `name` as a Lance dataset at its latest version, for reads. A new handle each time
+        (microseconds, with the shared session's caches): handles are not shared between threads."""
+        import lance
+
+        if name == TABLE:
+            self._check_exists()
+        if self._session is None:
+            self._session = lance.Session()
+        return lance.dataset(str(self.root / f"{name}.lance"), session=self._session)
 
     @property
     def lock(self):
@@ -181,7 +209,7 @@ class ImageStore:
             self._db = _connect(self.root)
             if not self.exists():
                 for name in (CATALOG, CHANGES, CODEC):  # left by a deleted payload table: they describe nothing now
-                    if name in self._db.table_names():
+                    if self.has_table(name):
                         self._db.drop_table(name)
                 meta = {**meta, "format": FORMAT, "uuid": uuid.uuid4().hex}
                 self._db.create_table(TABLE, schema=payload_schema(content_dim, style_dim, meta))
@@ -191,11 +219,11 @@ class ImageStore:
 
     def _created_on_first_use(self, name: str, create) -> object:
         """Open table `name`, first running `create()` under the write lock if no process has yet."""
-        if name not in self._db.table_names():
+        if not self.has_table(name):
             with self.lock:
-                if name not in self._db.table_names():
+                if not self.has_table(name):
                     create()
-        return self._db.open_table(name)
+        return self.db.open_table(name)
 
     @property
     def catalog(self):
@@ -205,8 +233,8 @@ class ImageStore:
         return self._catalog
 
     def _migrate_v1(self) -> None:
-        catalog = self._db.create_table(CATALOG, schema=CATALOG_SCHEMA)
-        for batch in self.table.search().select(list(CATALOG_COLUMNS)).limit(None).to_batches():
+        catalog = self.db.create_table(CATALOG, schema=CATALOG_SCHEMA)
+        for batch in self.reader().to_batches(columns=list(CATALOG_COLUMNS)):
             catalog.add(pa.Table.from_batches([batch]).cast(CATALOG_SCHEMA))
 
     @property
@@ -214,7 +242,7 @@ class ImageStore:
         """The change log, created on first use by a writer (so it covers versions from now on)."""
         if self._changes is None:
             self._changes = self._created_on_first_use(
-                CHANGES, lambda: self._db.create_table(CHANGES, schema=changes_schema(self.version)))
+                CHANGES, lambda: self.db.create_table(CHANGES, schema=changes_schema(self.version)))
         return self._changes
 
     # -- dense tensors -------------------------------------------------------------------------
@@ -226,10 +254,10 @@ class ImageStore:
     @property
     def dense_codec(self):
         """The fitted compact codec (None for raw tables, or before the first commit)."""
-        if self._codec is None and self.dense_format != "raw" and CODEC in self._db.table_names():
+        if self._codec is None and self.dense_format != "raw" and self.has_table(CODEC):
             from .descriptors.quant import DenseCodec
 
-            self._codec = DenseCodec.from_bytes(self._db.open_table(CODEC).to_arrow().column("data")[0].as_py())
+            self._codec = DenseCodec.from_bytes(self.reader(CODEC).to_table(columns=["data"]).column("data")[0].as_py())
         return self._codec
 
     def dense_nbytes(self) -> int:
@@ -263,7 +291,7 @@ class ImageStore:
         self.dense_codec  # another process may have fitted it
         if self._codec is None:
             codec = fit(samples)
-            self._db.create_table(CODEC, pa.table({"kind": [codec.kind], "data": pa.array([codec.to_bytes()], pa.binary())}))
+            self.db.create_table(CODEC, pa.table({"kind": [codec.kind], "data": pa.array([codec.to_bytes()], pa.binary())}))
             self._codec = codec
 
     def decode_dense(self, blobs: list[bytes]) -> np.ndarray:
@@ -288,7 +316,7 @@ class ImageStore:
                         table.create_index(column, config=BTree())
 
     def refresh(self) -> None:
-        """See writes made through other handles or processes."""
+        """See writes made through other handles or processes (reads always do)."""
         if self._table is not None:
             self._table.checkout_latest()
 
@@ -296,15 +324,20 @@ class ImageStore:
     @property
     def meta(self) -> dict:
         if self._meta is None:
-            raw = (self.table.schema.metadata or {}).get(META_KEY)
+            raw = (self.schema.metadata or {}).get(META_KEY)
             if raw is None:
                 raise SimsearchError(f"{self.root}: table '{TABLE}' has no simsearch metadata (not made by simsearch?)")
             self._meta = json.loads(raw)
         return self._meta
 
     @property
+    def schema(self) -> pa.Schema:
+        """The payload table's Arrow schema."""
+        return self.reader().schema
+
+    @property
     def version(self) -> int:
-        return int(self.table.version)
+        return int(self.reader().version)
 
     def stable_version(self) -> int:
         """The payload version at a write-section boundary: everything logged before it is committed,
@@ -314,37 +347,39 @@ class ImageStore:
             return self.version
 
     def count(self) -> int:
-        return self.table.count_rows() if self.exists() else 0
+        return self.reader().count_rows() if self.exists() else 0
 
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
 
     # -- reads -------------------------------------------------------------------------------
-    def _select(self, columns: list[str], where: str | None = None, table=None) -> pa.Table:
-        q = (table if table is not None else self.table).search()
-        if where:
-            q = q.where(where)
+    def _select(self, columns: list[str], where: str | None = None, table: str = TABLE, user_filter: bool = False) -> pa.Table:
+        """`columns` of the rows of `table` matching `where`. A `user_filter` (a --where) that Lance
+        rejects is the user's error; any other failure is ours and propagates as it is."""
+        if table == CATALOG and not self.has_table(CATALOG):
+            self.catalog  # a format 1 database: built from the payload first
+        dataset = self.reader(table)
+        if not user_filter:
+            return dataset.to_table(columns=columns, filter=where or None)
         try:
-            return q.select(columns).limit(None).to_arrow()
+            return dataset.to_table(columns=columns, filter=where)
         except Exception as e:  # lance reports SQL errors as generic exceptions
-            if where:
-                raise SimsearchError(f"invalid --where filter {where!r}: {str(e).splitlines()[0]}") from None
-            raise
+            raise SimsearchError(f"invalid --where filter {where!r}: {str(e).splitlines()[0]}") from None
 
     def files(self, under: str | None = None) -> dict[str, tuple[str, int, int]]:
         """path -> (content id, size, mtime_ns) from the catalog, for the incremental indexer: every
         file, or (`under`, a normalized folder or file) only those at or below it, read through the
         path index."""
-        return _stats(self._select(list(STAT_COLUMNS), under_filter(under) if under else None, table=self.catalog))
+        return _stats(self._select(list(STAT_COLUMNS), under_filter(under) if under else None, table=CATALOG))
 
     def files_of(self, paths: list[str]) -> dict[str, tuple[str, int, int]]:
         """Like `files`, for the catalogued ones of `paths`, read by key."""
         return {p: v for chunk in _chunks([path_key(p) for p in paths])
-                for p, v in _stats(self._select(list(STAT_COLUMNS), _in(chunk), table=self.catalog)).items()}
+                for p, v in _stats(self._select(list(STAT_COLUMNS), _in(chunk), table=CATALOG)).items()}
 
     def vectors(self, column: str, where: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """keys (N,) int64 and vectors (N, D) float32 of one vector column."""
-        return _vectors(self._select(["key", column], where), column)
+        return _vectors(self._select(["key", column], where, user_filter=bool(where)), column)
 
     def vectors_of(self, keys, column: str) -> tuple[np.ndarray, np.ndarray]:
         """keys and vectors of those of `keys` in the table, read by key."""
@@ -354,7 +389,7 @@ class ImageStore:
         return _vectors(pa.concat_tables(parts), column)
 
     def keys_where(self, where: str) -> np.ndarray:
-        return self._select(["key"], where).column("key").to_numpy()
+        return self._select(["key"], where, user_filter=True).column("key").to_numpy()
 
     def find(self, keys, columns: list[str]) -> dict[int, dict]:
         """key -> row (the `columns` asked for) for those of `keys` still in the table."""
@@ -377,12 +412,12 @@ class ImageStore:
     def changed_since(self, version: int) -> np.ndarray | None:
         """Keys whose payload rows may differ from payload version `version` (added, replaced or
         deleted since), or None when the log does not reach back that far."""
-        if CHANGES not in self._db.table_names():
+        if not self.has_table(CHANGES):
             return None
-        since = json.loads(self.changes.schema.metadata[META_KEY])["since"]
+        since = json.loads(self.reader(CHANGES).schema.metadata[META_KEY])["since"]
         if version < since:
             return None
-        return np.unique(self._select(["key"], f"seq >= {int(version)}", table=self.changes).column("key").to_numpy())
+        return np.unique(self._select(["key"], f"seq >= {int(version)}", table=CHANGES).column("key").to_numpy())
 
     # -- writes (all under the lock) -----------------------------------------------------------
     def _log(self, keys: list[int]) -> None:
@@ -409,7 +444,7 @@ class ImageStore:
 
     def _replace_catalog(self, rows: pa.Table) -> None:
         keys = rows.column("key").to_pylist()
-        listed = [k for chunk in _chunks(keys) for k in self._select(["key"], _in(chunk), table=self.catalog).column("key").to_pylist()]
+        listed = [k for chunk in _chunks(keys) for k in self._select(["key"], _in(chunk), table=CATALOG).column("key").to_pylist()]
         for chunk in _chunks(listed):
             self.catalog.delete(_in(chunk))
         self.catalog.add(rows.cast(CATALOG_SCHEMA))
@@ -419,7 +454,7 @@ class ImageStore:
         paths = list(stats)
         with self.lock:
             for chunk in _chunks(paths):
-                current = self._select(["key", "path", "id"], _in(path_key(p) for p in chunk), table=self.catalog)
+                current = self._select(["key", "path", "id"], _in(path_key(p) for p in chunk), table=CATALOG)
                 kept = current.column("path").to_pylist()
                 self._replace_catalog(current.append_column("size", pa.array([stats[p][0] for p in kept], pa.int64()))
                                       .append_column("mtime_ns", pa.array([stats[p][1] for p in kept], pa.int64())))
@@ -440,7 +475,7 @@ class ImageStore:
         where = under_filter(under) if under else None
         with self.lock:
             self.refresh()
-            catalog = set(self._select(["key"], where, table=self.catalog).column("key").to_pylist())
+            catalog = set(self._select(["key"], where, table=CATALOG).column("key").to_pylist())
             orphans = [k for k in self._select(["key"], where).column("key").to_pylist() if k not in catalog]
             for chunk in _chunks(orphans):
                 self._log(chunk)

@@ -293,13 +293,14 @@ def test_no_cors_unless_asked(app, client):
 
 
 def test_internal_error_is_a_json_500_and_logged(tmp_path, new_index, photos, caplog):
-    """The table vanishes under a running server: the client gets a message, the log the traceback."""
+    """The table's version history vanishes under a running server (a damaged database, not a missing
+    one): the client gets a message, the log the traceback."""
     db = tmp_path / "db"
     new_index(db).add_folder(photos)
     key = next(iter(lancedb.connect(str(db)).open_table("images").to_arrow().column("key").to_pylist()))
     client = TestClient(create_app(Index(db)), raise_server_exceptions=False)
     assert client.get(f"/api/thumb/{key}").status_code == 200
-    shutil.rmtree(db / "images.lance")
+    shutil.rmtree(db / "images.lance" / "_versions")
     with caplog.at_level(logging.ERROR, logger="simsearch.server"):
         message = json_error(client.get(f"/api/thumb/{key}"), 500, "internal error", "server log")
     assert "Traceback" not in message
