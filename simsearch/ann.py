@@ -5,9 +5,10 @@ changed, not of the table.
 Kinds, by size (chosen by measurement, benchmarks/results/scale.md):
 - flat (exact) below `ivf_threshold` rows;
 - above it an inverted file `IVF<nlist>,<IVF_CODEC>` with nlist ~ NLIST_PER_SQRT * sqrt(n) lists and
-  `nprobe` probed per query (default max(16, nlist / 12): recall@10 ~0.96 at 1M rows of the hard
-  benchmark set, where 16 of 1,000 lists found 0.85), and a hash-table direct map so rows are
-  removed by key in O(removed).
+  `nprobe` probed per query (default max(16, nlist / PROBE_FRACTION): at 1M rows of the hard
+  benchmark set 4,096 lists probed 164 at a time find 0.967 of the true top 10 in 4.2 ms on 2 cores,
+  where 1,000 lists needed 13 ms for 0.975), and a hash-table direct map so rows are removed by key
+  in O(removed). A single query that scans many lists splits them over the cores (SPLIT_SCAN).
 
 Incremental maintenance: the store logs every key whose payload row changes (store.changed_since).
 An index that reflects payload version V catches up by re-reading only those keys' vectors:
@@ -44,7 +45,8 @@ from .store import ImageStore
 
 IVF_THRESHOLD = 50_000  # below this an exact search over all vectors is fast enough (< 10 ms at 10k x 384)
 NPROBE = 16  # IVF lists searched per query
-NLIST_PER_SQRT = 1.0  # nlist = NLIST_PER_SQRT * sqrt(n): 1,000 lists at 1M rows
+NLIST_PER_SQRT = 4.0  # nlist = NLIST_PER_SQRT * sqrt(n): 4,000 lists at 1M rows
+PROBE_FRACTION = 25  # default nprobe: this fraction of the lists (benchmarks/results/scale.md)
 TRAIN_PER_LIST = 64  # k-means sample: this many vectors per list (FAISS wants >= 39)
 IVF_CODEC = "Flat"  # FAISS encoding of the vectors in the lists ("Flat" exact, "SQ8" 4x smaller)
 EXACT_FILTER_ROWS = 4096  # a --where set this small is scored exactly from its stored vectors
@@ -53,17 +55,21 @@ DRIFT_RATIO = 1.2
 MERGE_FRACTION = 0.25
 MAX_DELTAS = 32
 # Fewer queries than this run FAISS on one thread: OpenMP's fork/join for a single query cost 36 ms
-# instead of 1 ms at 10k rows on a busy 2-core machine (benchmarks/results/speed.md, scale.md).
+# instead of 1 ms at 10k rows on a busy 2-core machine (benchmarks/results/speed.md, scale.md)...
 PARALLEL_QUERIES = 16
+# ...unless one IVF query scans at least this many vectors: then its lists are split over the threads
+# (FAISS parallel_mode 1), 5.8 -> 3.5 ms for 31k vectors of 384-d at 1M rows on 2 cores.
+SPLIT_SCAN = 20_000
 
 
 @contextmanager
-def _omp_threads(n_queries: int):
-    if n_queries >= PARALLEL_QUERIES or faiss.omp_get_max_threads() == 1:
+def _omp_threads(threads: int | None):
+    """FAISS runs on `threads` OpenMP threads inside the block (None: as configured)."""
+    before = faiss.omp_get_max_threads()
+    if threads is None or threads >= before:
         yield
         return
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
+    faiss.omp_set_num_threads(threads)
     try:
         yield
     finally:
@@ -108,8 +114,8 @@ class VectorIndex:
 
     @property
     def probes(self) -> int:
-        """Lists searched per query: `nprobe`, or by default a twelfth of the lists (at least 16)."""
-        return self.nprobe or max(16, -(-self.nlist // 12))
+        """Lists searched per query: `nprobe`, or by default 1 in PROBE_FRACTION lists (at least 16)."""
+        return min(self.nlist, self.nprobe or max(16, -(-self.nlist // PROBE_FRACTION)))
 
     @property
     def d(self) -> int:
@@ -177,17 +183,26 @@ class VectorIndex:
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """queries (Q, D) -> scores (Q, k), keys (Q, k); key -1 pads when fewer than k match.
 
-        With `allowed` (keys), only those rows count; an IVF search probes more lists until every
-        query has min(k, len(allowed)) hits (all lists probed is exact)."""
-        with _omp_threads(len(queries)):
+        With `allowed` (keys), only those rows count; an IVF search starts from as many lists as
+        scan as many allowed rows as an unfiltered search scans rows (probes / selectivity), and
+        probes more until every query has min(k, len(allowed)) hits (all lists probed is exact)."""
+        split = self.kind == "ivf" and len(queries) < PARALLEL_QUERIES and self.scan_size() >= SPLIT_SCAN
+        if self.kind == "ivf":
+            faiss.extract_index_ivf(self.index).parallel_mode = 1 if split else 0
+        with _omp_threads(None if split or len(queries) >= PARALLEL_QUERIES else 1):
             return self._search(np.ascontiguousarray(queries, dtype=np.float32), k, allowed)
+
+    def scan_size(self) -> int:
+        """Vectors one query compares against: all of them, or the probed lists' share."""
+        return self.ntotal if self.kind == "flat" else self.ntotal * self.probes // max(self.nlist, 1)
 
     def _search(self, q: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         if allowed is not None:
             sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
             if self.kind == "flat":
                 return self.index.search(q, k, params=faiss.SearchParameters(sel=sel))  # selectors run on the CPU index
-            want, nprobe = min(k, len(allowed)), self.probes
+            want = min(k, len(allowed))
+            nprobe = min(self.nlist, -(-self.probes * self.ntotal // max(len(allowed), 1)))
             while True:
                 scores, keys = self.index.search(q, k, params=faiss.SearchParametersIVF(sel=sel, nprobe=nprobe))
                 if nprobe >= self.nlist or (keys[:, :want] >= 0).all():

@@ -142,6 +142,27 @@ def test_retrain_reason_by_error():
     assert vi.retrain_reason(1000).startswith("drift")
 
 
+def test_single_query_splits_a_large_scan_over_threads(monkeypatch):
+    """A lone query that scans many IVF lists runs them on every FAISS thread (parallel_mode 1) and finds
+    what the batched search finds; the thread setting is restored afterwards."""
+    import faiss
+
+    vi = ann.VectorIndex.build(np.arange(3000), vectors(3000, seed=0), 1, ivf_threshold=1000)
+    queries = vectors(ann.PARALLEL_QUERIES, seed=5)
+    batched = vi.search(queries, 10)  # a batch: one thread per query
+    ivf = faiss.extract_index_ivf(vi.index)
+    assert ivf.parallel_mode == 0
+    threads = faiss.omp_get_max_threads()
+    monkeypatch.setattr(ann, "SPLIT_SCAN", 0)
+    single = [vi.search(q[None], 10) for q in queries]
+    assert ivf.parallel_mode == 1 and faiss.omp_get_max_threads() == threads
+    assert np.array_equal(np.concatenate([k for _, k in single]), batched[1])
+    np.testing.assert_allclose(np.concatenate([s for s, _ in single]), batched[0], rtol=1e-5)
+    monkeypatch.setattr(ann, "SPLIT_SCAN", 10**9)
+    vi.search(queries[:1], 10)
+    assert ivf.parallel_mode == 0
+
+
 def test_without_change_log_the_index_is_rebuilt(synth):
     """A database from before the log (or an index older than it) is rebuilt, never guessed at."""
     idx, put = synth
@@ -160,19 +181,25 @@ def test_without_change_log_the_index_is_rebuilt(synth):
 
 def test_filtered_search_returns_k(synth, monkeypatch):
     """nprobe 1 of many lists: a filter whose rows lie in other lists found nothing (or fewer than k)
-    before; now k hits, equal to the exact filtered top k, on both paths (small set scored exactly,
-    large set by widening the probe)."""
+    before; now k hits on both paths: the exact filtered top k for a small set, the allowed rows' own
+    scores and nearly the exact top k for a large set (widened probe)."""
     idx, put = synth
     vecs = vectors(4000, seed=0)
     put(names("a", 2000) + names("b", 2000), vecs)
     idx.nprobe = 1
     query = vecs[0]
-    for limit in (ann.EXACT_FILTER_ROWS, 100):  # exact path, then the widening path
-        monkeypatch.setattr(ann, "EXACT_FILTER_ROWS", limit)
-        hits = idx.search_vector(query, 10, where="path LIKE '/data/b/%'")
-        allowed, allowed_vecs = idx.store.vectors("content", "path LIKE '/data/b/%'")
-        want = allowed[np.argsort(-(allowed_vecs @ query), kind="stable")[:10]]
-        assert [h.key for h in hits] == list(want)
+    allowed, allowed_vecs = idx.store.vectors("content", "path LIKE '/data/b/%'")
+    want = allowed[np.argsort(-(allowed_vecs @ query), kind="stable")[:10]]
+    hits = idx.search_vector(query, 10, where="path LIKE '/data/b/%'")  # small set: scored exactly
+    assert [h.key for h in hits] == list(want)
+    monkeypatch.setattr(ann, "EXACT_FILTER_ROWS", 100)  # the same set through the widening IVF path
+    hits = idx.search_vector(query, 10, where="path LIKE '/data/b/%'")
+    exact = dict(zip(allowed.tolist(), (allowed_vecs @ query).tolist()))
+    assert len(hits) == 10 and all(h.key in exact for h in hits)
+    assert [h.score for h in hits] == pytest.approx([exact[h.key] for h in hits], abs=1e-5)
+    # the probe starts at nprobe / selectivity (2 lists here): the same share of allowed rows as an
+    # unfiltered search scans; starting from 1 list found 8 of the 10
+    assert len({h.key for h in hits} & set(want.tolist())) >= 9
     assert len(idx.search_vector(query, 10, where="path = '/data/b/00003.png'")) == 1
 
 
