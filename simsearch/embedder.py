@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -87,22 +88,68 @@ class Embeddings:
 
 
 class Embedder:
-    """One backbone driven by one DescriptorConfig: images in, stored descriptors out."""
+    """One backbone driven by one DescriptorConfig: images in, stored descriptors out.
+
+    On the CPU, a configuration compiled before (backbones.compiled) embeds through its cached graph
+    and the backbone's library is loaded only when something else needs it (reranking, another input
+    size): a cold query does not import transformers."""
 
     def __init__(self, conf: DescriptorConfig = DescriptorConfig(), device: str = "auto"):
         self.conf = conf
-        self.backbone = load_backbone(conf.model, device, **conf.backbone_options())
-        bb = self.backbone
-        bb.check_size(conf.image_size)
-        self.content_layer = bb.final_layer if conf.content_layer is None else conf.content_layer
+        self._device = device
+        self._backbone = None
+        self.compiled = self._load_compiled()
+        if self.compiled is None:
+            self._check(self.backbone)
         self.style_layers = conf.style_layer if isinstance(conf.style_layer, tuple) else (conf.style_layer,)
-        self.wanted = {"content": (self.content_layer, "features"), "dense": (conf.dense_layer, "source"),
-                       **{f"style{i}": (layer, "features") for i, layer in enumerate(self.style_layers)}}
+        self._shapes: tuple[tuple[int, int], dict[str, int]] | None = None
+
+    def _load_compiled(self):
+        from .backbones import compiled
+        from .backbones.base import resolve_device
+
+        if resolve_device(self._device).type != "cpu" or (path := compiled.cache_path(self.conf)) is None or not path.is_file():
+            return None
+        return compiled.CompiledTokens.load(path)
+
+    @property
+    def backbone(self):
+        if self._backbone is None:
+            self._backbone = load_backbone(self.conf.model, self._device, **self.conf.backbone_options())
+        return self._backbone
+
+    @cached_property
+    def wanted(self) -> dict[str, tuple]:
+        """What one forward taps: {role: (layer, "features" | "source")}."""
+        conf = self.conf
+        content = (self.backbone.final_layer if conf.content_layer is None else conf.content_layer)
+        layers = conf.style_layer if isinstance(conf.style_layer, tuple) else (conf.style_layer,)
+        return {"content": (content, "features"), "dense": (conf.dense_layer, "source"),
+                **{f"style{i}": (layer, "features") for i, layer in enumerate(layers)}}
+
+    def _check(self, bb) -> None:
+        conf = self.conf
+        bb.check_size(conf.image_size)
         for role, (layer, kind) in self.wanted.items():
             bb.check_layer(layer, kind, f"{role.rstrip('0123456789')}_layer")
         if conf.content_pooling in ("cls", "cls+mean") and bb.prefix_tokens == 0:
             raise SimsearchError(f"content pooling '{conf.content_pooling}' needs a CLS token; {conf.model} has none (use mean or gem)")
-        self._shapes: tuple[tuple[int, int], dict[str, int]] | None = None
+
+    def compile(self) -> bool:
+        """Write this configuration's CPU graph for later cold starts (once; see backbones.compiled).
+        -> whether a graph exists now."""
+        from .backbones import compiled
+
+        if self.compiled is not None:
+            return True
+        path = compiled.cache_path(self.conf)
+        if path is None or self.backbone.family not in compiled.COMPILED_FAMILIES or self.backbone.device.type != "cpu":
+            return False
+        if path.is_file() and (found := compiled.CompiledTokens.load(path)) is not None:
+            self.compiled = found
+            return True
+        self.compiled = compiled.compile_tokens(self.backbone, self.wanted, self.conf.image_size, path)
+        return True
 
     def _probe(self) -> tuple[tuple[int, int], dict[str, int]]:
         """Stored shapes, from one forward on a blank image the first time a table needs them."""
@@ -124,20 +171,33 @@ class Embedder:
 
     @property
     def fingerprint(self) -> str:
-        return self.backbone.fingerprint
+        return self.compiled.fingerprint if self.compiled is not None else self.backbone.fingerprint
 
     @property
     def device(self) -> torch.device:
-        return self.backbone.device
+        return torch.device("cpu") if self.compiled is not None and self._backbone is None else self.backbone.device
+
+    @property
+    def prefix_tokens(self) -> int:
+        return self.compiled.prefix_tokens if self.compiled is not None else self.backbone.prefix_tokens
 
     def preprocess(self, img: Image.Image) -> torch.Tensor:
+        if self.compiled is not None and self._backbone is None:
+            from .backbones.vit import vit_preprocess
+
+            return vit_preprocess(img, self.conf.image_size)  # compiled graphs are ViTs
         return self.backbone.preprocess(img, self.conf.image_size)
+
+    def tokens(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.compiled is not None and self.compiled.accepts(pixels):
+            return self.compiled.tokens(pixels)
+        return self.backbone.tokens(pixels.to(self.backbone.device), self.wanted)
 
     @torch.inference_mode()
     def embed(self, pixels: torch.Tensor) -> Embeddings:
         """pixels (B, 3, S, S) as `preprocess` makes them -> Embeddings."""
-        bb, p = self.backbone, self.backbone.prefix_tokens
-        tokens = bb.tokens(pixels.to(bb.device), self.wanted)
+        p = self.prefix_tokens
+        tokens = self.tokens(pixels)
         style = [style_pooled(tokens[f"style{i}"][:, p:], self.conf.style_pooling) for i in range(len(self.style_layers))]
         return Embeddings(
             content=content_vector(tokens["content"], self.conf.content_pooling, prefix=p).cpu().numpy(),

@@ -144,7 +144,20 @@ class Index:
             raise SimsearchError(f"unknown engine '{engine}' (choose from local, ray)")
         from .indexers.local import index_folder
 
-        return index_folder(self, folder, batch_size=batch_size, prune=prune, **kwargs)
+        report = index_folder(self, folder, batch_size=batch_size, prune=prune, **kwargs)
+        self.compile_for_queries()
+        return report
+
+    def compile_for_queries(self) -> bool:
+        """Cache this configuration's CPU graph so later cold queries skip the model's library
+        (backbones.compiled); a no-op once it exists, on CUDA, or for models it does not cover."""
+        try:
+            return self.embedder.compile()
+        except (RuntimeError, OSError) as e:  # a cache that cannot be written costs speed, not the index run
+            import logging
+
+            logging.getLogger(__name__).warning("no compiled query graph for %s: %s", self.conf.model, e)
+            return False
 
     def refresh_ann(self) -> dict[str, bool]:
         """Bring every FAISS index up to the table's version (by the rows changed since the version

@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.pop("SIMSEARCH_DB", None)
+# Compiled query graphs (simsearch.backbones.compiled) of this session's models, removed at its end.
+os.environ["SIMSEARCH_COMPILED_CACHE"] = tempfile.mkdtemp(prefix="simsearch-compiled-")
 # One intra-op thread: the tiny model gains nothing from more, and on a busy 2-core machine torch's
 # spinning OpenMP workers made a 5 ms forward take ~1 s. Subprocesses inherit the variable.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -89,6 +92,10 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(os.environ["SIMSEARCH_COMPILED_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ projections) is the subclass's business: `hf_vit.py` (transformers) and `timm_vi
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from dataclasses import dataclass
 
@@ -29,6 +30,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Descriptor settings for a ViT of n blocks that no preset overrides (see DescriptorConfig).
 DESCRIPTOR_DEFAULTS = dict(image_size=224, content_pooling="cls", content_layer=None, style_layer=4, dense_layer=9)
+
+
+def vit_preprocess(img: Image.Image, size: int) -> torch.Tensor:
+    """The whole image resized to a square (no crop: nothing near the border is lost and every image
+    of a batch has the same grid), ImageNet-normalised. -> (3, size, size)"""
+    img = img.resize((size, size), Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
 @dataclass
@@ -87,7 +96,7 @@ class ViTBackbone(Backbone):
         h, w = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)  # (B, h*w, C)
         pos = self.patch_positions()  # (1, n, C) on a square grid
-        side = round(pos.shape[1] ** 0.5)
+        side = math.isqrt(int(pos.shape[1]))  # int(): a constant when traced (backbones.compiled)
         if (h, w) != (side, side):
             pos = pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
             # Interpolate in float32: bicubic in half precision shifts the embeddings.
@@ -114,11 +123,7 @@ class ViTBackbone(Backbone):
 
     # -- the Backbone interface -----------------------------------------------------------------
     def preprocess(self, img: Image.Image, size: int) -> torch.Tensor:
-        """The whole image resized to a square (no crop: nothing near the border is lost and every
-        image of a batch has the same grid), ImageNet-normalised."""
-        img = img.resize((size, size), Image.Resampling.BICUBIC)
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        return vit_preprocess(img, size)
 
     def check_layer(self, layer: Layer, kind: str, role: str) -> None:
         # features of block n are the final normed tokens; a source feeds block l's attention, so l < n

@@ -7,6 +7,7 @@ Anything a user controls (paths, reasons, filters, error messages) reaches rich 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -70,11 +71,19 @@ def note(message: str) -> None:
 
 
 def quiet_libraries() -> None:
+    """No progress bars or info logs from transformers / the hub: both read these when they load, so
+    setting them here does not import transformers (a cold query may never need it)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    import transformers
+    if "huggingface_hub" in sys.modules:  # already loaded (a Python caller): switch them off directly
+        from huggingface_hub.utils import disable_progress_bars
 
-    transformers.utils.logging.disable_progress_bar()
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
 
 
 def progress_callbacks(progress, label: str):

@@ -84,6 +84,7 @@ class SearchService:
         self.index.info()  # refuses a missing database
         with self.model_lock:
             self.index.embed_image(Image.new("RGB", (self.index.conf.image_size,) * 2, "gray"))
+            self.index.embedder.backbone  # reranking and match pictures need the model itself, not only the query graph
         self.index.refresh_ann()
 
     # -- searches ----------------------------------------------------------------------------
