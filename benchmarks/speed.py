@@ -5,7 +5,7 @@ section) and speed.md (rendered from the whole JSON); --out-dir defaults to benc
     python benchmarks/speed.py throughput [-n 512] [--batch-size 16] [--repeats 2]
     python benchmarks/speed.py stages     [--images 128]    # CPU ms per image of each stage
     python benchmarks/speed.py latency    [--sizes 1000 10000] [--queries 50]
-    python benchmarks/speed.py cold       [--runs 5]        # needs the 1k db made by `latency`
+    python benchmarks/speed.py cold       [--runs 5]        # the 1k db made by `latency`, else examples/images
     python benchmarks/speed.py memory     [-n 10000] [--side 160]
     python benchmarks/speed.py all                          # the five above, in this order
     python benchmarks/speed.py render                       # speed.md from speed.json only
@@ -475,20 +475,17 @@ import typer, rich; mark("import typer+rich")
 import simsearch.cli; mark("import simsearch.cli")
 import numpy; mark("import numpy")
 import torch; mark("import torch")
-import transformers; mark("import transformers")
-import lancedb, pyarrow; mark("import lancedb+pyarrow")
+import lance, pyarrow; mark("import lance+pyarrow (the store's reads)")
 import faiss; mark("import faiss")
 from simsearch.index import Index; mark("import simsearch.index (+PIL, rest)")
-transformers.utils.logging.set_verbosity_error(); mark("quiet transformers")
-idx = Index(sys.argv[1], device="cpu"); mark("Index(db) open (lance connect, schema, config check)")
+idx = Index(sys.argv[1], device="cpu"); mark("Index(db) open (schema, config check)")
 n = idx.count(); mark("count rows")
-transformers.Dinov2Model; mark("import transformers' Dinov2Model module (lazy import)")
-idx.embedder; mark("load the model (resolve weights, from_pretrained, fingerprint, weights check)")
+idx.embedder; mark("load the query graph (backbones.compiled; the model itself if none is cached)")
 e = idx.embed_image(sys.argv[2]); mark("embed query (decode + first forward, batch 1)")
 e = idx.embed_image(sys.argv[2]); mark("embed query again (warm forward)")
 vi = idx.vector_index("content"); mark("load FAISS index (+table version check)")
 hits = idx.search_vector(e.content[0], 10, "content"); mark("search_vector (FAISS + lance rows)")
-print(json.dumps(T))
+print(json.dumps({"steps": T, "loaded": sorted(m for m in ("transformers", "lancedb", "timm") if m in sys.modules)}))
 """
 
 
@@ -528,40 +525,67 @@ def importtime_top(cmd: list[str], top: int = 12) -> dict:
             "self_ms_by_subpackage": {k: round(v, 1) for k, v in top_self.items()}}
 
 
-def cmd_cold(args) -> dict:
+def cold_db(args, env) -> tuple[Path, Path, str]:
+    """The synthetic table `latency` made, else a database of examples/images (the cold start reads a
+    few rows whatever the size: the graph, FAISS file and schema dominate). -> (db, query, what)"""
     work = Path(args.work)
     db = work / f"syn{args.size}.db"
+    if db.exists():
+        return db, sorted((work / f"queries{args.queries}").rglob("*.jpg"))[0], f"{args.size}-row synthetic table (see latency)"
+    repo = Path(__file__).resolve().parent.parent
+    db = work / "examples.db"
     if not db.exists():
-        raise SystemExit(f"{db} missing: run `python benchmarks/speed.py latency` first")
-    qfolder = work / f"queries{args.queries}"
-    query = sorted(qfolder.rglob("*.jpg"))[0]
+        exe = shutil.which("simsearch") or str(Path(sys.executable).parent / "simsearch")
+        subprocess.run([exe, "index", str(repo / "examples" / "images"), "--db", str(db)], check=True, capture_output=True, env=env)
+    return db, repo / "examples" / "queries" / "cat_crop.jpg", "examples/images (12 rows), indexed by `simsearch index`"
+
+
+def paired_ratio(cmd_a: list[str], cmd_b: list[str], runs: int, env) -> dict:
+    """Whole-process wall times of A and B run in turn, and the median of the per-pair ratios A/B
+    (pairing keeps the ratio honest when the machine's speed drifts)."""
+    a, b = run_wall(cmd_a, 1, env), run_wall(cmd_b, 1, env)  # warm the page cache
+    walls_a, walls_b = [], []
+    for _ in range(runs):
+        walls_a += run_wall(cmd_a, 1, env)["runs"]
+        walls_b += run_wall(cmd_b, 1, env)["runs"]
+    ratios = [x / y for x, y in zip(walls_a, walls_b)]
+    return {"a_median_s": statistics.median(walls_a), "b_median_s": statistics.median(walls_b),
+            "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "a_runs": walls_a, "b_runs": walls_b, "load": loadavg()}
+
+
+def cmd_cold(args) -> dict:
+    env = {**os.environ}
+    env.pop("SIMSEARCH_DB", None)
+    db, query, what = cold_db(args, env)
     exe = shutil.which("simsearch") or str(Path(sys.executable).parent / "simsearch")
-    env = {**os.environ, "SIMSEARCH_DB": ""}
-    env.pop("SIMSEARCH_DB")
-    subprocess.run([exe, "query", str(query), "--db", str(db), "-k", "10"], capture_output=True, env=env)  # page cache
+    query_cmd = [exe, "query", str(query), "--db", str(db), "-k", "10"]
+    subprocess.run(query_cmd, capture_output=True, env=env)  # page cache; a missing query graph is not written by queries
     result = {
         "command": command_line(),
         "note": "fresh process each run (page cache warm: files were read before); wall time of the whole subprocess",
-        "db": f"{args.size}-row synthetic table (see latency)",
+        "db": what,
         "python_startup": run_wall([sys.executable, "-c", "pass"], args.runs, env),
         "help": run_wall([exe, "--help"], args.runs, env),
-        "query": run_wall([exe, "query", str(query), "--db", str(db), "-k", "10"], args.runs, env),
+        "query": run_wall(query_cmd, args.runs, env),
+        "query_vs_torch": paired_ratio(query_cmd, [sys.executable, "-c", "import torch"], args.runs, env),
         "importtime_help": importtime_top(["-c", "import sys; sys.argv=['simsearch','--help']; "
                                                 "from simsearch.cli import main; main()"]),
+        "importtime_query_modules": importtime_top(["-c", f"import sys; sys.argv={query_cmd!r}; "
+                                                          "from simsearch.cli import main; main()"]),
     }
-    # importtime of the heavy modules a query needs, in the order the query path pulls them
-    result["importtime_query_modules"] = importtime_top(["-c", "import simsearch.cli, simsearch.index, torch, "
-                                                               "transformers, lancedb, faiss; "
-                                                               "transformers.Dinov2Model"])
-    steps = []
+    steps, loaded = [], set()
     for _ in range(args.breakdown_runs):
         proc = subprocess.run([sys.executable, "-c", BREAKDOWN, str(db), str(query)], capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise SystemExit(proc.stderr[-3000:])
-        steps.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        steps.append(out["steps"])
+        loaded |= set(out["loaded"])
     result["breakdown_median_s"] = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
     result["breakdown_runs"] = args.breakdown_runs
-    log.info(json.dumps({k: result[k] for k in ("help", "query")}, indent=1))
+    result["breakdown_loaded"] = sorted(loaded)
+    log.info(json.dumps({k: result[k] for k in ("help", "query", "query_vs_torch")}, indent=1))
     for k, v in result["breakdown_median_s"].items():
         log.info(f"  {v * 1000:8.1f} ms  {k}")
     update_results(args, "cold_start", result)
@@ -768,15 +792,21 @@ def render(R: dict) -> str:
             s = cs[key]
             L.append(f"| {label} | {s['median_s']:.2f} | {s['min_s']:.2f} | {s['max_s']:.2f} | "
                      f"{s['load_before']:.2f}→{s['load_after']:.2f} |")
+        if r := cs.get("query_vs_torch"):
+            L += ["", f"Query vs `python -c 'import torch'`, run in turn ({len(r['a_runs'])} pairs): query {r['a_median_s']:.2f} s, "
+                  f"torch {r['b_median_s']:.2f} s, ratio **{r['ratio_median']:.2f}x** (min {r['ratio_min']:.2f}, max "
+                  f"{r['ratio_max']:.2f}; target <= 1.7x); load {r['load']:.2f}."]
         L += ["", f"Breakdown of a query's cold start (steps timed in a fresh process, median of {cs['breakdown_runs']}):", "",
               "| step | ms |", "|---|---|"]
         for k, v in cs["breakdown_median_s"].items():
             L.append(f"| {k} | {v * 1000:.0f} |")
+        if "breakdown_loaded" in cs:
+            L += ["", "Of transformers, lancedb and timm, the query process loaded: " + (", ".join(cs["breakdown_loaded"]) or "none") + "."]
         it = cs["importtime_help"]
         L += ["", f"`python -X importtime` of `simsearch --help`: {it['total_import_ms']:.0f} ms of imports; top level: " +
               ", ".join(f"{k} {v:.0f}" for k, v in it["top_level_cumulative_ms"].items()) + " (ms, cumulative).", ""]
         it = cs["importtime_query_modules"]
-        L += [f"Imports a query needs (simsearch.cli, simsearch.index, torch, transformers + Dinov2Model, lancedb, faiss): "
+        L += [f"`python -X importtime` of the query itself: "
               f"{it['total_import_ms']:.0f} ms; " +
               ", ".join(f"{k} {v:.0f}" for k, v in it["top_level_cumulative_ms"].items()) + " (ms, cumulative)."]
         if "self_ms_by_subpackage" in it:
