@@ -44,7 +44,7 @@ import numpy as np
 from .store import ImageStore
 
 IVF_THRESHOLD = 50_000  # below this an exact search over all vectors is fast enough (< 10 ms at 10k x 384)
-NPROBE = 16  # IVF lists searched per query
+NPROBE: int | None = None  # IVF lists searched per query; None: by the number of lists (`probes`)
 NLIST_PER_SQRT = 4.0  # nlist = NLIST_PER_SQRT * sqrt(n): 4,000 lists at 1M rows
 PROBE_FRACTION = 25  # default nprobe: this fraction of the lists (benchmarks/results/scale.md)
 TRAIN_PER_LIST = 64  # k-means sample: this many vectors per list (FAISS wants >= 39)

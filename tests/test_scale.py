@@ -142,6 +142,16 @@ def test_retrain_reason_by_error():
     assert vi.retrain_reason(1000).startswith("drift")
 
 
+def test_default_nprobe_follows_the_lists(synth):
+    """Unless told otherwise an IVF index probes 1 in PROBE_FRACTION of its lists (at least 16)."""
+    idx, put = synth
+    put(names("a", 3000), vectors(3000, seed=0))
+    vi = Index(idx.root, ivf_threshold=1000).vector_index("content")
+    assert vi.kind == "ivf" and vi.nprobe is None
+    assert vi.probes == max(16, -(-vi.nlist // ann.PROBE_FRACTION)) < vi.nlist
+    assert Index(idx.root, ivf_threshold=1000, nprobe=3).vector_index("content").probes == 3
+
+
 def test_single_query_splits_a_large_scan_over_threads(monkeypatch):
     """A lone query that scans many IVF lists runs them on every FAISS thread (parallel_mode 1) and finds
     what the batched search finds; the thread setting is restored afterwards."""
