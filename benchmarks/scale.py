@@ -135,11 +135,17 @@ def bench_ann(args) -> None:
     def measure(name: str, index, build_s: float, param: str = "", mem: int | None = None):
         _, got = index.search(xq, 10)
         recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, truth)]))
-        faiss.omp_set_num_threads(1)  # single queries run on one thread in the library (ann.PARALLEL_QUERIES)
+        faiss.omp_set_num_threads(1)  # a small scan: one thread per single query, as the library (ann.PARALLEL_QUERIES)
         ms = timed_queries(lambda q: index.search(q[None], 10), latency_q)
         faiss.omp_set_num_threads(2)
         row = {"kind": name, "param": param, "recall@10": round(recall, 4), "ms_p50": round(pct(ms, 50), 3),
                "ms_p95": round(pct(ms, 95), 3), "build_s": round(build_s, 1), "memory_mb": mem, "load": loadavg()}
+        if "IVF" in name:  # a large scan: the probed lists split over both threads (ann.SPLIT_SCAN)
+            ivf = faiss.extract_index_ivf(index)
+            ivf.parallel_mode = 1
+            ms = timed_queries(lambda q: index.search(q[None], 10), latency_q)
+            ivf.parallel_mode = 0
+            row |= {"ms_p50_split": round(pct(ms, 50), 3), "ms_p95_split": round(pct(ms, 95), 3)}
         results.append(row)
         print(row, flush=True)
 
@@ -171,7 +177,7 @@ def bench_ann(args) -> None:
             measure(f"HNSW32 ({args.hnsw} rows)", index, build, f"efSearch={ef}")
         truth = truth_saved
     update("ann", {"rows": n, "queries": args.queries, "latency_queries": args.latency_queries,
-                   "faiss_threads": "2 for the batched recall, 1 per single query (as the library)", "data": source_info(s), "results": results})
+                   "faiss_threads": "2 for the batched recall; per single query 1 thread, and for IVF also the probed lists split over 2 threads (FAISS parallel_mode 1, as the library does once a query scans ann.SPLIT_SCAN vectors)", "data": source_info(s), "results": results})
 
 
 # -- 2. growth: databases at 10k/100k/1M, row fetch, +1,000 rows -----------------------------------
@@ -181,7 +187,7 @@ def build_db(s: Synth, db: Path, n: int, conf: dict) -> float:
 
     t = time.perf_counter()
     store = ImageStore(db)
-    store.create({"config": conf, "weights": "synthetic", "dense_shape": [1, 1]}, 384, 768)
+    store.create({"config": conf, "weights": "synthetic", "dense_shape": [1, 1]}, s.content.shape[1], s.style.shape[1])
     for a in range(0, n, 50_000):
         b = min(n, a + 50_000)
         store.put(rows_table(s, a, b))
@@ -211,6 +217,7 @@ def rows_table(s: Synth, a: int, b: int, prefix: str = "/synthetic"):
 def bench_growth(args) -> None:
     from simsearch import Index, ann
     from simsearch.embedder import DescriptorConfig
+    from simsearch.store import ImageStore
 
     s = Synth()
     conf = DescriptorConfig.for_model().to_dict()
@@ -221,6 +228,11 @@ def bench_growth(args) -> None:
         row = {"rows": n}
         if not (db / "images.lance").exists():
             row["build_db_s"] = round(build_db(s, db, n, conf), 1)
+        width = ImageStore(db).schema.field("style").type.list_size
+        if width != s.style.shape[1]:  # a table built when the style vector was narrower: new rows match it
+            s.style = unit(s.style[:, :width])
+            s.nn["style"] = median_nn(s.style)
+        row["style_dim"] = width
         shutil.rmtree(db / "ann", ignore_errors=True)
         idx = Index(db)
         t = time.perf_counter()
@@ -253,7 +265,7 @@ def bench_growth(args) -> None:
         row["load"] = loadavg()
         print(row, flush=True)
         out.append(row)
-    update("growth", {"queries": len(xq), "ivf_threshold": ann.IVF_THRESHOLD, "nprobe": ann.NPROBE,
+    update("growth", {"queries": len(xq), "ivf_threshold": ann.IVF_THRESHOLD, "nprobe": ann.NPROBE or f"max(16, nlist / {ann.PROBE_FRACTION})",
                       "data": source_info(s), "results": out})
 
 
@@ -440,6 +452,10 @@ def bench_ray(args) -> None:
 
 
 # -- render ----------------------------------------------------------------------------------------
+def _ms(x: float | None) -> str:
+    return "" if x is None else f"{x:.2f}"
+
+
 def render() -> None:
     path = RESULTS / "scale.json"
     if not path.exists():
@@ -450,7 +466,7 @@ def render() -> None:
              f"Machine: {m.get('cpu_model')}, {m.get('affinity')} cores, {m.get('mem_gib')} GiB, torch {m.get('torch')}. "
              "Shared with other jobs: every timing lists the 1-minute load average.", "",
              "Commands: `python benchmarks/scale_data.py` (once), then `python benchmarks/scale.py ann|growth|codec|rerank|ray` "
-             "under `nice -n 10`, `OMP_NUM_THREADS=2`.", ""]
+             "with `OMP_NUM_THREADS=2` (ann and growth also `OMP_WAIT_POLICY=PASSIVE`, as the CLI sets it, and no `nice`).", ""]
     if "ann" in r:
         a = r["ann"]
         d = a["data"]
@@ -460,8 +476,10 @@ def render() -> None:
                   f"nearest-neighbour distance between sources ({d['median_nn_distance']['content']:.3f}). {a['queries']} queries "
                   f"(fresh noise), recall@10 against exact search; latency one query at a time over {a['latency_queries']} queries, "
                   f"FAISS threads: {a['faiss_threads']}.", "",
-                  "| index | parameter | recall@10 | ms/query p50 | p95 | build s | load |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {x['kind']} | {x['param']} | {x['recall@10']:.4f} | {x['ms_p50']:.2f} | {x['ms_p95']:.2f} | {x['build_s']} | {x['load']:.1f} |"
+                  "| index | parameter | recall@10 | 1 thread ms p50 | p95 | lists split over 2 threads ms p50 | p95 | build s | load |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {x['kind']} | {x['param']} | {x['recall@10']:.4f} | {x['ms_p50']:.2f} | {x['ms_p95']:.2f} | "
+                  f"{_ms(x.get('ms_p50_split'))} | {_ms(x.get('ms_p95_split'))} | {x['build_s']} | {x['load']:.1f} |"
                   for x in a["results"]]
         lines.append("")
     if "growth" in r:
@@ -475,14 +493,8 @@ def render() -> None:
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {x['rows']:,} | {x['kind']} {x['nlist'] or ''} | {x['faiss_ms_p50']} | {x['search_with_fetch_ms_p50']} | {x['fetch_ms_p50']} | "
                   f"{x['add_1000_put_s']} | {x['add_1000_compact_s']} | {x['add_1000_ann_s']} | {x['add_1000_total_s']} | {x['full_rebuild_s']} | "
-                  f"{x['disk_bytes_per_row']:,} | {x['load']} |" for x in g["results"]]
+                  f"{x['disk_bytes_per_row']:,} | {x['load']:.1f} |" for x in g["results"]]
         lines.append("")
-    if "add_1000_deferred" in r:
-        a = r["add_1000_deferred"]
-        lines += [f"After deferring Lance's optimize (`ImageStore.compact`, OPTIMIZE_ROWS), the same +1,000 rows on the "
-                  f"{a['rows_before']:,}-row database: put {a['put_s']} s, compact {a['compact_s']} s, FAISS catch-up {a['ann_s']} s "
-                  f"(no retraining); then search + fetch p50 {a['search_with_fetch_ms_p50']} ms of which FAISS {a['faiss_ms_p50']} ms "
-                  f"(default nprobe now max(16, nlist/12) = 84, one FAISS thread per query; load {a['load']}).", ""]
     for section in ("codec", "rerank", "ray"):
         if section in r and "markdown" in r[section]:
             lines += r[section]["markdown"] + [""]
@@ -492,24 +504,34 @@ def render() -> None:
 
 NOTES = """## Reading these numbers
 
-- The machine: 2 cores shared with other sessions' benchmarks; load averages of 6-15 during these runs
+- The machine: 2 cores shared with other sessions' benchmarks; load averages of 6-15 during the codec, rerank and ray runs
   (2.0 = both cores busy). Wall-clock latencies are several times what an idle machine gives; the CPU ms
   (rerank table) and the relative numbers (recall, catch-up vs rebuild, bytes) are the robust ones.
-- Sources: 10,000 distinct images (the ANN table; the growth, codec and rerank sections were measured
+- Sources: 10,000 distinct images (the ANN and growth tables; the codec and rerank sections were measured
   earlier on the first 5,000). With noise 1x the nearest-neighbour distance 94% of a query's true top 10
   were copies of its own source and IVF found all of them at nprobe 4; at 3x, 37% (200k-row check),
   which is the set used.
-- The ANN table was measured on a quiet machine (load ~1.8) with one FAISS thread per single query, as
-  the library runs them (`ann.PARALLEL_QUERIES`; under load two threads turned 1.1 ms into 36 ms at 10k
-  rows). The library's default at 1M rows (about 1,000 lists, nprobe max(16, nlist / 12) = 84) reaches
-  recall@10 0.975 at 13 ms. No kind reaches 0.95 within 5 ms on one thread here: IVF4096,Flat at
-  nprobe 128 is 0.957 at 5.7 ms (4,000 lists with nprobe nlist / 32 would be the faster default, at
-  77 s instead of 12 s of training at 1M), IVF4096,SQ8 0.944 at 4.0 ms. HNSW32 (no removal by key, so
-  not the incremental default) reached 0.90 at efSearch 128 on 100k rows.
-- +1,000 rows at 1M: the write (0.7 s) and the FAISS catch-up (0.5 s, both columns, no retraining) are
-  proportional to the 1,000; a full FAISS rebuild took 294 s. The `compact` step then ran Lance's
-  `optimize` every time (29 s at 1M: its compaction merges fragments up to 1M rows, rewriting payload);
-  it now runs once 100k rows (or 10%) are unindexed or 64 fragments exist (0.01 s otherwise, line above).
+- The ANN table was measured on a quiet machine (load ~1.9, the benchmark alone on its 2 cores). The
+  library's default at 1M rows, 4,000 lists (4 sqrt(n)) probed 1 in 25 (nprobe 160), reaches recall@10
+  0.969 in 4.4 ms p50 (5.0 p95) with the probed lists split over both cores, 7.3 ms on one; the previous
+  default, 1,000 lists, needed 13 ms for 0.975 on one core (7.4 split). IVF4000,SQ8 (a quarter of the
+  memory) reaches 0.951 at nprobe 128 in 2.3 ms split. HNSW32 (no removal by key, so not the incremental
+  default) reached 0.90 at efSearch 128 on 100k rows. Training 4,000 lists on 256k samples takes 77 s at
+  1M (9 s for 1,000); it happens only when the retrain rule asks for it.
+- Splitting a lone query over threads is worth it only when the machine is not already busy: during
+  an earlier run of this table beside other jobs (load 2.5 on 2 cores, the benchmark under `nice`), the
+  split latencies rose to 24-35 ms while one thread stayed at 2-3 ms. The library splits only scans of
+  `ann.SPLIT_SCAN` (20,000) vectors or more; `OMP_NUM_THREADS=1` keeps every query on one core.
+- +1,000 rows at 1M (growth table, quiet machine): put 0.2 s, compact 0.01 s, FAISS catch-up 0.19 s (both
+  columns, no retraining) = 0.39 s, against 248 s for a full rebuild of both indexes (4,000 lists each):
+  proportional to the 1,000. Lance's `optimize` runs only once 100k rows (or 10%) are unindexed or 64
+  fragments exist (it merges fragments up to 1M rows: 29 s at 1M when it ran on every index run).
+- Search with row fetch (`Index.search_vector`: FAISS, then path and id by key through the BTREE index,
+  read with Lance): the fetch is 2.2 / 2.0 / 3.6 ms at 10k / 100k / 1M rows, within the 5 ms target and
+  nearly flat; the rest is FAISS (4.4 ms at 1M with the default nprobe 160). The earlier table (10 / 21 /
+  23.5 ms) ran at load 6-14 through LanceDB's client.
+- The growth tables keep the style width they were built with (768, the previous style default): new
+  rows take the first 768 numbers of the sources' style vectors, so the 1M table stays 32 KB a row.
 - The rerank table's `pca` row was measured with the first decoder (2.1 s per 50 images); the codec table
   has the current one (136 ms per 50 images, most of it the PCA back-rotation), so query + aas on `pca`
   now costs about the raw format's CPU time plus ~0.1 s.

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import QUERIES, REPO, TINY
+from conftest import QUERIES, REPO, TINY, save_tiny_timm
 from simsearch.backbones import compiled
 from simsearch.embedder import DescriptorConfig, Embedder
 
@@ -26,13 +26,22 @@ def pixels(n: int, size: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def test_compiled_embedder_matches_the_eager_one(tiny_model):
-    eager = Embedder(tiny_conf(tiny_model))
+@pytest.fixture(params=["transformers", "timm-registers"])
+def vit_conf(request, tiny_model, tmp_path_factory) -> DescriptorConfig:
+    """Both ViT families: the tiny transformers DINOv2, and a 2-block timm DINOv2 with 4 register tokens."""
+    if request.param == "transformers":
+        return tiny_conf(tiny_model)
+    model = save_tiny_timm(tmp_path_factory.mktemp("timm") / "reg", "vit_small_patch14_reg4_dinov2")
+    return DescriptorConfig.for_model(str(model), image_size=56, content_layer=2, style_layer=1, dense_layer=1)
+
+
+def test_compiled_embedder_matches_the_eager_one(vit_conf):
+    eager = Embedder(vit_conf)
     assert eager.compiled is None or compiled.cache_path(eager.conf).is_file()
     assert eager.compile() and compiled.cache_path(eager.conf).is_file()
-    cold = Embedder(tiny_conf(tiny_model))
+    cold = Embedder(vit_conf)
     assert cold.compiled is not None and cold._backbone is None  # nothing but torch was needed
-    x = pixels(3, TINY["image_size"])  # traced on one image, run on three
+    x = pixels(3, vit_conf.image_size)  # traced on one image, run on three
     want, got = eager.backbone.tokens(x, eager.wanted), cold.tokens(x)
     assert set(got) == set(want)
     for name in want:
@@ -52,7 +61,8 @@ def test_other_sizes_load_the_backbone(tiny_model):
     assert emb._backbone is not None and out["dense"].shape[1] == 1 + 2 * 2
 
 
-def test_new_weights_miss_the_cache(tiny_model, tmp_path):
+def test_new_weights_miss_the_cache_and_unused_graphs_go(tiny_model, tmp_path):
+    """New weights (mtime) give a new key; writing their graph deletes graphs unused for UNUSED_DAYS."""
     model = shutil.copytree(tiny_model, tmp_path / "model")
     conf = tiny_conf(model)
     Embedder(conf).compile()
@@ -62,6 +72,10 @@ def test_new_weights_miss_the_cache(tiny_model, tmp_path):
     after = compiled.cache_path(conf)
     assert before.is_file() and after != before and not after.exists()
     assert Embedder(conf).compiled is None
+    month = 86400 * (compiled.UNUSED_DAYS + 1)
+    os.utime(before, (before.stat().st_atime - month, before.stat().st_mtime - month))
+    Embedder(conf).compile()
+    assert after.is_file() and not before.exists()
 
 
 def test_a_damaged_graph_counts_as_absent(tiny_model, tmp_path):

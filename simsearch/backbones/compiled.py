@@ -10,6 +10,8 @@ torch alone in about 0.2 s.
   `<key>.pt`.
 - The key covers the descriptor configuration, the weight files' (path, size, mtime) and the torch
   version: new weights or a new torch miss the cache instead of reading a stale graph.
+- A load marks the graph used (mtime); writing a graph deletes those unused for UNUSED_DAYS (old weights,
+  old torch versions).
 - Only ViT families with local weights (the embedded model, a folder) are compiled; hub ids, Stable
   Diffusion and CUDA run the eager backbone. A graph torch can no longer read counts as absent.
 """
@@ -20,6 +22,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
     from .base import Backbone
 
 FORMAT = 1
+UNUSED_DAYS = 30  # a graph no query has loaded for this long is deleted when another one is written
 COMPILED_FAMILIES = ("hf-vit", "timm-vit")
 META = "simsearch.json"
 
@@ -120,6 +124,7 @@ class CompiledTokens:
             with _quiet():
                 graph = torch.jit.load(str(path), map_location="cpu", _extra_files=meta)
             m = json.loads(meta[META])
+            os.utime(path)  # used: kept by the cleanup in compile_tokens
             return cls(graph.eval(), tuple(m["names"]), m["size"], m["prefix_tokens"], m["fingerprint"])
         except (OSError, RuntimeError, ValueError, KeyError, AttributeError):
             return None
@@ -148,4 +153,8 @@ def compile_tokens(backbone: "Backbone", wanted: dict, size: int, path: Path) ->
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+    cutoff = time.time() - UNUSED_DAYS * 86400
+    for old in path.parent.glob("*.pt"):
+        if old != path and old.stat().st_mtime < cutoff:
+            old.unlink(missing_ok=True)
     return found
