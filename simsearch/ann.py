@@ -53,6 +53,7 @@ EXACT_FILTER_ROWS = 4096  # a --where set this small is scored exactly from its 
 DRIFT_MIN_ROWS = 1000
 DRIFT_RATIO = 1.2
 MERGE_FRACTION = 0.25
+BUSY_WAIT_S = 0.2  # how long a query waits for a writer's lock before answering from the index it has
 MAX_DELTAS = 32
 # Fewer queries than this run FAISS on one thread: OpenMP's fork/join for a single query cost 36 ms
 # instead of 1 ms at 10k rows on a busy 2-core machine (benchmarks/results/speed.md, scale.md)...
@@ -328,13 +329,18 @@ def _fresh(vi: "VectorIndex | None", store: ImageStore, column: str) -> bool:
 
 
 def load_fresh(store: ImageStore, column: str, ivf_threshold: int = IVF_THRESHOLD,
-               current: VectorIndex | None = None) -> tuple[VectorIndex, bool]:
+               current: VectorIndex | None = None, wait: bool = True) -> tuple[VectorIndex, bool]:
     """The index for `column` at the table's version -> (index, rebuilt in full).
 
     `current` is this process's copy, if any. A stale index catches up with the rows logged since
     its version and saves them as a delta; it is rebuilt in full only when missing, damaged, of
-    another table, older than the log, or due for retraining."""
-    from filelock import FileLock
+    another table, older than the log, or due for retraining.
+
+    Catching up needs a moment between two of a writer's commits (the store's lock). A reader that
+    does not `wait` gets the index as it is (consistent at its own, older version) when an index run
+    holds the lock for more than BUSY_WAIT_S: a writer that commits back to back would otherwise keep
+    a query waiting for the whole run. It catches up on a later call."""
+    from filelock import FileLock, Timeout
 
     path = index_path(store, column)
     if _fresh(current, store, column):
@@ -345,7 +351,12 @@ def load_fresh(store: ImageStore, column: str, ivf_threshold: int = IVF_THRESHOL
         vi = VectorIndex.load(path, current)
         if _fresh(vi, store, column):
             return vi, False
-        version = store.stable_version()  # read before the rows: later changes are logged after it
+        try:  # read before the rows: later changes are logged after it
+            version = store.stable_version(timeout=None if wait else BUSY_WAIT_S)
+        except Timeout:
+            if _compatible(vi, store, column):
+                return vi, False
+            version = store.stable_version()  # nothing to answer from yet
         changed = store.changed_since(vi.table_version) if _compatible(vi, store, column) else None
         if changed is not None:
             keys, vectors = store.vectors_of(changed, column)

@@ -166,14 +166,15 @@ class Index:
         return {column: self._load_ann(column) for column in VECTOR_COLUMNS}
 
     def vector_index(self, mode: str) -> ann.VectorIndex:
-        """The FAISS index of `mode` ("content" or "style"), brought up to the table's version."""
+        """The FAISS index of `mode` ("content" or "style"), brought up to the table's version (while an index
+        run holds the write lock, the last consistent one: see ann.load_fresh)."""
         current = self._ann.get(mode)
         if current is None or current.table_version != self.store.version:
-            self._load_ann(mode)
+            self._load_ann(mode, wait=False)  # during an index run: the last consistent index (ann.load_fresh)
         return self._ann[mode]
 
-    def _load_ann(self, mode: str) -> bool:
-        self._ann[mode], rebuilt = ann.load_fresh(self.store, mode, self.ivf_threshold, self._ann.get(mode))
+    def _load_ann(self, mode: str, wait: bool = True) -> bool:
+        self._ann[mode], rebuilt = ann.load_fresh(self.store, mode, self.ivf_threshold, self._ann.get(mode), wait)
         self._ann[mode].nprobe = self.nprobe
         return rebuilt
 

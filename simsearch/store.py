@@ -339,10 +339,11 @@ class ImageStore:
     def version(self) -> int:
         return int(self.reader().version)
 
-    def stable_version(self) -> int:
+    def stable_version(self, timeout: float | None = None) -> int:
         """The payload version at a write-section boundary: everything logged before it is committed,
-        and every later change is logged with seq >= it."""
-        with self.lock:
+        and every later change is logged with seq >= it. filelock.Timeout when a writer holds the lock
+        longer than `timeout` seconds (None: LOCK_TIMEOUT_S)."""
+        with self.lock.acquire(timeout=timeout):
             self.refresh()
             return self.version
 

@@ -142,6 +142,33 @@ def test_retrain_reason_by_error():
     assert vi.retrain_reason(1000).startswith("drift")
 
 
+def test_a_query_does_not_wait_for_a_busy_writer(synth):
+    """While another process holds the write lock (an index run committing back to back), a query
+    answers from the last consistent index instead of waiting for the lock; once the lock is free the
+    next query catches up with what was committed."""
+    import subprocess
+    import sys
+
+    idx, put = synth
+    first = vectors(1500, seed=0)
+    put(names("a", 1500), first)
+    assert idx.vector_index("content").ntotal == 1500
+    later = vectors(10, seed=9)
+    put(names("b", 10), later)  # committed, not yet in the index
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+                               f"lock = FileLock({str(idx.root / '.simsearch.lock')!r}); lock.acquire(); print('held', flush=True); "
+                               "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        stale = idx.vector_index("content")
+        assert stale.ntotal == 1500 and stale.table_version < idx.store.version
+        assert idx.search_vector(first[0], 1)[0].path == "/data/a/00000.png"
+    finally:
+        holder.communicate("")
+    assert idx.vector_index("content").ntotal == 1510
+    assert idx.search_vector(later[0], 1)[0].path == "/data/b/00000.png"
+
+
 def test_default_nprobe_follows_the_lists(synth):
     """Unless told otherwise an IVF index probes 1 in PROBE_FRACTION of its lists (at least 16)."""
     idx, put = synth
