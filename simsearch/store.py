@@ -484,18 +484,22 @@ class ImageStore:
         return len(orphans)
 
     def compact(self, full: bool = False) -> None:
-        """Once enough has accumulated (or `full`): merge the small fragments left by batched writes,
-        fold new rows into the scalar indexes and delete versions older than `keep_versions`.
+        """Delete versions older than `keep_versions` (every call), and once enough has accumulated
+        (or `full`) merge the small fragments left by batched writes and fold new rows into the
+        scalar indexes.
 
         Lance's optimize merges fragments up to a million rows, so at 1M rows it rewrote ~18 s of
         payload to fold in 1,000 new rows. Deferred until OPTIMIZE_ROWS (or OPTIMIZE_FRACTION of the
         table) rows are unindexed or MAX_FRAGMENTS fragments exist, its cost per row stays bounded;
-        until then reads stay correct, scanning the few unindexed fragments beside the index."""
+        until then reads stay correct, scanning the few unindexed fragments beside the index. The
+        version cleanup is not deferred with it: it only deletes files no kept version refers to."""
         with self.lock:
             self.ensure_indexes()
-            for table in (self.table, self.catalog, self.changes):
+            for name, table in ((TABLE, self.table), (CATALOG, self.catalog), (CHANGES, self.changes)):
                 if full or _needs_optimize(table):
                     table.optimize(cleanup_older_than=self.keep_versions)
+                else:
+                    self.reader(name).cleanup_old_versions(older_than=self.keep_versions)
 
 
 def _needs_optimize(table) -> bool:
