@@ -28,7 +28,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from speed import loadavg, machine_info, pct  # noqa: E402
+from common import loadavg, machine_info  # noqa: E402
+from common import percentile as pct  # noqa: E402
 
 RESULTS = HERE / "results"
 NOISE = 0.02  # per-dimension noise on unit vectors of 384-768 dims: replicas stay near, never equal
