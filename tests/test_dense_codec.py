@@ -46,6 +46,35 @@ def test_round_trip_any_shape(shape):
         codec.decode([blobs[0][:-1]])
 
 
+def reference_decode(codec: quant.DenseCodec, blob: bytes) -> np.ndarray:
+    """The format read one bit at a time: per token, each component's b bits most significant first,
+    then float16 (mean, std) per token."""
+    t, c = codec.tokens, codec.dim
+    code = np.frombuffer(blob[:t * codec.code_bytes], np.uint8).reshape(t, codec.code_bytes)
+    stats = np.frombuffer(blob[t * codec.code_bytes:], np.float16).reshape(t, 2).astype(np.float64)
+    out = np.zeros((t, c))
+    for i, row in enumerate(np.unpackbits(code, axis=1)):
+        z, pos = np.zeros(c), 0
+        for j, b in enumerate(codec.bits):
+            if b:
+                q = int("".join(map(str, row[pos:pos + b])), 2)
+                z[j] = (q - 2 ** (b - 1) + 0.5) * (2 * quant.CLIP / 2 ** b)
+                pos += b
+        u = (z * codec.scale) @ codec.basis.T + codec.mean
+        out[i] = u * stats[i, 1] + stats[i, 0]
+    return out
+
+
+@pytest.mark.parametrize("budget", [17 * 12, 17 * 40, 64 * 1024])  # 0-bit components; mixed widths; 8 bits everywhere
+def test_decode_reads_the_format_bit_for_bit(budget):
+    x = hidden_like(3, 17, 40, seed=3)
+    codec = quant.fit(x, budget=budget)
+    assert codec.bits.max() <= 8 and (budget > 17 * 12 or codec.bits.min() == 0)
+    blobs = [codec.encode(t) for t in x]
+    np.testing.assert_allclose(codec.decode(blobs), np.stack([reference_decode(codec, b) for b in blobs]),
+                               rtol=1e-5, atol=1e-4)
+
+
 def test_bit_allocation():
     """More bits where the variance is larger (0.5 bit per doubling), never more than 8, within the total."""
     variances = np.array([4.0 ** 6, 4.0 ** 4, 4.0 ** 3, 4.0, 1.0, 1e-6])

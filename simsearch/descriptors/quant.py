@@ -47,21 +47,12 @@ class DenseCodec:
     def nbytes(self) -> int:
         return self.tokens * (self.code_bytes + STAT_BYTES)
 
-    def _layout(self) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, int, int]]]:
-        """For each packed bit: its component and place value; and the runs of components with equal
-        bits, (first component, end, first bit, bits), which decode as one reshape and dot each."""
+    def _layout(self) -> tuple[np.ndarray, np.ndarray]:
+        """For each packed bit: its component and place value (most significant bit first)."""
         if self._layout_cache is None:
             comp = np.repeat(np.arange(self.dim), self.bits)
             place = np.concatenate([2 ** np.arange(b - 1, -1, -1) for b in self.bits if b] or [np.zeros(0, int)])
-            runs, j, bit = [], 0, 0
-            while j < self.dim:
-                end = j
-                while end < self.dim and self.bits[end] == self.bits[j]:
-                    end += 1
-                runs.append((j, end, bit, int(self.bits[j])))
-                bit += (end - j) * int(self.bits[j])
-                j = end
-            self._layout_cache = comp, place, runs
+            self._layout_cache = comp, place
         return self._layout_cache
 
     def encode(self, x: np.ndarray) -> bytes:
@@ -73,7 +64,7 @@ class DenseCodec:
         levels = 2 ** self.bits
         step = 2 * CLIP / levels
         q = np.clip(np.floor(z / step) + levels // 2, 0, levels - 1).astype(np.int64)  # unsigned, 0..levels-1
-        comp, place, _ = self._layout()
+        comp, place = self._layout()
         bits = (q[:, comp] // place) % 2
         return np.packbits(bits.astype(np.uint8), axis=1).tobytes() + stats.tobytes()
 
@@ -84,19 +75,20 @@ class DenseCodec:
                 raise ValueError(f"dense blob has {len(b)} bytes, the {self.kind} codec expects {self.nbytes}")
         n, t = len(blobs), self.tokens
         data = np.frombuffer(b"".join(blobs), np.uint8).reshape(n, -1)
-        packed = data[:, :t * self.code_bytes].reshape(n * t, self.code_bytes)
+        code = data[:, :t * self.code_bytes].reshape(n * t, self.code_bytes)
         stats = data[:, t * self.code_bytes:].copy().view(np.float16).reshape(n * t, 2).astype(np.float32)
-        bits = np.unpackbits(packed, axis=1, count=int(self.bits.sum()))
-        z = np.zeros((n * t, self.dim), np.float32)  # components given 0 bits decode to their mean
-        for first, end, start, b in self._layout()[2]:
-            if b:
-                run = bits[:, start:start + (end - first) * b].reshape(n * t, end - first, b)
-                q = np.zeros((n * t, end - first), np.uint8)
-                for i in range(b):  # most significant bit first
-                    q = (q << 1) | run[:, :, i]
-                z[:, first:end] = (q.astype(np.float32) - 2 ** (b - 1) + 0.5) * (2 * CLIP / 2 ** b)
-        u = (z * self.scale) @ self.basis.T + self.mean
-        return (u * stats[:, 1:] + stats[:, :1]).reshape(n, t, self.dim).astype(np.float32)
+        coded = np.flatnonzero(self.bits)  # components given 0 bits decode to their mean
+        bits = self.bits[coded]
+        first = np.concatenate([[0], np.cumsum(bits)[:-1]])  # where each code starts, in bits
+        # A code of b <= 8 bits starting at bit `shift` of byte i lies inside bytes i, i+1: read them as
+        # one big-endian 16-bit window, shift it down and mask (a third of the time of unpacking bits).
+        padded = np.concatenate([code, np.zeros((n * t, 1), np.uint8)], axis=1)
+        window = (padded[:, first // 8].astype(np.uint16) << 8) | padded[:, first // 8 + 1]
+        q = (window >> (16 - first % 8 - bits).astype(np.uint16)) & ((1 << bits) - 1).astype(np.uint16)
+        step = (self.scale[coded] * 2 * CLIP / 2.0 ** bits).astype(np.float32)  # component units per level
+        z = q.astype(np.float32) * step + (0.5 - 2.0 ** (bits - 1)).astype(np.float32) * step  # (NT, coded)
+        u = z @ self.basis[:, coded].T + self.mean
+        return (u * stats[:, 1:] + stats[:, :1]).reshape(n, t, self.dim).astype(np.float32, copy=False)
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
