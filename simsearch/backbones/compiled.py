@@ -24,7 +24,7 @@ import os
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -124,7 +124,8 @@ class CompiledTokens:
             with _quiet():
                 graph = torch.jit.load(str(path), map_location="cpu", _extra_files=meta)
             m = json.loads(meta[META])
-            os.utime(path)  # used: kept by the cleanup in compile_tokens
+            with suppress(OSError):  # a read-only cache still serves its graphs
+                os.utime(path)  # used: kept by the cleanup in compile_tokens
             return cls(graph.eval(), tuple(m["names"]), m["size"], m["prefix_tokens"], m["fingerprint"])
         except (OSError, RuntimeError, ValueError, KeyError, AttributeError):
             return None
