@@ -504,11 +504,11 @@ def render() -> None:
 
 NOTES = """## Reading these numbers
 
-- The machine: 2 cores shared with other sessions' benchmarks; load averages of 6-15 during the codec run
-  (2.0 = both cores busy). Wall-clock latencies are several times what an idle machine gives; the CPU ms
-  (rerank table) and the relative numbers (recall, catch-up vs rebuild, bytes) are the robust ones.
-- Sources: 10,000 distinct images (the ANN and growth tables; the codec section was measured
-  earlier on the first 5,000). With noise 1x the nearest-neighbour distance 94% of a query's true top 10
+- The machine: 2 cores that other sessions' benchmarks sometimes share; every table here was measured
+  while it was quiet (load 1-2; 2.0 = both cores busy), with its load beside it. The relative numbers
+  (recall, catch-up vs rebuild, bytes, rank agreement) are the robust ones.
+- Sources: 10,000 distinct images (the ANN and growth tables; the codec and rerank tables use real
+  hidden states of 200 and 120 tuxpaint stamps). With noise 1x the nearest-neighbour distance 94% of a query's true top 10
   were copies of its own source and IVF found all of them at nprobe 4; at 3x, 37% (200k-row check),
   which is the set used.
 - The ANN table was measured on a quiet machine (load ~1.9, the benchmark alone on its 2 cores). The
@@ -532,10 +532,10 @@ NOTES = """## Reading these numbers
   23.5 ms) ran at load 6-14 through LanceDB's client.
 - The growth tables keep the style width they were built with (768, the previous style default): new
   rows take the first 768 numbers of the sources' style vectors, so the 1M table stays 32 KB a row.
-- The rerank table (quiet machine, torch on 2 threads): `aas` on `pca` costs about 0.13 s more than on
-  float16, the codec's decode of 50 tensors (bit unpacking 66 ms, back-rotation 29 ms, per-token scale
-  13 ms). Disk per image: appending runs leave no garbage in old versions; `compact` deletes versions
-  older than the window on every call.
+- The rerank table (quiet machine, torch on 2 threads): `aas` on `pca` costs about 0.09 s more than on
+  float16: the codec's decode of 50 tensors (65 ms: reading the codes 23 ms, back-rotation ~30 ms,
+  per-token scale) and some allocator churn. Disk per image: appending runs leave no garbage in old
+  versions; `compact` deletes versions older than the window on every call.
 - Compact codec and `matches`: the mutual-match share is a count over 256 patches, so near-ties among the
   50 candidates are common; int8 (99 KB) already drops to Spearman 0.995 and same top-1 0.87, `pca`
   (64 KB) to 0.985 and 0.90. AAS keeps 0.9996 and the same top-1 in every query.
