@@ -532,10 +532,11 @@ NOTES = """## Reading these numbers
   23.5 ms) ran at load 6-14 through LanceDB's client.
 - The growth tables keep the style width they were built with (768, the previous style default): new
   rows take the first 768 numbers of the sources' style vectors, so the 1M table stays 32 KB a row.
-- The rerank table (quiet machine, torch on 2 threads): `aas` on `pca` costs about 0.09 s more than on
-  float16: the codec's decode of 50 tensors (65 ms: reading the codes 23 ms, back-rotation ~30 ms,
-  per-token scale) and some allocator churn. Disk per image: appending runs leave no garbage in old
-  versions; `compact` deletes versions older than the window on every call.
+- The rerank table (quiet machine, torch on 2 threads): `aas` on `pca` now costs about what float16
+  does (460 vs 444 ms; float16 ranged 411-444 ms over three runs): the codec's decode of 50 tensors is
+  55 ms, and it rotates in torch because OpenBLAS's threads, still spinning after a numpy matmul, made
+  the torch projections that follow 50 ms slower. Disk per image: appending runs leave no garbage in
+  old versions; `compact` deletes versions older than the window on every call.
 - Compact codec and `matches`: the mutual-match share is a count over 256 patches, so near-ties among the
   50 candidates are common; int8 (99 KB) already drops to Spearman 0.995 and same top-1 0.87, `pca`
   (64 KB) to 0.985 and 0.90. AAS keeps 0.9996 and the same top-1 in every query.
