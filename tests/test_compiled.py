@@ -76,6 +76,11 @@ def test_new_weights_miss_the_cache_and_unused_graphs_go(tiny_model, tmp_path):
     os.utime(before, (before.stat().st_atime - month, before.stat().st_mtime - month))
     Embedder(conf).compile()
     assert after.is_file() and not before.exists()
+    data, mtime = weights.read_bytes(), weights.stat().st_mtime_ns
+    weights.unlink()
+    weights.write_bytes(data)  # the same bytes and mtime in a new file (as cp -p leaves it)
+    os.utime(weights, ns=(mtime, mtime))
+    assert compiled.cache_path(conf) != after
 
 
 def test_a_damaged_graph_counts_as_absent(tiny_model, tmp_path):

@@ -8,8 +8,8 @@ torch alone in about 0.2 s.
 - Written by `Embedder.compile()`, which an index run calls once per configuration on the CPU (it
   has the model loaded anyway), under `$SIMSEARCH_COMPILED_CACHE` or `cache_root()/compiled`, as
   `<key>.pt`.
-- The key covers the descriptor configuration, the weight files' (path, size, mtime) and the torch
-  version: new weights or a new torch miss the cache instead of reading a stale graph.
+- The key covers the descriptor configuration, the weight files' (path, size, mtime, ctime, inode) and
+  the torch version: new weights or a new torch miss the cache instead of reading a stale graph.
 - A load marks the graph used (mtime); writing a graph deletes those unused for UNUSED_DAYS (old weights,
   old torch versions).
 - Only ViT families with local weights (the embedded model, a folder) are compiled; hub ids, Stable
@@ -79,10 +79,16 @@ def cache_path(conf: "DescriptorConfig") -> Path | None:
     files = weight_files(conf.model)
     if not files:
         return None
-    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    # ctime and inode too: a file replaced by another of the same size with its mtime kept (cp -p,
+    # rsync -t) is a new key, since nobody can set a file's ctime
+    stats = [(str(p.resolve()), *_file_identity(p.stat())) for p in files]
     key = json.dumps({"format": FORMAT, "config": conf.to_dict(), "files": stats, "torch": torch.__version__},
                      sort_keys=True, default=str)
     return compiled_dir() / f"{hashlib.blake2b(key.encode(), digest_size=12).hexdigest()}.pt"
+
+
+def _file_identity(st: os.stat_result) -> tuple[int, ...]:
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
 class _Taps(torch.nn.Module):
