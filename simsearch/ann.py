@@ -6,8 +6,8 @@ Kinds, by size (chosen by measurement, benchmarks/results/scale.md):
 - flat (exact) below `ivf_threshold` rows;
 - above it an inverted file `IVF<nlist>,<IVF_CODEC>` with nlist ~ NLIST_PER_SQRT * sqrt(n) lists and
   `nprobe` probed per query (default max(16, nlist / PROBE_FRACTION): at 1M rows of the hard
-  benchmark set 4,096 lists probed 164 at a time find 0.967 of the true top 10 in 4.2 ms on 2 cores,
-  where 1,000 lists needed 13 ms for 0.975), and a hash-table direct map so rows are removed by key
+  benchmark set 4,000 lists probed 160 at a time find 0.969 of the true top 10 in 4.4 ms on 2 cores,
+  where 1,000 lists needed 13 ms for 0.975 on one), and a hash-table direct map so rows are removed by key
   in O(removed). A single query that scans many lists splits them over the cores (SPLIT_SCAN).
 
 Incremental maintenance: the store logs every key whose payload row changes (store.changed_since).

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .backbones import DEFAULT_MODEL, Layer, descriptor_defaults, load_backbone
+from .backbones import DEFAULT_MODEL, Layer, compiled, descriptor_defaults, load_backbone
+from .backbones.base import resolve_device
 from .descriptors.codec import DENSE_DTYPES
 from .descriptors.pooling import CONTENT_POOLINGS, concat_normalized, content_vector, style_parts, style_pooled
 from .errors import SimsearchError
@@ -98,19 +99,16 @@ class Embedder:
         self.conf = conf
         self._device = device
         self._backbone = None
-        self.compiled = self._load_compiled()
-        if self.compiled is None:
-            self._check(self.backbone)
         self.style_layers = conf.style_layer if isinstance(conf.style_layer, tuple) else (conf.style_layer,)
         self._shapes: tuple[tuple[int, int], dict[str, int]] | None = None
+        path = self._compiled_path()
+        self.compiled = compiled.CompiledTokens.load(path) if path is not None and path.is_file() else None
+        if self.compiled is None:
+            self._check(self.backbone)
 
-    def _load_compiled(self):
-        from .backbones import compiled
-        from .backbones.base import resolve_device
-
-        if resolve_device(self._device).type != "cpu" or (path := compiled.cache_path(self.conf)) is None or not path.is_file():
-            return None
-        return compiled.CompiledTokens.load(path)
+    def _compiled_path(self):
+        """Where this configuration's CPU graph lives, or None when it is not compiled (see backbones.compiled)."""
+        return compiled.cache_path(self.conf) if resolve_device(self._device).type == "cpu" else None
 
     @property
     def backbone(self):
@@ -122,10 +120,9 @@ class Embedder:
     def wanted(self) -> dict[str, tuple]:
         """What one forward taps: {role: (layer, "features" | "source")}."""
         conf = self.conf
-        content = (self.backbone.final_layer if conf.content_layer is None else conf.content_layer)
-        layers = conf.style_layer if isinstance(conf.style_layer, tuple) else (conf.style_layer,)
+        content = self.backbone.final_layer if conf.content_layer is None else conf.content_layer
         return {"content": (content, "features"), "dense": (conf.dense_layer, "source"),
-                **{f"style{i}": (layer, "features") for i, layer in enumerate(layers)}}
+                **{f"style{i}": (layer, "features") for i, layer in enumerate(self.style_layers)}}
 
     def _check(self, bb) -> None:
         conf = self.conf
@@ -138,18 +135,9 @@ class Embedder:
     def compile(self) -> bool:
         """Write this configuration's CPU graph for later cold starts (once; see backbones.compiled).
         -> whether a graph exists now."""
-        from .backbones import compiled
-
-        if self.compiled is not None:
-            return True
-        path = compiled.cache_path(self.conf)
-        if path is None or self.backbone.family not in compiled.COMPILED_FAMILIES or self.backbone.device.type != "cpu":
-            return False
-        if path.is_file() and (found := compiled.CompiledTokens.load(path)) is not None:
-            self.compiled = found
-            return True
-        self.compiled = compiled.compile_tokens(self.backbone, self.wanted, self.conf.image_size, path)
-        return True
+        if self.compiled is None and (path := self._compiled_path()) is not None:
+            self.compiled = compiled.compile_tokens(self.backbone, self.wanted, self.conf.image_size, path)
+        return self.compiled is not None
 
     def _probe(self) -> tuple[tuple[int, int], dict[str, int]]:
         """Stored shapes, from one forward on a blank image the first time a table needs them."""
