@@ -71,6 +71,7 @@ class Index:
         """
         self.root = Path(db).expanduser()
         self.store = ImageStore(self.root, keep_versions)
+        self.store.codec_metric = self._dense_metric
         self.device = device
         self.ivf_threshold = ivf_threshold
         self.nprobe = nprobe
@@ -119,6 +120,10 @@ class Index:
             raise ConfigMismatchError(
                 f"{self.root} was built with weights {stored} of '{self.conf.model}', "
                 f"but those weights now fingerprint as {emb.fingerprint}; re-index into a new --db")
+
+    def _dense_metric(self):
+        """How a compact codec weighs coding errors: as the rerankers' attention projections see them."""
+        return self.embedder.backbone.dense_metric(self.conf.dense_layer)
 
     def ensure_table(self) -> ImageStore:
         """Create the database, or open it when another process created it first; either way it

@@ -156,6 +156,8 @@ class ImageStore:
         self._table = self._catalog = self._changes = self._meta = self._codec = None
         self._session = None  # Lance's caches (manifests, scalar indexes), shared by every read
         self._lock = None
+        # () -> (C, C) metric or None: what a compact codec weighs coding errors by, asked when it is fitted
+        self.codec_metric = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
@@ -290,7 +292,7 @@ class ImageStore:
 
         self.dense_codec  # another process may have fitted it
         if self._codec is None:
-            codec = fit(samples)
+            codec = fit(samples, metric=self.codec_metric() if self.codec_metric else None)
             self.db.create_table(CODEC, pa.table({"kind": [codec.kind], "data": pa.array([codec.to_bytes()], pa.binary())}))
             self._codec = codec
 

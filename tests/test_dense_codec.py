@@ -58,9 +58,9 @@ def reference_decode(codec: quant.DenseCodec, blob: bytes) -> np.ndarray:
         for j, b in enumerate(codec.bits):
             if b:
                 q = int("".join(map(str, row[pos:pos + b])), 2)
-                z[j] = (q - 2 ** (b - 1) + 0.5) * (2 * quant.CLIP / 2 ** b)
+                z[j] = (q - 2 ** (b - 1) + 0.5) * codec.step[j]
                 pos += b
-        u = (z * codec.scale) @ codec.basis.T + codec.mean
+        u = (z * codec.scale) @ codec.decoder + codec.mean
         out[i] = u * stats[i, 1] + stats[i, 0]
     return out
 
@@ -73,6 +73,57 @@ def test_decode_reads_the_format_bit_for_bit(budget):
     blobs = [codec.encode(t) for t in x]
     np.testing.assert_allclose(codec.decode(blobs), np.stack([reference_decode(codec, b) for b in blobs]),
                                rtol=1e-5, atol=1e-4)
+
+
+def test_codec_stored_before_metrics_still_decodes():
+    """Codecs stored before metrics and fitted steps (an orthonormal `basis`, a 5-sigma range for every
+    component) load with that basis and those steps, and decode their own blobs."""
+    import io
+
+    x = hidden_like(4, 17, 40, seed=5)
+    new = quant.fit(x[:2], budget=17 * 30)
+    basis = np.linalg.qr(np.random.default_rng(1).normal(size=(40, 40)))[0].astype(np.float32)
+    buf = io.BytesIO()
+    np.savez(buf, kind="pca", shape=np.array([17, 40]), mean=new.mean, basis=basis, scale=new.scale, bits=new.bits)
+    old = quant.DenseCodec.from_bytes(buf.getvalue())
+    assert np.array_equal(old.encoder, basis) and np.array_equal(old.decoder, basis.T)
+    np.testing.assert_allclose(old.step, 2 * quant.CLIP / 2.0 ** new.bits)
+    blob = old.encode(x[3])
+    np.testing.assert_allclose(old.decode([blob])[0], reference_decode(old, blob), rtol=1e-5, atol=1e-4)
+    for j in np.flatnonzero(new.bits):  # the 5-sigma quantiser as the first format defined it
+        b = int(new.bits[j])
+        z = np.linspace(-6, 6, 101)
+        q = np.clip(np.floor(z / (2 * quant.CLIP / 2 ** b)) + 2 ** b // 2, 0, 2 ** b - 1)
+        assert np.array_equal(quant.quantise(z[:, None], new.bits[j:j + 1], old.step[j:j + 1])[:, 0], q)
+
+
+def test_fitted_steps_find_the_gaussian_optimum():
+    """On Gaussian samples the least-squares step is Max's uniform quantiser: +-1.60 sigma at 1 bit
+    (levels at +-0.80), +-2.68 at 4 bits; the search grid is 0.25 sigma."""
+    z = np.random.default_rng(0).normal(size=(40000, 3))
+    half_range = quant.fit_steps(z, np.array([1, 4, 0]))[:2] * np.array([2, 16]) / 2
+    np.testing.assert_allclose(half_range, [1.60, 2.68], atol=0.13)
+
+
+def test_metric_puts_the_error_where_it_counts():
+    """A metric that reads only the weaker half of the channels (as an attention projection may favour
+    some) moves the coding error out of them: plain squared error spends the bits on the strong
+    channels, the metric on the read ones, and the error in the metric's norm drops on held-out rows."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(48, 33, 40)) * np.geomspace(8, 1, 40)  # channel scales 8 .. 1
+    g = np.diag(np.r_[np.zeros(20), np.ones(20)])  # reads channels 20..39, the weaker ones
+
+    def metric_error(codec):
+        held = x[32:]
+        u = lambda t: (t - t.mean(-1, keepdims=True)) / t.std(-1, keepdims=True)  # what the metric reads
+        diff = (u(codec.decode([codec.encode(t) for t in held])) - u(held)).reshape(-1, 40)
+        return float(np.einsum("ni,ij,nj->", diff, g, diff))
+
+    plain, weighted = quant.fit(x[:32], budget=33 * 24), quant.fit(x[:32], budget=33 * 24, metric=g)
+    assert weighted.nbytes == plain.nbytes
+    assert metric_error(weighted) < 0.5 * metric_error(plain), (metric_error(weighted), metric_error(plain))
+    with pytest.raises(ValueError, match="40x40"):
+        quant.fit(x[:4], metric=np.eye(3))
 
 
 def test_bit_allocation():
@@ -97,7 +148,7 @@ def test_rank_agreement_on_real_hidden_states(embedded_db):
     idx = Index(db)
     paths = sorted(photos.glob("*.jpg"))
     dense = np.concatenate([idx.embed_image(p).dense for p in paths])  # float32 from the model
-    codec = quant.fit(dense)
+    codec = quant.fit(dense, metric=idx.embedder.backbone.dense_metric(9))  # as a compact table fits it
     assert codec.nbytes <= 64 * 1024 < 257 * 384
     decoded = codec.decode([codec.encode(x) for x in dense])
     agreement = {}
@@ -127,6 +178,11 @@ def test_compact_table(tmp_path, new_index, photos):
     assert conn.open_table("codec").count_rows() == 1
     assert json.loads(conn.open_table("images").schema.metadata[b"simsearch"])["dense_codec"] == kind
     assert {len(b) for b in conn.open_table("images").to_arrow().column("dense").to_pylist()} == {info["dense"]["bytes_per_image"]}
+    # fitted in the metric of the dense layer's attention projections: E E^T = G (+ the ridge), E the encoder
+    g = idx.embedder.backbone.dense_metric(idx.conf.dense_layer)
+    codec = Index(db).store.dense_codec
+    ridged = g + quant.RIDGE * np.linalg.eigvalsh(g).mean() * np.eye(len(g))
+    np.testing.assert_allclose(codec.encoder.astype(np.float64) @ codec.encoder.T, ridged, rtol=1e-3, atol=1e-3 * np.abs(g).max())
     k = path_key(str(photos / "chelsea.jpg"))
     ref = idx.embed_image(photos / "chelsea.jpg").dense[0]
     got = Index(db).dense([k])[0]
@@ -152,3 +208,48 @@ def test_table_without_codec_record_opens_as_raw(tmp_path, new_index, photos):
     assert idx.info()["dense"]["dtype"] == "float16"
     hits = idx.search(photos / "horse.jpg", k=2, rerank="matches")
     assert hits[0].path == str(photos / "horse.jpg")
+
+
+def _metric_matches_projections(bb, layer, dim: int) -> None:
+    """bb.dense_metric(layer) is the squared sensitivity of q, k, v to a small error d in a standardised
+    source token u: |qkv(u + d) - qkv(u)|^2 = d G d^T, with d orthogonal to 1 and u (the directions
+    LayerNorm removes), computed through the backbone's own attention_inputs in float64."""
+    import torch
+
+    g = bb.dense_metric(layer)
+    assert g.shape == (dim, dim) and np.allclose(g, g.T)
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=(6, dim))
+    u = (u - u.mean(1, keepdims=True)) / u.std(1, keepdims=True)
+    d = rng.normal(size=(6, dim))
+    d -= d.mean(1, keepdims=True)
+    d -= (d * u).sum(1, keepdims=True) / (u * u).sum(1, keepdims=True) * u
+    d *= 1e-5
+    bb = bb.double()
+    q0, q1 = (torch.cat([t.transpose(1, 2).flatten(2) for t in bb.attention_inputs(layer, torch.tensor(x)[None])], -1)[0]
+              for x in (u, u + d))  # (T, 3C)
+    measured = ((q1 - q0) ** 2).sum(-1).numpy()
+    np.testing.assert_allclose(measured, np.einsum("ti,ij,tj->t", d, g, d), rtol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["dinov2", "dino", "timm"])
+def test_vit_dense_metric_is_the_projections_sensitivity(family, tmp_path):
+    from conftest import save_tiny_timm, save_tiny_vit
+    from simsearch.backbones import load_backbone
+
+    if family == "timm":
+        folder = save_tiny_timm(tmp_path / family, "vit_small_patch14_dinov2")
+    else:
+        folder = save_tiny_vit(tmp_path / family, family, layers=2, patch_size=8, image_size=32)
+    _metric_matches_projections(load_backbone(str(folder), "cpu"), 1, 32)
+
+
+@pytest.mark.slow
+def test_sd_dense_metric_is_the_projections_sensitivity(tiny_sd):
+    from simsearch.backbones import load_backbone
+    from simsearch.backbones.base import module_at
+    from simsearch.backbones.sd import DIFFSIM_LAYER
+
+    bb = load_backbone(str(tiny_sd), "cpu", timestep=101)
+    module = module_at(bb.unet, DIFFSIM_LAYER)[1]
+    _metric_matches_projections(bb, DIFFSIM_LAYER, module.to_q.in_features)

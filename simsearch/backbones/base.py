@@ -78,6 +78,12 @@ class Backbone(nn.Module, ABC):
                           stride: int | None = None) -> GridFeatures:
         """pixels (1, 3, H, W) -> the descriptor grid for correspondences."""
 
+    def dense_metric(self, layer: Layer):
+        """(C, C) numpy metric G in which an error in `layer`'s stored source, standardised per token,
+        reaches the attention's q, k and v (G = M M^T for their linear map M), or None when the source
+        is not mapped linearly. Compact codecs spend their bits by it (descriptors.quant)."""
+        return None
+
     @property
     def match_defaults(self) -> dict:
         """DenseMatcher settings that suit this backbone (layer, facet, stride, log_bin, image_size)."""
@@ -89,6 +95,15 @@ class Backbone(nn.Module, ABC):
         if side * side != tokens - self.prefix_tokens:
             raise ValueError(f"{tokens} tokens are not a square grid after {self.prefix_tokens} prefix tokens")
         return side, side
+
+
+def projection_metric(weights: list[torch.Tensor], gain: torch.Tensor | None = None):
+    """G = M M^T (C, C) float64 numpy for M = diag(gain) [W_1^T | W_2^T | ...], the linear weights
+    (out, C) that read a source after a per-channel gain (a LayerNorm's weight)."""
+    m = torch.cat([w.detach().double().cpu() for w in weights]).T  # (C, sum of outs)
+    if gain is not None:
+        m = m * gain.detach().double().cpu()[:, None]
+    return (m @ m.T).numpy()
 
 
 def fingerprint(*modules: nn.Module, extra: bytes = b"") -> str:

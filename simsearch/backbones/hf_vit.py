@@ -60,6 +60,10 @@ class HFViT(ViTBackbone):
         return tuple(proj(x).view(b, t, self.num_heads, -1).transpose(1, 2)
                      for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
 
+    def qkv_linear(self, layer: int):
+        attn = getattr(self.blocks[layer], self.kind.attention)
+        return getattr(self.blocks[layer], self.kind.prenorm).weight, [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.layernorm(hidden)
 

@@ -34,7 +34,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import SimsearchError, WeightsNotFoundError
-from .base import Backbone, GridFeatures, Layer, captured, fingerprint, module_at
+from .base import Backbone, GridFeatures, Layer, captured, fingerprint, module_at, projection_metric
 
 DIFFSIM_LAYER = "up_blocks.1.attentions.-1.transformer_blocks.-1.attn1"  # DiffSim-S: 16 x 16 tokens at 512 px
 DIFFSIM_C_LAYER = "up_blocks.1.attentions.-1.transformer_blocks.-1.attn2"  # DiffSim-C, with an IP-Adapter
@@ -192,6 +192,14 @@ class StableDiffusionBackbone(Backbone):
         if module.norm_q is not None:  # as AttnProcessor2_0 (None for SD 1.x)
             q, k = module.norm_q(q), module.norm_k(k)
         return q, k, v
+
+    def dense_metric(self, layer: Layer):
+        # the source is the attention's input: an error in the standardised token reaches q, k, v
+        # through to_q, to_k, to_v (times the token's scale); IP sources are stored already projected
+        module = self._module(layer, "dense_layer")[1]
+        if self._ip_attention(module):
+            return None
+        return projection_metric([module.to_q.weight, module.to_k.weight, module.to_v.weight])
 
     @torch.inference_mode()
     def dense_descriptors(self, pixels: torch.Tensor, layer: Layer | None = None, facet: str | None = None,

@@ -53,6 +53,9 @@ class TimmViT(ViTBackbone):
         q, k, v = attn.qkv(x).reshape(b, t, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         return attn.q_norm(q), attn.k_norm(k), v
 
+    def qkv_linear(self, layer: int):
+        return self.blocks[layer].norm1.weight, [self.blocks[layer].attn.qkv.weight]
+
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.norm(hidden)
 

@@ -24,7 +24,7 @@ from torch import nn
 from ..descriptors.facets import FACETS, attention_probs, merge_heads
 from ..descriptors.saliency import cls_saliency
 from ..errors import SimsearchError
-from .base import Backbone, GridFeatures, Layer
+from .base import Backbone, GridFeatures, Layer, projection_metric
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -77,6 +77,10 @@ class ViTBackbone(Backbone):
     def qkv(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Attention projections of block `layer` from the hidden state entering it.
         hidden (B, T, C) -> q, k, v each (B, heads, T, C/heads)."""
+
+    @abstractmethod
+    def qkv_linear(self, layer: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Block `layer`'s prenorm weight (C,) and the weights (out, C) of its q, k, v projections."""
 
     @abstractmethod
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor: ...
@@ -149,6 +153,11 @@ class ViTBackbone(Backbone):
     @torch.inference_mode()
     def attention_inputs(self, layer: Layer, source: torch.Tensor):
         return self.qkv(layer, source.to(self.device))
+
+    def dense_metric(self, layer: Layer):
+        # LayerNorm(u) = gain * u + bias for a standardised token u, so q, k, v are linear in u
+        gain, weights = self.qkv_linear(layer)
+        return projection_metric(weights, gain)
 
     @torch.inference_mode()
     def dense_descriptors(self, pixels: torch.Tensor, layer: Layer | None = None, facet: str | None = None,
