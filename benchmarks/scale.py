@@ -578,7 +578,7 @@ NOTES = """## Reading these numbers
 - Compact codec and `matches`: the mutual-match share is a count over 256 patches, so near-ties among the
   50 candidates are common. Weighing coding errors by the attention projections (the `pca` row; the
   row below it is the same codec with plain squared error) lifts its Spearman from 0.987 to 0.992 at
-  the same 64 KB; the same top-1 stays at 93 % (int8, 99 KB: 94 %), the misses 1-2 patches below the best.
+  the same 64 KB; the same top-1 stays at 93 % (int8, 99 KB: 94 %), the misses 1-4 patches below the best.
 """.splitlines()
 
 
