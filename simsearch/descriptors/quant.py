@@ -128,10 +128,15 @@ def default_steps(bits: np.ndarray) -> np.ndarray:
 
 
 def quantise(z: np.ndarray, bits: np.ndarray, step: np.ndarray) -> np.ndarray:
-    """Components z (N, C) in standard deviations -> unsigned codes 0..2^b-1, level i standing for
-    (i - 2^(b-1) + 0.5) * step: a uniform mid-rise quantiser centred on 0."""
+    """Components z (N, C) in standard deviations -> unsigned codes 0..2^b-1 (a uniform mid-rise
+    quantiser centred on 0; `dequantise` gives each code's level)."""
     levels = 2 ** np.asarray(bits)
     return np.clip(np.floor(z / step) + levels // 2, 0, levels - 1).astype(np.int64)
+
+
+def dequantise(q: np.ndarray, bits: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """Codes -> levels (q - 2^(b-1) + 0.5) * step (DenseCodec.decode computes the same in float32)."""
+    return (q - 2.0 ** (np.asarray(bits) - 1) + 0.5) * step
 
 
 def fit_steps(z: np.ndarray, bits: np.ndarray) -> np.ndarray:
@@ -139,12 +144,10 @@ def fit_steps(z: np.ndarray, bits: np.ndarray) -> np.ndarray:
     levels on tails (the Gaussian optimum at 5 bits covers +-3 sigma), but these components are not
     Gaussian, so the range is searched rather than taken from a table."""
     step = default_steps(bits)
+    half_ranges = np.linspace(1.0, 2 * CLIP, 37)[:, None]  # (R, 1) in standard deviations
     for j in np.flatnonzero(bits):
-        levels = 2 ** int(bits[j])
-        half_ranges = np.linspace(1.0, 2 * CLIP, 37)[:, None]  # (R, 1) in standard deviations
-        tried = 2 * half_ranges / levels
-        q = np.clip(np.floor(z[None, :, j] / tried) + levels // 2, 0, levels - 1)
-        err = ((z[None, :, j] - (q - levels // 2 + 0.5) * tried) ** 2).mean(1)
+        tried = 2 * half_ranges / 2 ** int(bits[j])  # (R, 1)
+        err = ((z[None, :, j] - dequantise(quantise(z[None, :, j], bits[j], tried), bits[j], tried)) ** 2).mean(1)
         step[j] = tried[int(np.argmin(err)), 0]
     return step
 
