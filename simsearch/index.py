@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from . import ann
+from . import ann, catchup
 from .descriptors.quant import COMPACT_CODECS
 from .embedder import DescriptorConfig, Embedder
 from .errors import ConfigMismatchError, EmptyIndexError, SimsearchError
@@ -64,7 +64,7 @@ class Index:
         `model`, `conf` or DescriptorConfig fields given as keywords state what the caller expects;
         for an existing database they must match what it was built with, else ConfigMismatchError
         names both configurations. `ivf_threshold` and `nprobe` set the FAISS index kind (see
-        simsearch.ann). `embedder` shares an already loaded model (its configuration must be this
+        simsearch.ann, simsearch.catchup). `embedder` shares an already loaded model (its configuration must be this
         index's). `keep_versions`: how long old table versions stay on disk (time travel).
         `dense_codec`: how a new table stores dense tensors: "raw" (config.dense_dtype) or a compact
         learned codec "pca" (simsearch.descriptors.quant, <= 64 KB per image); an existing table keeps its own.
@@ -73,9 +73,8 @@ class Index:
         self.store = ImageStore(self.root, keep_versions)
         self.store.codec_metric = self._dense_metric
         self.device = device
-        self.ivf_threshold = ivf_threshold
         self.nprobe = nprobe
-        self._ann: dict[str, ann.VectorIndex] = {}
+        self.ann_indexes = {c: catchup.FollowedIndex(self.store, catchup.Source(c), ivf_threshold) for c in VECTOR_COLUMNS}
         if dense_codec is not None and dense_codec not in DENSE_CODECS:
             raise SimsearchError(f"unknown dense codec '{dense_codec}' (choose from {', '.join(DENSE_CODECS)})")
         self.dense_codec = dense_codec
@@ -168,20 +167,14 @@ class Index:
         """Bring every FAISS index up to the table's version (by the rows changed since the version
         it reflects, or a full rebuild when due). -> {column: rebuilt in full}"""
         self.store.refresh()
-        return {column: self._load_ann(column) for column in VECTOR_COLUMNS}
+        return {column: followed.catch_up() for column, followed in self.ann_indexes.items()}
 
     def vector_index(self, mode: str) -> ann.VectorIndex:
         """The FAISS index of `mode` ("content" or "style"), brought up to the table's version (while an index
-        run holds the write lock, the last consistent one: see ann.load_fresh)."""
-        current = self._ann.get(mode)
-        if current is None or current.table_version != self.store.version:
-            self._load_ann(mode, wait=False)  # during an index run: the last consistent index (ann.load_fresh)
-        return self._ann[mode]
-
-    def _load_ann(self, mode: str, wait: bool = True) -> bool:
-        self._ann[mode], rebuilt = ann.load_fresh(self.store, mode, self.ivf_threshold, self._ann.get(mode), wait)
-        self._ann[mode].nprobe = self.nprobe
-        return rebuilt
+        run holds the write lock, the last consistent one: see catchup.FollowedIndex.catch_up)."""
+        vi = self.ann_indexes[mode].get().vectors
+        vi.nprobe = self.nprobe
+        return vi
 
     # -- search ------------------------------------------------------------------------------
     def embed_image(self, image: str | Path | Image.Image):
@@ -290,7 +283,7 @@ class Index:
                       "dtype": self.conf.dense_dtype if self.store.dense_format == "raw" else self.store.dense_format,
                       "bytes_per_image": self.store.dense_nbytes()},
             "disk_bytes": disk, "disk_bytes_per_image": disk // rows if rows else 0,
-            "ann": {c: ann.index_state(self.store, c) for c in VECTOR_COLUMNS},
+            "ann": {c: catchup.index_state(self.store, c) for c in VECTOR_COLUMNS},
         }
 
     def dense(self, keys) -> np.ndarray:
