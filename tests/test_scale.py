@@ -16,7 +16,7 @@ import pytest
 from conftest import TINY, table_rows
 from simsearch import Index, ann, catchup
 from simsearch.embedder import DescriptorConfig
-from simsearch.store import ImageStore, path_key, under_filter
+from simsearch.store import ImageStore, make_rows, path_key, under_filter
 
 D = 16
 
@@ -32,15 +32,7 @@ def vectors(n: int, seed: int, centres: int = 30, spread: float = 0.4) -> np.nda
 
 
 def synthetic_rows(names: list[str], content: np.ndarray) -> pa.Table:
-    n = len(names)
-    fixed = lambda x: pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])  # noqa: E731
-    return pa.table({
-        "key": pa.array([path_key(p) for p in names], pa.int64()), "id": [f"id-{p}" for p in names], "path": names,
-        "size": pa.array([1] * n, pa.int64()), "mtime_ns": pa.array([1] * n, pa.int64()),
-        "width": pa.array([8] * n, pa.int32()), "height": pa.array([8] * n, pa.int32()),
-        "content": fixed(content), "style": fixed(np.concatenate([content, content], 1) / np.sqrt(2)),
-        "dense": pa.array([b""] * n, pa.binary()), "thumb": pa.array([b""] * n, pa.binary()),
-    })
+    return make_rows(names, content, np.concatenate([content, content], 1) / np.sqrt(2))
 
 
 @pytest.fixture
