@@ -277,7 +277,8 @@ class Index:
     def rerank(self, query, hits: list[Hit], method: str = DEFAULT_RERANKER) -> list[Hit]:
         """Reorder `hits` by the first-stage score fused with a second-stage score computed from the
         stored dense tensors (simsearch.rerank). `query`: a RerankQuery or a bare dense tensor (T, C).
-        Hits whose rows were deleted since the search are dropped, so no score lands on another hit."""
+        Hits whose rows were deleted since the search are dropped, so no score lands on another hit.
+        Returns new hits; the given ones keep their first-stage scores."""
         from .rerank import fuse, rerank_scores
 
         found = self.store.find([h.key for h in hits], ["dense", "width", "height"])
@@ -291,15 +292,12 @@ class Index:
                                prior=self.positional_prior() if method == "verified" else None)
         final = fuse([h.score for h in hits], scores, method)
         pairs = scores.pop("pairs", None)
-        for i, h in enumerate(hits):
-            h.scores = {"first_stage": h.score, **{name: float(v[i]) for name, v in scores.items()}}
-            h.score = float(final[i])
-            if pairs is not None and pairs[i] is not None:
-                h.matches = [tuple(float(v) for v in row) for row in pairs[i]]
-        ordered = sorted(hits, key=lambda h: -h.score)
-        for rank, h in enumerate(ordered, 1):
-            h.rank = rank
-        return ordered
+        reranked = [replace(h, score=float(final[i]),
+                            scores={"first_stage": h.score, **{name: float(v[i]) for name, v in scores.items()}},
+                            matches=[tuple(float(v) for v in row) for row in pairs[i]] if pairs and pairs[i] is not None else [])
+                    for i, h in enumerate(hits)]
+        ordered = sorted(reranked, key=lambda h: -h.score)
+        return [replace(h, rank=rank) for rank, h in enumerate(ordered, 1)]
 
     def positional_prior(self):
         """The table's mean patch key per cell (rerank.positional_prior) over its first PRIOR_ROWS rows,
