@@ -71,6 +71,10 @@ class Source:
         """Every id the rows of `keys` may have put in the index."""
         return keys
 
+    def build(self, store: ImageStore, ivf_threshold: int) -> VectorIndex:
+        """The whole index from the table (a source too large to read at once builds in parts)."""
+        return VectorIndex.build(*self.read_all(store), ivf_threshold)
+
 
 def retrain_reason(vi: VectorIndex, ivf_threshold: int) -> str | None:
     """Why `vi` must be rebuilt from scratch (module docstring), or None."""
@@ -174,8 +178,7 @@ class FollowedIndex:
                     if retrain_reason(derived.vectors, self.ivf_threshold) is None:
                         self.current = save_delta(path, derived, changed, ids, vectors)
                         return False
-                ids, vectors = source.read_all(store)
-                self.current = save(path, Derived(VectorIndex.build(ids, vectors, self.ivf_threshold), version,
+                self.current = save(path, Derived(source.build(store, self.ivf_threshold), version,
                                                   *identity(store, source)[:2]))
                 return True
 

@@ -20,7 +20,7 @@ from . import ann, catchup
 from .descriptors.codec import DenseFormat
 from .descriptors.quant import COMPACT_CODECS
 from .embedder import DescriptorConfig, Embedder
-from .errors import ConfigMismatchError, EmptyIndexError, SimsearchError
+from .errors import ConfigMismatchError, EmptyIndexError, ImageError, SimsearchError
 from .images import _to_rgb, open_image
 from .rerank import DEFAULT_RERANKER, RERANKERS
 from .store import KEEP_VERSIONS, VECTOR_COLUMNS, ImageStore
@@ -30,6 +30,7 @@ DENSE_CODECS = ("raw", *COMPACT_CODECS)
 DEFAULT_DENSE_CODEC = "raw"
 DEFAULT_DB = "simsearch.db"
 VIEW_SCALES = (0.5,)
+MIN_BOX = 16  # pixels a side of a region query
 PRIOR_ROWS = 64  # rows sampled for the positional prior of verification  # verification also describes a query at these fractions of the input size
 
 
@@ -52,6 +53,20 @@ class Hit:
             d["matches"] = [{"query": [round(qx, 1), round(qy, 1)], "hit": [round(hx, 1), round(hy, 1)]}
                             for qx, qy, hx, hy in self.matches]
         return d
+
+
+def check_box(box, size: tuple[int, int], name) -> tuple[int, int, int, int]:
+    """A region box (x0, y0, x1, y1) in pixels of an image of `size`, or ImageError naming the reason."""
+    try:
+        x0, y0, x1, y1 = (int(v) for v in box)
+    except (TypeError, ValueError):
+        raise ImageError(name, f"box {box!r} is not four integers x0,y0,x1,y1") from None
+    w, h = size
+    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+        raise ImageError(name, f"box {x0},{y0},{x1},{y1} is not inside the {w}x{h} image with x0 < x1 and y0 < y1")
+    if min(x1 - x0, y1 - y0) < MIN_BOX:
+        raise ImageError(name, f"box {x0},{y0},{x1},{y1} is smaller than {MIN_BOX} pixels a side")
+    return x0, y0, x1, y1
 
 
 def _local_or_name(name: str) -> str:
@@ -105,6 +120,7 @@ class Index:
             raise ConfigMismatchError(f"the shared embedder has {embedder.conf.describe()}, the index {self.conf.describe()}")
         self._embedder: Embedder | None = embedder
         self._prior = None
+        self._region = None
 
     def _check_config(self, stored: DescriptorConfig) -> DescriptorConfig:
         conf, overrides = self._requested
@@ -210,17 +226,22 @@ class Index:
             img = open_image(Path(image).expanduser(), max_side=self.conf.image_size).image
         return emb.embed(emb.preprocess(img)[None])
 
-    def load_query(self, image: str | Path | Image.Image) -> Image.Image:
-        """A query image prepared as the indexer prepares files."""
+    def load_query(self, image: str | Path | Image.Image, full: bool = False) -> Image.Image:
+        """A query image prepared as the indexer prepares files (`full`: at its own size, for boxes
+        given in its pixels)."""
         if isinstance(image, Image.Image):
             return _to_rgb(ImageOps.exif_transpose(image))
-        return open_image(Path(image).expanduser(), max_side=self.conf.image_size).image
+        return open_image(Path(image).expanduser(), max_side=None if full else self.conf.image_size).image
 
     def search(self, image: str | Path | Image.Image, k: int = 10, mode: str = "content",
-               where: str | None = None, rerank: str | None = None, candidates: int = 50) -> list[Hit]:
+               where: str | None = None, rerank: str | None = None, candidates: int = 50,
+               box: tuple[int, int, int, int] | None = None) -> list[Hit]:
         """Top-k images like `image`. mode: "content" or "style"; where: a SQL filter on the table;
         rerank: "verified", "aas", "matches" or "both" reorders the first `candidates` hits (see
-        simsearch.rerank)."""
+        simsearch.rerank). box: (x0, y0, x1, y1) pixels of `image`: the images that contain that
+        region instead (`search_region`)."""
+        if box is not None:
+            return self.search_region(image, box, k, where, rerank or DEFAULT_RERANKER, candidates)
         self.check_query(k, mode, rerank)
         img = self.load_query(image)
         emb = self.embed_image(img)
@@ -300,14 +321,71 @@ class Index:
         return [replace(h, rank=rank) for rank, h in enumerate(ordered, 1)]
 
     def positional_prior(self):
-        """The table's mean patch key per cell (rerank.positional_prior) over its first PRIOR_ROWS rows,
-        computed once per Index."""
+        """The table's mean patch key per cell (rerank.positional_prior) over its first PRIOR_ROWS rows:
+        computed once per table and kept beside its indexes (the region index is built with it), or
+        once per Index where that folder cannot be written."""
         if self._prior is None:
+            import torch
+
             from .rerank import positional_prior
 
-            sample = self._decode_dense(self.store.head(["dense"], PRIOR_ROWS))
-            self._prior = positional_prior(self.embedder.backbone, self.conf.dense_layer, sample)
+            file = self.root / "ann" / f"prior-{self.store.meta.get('uuid', 'v1')}.pt"
+            try:
+                self._prior = torch.load(file, weights_only=True)
+            except (OSError, RuntimeError, EOFError):
+                sample = self._decode_dense(self.store.head(["dense"], PRIOR_ROWS))
+                self._prior = positional_prior(self.embedder.backbone, self.conf.dense_layer, sample)
+                try:
+                    file.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = file.with_suffix(".tmp")
+                    torch.save(self._prior, tmp)
+                    tmp.replace(file)
+                except OSError:
+                    pass
         return self._prior
+
+    # -- region search -----------------------------------------------------------------------
+    @property
+    def region_index(self):
+        """The region index (simsearch.region), followed like the vector indexes; built on first use."""
+        if self._region is None:
+            from .region import FLAT_VECTORS, RegionDescriber, RegionSource
+
+            describer = RegionDescriber(self.embedder.backbone, self.conf.dense_layer, self.positional_prior())
+            describe = lambda rows: describer.cells(self._decode_dense(rows), [(r["width"], r["height"]) for r in rows])  # noqa: E731
+            source = RegionSource(describe=describe, d=describer.prior.shape[1])
+            self._region = (describer, catchup.FollowedIndex(self.store, source, FLAT_VECTORS))
+        return self._region
+
+    def search_region(self, image: str | Path | Image.Image, box: tuple[int, int, int, int], k: int = 10,
+                      where: str | None = None, rerank: str | None = DEFAULT_RERANKER,
+                      candidates: int = 50) -> list[Hit]:
+        """The images that contain the `box` (x0, y0, x1, y1, pixels) of `image`, even at 1/16 of their
+        area or pasted into another picture: region cells retrieve candidates (simsearch.region), the
+        reranker (verified by default; None: none) checks them against the region."""
+        from .region import CELL_BITS, CELL_K, maxsim, prefix_of
+
+        self.check_query(k, "content", rerank)
+        name = image if not isinstance(image, Image.Image) else "query image"
+        img = self.load_query(image, full=True)
+        region = img.crop(check_box(box, img.size, name))
+        describer, followed = self.region_index
+        vi = followed.get().vectors
+        best: dict[int, float] = {}
+        for _, cells in describer.query_cells(region):
+            scores, ids = vi.search(cells, CELL_K)
+            for row, score in maxsim(scores, ids).items():
+                best[row] = max(score, best.get(row, 0.0))
+        allowed = set(prefix_of(self.store.keys_where(where))) if where else None
+        ranked = sorted((p for p in best if allowed is None or p in allowed), key=lambda p: -best[p])
+        rows = {int(prefix_of(r["key"])): r for r in self.store.rows_by_prefix(
+            ranked[:max(k, candidates)], CELL_BITS, ["path", "id"])}
+        hits = [Hit(rank=i, score=best[p], path=rows[p]["path"], id=rows[p]["id"], key=rows[p]["key"])
+                for i, p in enumerate((p for p in ranked if p in rows), 1)]
+        if rerank is None or not hits:
+            return hits[:k]
+        emb = self.embed_image(region)
+        return self.rerank(self.rerank_query(region, emb.dense[0], rerank), hits[:max(k, candidates)], rerank)[:k]
 
     def search_vector(self, vector: np.ndarray, k: int, mode: str = "content", where: str | None = None) -> list[Hit]:
         """Nearest rows to `vector`; ranks count only rows still in the table (no gaps). With `where`,

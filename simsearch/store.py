@@ -378,6 +378,23 @@ class ImageStore:
         """The first `n` rows of the payload (a sample whose cost is bounded by n, not the table)."""
         return self.reader(TABLE).to_table(columns=columns, limit=n).to_pylist()
 
+    def batches(self, columns: list[str], rows: int) -> Iterator[pa.Table]:
+        """The payload's `columns` in batches of at most `rows` rows: a whole-table pass whose memory is
+        bounded by the batch, not the table."""
+        for batch in self.reader(TABLE).to_batches(columns=columns, batch_size=rows):
+            if batch.num_rows:
+                yield pa.Table.from_batches([batch])
+
+    def rows_by_prefix(self, prefixes, bits: int, columns: list[str]) -> list[dict]:
+        """Rows whose key >> `bits` is one of `prefixes`, read through the key index by range (ids that
+        keep a row's key in their high bits map back to it so; see simsearch.region)."""
+        cols = list(dict.fromkeys(["key", *columns]))
+        out: list[dict] = []
+        for chunk in _chunks([int(p) for p in prefixes], IN_CHUNK // 10):
+            where = " OR ".join(f"(key >= {p << bits} AND key < {(p + 1) << bits})" for p in chunk)
+            out += self._select(cols, where).to_pylist()
+        return out
+
     def keys_where(self, where: str) -> np.ndarray:
         return self._select(["key"], where, user_filter=True).column("key").to_numpy()
 

@@ -12,6 +12,15 @@ from rich.table import Table
 from ._common import DEFAULT_DB, DbOption, DeviceOption, cell, esc, note, out, quiet_libraries
 
 
+def parse_box(image: Path, text: str) -> tuple[int, ...]:
+    from ..errors import ImageError
+
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ImageError(image, f"box '{text}' is not four integers x0,y0,x1,y1") from None
+
+
 def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() and abs(value) >= 1 else f"{value:.4f}"
 
@@ -27,6 +36,8 @@ def query(
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
     rerank: Annotated[Optional[str], typer.Option(help="Rerank the first-stage hits: verified (the default when no name is given: geometric verification of patch correspondences), aas, matches or both.")] = None,
     candidates: Annotated[int, typer.Option(min=1, help="First-stage hits to rerank.")] = 50,
+    box: Annotated[Optional[str], typer.Option(
+        help="x0,y0,x1,y1: find the images that contain this region of IMAGE (pixels); reranked by verified unless --rerank names another.")] = None,
     nprobe: Annotated[Optional[int], typer.Option(min=1, help="IVF lists probed (large databases): more is slower and closer to exact.")] = None,
     html_out: Annotated[Optional[Path], typer.Option("--html", help="Write a self-contained results page.")] = None,
     coseg_dir: Annotated[Optional[Path], typer.Option(
@@ -45,7 +56,8 @@ def query(
 
     quiet_libraries()
     idx = Index(db, model=model, device=device, **({"nprobe": nprobe} if nprobe else {}))
-    hits = idx.search(image, k=k, mode=mode, where=where, rerank=rerank, candidates=candidates)
+    hits = idx.search(image, k=k, mode=mode, where=where, rerank=rerank, candidates=candidates,
+                      box=parse_box(image, box) if box else None)
     if html_out:
         from ..report import write_results_html
 

@@ -1,0 +1,182 @@
+"""Region search: the images that contain a region of a query image.
+
+A pooled vector of a whole image does not find the picture that holds the query's region at 1/16 of
+its area, nor the one it was pasted into. The region index holds every image's patch keys (the
+descriptors verification matches: rerank.scores.patch_set, the positional prior subtracted) pooled
+to at most REGION_GRID x REGION_GRID cells, one FAISS vector per cell. A query region is described
+at several input sizes (QUERY_SIZES: at one of them its cells cover what a target's cells cover),
+every cell retrieves its nearest cells, and an image scores the mean over the region's cells of
+their best similarity in it (MaxSim, as ColBERT scores late interaction), the best size counting.
+The top images then go to the verified reranker with the region as the query.
+
+Ids: cell c of the row whose key is k has id (k with its low CELL_BITS bits replaced by c), so the
+rows of a set of ids are found again by key range (store.rows_by_prefix), and a changed row's stale
+ids follow from its key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .ann import VectorIndex
+from .catchup import Source
+
+CELL_BITS = 6
+REGION_GRID = 8  # cells per side at most: 64 per image (1 << CELL_BITS)
+QUERY_SIZES = (56, 84, 112, 168, 224)  # input sides a query region is described at
+CELL_K = 64  # nearest cells each query cell retrieves
+READ_ROWS = 256  # rows read (and projected) at a time when the index is built: bounds the memory
+TRAIN_CELLS = 64 * 4096  # cells the quantiser is trained on (the first rows')
+
+
+def cell_ids(keys: np.ndarray, cells: int) -> np.ndarray:
+    """(B,) row keys -> (B * cells,) ids, row-major: each key with its low bits replaced by the cell."""
+    base = (np.asarray(keys, dtype=np.int64) >> CELL_BITS) << CELL_BITS
+    return (base[:, None] | np.arange(cells, dtype=np.int64)).reshape(-1)
+
+
+def prefix_of(ids: np.ndarray) -> np.ndarray:
+    """The row part of ids (or keys): what cell ids of one row share."""
+    return np.asarray(ids, dtype=np.int64) >> CELL_BITS
+
+
+def pool_factor(grid: tuple[int, int]) -> int:
+    """The pooling that brings a stored grid down to at most REGION_GRID cells a side."""
+    return max(1, -(-max(grid) // REGION_GRID))
+
+
+def maxsim(scores: np.ndarray, ids: np.ndarray) -> dict[int, float]:
+    """Late-interaction scores of the images behind retrieved cells.
+
+    scores, ids (Q, K): each query cell's nearest cells (id -1: none). -> {row prefix: mean over the
+    Q query cells of the best similarity among that row's retrieved cells (0 where none was)}."""
+    q = len(scores)
+    rows = prefix_of(ids)
+    best: dict[tuple[int, int], float] = {}
+    for i, j in zip(*np.nonzero(ids >= 0)):
+        key = (int(rows[i, j]), i)
+        if scores[i, j] > best.get(key, -np.inf):
+            best[key] = float(scores[i, j])
+    out: dict[int, float] = {}
+    for (row, _), s in best.items():
+        out[row] = out.get(row, 0.0) + max(s, 0.0) / q
+    return out
+
+
+# -- descriptors -------------------------------------------------------------------------------
+class RegionDescriber:
+    """Region cells of stored rows and of query regions, from one backbone and the table's prior."""
+
+    def __init__(self, backbone, layer, prior):
+        self.backbone, self.layer, self.prior = backbone, layer, prior
+
+    def cells(self, dense: np.ndarray, sizes=None):
+        """Stored sources (B, T, C) -> unit cell vectors (B, cells, C) float32 on the pooled grid."""
+        import torch
+
+        from .rerank.scores import patch_set
+
+        with torch.inference_mode():
+            qkv = self.backbone.attention_inputs(self.layer, torch.as_tensor(dense))
+            ps = patch_set(self.backbone, qkv, np.ones((len(dense), 2)) if sizes is None else sizes, self.prior)
+            return ps.pooled(pool_factor(ps.grid)).desc.numpy()
+
+    def query_cells(self, region) -> list[tuple[int, "np.ndarray"]]:
+        """A query region (PIL image) described at every QUERY_SIZES side, each pooled as the stored
+        grids are -> [(side, (cells, C) unit vectors)]."""
+        import torch
+
+        from .rerank.scores import _regrid, patch_set
+
+        bb, out = self.backbone, []
+        stored = self.prior.shape[0]
+        factor = pool_factor((round(stored ** 0.5),) * 2)
+        with torch.inference_mode():
+            for side in dict.fromkeys(bb.view_size(s) for s in QUERY_SIZES):
+                dense = bb.tokens(bb.preprocess(region, side)[None].to(bb.device), {"d": (self.layer, "source")})["d"]
+                cells = dense.shape[1] - bb.prefix_tokens
+                ps = patch_set(bb, bb.attention_inputs(self.layer, dense.float()), [region.size], _regrid(self.prior, cells))
+                if min(ps.grid) >= 2 * factor:
+                    ps = ps.pooled(factor)
+                out.append((side, ps.desc[0].numpy()))
+        return out
+
+
+# -- the FAISS index ---------------------------------------------------------------------------
+FLAT_VECTORS = 64 * 20_000  # up to ~20k images the region index is exact over 8-bit codes (384 B a cell)
+PQ_BYTES = 48  # above: IVF with product-quantised cells, this many bytes a cell
+
+
+def empty_index(d: int, n_vectors: int, ivf_threshold: int = FLAT_VECTORS):
+    """An untrained FAISS index for about `n_vectors` region cells -> (faiss index, kind, nlist)."""
+    import faiss
+
+    from .ann import nlist_for, want_kind
+
+    if want_kind(n_vectors, ivf_threshold) == "flat":
+        return faiss.IndexIDMap2(faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)), "flat", 0
+    nlist = nlist_for(n_vectors)
+    index = faiss.index_factory(d, f"IVF{nlist},PQ{PQ_BYTES}", faiss.METRIC_INNER_PRODUCT)
+    index.set_direct_map_type(faiss.DirectMap.Hashtable)  # stale cells removed by id without a scan
+    return index, "ivf", nlist
+
+
+@dataclass(frozen=True)
+class RegionSource(Source):
+    """The region index's source (simsearch.catchup): every row's cells, from its stored dense tensor.
+    `describe` turns payload rows (dense, width, height) into cell vectors (B, cells, C)."""
+
+    column: str = "dense"
+    describe: Callable[[list[dict]], np.ndarray] | None = field(default=None, compare=False)
+    d: int = 0
+
+    @property
+    def name(self) -> str:
+        return "region"
+
+    def dim(self, store) -> int:
+        return self.d
+
+    def _ids_vectors(self, rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+        if not rows:
+            return np.zeros(0, np.int64), np.zeros((0, self.d), np.float32)
+        cells = self.describe(rows)  # (B, P, C)
+        return cell_ids(np.array([r["key"] for r in rows]), cells.shape[1]), cells.reshape(-1, self.d)
+
+    def read_keys(self, store, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._ids_vectors(list(store.find(keys, ["dense", "width", "height"]).values()))
+
+    def stale_ids(self, keys: np.ndarray) -> np.ndarray:
+        return cell_ids(keys, 1 << CELL_BITS)
+
+    def build(self, store, ivf_threshold: int) -> VectorIndex:
+        """Read, describe and add the table READ_ROWS rows at a time; train on the first rows' cells
+        (up to TRAIN_CELLS of them)."""
+        index, kind, nlist = empty_index(self.d, store.count() * (1 << CELL_BITS), ivf_threshold)
+        vi = VectorIndex(index=index, kind=kind, nlist=nlist)
+        pending: list[tuple[np.ndarray, np.ndarray]] = []
+
+        def train() -> None:
+            sample = np.concatenate([v for _, v in pending])
+            index.train(sample)
+            if kind == "ivf":
+                vi.train_error = float(vi.quantisation_error(sample).mean())
+            for ids, vectors in pending:
+                index.add_with_ids(vectors, ids)
+            pending.clear()
+
+        for batch in store.batches(["key", "dense", "width", "height"], READ_ROWS):
+            ids, vectors = self._ids_vectors(batch.to_pylist())
+            if index.is_trained:
+                index.add_with_ids(vectors, ids)
+                continue
+            pending.append((ids, vectors))
+            if sum(len(i) for i, _ in pending) >= TRAIN_CELLS:
+                train()
+        if pending:  # a table smaller than the training sample
+            train()
+        vi.trained_n = index.ntotal
+        return vi

@@ -1,0 +1,115 @@
+"""Region queries (simsearch.region, Index.search(box=...), `simsearch query --box`): the images that
+contain a region of the query, on real photos with the embedded model, and the index's bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import EXAMPLES, one_line_error
+from simsearch.region import CELL_BITS, cell_ids, maxsim, prefix_of
+from simsearch.store import path_key
+
+
+def test_cell_ids_keep_the_row_in_their_high_bits():
+    keys = np.array([path_key("/a.jpg"), path_key("/b.jpg")])
+    ids = cell_ids(keys, 64)
+    assert len(set(ids.tolist())) == 128
+    np.testing.assert_array_equal(prefix_of(ids), np.repeat(keys >> CELL_BITS, 64))
+    np.testing.assert_array_equal(ids[:64] & 63, np.arange(64))
+
+
+def test_maxsim_is_the_mean_of_each_query_cells_best_match_per_row():
+    a, b = 5 << CELL_BITS, 9 << CELL_BITS
+    ids = np.array([[a | 1, a | 2, b | 0], [b | 3, -1, -1]])
+    scores = np.array([[0.9, 0.8, 0.5], [0.7, 0.0, 0.0]])
+    assert maxsim(scores, ids) == pytest.approx({5: 0.9 / 2, 9: (0.5 + 0.7) / 2})
+
+
+@pytest.fixture(scope="module")
+def region_db(tmp_path_factory, embedded_model):
+    """The examples photos plus chelsea pasted small into coffee (a composite): an own database, since
+    the tests change it."""
+    from simsearch import Index
+
+    root = tmp_path_factory.mktemp("region")
+    photos = root / "photos"
+    shutil.copytree(EXAMPLES, photos)
+    coffee, cat = Image.open(photos / "coffee.jpg").convert("RGB"), Image.open(photos / "chelsea.jpg").convert("RGB")
+    placed = (260, 140, 260 + cat.width // 3, 140 + cat.height // 3)  # the cat at 1/9 of its area
+    coffee.paste(cat.resize((placed[2] - placed[0], placed[3] - placed[1])), placed[:2])
+    coffee.save(photos / "composite.jpg", quality=92)
+    idx = Index(root / "db", model=embedded_model)
+    assert idx.add_folder(photos).added == 13
+    return idx, photos
+
+
+def _scene(region: Image.Image, background: Image.Image, at: tuple[int, int]) -> tuple[Image.Image, tuple]:
+    """`region` pasted unscaled into a copy of `background` at `at` -> (scene, its box)."""
+    scene = background.copy()
+    scene.paste(region, at)
+    return scene, (at[0], at[1], at[0] + region.width, at[1] + region.height)
+
+
+@pytest.mark.parametrize("fraction", [1 / 4, 1 / 16])
+def test_a_small_region_finds_the_image_it_was_cut_from(region_db, fraction):
+    """A box of 1/4 or 1/16 of chelsea's area, shown inside another photo: the box, not the scene, is
+    searched, so chelsea comes first (the scene as a whole looks like the background)."""
+    idx, photos = region_db
+    cat = Image.open(photos / "chelsea.jpg").convert("RGB")
+    side = fraction ** 0.5
+    w, h = round(cat.width * side), round(cat.height * side)
+    region = cat.crop((130, 60, 130 + w, 60 + h))  # around the cat's head
+    scene, box = _scene(region, Image.open(photos / "astronaut.jpg").convert("RGB").resize((2 * w + 40, 2 * h + 40)), (25, 30))
+    hits = idx.search(scene, k=3, box=box)
+    names = [h.path.rsplit("/", 1)[1] for h in hits]
+    assert names[0] in ("chelsea.jpg", "composite.jpg"), names
+    assert {"chelsea.jpg"} <= set(names)
+    whole = [h.path.rsplit("/", 1)[1] for h in idx.search(scene, k=1)]
+    assert whole != ["chelsea.jpg"]  # without the box the scene is found by its background
+
+
+def test_a_region_finds_the_picture_it_was_pasted_into(region_db):
+    """The cat's head from chelsea.jpg; the composite holds the whole cat at a third of its size:
+    it is among the first two, next to chelsea itself, with verified inliers."""
+    idx, photos = region_db
+    cat = Image.open(photos / "chelsea.jpg").convert("RGB")
+    hits = idx.search(cat, k=3, box=(100, 20, 300, 220))
+    by_name = {h.path.rsplit("/", 1)[1]: h for h in hits}
+    assert set(list(by_name)[:2]) == {"chelsea.jpg", "composite.jpg"}, list(by_name)
+    assert by_name["composite.jpg"].scores["inliers"] >= 3 and by_name["composite.jpg"].matches
+
+
+def test_region_index_follows_the_table(region_db):
+    """A region index built before a file is added and another deleted: the next search catches up
+    by the change log (a delta, not a rebuild) and finds the new file, never the deleted one."""
+    idx, photos = region_db
+    _, followed = idx.region_index
+    followed.get()
+    files_before = {f["file"] for f in followed.current.files}
+    horse = Image.open(photos / "horse.jpg")
+    shutil.copy(photos / "rocket.jpg", photos / "rocket2.jpg")
+    (photos / "horse.jpg").unlink()
+    idx.add_folder(photos, prune=True)
+    rocket = Image.open(photos / "rocket.jpg").convert("RGB")
+    hits = idx.search(rocket, k=4, box=(0, 0, rocket.width // 2, rocket.height // 2))
+    names = [h.path.rsplit("/", 1)[1] for h in hits]
+    assert {"rocket.jpg", "rocket2.jpg"} == set(names[:2]) and "horse.jpg" not in names
+    assert files_before <= {f["file"] for f in followed.current.files}  # the base kept, a delta added
+    assert not any(h.path.endswith("horse.jpg") for h in idx.search(horse, k=12, box=(0, 0, 200, 200)))
+
+
+def test_query_box_cli_json_and_bad_boxes(region_db, cli):
+    idx, photos = region_db
+    code, out, err = cli("query", photos / "chelsea.jpg", "--db", idx.root, "--box", "100,20,300,220", "-k", "2", "--json")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert rows[0]["scores"]["inliers"] > 0 and rows[0]["matches"]
+    q = rows[0]["matches"][0]["query"]
+    assert 0 <= q[0] <= 200 and 0 <= q[1] <= 200  # points of the region, in its own pixels
+    for box, why in [("1,2,3", "four integers"), ("10,10,5,40", "x0 < x1"), ("0,0,5000,20", "inside"), ("0,0,8,8", "smaller")]:
+        one_line_error(*cli("query", photos / "chelsea.jpg", "--db", idx.root, "--box", box), "chelsea.jpg", why)
