@@ -188,9 +188,7 @@ class Index:
     def vector_index(self, mode: str) -> ann.VectorIndex:
         """The FAISS index of `mode` ("content" or "style"), brought up to the table's version (while an index
         run holds the write lock, the last consistent one: see catchup.FollowedIndex.catch_up)."""
-        vi = self.ann_indexes[mode].get().vectors
-        vi.nprobe = self.nprobe
-        return vi
+        return self.ann_indexes[mode].get().vectors
 
     # -- search ------------------------------------------------------------------------------
     def embed_image(self, image: str | Path | Image.Image):
@@ -273,7 +271,7 @@ class Index:
             top = np.argsort(-scores, kind="stable")[:k]
             scores, keys = scores[top][None], keys[top][None]
         else:
-            scores, keys = index.search(vector[None], k, allowed)
+            scores, keys = index.search(vector[None], k, allowed, nprobe=self.nprobe)
         pairs = [(float(s), int(key)) for s, key in zip(scores[0], keys[0]) if key >= 0]
         rows = self.store.find([key for _, key in pairs], ["path", "id"])
         kept = [(s, key) for s, key in pairs if key in rows]

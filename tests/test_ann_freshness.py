@@ -206,7 +206,7 @@ def test_ivf_exact_top1(tmp_path, new_index):
     idx = new_index(db, ivf_threshold=100, nprobe=2)
     idx.add_folder(folder, batch_size=32)
     nlist = sidecar(db, "content")["nlist"]
-    assert sidecar(db, "content")["kind"] == "ivf" and nlist > idx.vector_index("content").nprobe == 2
+    assert sidecar(db, "content")["kind"] == "ivf" and nlist > idx.vector_index("content").probes(idx.nprobe) == 2
     assert idx.info()["ann"]["content"]["ntotal"] == 200
     for p in paths[::10]:
         hit = idx.search(p, k=1)[0]  # a vector's own list is the nearest to it: found with any nprobe
@@ -231,7 +231,7 @@ def test_ivf_vector_index_many_lists():
     keys = rng.choice(2**62, size=6000, replace=False).astype(np.int64)
     ivf = VectorIndex.build(keys, vecs, ivf_threshold=1000)
     flat = VectorIndex.build(keys, vecs)
-    assert ivf.kind == "ivf" and ivf.nlist > ivf.probes and flat.kind == "flat" and ivf.ntotal == 6000
+    assert ivf.kind == "ivf" and ivf.nlist > ivf.probes() and flat.kind == "flat" and ivf.ntotal == 6000
     _, got = ivf.search(vecs[:500], 10)
     _, want = flat.search(vecs[:500], 10)
     assert np.array_equal(got[:, 0], keys[:500])  # each vector is its own nearest neighbour

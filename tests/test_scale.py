@@ -166,30 +166,40 @@ def test_default_nprobe_follows_the_lists(synth):
     idx, put = synth
     put(names("a", 3000), vectors(3000, seed=0))
     vi = Index(idx.root, ivf_threshold=1000).vector_index("content")
-    assert vi.kind == "ivf" and vi.nprobe is None
-    assert vi.probes == max(16, -(-vi.nlist // ann.PROBE_FRACTION)) < vi.nlist
-    assert Index(idx.root, ivf_threshold=1000, nprobe=3).vector_index("content").probes == 3
+    assert vi.kind == "ivf" and Index(idx.root).nprobe is None
+    assert vi.probes() == max(16, -(-vi.nlist // ann.PROBE_FRACTION)) < vi.nlist
+    assert vi.probes(3) == 3
+    query = vectors(1, seed=7)
+    exact = np.argsort(-(idx.store.vectors("content")[1] @ query[0]))[:10]
+    hits = Index(idx.root, ivf_threshold=1000, nprobe=vi.nlist).search_vector(query[0], 10)  # every list: exact
+    assert [h.key for h in hits] == idx.store.vectors("content")[0][exact].tolist()
 
 
 def test_single_query_splits_a_large_scan_over_threads(monkeypatch):
-    """A lone query that scans many IVF lists runs them on every FAISS thread (parallel_mode 1) and finds
-    what the batched search finds; the thread setting is restored afterwards."""
+    """A lone query that scans many IVF lists runs on a second IVF object over the same lists with
+    parallel_mode 1, and finds what the batched search finds, also after the lists changed; the
+    shared index keeps parallel_mode 0, and this thread's FAISS thread count (2 here, not the
+    suite's OMP_NUM_THREADS=1) is what it was."""
     import faiss
 
     vi = ann.VectorIndex.build(np.arange(3000), vectors(3000, seed=0), ivf_threshold=1000)
     queries = vectors(ann.PARALLEL_QUERIES, seed=5)
-    batched = vi.search(queries, 10)  # a batch: one thread per query
-    ivf = faiss.extract_index_ivf(vi.index)
-    assert ivf.parallel_mode == 0
-    threads = faiss.omp_get_max_threads()
     monkeypatch.setattr(ann, "SPLIT_SCAN", 0)
-    single = [vi.search(q[None], 10) for q in queries]
-    assert ivf.parallel_mode == 1 and faiss.omp_get_max_threads() == threads
-    assert np.array_equal(np.concatenate([k for _, k in single]), batched[1])
-    np.testing.assert_allclose(np.concatenate([s for s, _ in single]), batched[0], rtol=1e-5)
-    monkeypatch.setattr(ann, "SPLIT_SCAN", 10**9)
-    vi.search(queries[:1], 10)
-    assert ivf.parallel_mode == 0
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)
+    try:
+        for step in range(2):
+            batched = vi.search(queries, 10)  # a batch: parallel over the queries
+            single = [vi.search(q[None], 10) for q in queries]
+            assert vi._split is not None and faiss.extract_index_ivf(vi._split).parallel_mode == 1
+            assert faiss.extract_index_ivf(vi.index).parallel_mode == 0 and faiss.omp_get_max_threads() == 2
+            assert np.array_equal(np.concatenate([k for _, k in single]), batched[1])
+            np.testing.assert_allclose(np.concatenate([s for s, _ in single]), batched[0], rtol=1e-5)
+            new, added = np.arange(5000, 5100) + 100 * step, vectors(100, seed=6 + step)
+            vi.apply(np.arange(100) + 100 * step, new, added)  # the view sees the change
+            assert vi.ntotal == 3000 and np.array_equal(vi.search(added[:1], 1)[1][0], new[:1])
+    finally:
+        faiss.omp_set_num_threads(threads)
 
 
 def test_without_change_log_the_index_is_rebuilt(synth):
