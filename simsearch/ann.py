@@ -89,6 +89,7 @@ class VectorIndex:
     train_error: float = 0.0  # their mean squared distance to the nearest centroid
     added_n: int = 0  # vectors added since training, and the sum of their squared distances
     added_error: float = 0.0
+    version: object = None  # what the caller says the vectors reflect (simsearch: a table version), changed with them
     _gpu: faiss.Index | None = None
     _centroids: np.ndarray | None = None
     _lock: rwlock.RWLockWrite = field(default_factory=rwlock.RWLockWrite, repr=False)  # searches | one change
@@ -137,19 +138,25 @@ class VectorIndex:
         _, nearest = ivf.quantizer.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)
         return ((vectors - self._centroids[nearest[:, 0]]) ** 2).sum(1)
 
-    def apply(self, removed: np.ndarray, ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Remove the vectors of `removed` ids (those it holds), then add `vectors` under `ids`: one
-        change, which no search overlaps."""
-        removed = np.ascontiguousarray(removed, dtype=np.int64)
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        error = float(self.quantisation_error(vectors).sum()) if self.kind == "ivf" and len(ids) else 0.0
+    def apply(self, removed: np.ndarray, ids: np.ndarray, vectors: np.ndarray, version: object = None) -> None:
+        """Remove the vectors of `removed` ids (those it holds), then add `vectors` under `ids`, and
+        label the result `version`: one change, which no search overlaps."""
+        self.apply_all([(removed, ids, vectors)], version)
+
+    def apply_all(self, changes: list[tuple[np.ndarray, np.ndarray, np.ndarray]], version: object = None) -> None:
+        """`apply` each (removed, ids, vectors) in turn, all as one change."""
+        changes = [(np.ascontiguousarray(removed, dtype=np.int64), np.ascontiguousarray(ids, dtype=np.int64),
+                    np.ascontiguousarray(vectors, dtype=np.float32)) for removed, ids, vectors in changes]
+        errors = [float(self.quantisation_error(v).sum()) if self.kind == "ivf" and len(i) else 0.0 for _, i, v in changes]
         with self._lock.gen_wlock():
-            if len(removed):
-                self.index.remove_ids(faiss.IDSelectorArray(removed))
-            if len(ids):
-                self.index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
-                self.added_n += len(ids) if self.kind == "ivf" else 0
-                self.added_error += error
+            for (removed, ids, vectors), error in zip(changes, errors):
+                if len(removed):
+                    self.index.remove_ids(faiss.IDSelectorArray(removed))
+                if len(ids):
+                    self.index.add_with_ids(vectors, ids)
+                    self.added_n += len(ids) if self.kind == "ivf" else 0
+                    self.added_error += error
+            self.version = version
             self._gpu = None
             if self._split is not None:  # the view reads the same lists; only its count is its own
                 faiss.extract_index_ivf(self._split).ntotal = self.index.ntotal
@@ -163,10 +170,15 @@ class VectorIndex:
         With `allowed` (ids), only those vectors count; an IVF search starts from as many lists as
         scan as many allowed vectors as an unfiltered search scans vectors (probes / selectivity),
         and probes more until every query has min(k, len(allowed)) hits (all lists probed is exact)."""
+        return self.search_at(queries, k, allowed, nprobe)[:2]
+
+    def search_at(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None,
+                  nprobe: int | None = NPROBE) -> tuple[np.ndarray, np.ndarray, object]:
+        """`search`, and the `version` the vectors it searched were labelled with."""
         q, probes = np.ascontiguousarray(queries, dtype=np.float32), self.probes(nprobe)
         split = self.kind == "ivf" and len(q) < PARALLEL_QUERIES and self.scan_size(probes) >= SPLIT_SCAN
         with _omp_threads(None if split or len(q) >= PARALLEL_QUERIES else 1), self._lock.gen_rlock():
-            return self._search(q, k, allowed, probes, split)
+            return (*self._search(q, k, allowed, probes, split), self.version)
 
     def scan_size(self, probes: int | None = None) -> int:
         """Vectors one query compares against: all of them, or the probed lists' share."""

@@ -169,14 +169,15 @@ class FollowedIndex:
                 changed = store.changed_since(derived.table_version) if _compatible(derived, store, source) else None
                 if changed is not None:
                     ids, vectors = source.read_keys(store, changed)
-                    derived.vectors.apply(source.stale_ids(changed), ids, vectors)
+                    derived.vectors.apply(source.stale_ids(changed), ids, vectors, version)
                     derived = replace(derived, table_version=version)
                     if retrain_reason(derived.vectors, self.ivf_threshold) is None:
                         self.current = save_delta(path, derived, changed, ids, vectors)
                         return False
                 ids, vectors = source.read_all(store)
-                self.current = save(path, Derived(VectorIndex.build(ids, vectors, self.ivf_threshold), version,
-                                                  *identity(store, source)[:2]))
+                built = VectorIndex.build(ids, vectors, self.ivf_threshold)
+                built.version = version
+                self.current = save(path, Derived(built, version, *identity(store, source)[:2]))
                 return True
 
 
@@ -225,12 +226,13 @@ def load(path: Path, source: Source, current: Derived | None = None) -> Derived 
             vi, todo = current.vectors, files[len(mine):]
         else:
             vi, todo = VectorIndex.read(_verified(path.parent, files[0])), files[1:]
+            vi.version = side["table_version"]  # read just now: no search has it yet
         deltas = []
         for entry in todo:  # every file read and checked before the index changes
             with np.load(_verified(path.parent, entry)) as delta:
                 deltas.append((delta["changed"], delta["keys"], delta["vectors"]))
-        for changed, ids, vectors in deltas:
-            vi.apply(source.stale_ids(changed), ids, vectors)
+        if deltas:  # one change: a search sees the chain before or after all of them
+            vi.apply_all([(source.stale_ids(changed), ids, vectors) for changed, ids, vectors in deltas], side["table_version"])
         vi.restore(side)
         return Derived(vi, side["table_version"], side["weights"], side["table_uuid"], files)
     except (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError, EOFError):

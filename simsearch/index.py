@@ -38,6 +38,7 @@ class Hit:
     id: str
     key: int
     scores: dict[str, float] = field(default_factory=dict)  # per-stage scores when reranked
+    table_version: int | None = None  # the table version its row was read at (None: the latest)
 
     def to_dict(self) -> dict:
         d = {"rank": self.rank, "score": round(self.score, 6), "path": self.path, "id": self.id}
@@ -239,11 +240,12 @@ class Index:
         return np.asarray(row[mode], dtype=np.float32), self._decode_dense([row])[0]
 
     def rerank(self, query_dense: np.ndarray, hits: list[Hit], method: str = "both") -> list[Hit]:
-        """Reorder `hits` by a second-stage score computed from the stored dense tensors. Hits whose
-        rows were deleted since the search are dropped, so no score lands on another hit."""
+        """Reorder `hits` by a second-stage score computed from the stored dense tensors, read at the
+        version the hits were. Hits whose rows are not there (that version deleted since) are
+        dropped, so no score lands on another hit."""
         from .rerank import rerank_scores
 
-        found = self.store.find([h.key for h in hits], ["dense"])
+        found = self.store.find([h.key for h in hits], ["dense"], version=hits[0].table_version if hits else None)
         hits = [h for h in hits if h.key in found]
         if not hits:
             return hits
@@ -258,8 +260,10 @@ class Index:
         return ordered
 
     def search_vector(self, vector: np.ndarray, k: int, mode: str = "content", where: str | None = None) -> list[Hit]:
-        """Nearest rows to `vector`; ranks count only rows still in the table (no gaps). With `where`,
-        k hits whenever k rows match: a small matching set is scored exactly from its stored vectors,
+        """Nearest rows to `vector`, read at the table version the FAISS index reflects, so the hits
+        are rows of one committed version (README, "What a reader sees"); ranks count only rows found
+        (no gaps, should that version have been cleaned up meanwhile). With `where`, k hits whenever k
+        rows match: a small matching set is scored exactly from its stored vectors (latest version),
         a large one searched with more IVF lists probed until k are found."""
         index = self.vector_index(mode)
         allowed = self.store.keys_where(where) if where else None
@@ -269,13 +273,13 @@ class Index:
             keys, vectors = self.store.vectors_of(allowed, mode)
             scores = vectors @ np.asarray(vector, np.float32)
             top = np.argsort(-scores, kind="stable")[:k]
-            scores, keys = scores[top][None], keys[top][None]
+            scores, keys, version = scores[top][None], keys[top][None], None
         else:
-            scores, keys = index.search(vector[None], k, allowed, nprobe=self.nprobe)
+            scores, keys, version = index.search_at(vector[None], k, allowed, nprobe=self.nprobe)
         pairs = [(float(s), int(key)) for s, key in zip(scores[0], keys[0]) if key >= 0]
-        rows = self.store.find([key for _, key in pairs], ["path", "id"])
+        rows = self.store.find([key for _, key in pairs], ["path", "id"], version=version)
         kept = [(s, key) for s, key in pairs if key in rows]
-        return [Hit(rank=i, score=s, path=rows[key]["path"], id=rows[key]["id"], key=key)
+        return [Hit(rank=i, score=s, path=rows[key]["path"], id=rows[key]["id"], key=key, table_version=version)
                 for i, (s, key) in enumerate(kept, 1)]
 
     # -- state -------------------------------------------------------------------------------

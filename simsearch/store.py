@@ -211,16 +211,23 @@ class ImageStore:
             self._table = self.db.open_table(TABLE)
         return self._table
 
-    def reader(self, name: str = TABLE):
-        """Table `name` as a Lance dataset at its latest version, for reads. A new handle each time
-        (microseconds, with the shared session's caches): handles are not shared between threads."""
+    def reader(self, name: str = TABLE, version: int | None = None):
+        """Table `name` as a Lance dataset at `version` (None: the latest), for reads. A new handle
+        each time (microseconds, with the shared session's caches): handles are not shared between
+        threads. A version `compact` has deleted since is read at the latest."""
         import lance
 
         if name == TABLE:
             self._check_exists()
         if self._session is None:
             self._session = lance.Session()
-        return lance.dataset(str(self.root / f"{name}.lance"), session=self._session)
+        uri = str(self.root / f"{name}.lance")
+        if version is not None:
+            try:
+                return lance.dataset(uri, version=version, session=self._session)
+            except ValueError:  # older than keep_versions: cleaned up
+                pass
+        return lance.dataset(uri, session=self._session)
 
     @property
     def lock(self):
@@ -339,12 +346,14 @@ class ImageStore:
         return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
 
     # -- reads -------------------------------------------------------------------------------
-    def _select(self, columns: list[str], where: str | None = None, table: str = TABLE, user_filter: bool = False) -> pa.Table:
-        """`columns` of the rows of `table` matching `where`. A `user_filter` (a --where) that Lance
-        rejects is the user's error; any other failure is ours and propagates as it is."""
+    def _select(self, columns: list[str], where: str | None = None, table: str = TABLE, user_filter: bool = False,
+                version: int | None = None) -> pa.Table:
+        """`columns` of the rows of `table` (at `version`, see `reader`) matching `where`. A
+        `user_filter` (a --where) that Lance rejects is the user's error; any other failure is ours
+        and propagates as it is."""
         if table == CATALOG and not self.has_table(CATALOG):
             self.catalog  # a format 1 database: built from the payload first
-        dataset = self.reader(table)
+        dataset = self.reader(table, version)
         if not user_filter:
             return dataset.to_table(columns=columns, filter=where or None)
         try:
@@ -377,12 +386,13 @@ class ImageStore:
     def keys_where(self, where: str) -> np.ndarray:
         return self._select(["key"], where, user_filter=True).column("key").to_numpy()
 
-    def find(self, keys, columns: list[str]) -> dict[int, dict]:
-        """key -> row (the `columns` asked for) for those of `keys` still in the table."""
+    def find(self, keys, columns: list[str], version: int | None = None) -> dict[int, dict]:
+        """key -> row (the `columns` asked for) for those of `keys` in the table (at `version`, see
+        `reader`; None: still in it now)."""
         cols = list(dict.fromkeys(["key", *columns]))
         found: dict[int, dict] = {}
         for chunk in _chunks([int(k) for k in keys]):
-            for row in self._select(cols, _in(chunk)).to_pylist():
+            for row in self._select(cols, _in(chunk), version=version).to_pylist():
                 found[row["key"]] = row
         return found
 
