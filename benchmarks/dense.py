@@ -196,7 +196,7 @@ def cmd_compress(args) -> None:
     }
     n = len(paths)
     labels = np.array(labels)
-    methods = ("aas", "matches", "score")
+    methods = ("aas", "matches")
 
     def all_scores(cands: np.ndarray, queries: np.ndarray = ref) -> dict[str, np.ndarray]:
         """(n, n-1) per method: query i (fp32, fresh forward) against every other image's stored tensor."""

@@ -34,7 +34,7 @@ def time_query(device: str, model_dir: str, candidates: int, runs: int) -> dict:
 
     def query() -> np.ndarray:
         dense = bb.tokens(pixels, {"d": (layer, "source")})["d"][0].float().cpu().numpy()
-        return rerank_scores(bb, layer, dense, stored, "aas")["score"]
+        return rerank_scores(bb, layer, dense, stored, "aas")["aas"]
 
     for _ in range(3):  # warm-up: kernels, allocator
         query()

@@ -22,12 +22,15 @@ from .descriptors.quant import COMPACT_CODECS
 from .embedder import DescriptorConfig, Embedder
 from .errors import ConfigMismatchError, EmptyIndexError, SimsearchError
 from .images import _to_rgb, open_image
+from .rerank import DEFAULT_RERANKER, RERANKERS
 from .store import KEEP_VERSIONS, VECTOR_COLUMNS, ImageStore
 
 MODES = VECTOR_COLUMNS  # "content", "style"
 DENSE_CODECS = ("raw", *COMPACT_CODECS)
 DEFAULT_DENSE_CODEC = "raw"
 DEFAULT_DB = "simsearch.db"
+VIEW_SCALES = (0.5,)
+PRIOR_ROWS = 64  # rows sampled for the positional prior of verification  # verification also describes a query at these fractions of the input size
 
 
 @dataclass
@@ -38,12 +41,17 @@ class Hit:
     id: str
     key: int
     scores: dict[str, float] = field(default_factory=dict)  # per-stage scores when reranked
+    # verified reranking: inlier correspondences, query (x, y) -> hit (x, y) in each image's pixels
+    matches: list[tuple[float, float, float, float]] = field(default_factory=list)
     table_version: int | None = None  # the table version its row was read at (None: the latest)
 
     def to_dict(self) -> dict:
         d = {"rank": self.rank, "score": round(self.score, 6), "path": self.path, "id": self.id}
         if self.scores:
             d["scores"] = {k: round(v, 6) for k, v in self.scores.items()}
+        if self.matches:
+            d["matches"] = [{"query": [round(qx, 1), round(qy, 1)], "hit": [round(hx, 1), round(hy, 1)]}
+                            for qx, qy, hx, hy in self.matches]
         return d
 
 
@@ -97,6 +105,7 @@ class Index:
         if embedder is not None and embedder.conf != self.conf:
             raise ConfigMismatchError(f"the shared embedder has {embedder.conf.describe()}, the index {self.conf.describe()}")
         self._embedder: Embedder | None = embedder
+        self._prior = None
 
     def _check_config(self, stored: DescriptorConfig) -> DescriptorConfig:
         conf, overrides = self._requested
@@ -200,13 +209,36 @@ class Index:
             img = open_image(Path(image).expanduser(), max_side=self.conf.image_size).image
         return emb.embed(emb.preprocess(img)[None])
 
+    def load_query(self, image: str | Path | Image.Image) -> Image.Image:
+        """A query image prepared as the indexer prepares files."""
+        if isinstance(image, Image.Image):
+            return _to_rgb(ImageOps.exif_transpose(image))
+        return open_image(Path(image).expanduser(), max_side=self.conf.image_size).image
+
     def search(self, image: str | Path | Image.Image, k: int = 10, mode: str = "content",
                where: str | None = None, rerank: str | None = None, candidates: int = 50) -> list[Hit]:
         """Top-k images like `image`. mode: "content" or "style"; where: a SQL filter on the table;
-        rerank: "aas", "matches" or "both" reorders the first `candidates` hits (see simsearch.rerank)."""
+        rerank: "verified", "aas", "matches" or "both" reorders the first `candidates` hits (see
+        simsearch.rerank)."""
         self.check_query(k, mode, rerank)
-        emb = self.embed_image(image)
-        return self.search_embedded(getattr(emb, mode)[0], emb.dense[0], k, mode, where, rerank, candidates)
+        img = self.load_query(image)
+        emb = self.embed_image(img)
+        query = self.rerank_query(img, emb.dense[0], rerank) if rerank else None
+        return self.search_embedded(getattr(emb, mode)[0], query, k, mode, where, rerank, candidates)
+
+    def rerank_query(self, img: Image.Image, dense: np.ndarray, method: str = DEFAULT_RERANKER):
+        """What the second stage needs of a query image whose dense tensor is `dense`: for
+        verification also its dense tensors at VIEW_SCALES of the input size (a crop meets its
+        original's patches at their scale)."""
+        from .rerank import RerankQuery
+
+        views = []
+        if method == "verified":
+            bb = self.embedder.backbone
+            for scale in VIEW_SCALES:
+                pixels = bb.preprocess(img, bb.view_size(round(self.conf.image_size * scale)))[None]
+                views.append(bb.tokens(pixels, {"dense": (self.conf.dense_layer, "source")})["dense"][0].float().cpu().numpy())
+        return RerankQuery(np.asarray(dense, np.float32), img.size, views)
 
     def check_query(self, k: int, mode: str = "content", rerank: str | None = None) -> None:
         """Refuse a query before any forward: unknown mode or reranker, k outside 1..rows."""
@@ -220,44 +252,63 @@ class Index:
         if k > n:
             raise SimsearchError(f"k={k} is larger than the {n} images in {self.root}; use -k {n} or less")
         if rerank is not None:
-            from .rerank import RERANKERS
-
             if rerank not in RERANKERS:
                 raise SimsearchError(f"unknown reranker '{rerank}' (choose from {', '.join(RERANKERS)})")
 
-    def search_embedded(self, vector: np.ndarray, dense: np.ndarray | None, k: int = 10, mode: str = "content",
+    def search_embedded(self, vector: np.ndarray, query, k: int = 10, mode: str = "content",
                         where: str | None = None, rerank: str | None = None, candidates: int = 50) -> list[Hit]:
-        """`search` for a query already embedded: its `mode` vector and (to rerank) its dense tensor (T, C)."""
+        """`search` for a query already embedded: its `mode` vector and (to rerank) a RerankQuery or
+        its bare dense tensor (T, C)."""
         if rerank is None:
             return self.search_vector(vector, k, mode, where)
         hits = self.search_vector(vector, max(k, min(candidates, self.count())), mode, where)
-        return self.rerank(dense, hits, rerank)[:k]
+        return self.rerank(query, hits, rerank)[:k]
 
-    def stored_query(self, key: int, mode: str = "content") -> tuple[np.ndarray, np.ndarray]:
-        """The `mode` vector and the dense tensor stored for row `key`, to search from an indexed
+    def stored_query(self, key: int, mode: str = "content"):
+        """The `mode` vector and the RerankQuery stored for row `key`, to search from an indexed
         image without its file (MissingRowsError when the row is gone)."""
-        row = self.store.rows([key], [mode, "dense"])[0]
-        return np.asarray(row[mode], dtype=np.float32), self._decode_dense([row])[0]
+        from .rerank import RerankQuery
 
-    def rerank(self, query_dense: np.ndarray, hits: list[Hit], method: str = "both") -> list[Hit]:
-        """Reorder `hits` by a second-stage score computed from the stored dense tensors, read at the
-        version the hits were. Hits whose rows are not there (that version deleted since) are
-        dropped, so no score lands on another hit."""
-        from .rerank import rerank_scores
+        row = self.store.rows([key], [mode, "dense", "width", "height"])[0]
+        query = RerankQuery(self._decode_dense([row])[0], (row["width"], row["height"]))
+        return np.asarray(row[mode], dtype=np.float32), query
 
-        found = self.store.find([h.key for h in hits], ["dense"], version=hits[0].table_version if hits else None)
+    def rerank(self, query, hits: list[Hit], method: str = DEFAULT_RERANKER) -> list[Hit]:
+        """Reorder `hits` by the first-stage score fused with a second-stage score computed from the
+        stored dense tensors (simsearch.rerank), read at the table version the hits were.
+        `query`: a RerankQuery or a bare dense tensor (T, C). Hits whose rows are not there (that
+        version cleaned up since and the rows deleted) are dropped, so no score lands on another hit.
+        Returns new hits; the given ones keep their first-stage scores."""
+        from .rerank import fuse, rerank_scores
+
+        found = self.store.find([h.key for h in hits], ["dense", "width", "height"],
+                                version=hits[0].table_version if hits else None)
         hits = [h for h in hits if h.key in found]
         if not hits:
             return hits
-        dense = self._decode_dense([found[h.key] for h in hits])
-        scores = rerank_scores(self.embedder.backbone, self.conf.dense_layer, query_dense, dense, method)
-        for i, h in enumerate(hits):
-            h.scores = {"first_stage": h.score, **{name: float(v[i]) for name, v in scores.items() if name != "score"}}
-            h.score = float(scores["score"][i])
-        ordered = sorted(hits, key=lambda h: -h.score)
-        for rank, h in enumerate(ordered, 1):
-            h.rank = rank
-        return ordered
+        rows = [found[h.key] for h in hits]
+        dense = self._decode_dense(rows)
+        sizes = [(r["width"], r["height"]) for r in rows]
+        scores = rerank_scores(self.embedder.backbone, self.conf.dense_layer, query, dense, method, sizes,
+                               prior=self.positional_prior() if method == "verified" else None)
+        final = fuse([h.score for h in hits], scores, method)
+        pairs = scores.pop("pairs", None)
+        reranked = [replace(h, score=float(final[i]),
+                            scores={"first_stage": h.score, **{name: float(v[i]) for name, v in scores.items()}},
+                            matches=[tuple(float(v) for v in row) for row in pairs[i]] if pairs and pairs[i] is not None else [])
+                    for i, h in enumerate(hits)]
+        ordered = sorted(reranked, key=lambda h: -h.score)
+        return [replace(h, rank=rank) for rank, h in enumerate(ordered, 1)]
+
+    def positional_prior(self):
+        """The table's mean patch key per cell (rerank.positional_prior) over its first PRIOR_ROWS rows,
+        computed once per Index."""
+        if self._prior is None:
+            from .rerank import positional_prior
+
+            sample = self._decode_dense(self.store.head(["dense"], PRIOR_ROWS))
+            self._prior = positional_prior(self.embedder.backbone, self.conf.dense_layer, sample)
+        return self._prior
 
     def search_vector(self, vector: np.ndarray, k: int, mode: str = "content", where: str | None = None) -> list[Hit]:
         """Nearest rows to `vector`, read at the table version the FAISS index reflects, so the hits

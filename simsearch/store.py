@@ -383,6 +383,10 @@ class ImageStore:
             return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
         return _vectors(pa.concat_tables(parts), column)
 
+    def head(self, columns: list[str], n: int) -> list[dict]:
+        """The first `n` rows of the payload (a sample whose cost is bounded by n, not the table)."""
+        return self.reader(TABLE).to_table(columns=columns, limit=n).to_pylist()
+
     def keys_where(self, where: str) -> np.ndarray:
         return self._select(["key"], where, user_filter=True).column("key").to_numpy()
 

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from conftest import EXAMPLES, REPO
+from simsearch.rerank import RERANKERS
 
 pytestmark = pytest.mark.slow  # one subprocess, ~25 s of CPU
 RUNNER = r"""
@@ -134,7 +135,7 @@ def test_dense(runs):
     res = results(runs, "dense", "dense", "dense")
     assert set(res) == {"latency", "compress", "pck"}
     assert {(r["dtype"], r["method"]) for r in res["latency"]["rows"]} == {
-        (d, m) for d in ("float16", "int8") for m in ("aas", "matches", "both")}
+        (d, m) for d in ("float16", "int8") for m in RERANKERS}
     assert res["pck"]["fixtures"] == {"translation": {"pairs": 2, "points": 50, "categories": ["chelsea"]}}
     assert len(res["pck"]["rows"]) == 8 and all(0 <= r["pck@0.1"] <= 1 for r in res["pck"]["rows"])
 
@@ -143,7 +144,7 @@ def test_rerank_quality(runs):
     res = results(runs, "rerank_quality", "rerank", "rerank_quality")
     assert set(res["datasets"]) == {"card-decks", "tuxpaint-categories"}
     for entry in res["datasets"].values():
-        assert entry["images"] == 6 and set(entry["results"]) == {"first stage", "+aas", "+matches", "+both"}
+        assert entry["images"] == 6 and set(entry["results"]) == {"first stage", *(f"+{m}" for m in RERANKERS)}
     assert set(res["datasets"]["card-decks"]["triplets"]["accuracy"]) == {
         "aas", "cosine (style vector)", "cosine (content vector)"}
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import save_tiny_vit
-from simsearch.rerank import RERANKERS, rerank_scores
+from simsearch.rerank import RERANKERS, fuse, rerank_scores
 from simsearch.rerank.aas import aas_directed, aligned_attention_score, attend
 
 
@@ -91,12 +91,12 @@ def test_rerank_scores_permuted_copy_scores_one(tiny_dinov2):
     perm = np.r_[0, 1 + np.random.default_rng(0).permutation(len(q) - 1)]  # CLS stays first
     cands = np.stack([q[perm], _dense(tiny_dinov2, 1), _dense(tiny_dinov2, 2), q])
     s = rerank_scores(tiny_dinov2, 1, q, cands, "both")
-    assert set(s) == {"aas", "matches", "score"}
-    assert s["aas"].shape == s["matches"].shape == s["score"].shape == (4,)
+    assert set(s) == {"aas", "matches"}
+    assert s["aas"].shape == s["matches"].shape == (4,)
     np.testing.assert_allclose(s["aas"][[0, 3]], 1.0, atol=1e-5)
     np.testing.assert_allclose(s["matches"][[0, 3]], 1.0)
     assert (s["aas"][1:3] < 0.999).all() and (s["matches"][1:3] < 1.0).all()
-    assert set(np.argsort(-s["score"])[:2]) == {0, 3}
+    assert set(np.argsort(-fuse(np.zeros(4), s, "both"))[:2]) == {0, 3}
 
 
 @pytest.mark.parametrize("method", RERANKERS)
@@ -104,13 +104,19 @@ def test_rerank_scores_only_what_the_method_needs(tiny_dinov2, method):
     q = _dense(tiny_dinov2, 0)
     cands = np.stack([_dense(tiny_dinov2, s) for s in range(1, 5)])
     s = rerank_scores(tiny_dinov2, 1, q, cands, method)
-    expected = {"aas": {"aas", "score"}, "matches": {"matches", "score"}, "both": {"aas", "matches", "score"}}[method]
+    expected = {"verified": {"verified", "inliers", "pairs"}, "aas": {"aas"}, "matches": {"matches"},
+                "both": {"aas", "matches"}}[method]
     assert set(s) == expected
-    if method != "both":
-        np.testing.assert_array_equal(s["score"], s[method])
-    else:  # mean of z-scores (plus a tiny AAS tie-break)
-        z = lambda x: (x - x.mean()) / x.std()  # noqa: E731
-        np.testing.assert_allclose(s["score"], 0.5 * (z(s["aas"]) + z(s["matches"])), atol=1e-4)
+
+
+def test_fusion_keeps_the_first_stage_and_promotes_by_second_stage_evidence():
+    """fuse = first stage + weight * (score above its floor): a second stage at or below its floor
+    leaves the first-stage order, evidence above it reorders by weight * excess."""
+    first = np.array([0.9, 0.8, 0.7])
+    rule = {"verified": (2.0, 0.1)}
+    assert np.argsort(-fuse(first, {"verified": np.array([0.0, 0.1, 0.05])}, "verified", rule)).tolist() == [0, 1, 2]
+    fused = fuse(first, {"verified": np.array([0.0, 0.0, 0.3])}, "verified", rule)
+    np.testing.assert_allclose(fused, [0.9, 0.8, 0.7 + 2.0 * 0.2])
 
 
 def test_rerank_scores_refuses_an_unknown_method(tiny_dinov2):

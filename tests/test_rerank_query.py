@@ -1,4 +1,4 @@
-"""`simsearch query --rerank aas|matches|both` on a small database of examples/images built with the
+"""`simsearch query --rerank verified|aas|matches|both` on a small database of examples/images built with the
 embedded DINOv2-S/14: the reranked list is a reordering of the first-stage candidates, with per-stage
 scores."""
 
@@ -28,7 +28,14 @@ def first_stage(embedded_db):
     return {h.path: h.score for h in hits}, [h.path for h in hits]
 
 
-@pytest.mark.parametrize("method", ["aas", "matches", "both"])
+def _fused(scores: dict, method: str) -> float:
+    """The documented fusion rule: first stage + weight * max(0, score - floor) per second-stage score."""
+    from simsearch.rerank import FUSION
+
+    return scores["first_stage"] + sum(w * max(0.0, scores[name] - floor) for name, (w, floor) in FUSION[method].items())
+
+
+@pytest.mark.parametrize("method", ["verified", "aas", "matches", "both"])
 def test_query_rerank_reorders_candidates_with_per_stage_scores(cli, embedded_db, first_stage, method):
     db, _ = embedded_db
     code, out, err = cli("query", QUERIES / "cat_crop.jpg", "--db", db, "--rerank", method,
@@ -39,13 +46,13 @@ def test_query_rerank_reorders_candidates_with_per_stage_scores(cli, embedded_db
     assert [r["rank"] for r in rows] == list(range(1, 13))
     assert sorted(r["path"] for r in rows) == sorted(first_order)  # the same candidates...
     assert [r["path"] for r in rows] != first_order  # ...in another order
-    expected_keys = {"aas": {"first_stage", "aas"}, "matches": {"first_stage", "matches"},
-                     "both": {"first_stage", "aas", "matches"}}[method]
+    expected_keys = {"verified": {"first_stage", "verified", "inliers"}, "aas": {"first_stage", "aas"},
+                     "matches": {"first_stage", "matches"}, "both": {"first_stage", "aas", "matches"}}[method]
     for r in rows:
         assert set(r["scores"]) == expected_keys
         assert r["scores"]["first_stage"] == pytest.approx(first_scores[r["path"]], abs=1e-5)
-        if method != "both":
-            assert r["score"] == pytest.approx(r["scores"][method], abs=1e-6)
+        assert r["score"] == pytest.approx(_fused(r["scores"], method), abs=1e-5)
+        assert ("matches" in r) == (method == "verified" and r["scores"]["inliers"] > 0)
         if "aas" in r["scores"]:
             assert -1 <= r["scores"]["aas"] <= 1.00001
         if "matches" in r["scores"]:
@@ -54,6 +61,22 @@ def test_query_rerank_reorders_candidates_with_per_stage_scores(cli, embedded_db
     assert scores == sorted(scores, reverse=True)
     # The query is a mirrored crop of chelsea: it stays on top whichever signal ranks.
     assert rows[0]["path"].endswith("chelsea.jpg")
+
+
+def test_query_rerank_without_a_name_verifies_and_returns_correspondences(cli, embedded_db):
+    """`--rerank` alone is the verified reranker; each hit's inliers map the mirrored crop onto
+    chelsea.jpg: query x grows where the hit's x shrinks (a mirror), y grows with y."""
+    import numpy as np
+
+    db, _ = embedded_db
+    code, out, err = cli("query", QUERIES / "cat_crop.jpg", "--db", db, "-k", "3", "--json", "--rerank")
+    assert code == 0, err
+    top = _json_lines(out)[0]
+    assert top["path"].endswith("chelsea.jpg") and set(top["scores"]) == {"first_stage", "verified", "inliers"}
+    pairs = np.array([m["query"] + m["hit"] for m in top["matches"]])
+    assert len(pairs) >= 8 and top["scores"]["inliers"] >= len(pairs)
+    assert np.corrcoef(pairs[:, 0], pairs[:, 2])[0, 1] < -0.9
+    assert np.corrcoef(pairs[:, 1], pairs[:, 3])[0, 1] > 0.9
 
 
 def test_query_rerank_top_k_is_the_head_of_the_reranked_candidates(cli, embedded_db):
@@ -76,9 +99,13 @@ def test_query_rerank_table_shows_each_stage(cli, embedded_db):
     assert code == 0, err
     for header in ("rank", "score", "first stage", "aas", "matches", "path"):
         assert header in out, out
+    code, out, err = cli("query", EXAMPLES / "coffee.jpg", "--db", db, "--rerank", "verified", "-k", "3")
+    assert code == 0, err
+    for header in ("first stage", "verified", "inliers"):
+        assert header in out, out
 
 
 def test_query_unknown_reranker_is_a_one_line_error(cli, embedded_db):
     db, _ = embedded_db
     one_line_error(*cli("query", EXAMPLES / "coffee.jpg", "--db", db, "--rerank", "cosine", "-k", "3"),
-                   "cosine", "aas", "matches", "both")
+                   "cosine", "verified", "aas", "matches", "both")

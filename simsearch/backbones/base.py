@@ -60,6 +60,13 @@ class Backbone(nn.Module, ABC):
     def check_size(self, size: int) -> None:
         """SimsearchError unless `size` is an input side the family can take."""
 
+    size_multiple: int = 1  # input sides the family takes are multiples of this
+
+    def view_size(self, size: int) -> int:
+        """The input side nearest `size` that the family takes (at least one multiple)."""
+        m = self.size_multiple
+        return max(m, round(size / m) * m)
+
     @property
     @abstractmethod
     def final_layer(self) -> Layer:

@@ -153,6 +153,8 @@ class StableDiffusionBackbone(Backbone):
                 raise SimsearchError(f"{role}='{layer}' is a cross-attention: its keys are the prompt's, the same for "
                                      "every image; use a self-attention (attn1), or an attn2 with an IP-Adapter")
 
+    size_multiple = 64
+
     def check_size(self, size: int) -> None:
         if size % 64:
             raise SimsearchError(f"image size {size} must be a multiple of 64 for Stable Diffusion (VAE x8, UNet x8)")

@@ -54,6 +54,7 @@ class ViTBackbone(Backbone):
         super().__init__()
         self.model = model.eval()
         self.patch_size, self.dim, self.num_heads = patch_size, dim, num_heads
+        self.size_multiple = patch_size
         self.blocks = blocks
         self.num_layers = len(blocks)
 

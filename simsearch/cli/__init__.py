@@ -23,13 +23,24 @@ for command in (index.index, query.query, index.info, models.models, match.match
 app.add_typer(bench.app, name="bench")
 
 
+def _bare_rerank(argv: list[str]) -> list[str]:
+    """`--rerank` without a name means the default reranker (Typer options always take a value)."""
+    from ..rerank import DEFAULT_RERANKER
+
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == "--rerank" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            argv.insert(i + 1, DEFAULT_RERANKER)
+    return argv
+
+
 def main() -> None:
     # Idle OpenMP workers sleep instead of spinning. On a machine whose cores are busy with other work,
     # spinning workers made one 224 px forward take 3.9 s instead of 0.22 s (2 cores, load 8, measured).
     # The console script gets here before torch loads its OpenMP runtime; a user's own setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
-        app()
+        app(args=_bare_rerank(sys.argv[1:]))
     except SimsearchError as e:
         err.print(f"[red]error[/]: {esc(e)}", highlight=False, soft_wrap=True)
         sys.exit(1)

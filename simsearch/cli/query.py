@@ -12,6 +12,10 @@ from rich.table import Table
 from ._common import DEFAULT_DB, DbOption, DeviceOption, cell, esc, note, out, quiet_libraries
 
 
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) >= 1 else f"{value:.4f}"
+
+
 def query(
     image: Annotated[Path, typer.Argument(help="Query image.")],
     db: DbOption = DEFAULT_DB,
@@ -21,7 +25,7 @@ def query(
     model: Annotated[Optional[str], typer.Option(help="Must match the database's model, if given.")] = None,
     device: DeviceOption = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
-    rerank: Annotated[Optional[str], typer.Option(help="Rerank with aas, matches or both.")] = None,
+    rerank: Annotated[Optional[str], typer.Option(help="Rerank the first-stage hits: verified (the default when no name is given: geometric verification of patch correspondences), aas, matches or both.")] = None,
     candidates: Annotated[int, typer.Option(min=1, help="First-stage hits to rerank.")] = 50,
     nprobe: Annotated[Optional[int], typer.Option(min=1, help="IVF lists probed (large databases): more is slower and closer to exact.")] = None,
     html_out: Annotated[Optional[Path], typer.Option("--html", help="Write a self-contained results page.")] = None,
@@ -64,5 +68,5 @@ def query(
         table.add_column(name.replace("_", " "), justify="right")
     table.add_column("path", overflow="fold")
     for hit in hits:
-        table.add_row(str(hit.rank), f"{hit.score:.4f}", *[f"{hit.scores[n]:.4f}" for n in extra], cell(hit.path))
+        table.add_row(str(hit.rank), f"{hit.score:.4f}", *[_number(hit.scores[n]) for n in extra], cell(hit.path))
     out.print(table)

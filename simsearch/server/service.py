@@ -102,8 +102,9 @@ class SearchService:
         with self.model_lock:
             t_model = time.perf_counter()
             emb = self.index.embed_image(image)
+            query = self.index.rerank_query(image, emb.dense[0], rerank) if rerank else emb.dense[0]
         t2 = time.perf_counter()
-        hits = self._search(getattr(emb, mode)[0], emb.dense[0], mode, k, rerank, candidates, where)
+        hits = self._search(getattr(emb, mode)[0], query, mode, k, rerank, candidates, where)
         t3 = time.perf_counter()
         thumb = image.copy()
         thumb.thumbnail((QUERY_THUMB, QUERY_THUMB))

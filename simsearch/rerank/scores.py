@@ -1,0 +1,119 @@
+"""Second-stage scores and their fusion with the first stage (see simsearch.rerank)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import DEFAULT_RERANKER, RERANKERS
+from ..descriptors.facets import attention_probs, merge_heads
+from ..descriptors.saliency import cls_saliency
+from .aas import aligned_attention_score
+from .correspondence import mutual_nn_share
+from .verify import GeometricVerifier, PatchSet
+
+# final = first-stage cosine + sum of weight * max(0, score - floor) over the method's scores.
+# Fitted on the tuning part of the copy-detection proxy (benchmarks/copydetect.py, README "Measured").
+FUSION = {
+    "verified": {"verified": (1.0, 0.05)},
+    "aas": {"aas": (1.0, 0.0)},
+    "matches": {"matches": (1.0, 0.0)},
+    "both": {"aas": (1.0, 0.0), "matches": (1.0, 0.0)},
+}
+
+
+@dataclass
+class RerankQuery:
+    """What the second stage knows of a query: its dense tensor at the index's input size, the
+    same at other input sizes (verification's scale views) and the size of the image it shows."""
+
+    dense: np.ndarray  # (T, C) source of dense_layer, as an index stores it
+    size: tuple[int, int]  # (width, height) pixels
+    views: list[np.ndarray] = field(default_factory=list)  # (T', C) each, from other input sizes
+
+
+def patch_keys(backbone, qkv: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Unit-normalised patch keys (B, N, C) of attention inputs (B, H, T, d), prefix tokens dropped."""
+    return F.normalize(merge_heads(qkv[1])[:, backbone.prefix_tokens:].float(), dim=-1)
+
+
+def positional_prior(backbone, layer, sample: np.ndarray) -> torch.Tensor:
+    """The mean unit patch key at each grid cell (N, C) over a sample of stored sources (S, T, C).
+
+    A ViT's mid-level keys carry their position: unrelated images' patches at the same cell are each
+    other's mutual nearest neighbours, and the identity transform verifies. Subtracting this mean
+    leaves what the patch shows."""
+    return patch_keys(backbone, backbone.attention_inputs(layer, torch.as_tensor(sample))).mean(0)
+
+
+def patch_set(backbone, qkv: tuple[torch.Tensor, ...], sizes, prior: torch.Tensor | None = None) -> PatchSet:
+    """Patch keys less the positional prior (when given), and CLS-attention saliency (uniform for
+    families without a CLS token), of a batch of attention inputs (B, H, T, d)."""
+    q, k, _ = qkv
+    p = backbone.prefix_tokens
+    keys = patch_keys(backbone, qkv)  # (B, N, C)
+    if prior is not None:
+        keys = keys - prior
+    if p:
+        attn = attention_probs(q[:, :, :1].float(), k.float())  # (B, H, 1, T): the CLS row only
+        weight = cls_saliency(attn[..., [0, *range(p, k.shape[2])]])
+    else:
+        weight = torch.ones(keys.shape[:2])
+    return PatchSet.on_grid(keys, weight, backbone.patch_grid(k.shape[2]), sizes)
+
+
+@torch.inference_mode()
+def rerank_scores(backbone, layer, query, cand_dense: np.ndarray, method: str = DEFAULT_RERANKER,
+                  cand_sizes=None, verifier: GeometricVerifier | None = None, prior: torch.Tensor | None = None) -> dict:
+    """query: a RerankQuery, or a bare (T, C) dense tensor (no views, square image); cand_dense
+    (M, T, C): attention sources of `layer` as the index stores them; cand_sizes (M, 2) pixels;
+    prior: `positional_prior` of the table (verification without it matches positions, not content).
+
+    -> {"aas" | "matches" | "verified" | "inliers": (M,), "pairs": per candidate (P, 4) query and
+    candidate pixels (verified only)}: what `method` needs, before fusion (see `fuse`).
+    """
+    if method not in RERANKERS:
+        raise ValueError(f"unknown reranker '{method}' (choose from {', '.join(RERANKERS)})")
+    if not isinstance(query, RerankQuery):
+        query = RerankQuery(np.asarray(query), (1, 1))
+    m = len(cand_dense)
+    qkv_a = backbone.attention_inputs(layer, torch.as_tensor(query.dense)[None])
+    qkv_b = backbone.attention_inputs(layer, torch.as_tensor(cand_dense))
+    out: dict = {}
+    if method in ("aas", "both"):
+        out["aas"] = aligned_attention_score(qkv_a, qkv_b).float().cpu().numpy()
+    if method in ("matches", "both"):
+        p = backbone.prefix_tokens
+        keys_a = merge_heads(qkv_a[1])[0, p:]  # (N, C) patch keys, CLS and registers dropped
+        keys_b = merge_heads(qkv_b[1])[:, p:]  # (M, N, C)
+        out["matches"] = mutual_nn_share(keys_a.float(), keys_b.float()).cpu().numpy()
+    if method == "verified":
+        sizes = np.ones((m, 2)) if cand_sizes is None else np.asarray(cand_sizes, dtype=np.float32)
+        views = [patch_set(backbone, qkv_a, [query.size], prior)]
+        views += [patch_set(backbone, backbone.attention_inputs(layer, torch.as_tensor(v)[None]), [query.size],
+                            _regrid(prior, v.shape[0] - backbone.prefix_tokens)) for v in query.views]
+        ver = (verifier or GeometricVerifier())(views, patch_set(backbone, qkv_b, sizes, prior))
+        out.update(verified=ver.score.numpy(), inliers=ver.inliers.numpy(), pairs=ver.pairs)
+    return out
+
+
+def fuse(first_stage: np.ndarray, scores: dict, method: str, rule: dict | None = None) -> np.ndarray:
+    """The final sort key: first-stage score plus each second-stage score above its floor, weighted
+    (FUSION[method] unless `rule` is given: {score name: (weight, floor)})."""
+    final = np.asarray(first_stage, dtype=np.float64).copy()
+    for name, (weight, floor) in (rule or FUSION[method]).items():
+        final += weight * np.maximum(0.0, np.asarray(scores[name], dtype=np.float64) - floor)
+    return final
+
+
+def _regrid(prior: torch.Tensor | None, cells: int) -> torch.Tensor | None:
+    """A square grid's prior (N, C) resampled to `cells` cells (a view at another input size)."""
+    if prior is None or prior.shape[0] == cells:
+        return prior
+    side, to = round(prior.shape[0] ** 0.5), round(cells ** 0.5)
+    grid = prior.T.reshape(1, -1, side, side)
+    return F.adaptive_avg_pool2d(grid, to).flatten(2)[0].T if to < side else \
+        F.interpolate(grid, size=(to, to), mode="bilinear", align_corners=False).flatten(2)[0].T

@@ -1,0 +1,208 @@
+"""Geometric verification: does a candidate show what the query shows, in a consistent layout?
+
+The last step of an instance-retrieval pipeline (hloc, DELG-style rerankers) on the patch tokens the
+index already stores:
+1. tentative matches: mutual nearest neighbours of unit-normalised patch descriptors that pass a
+   similarity floor and Lowe's ratio test (the second-best match is taken outside the best one's
+   3 x 3 neighbourhood, since a token's neighbours look alike), weighted by CLS-attention saliency so
+   that flat background (white, sky) cannot vote;
+2. RANSAC over 2-point similarity transforms (scale, rotation, translation; optionally mirrored) on
+   the patch centres, every candidate at once, then a least-squares refit on the inliers;
+3. score = the saliency weight of the inliers.
+Scale-aware: the query is described on several grids ("views": a crop at half the input size meets
+its original's patches at their scale) and candidates on their stored grid and its 2 x 2 pooling (for
+a query that shows the candidate at half size, pasted into another picture); the best pair of views
+counts.
+
+Points are in units of their image's longer side, where a crop, resize, paste or rotation of the
+original image is a similarity. Pure tensor code: every function runs on small arrays in tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+
+@dataclass
+class PatchSet:
+    """Patch descriptors of B images on one (h, w) grid."""
+
+    desc: torch.Tensor  # (B, N, C) unit norm
+    weight: torch.Tensor  # (B, N) saliency in [0, 1]
+    xy: torch.Tensor  # (B, N, 2) patch centres (x, y) in units of the image's longer side
+    grid: tuple[int, int]  # (h, w), N = h * w
+    sizes: torch.Tensor  # (B, 2) image (width, height) in pixels
+
+    @classmethod
+    def on_grid(cls, desc: torch.Tensor, weight: torch.Tensor, grid: tuple[int, int], sizes) -> "PatchSet":
+        """Descriptors (B, h*w, C) of images of `sizes` (B, 2) pixels, resized whole onto `grid`."""
+        sizes = torch.as_tensor(sizes, dtype=torch.float32).reshape(-1, 2)
+        return cls(F.normalize(desc.float(), dim=-1), weight.float(), cell_centres(grid, sizes), grid, sizes)
+
+    def pooled(self, factor: int = 2) -> "PatchSet":
+        """The same images on a grid `factor` times coarser (descriptors averaged, then renormalised)."""
+        h, w = self.grid
+        b, _, c = self.desc.shape
+
+        def pool(x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, N', D)
+            g = x.transpose(1, 2).reshape(b, -1, h, w)
+            return F.avg_pool2d(g, factor, ceil_mode=True).flatten(2).transpose(1, 2)
+
+        grid = (-(-h // factor), -(-w // factor))
+        return PatchSet(F.normalize(pool(self.desc), dim=-1), pool(self.weight[..., None])[..., 0],
+                        pool(self.xy), grid, self.sizes)
+
+
+def cell_centres(grid: tuple[int, int], sizes: torch.Tensor) -> torch.Tensor:
+    """Centres of a (h, w) grid laid over images of `sizes` (B, 2) = (width, height) pixels.
+    -> (B, h*w, 2) in units of each image's longer side."""
+    h, w = grid
+    ys, xs = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij")
+    unit = torch.stack([xs.flatten(), ys.flatten()], -1)  # (N, 2) in [0, 1]
+    sizes = sizes.float()
+    return unit[None] * (sizes / sizes.max(-1, keepdim=True).values)[:, None]
+
+
+@dataclass
+class Tentative:
+    """Tentative matches of one query's patches in M candidates (query-major: one slot per query patch)."""
+
+    target: torch.Tensor  # (M, Nq) index of the matched candidate patch
+    weight: torch.Tensor  # (M, Nq) vote of the match; 0 where it failed a test
+    sim: torch.Tensor  # (M, Nq) cosine of the match
+
+
+def tentative_matches(query: PatchSet, cand: PatchSet, min_sim: float = 0.3, ratio: float = 0.95) -> Tentative:
+    """Mutual nearest neighbours of query (1 image) in each of cand's M images that pass the
+    similarity floor and the ratio test, voting sqrt(saliency_q * saliency_c)."""
+    sim = query.desc[0] @ cand.desc.transpose(1, 2)  # (M, Nq, Nc)
+    best, target = sim.max(-1)  # (M, Nq)
+    mutual = sim.argmax(1).gather(1, target) == torch.arange(sim.shape[1])  # (M, Nq)
+    # second best outside the 3 x 3 neighbourhood of the best cell
+    h, w = cand.grid
+    rc = torch.stack([torch.arange(h * w) // w, torch.arange(h * w) % w], -1)  # (Nc, 2)
+    near = (rc[target][..., None, :] - rc).abs().amax(-1) <= 1  # (M, Nq, Nc)
+    second = sim.masked_fill(near, -1.0).amax(-1)
+    dist = lambda s: (2 - 2 * s).clamp_min(0).sqrt()  # noqa: E731  (unit vectors)
+    ok = mutual & (best >= min_sim) & (dist(best) < ratio * dist(second))
+    vote = (query.weight[0] * cand.weight.gather(1, target)).clamp_min(0).sqrt()
+    return Tentative(target, vote * ok, best)
+
+
+@dataclass
+class Verified:
+    score: torch.Tensor  # (M,) saliency weight of the inliers
+    inliers: torch.Tensor  # (M, Nq) bool, over the tentative slots
+    transform: torch.Tensor  # (M, 3) complex: a, b, mirrored (0/1): x' = a * (conj(x) if mirrored else x) + b
+
+
+def _fit(z: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted least-squares similarity t ~ a z + b; z, t complex (..., P), w (..., P) -> a, b (...)."""
+    ws = w.sum(-1).clamp_min(1e-9)
+    zm, tm = (w * z).sum(-1) / ws, (w * t).sum(-1) / ws
+    dz, dt = z - zm[..., None], t - tm[..., None]
+    a = (w * dz.conj() * dt).sum(-1) / (w * dz.abs() ** 2).sum(-1).clamp_min(1e-12)
+    return a, tm - a * zm
+
+
+def ransac_similarity(src: torch.Tensor, dst: torch.Tensor, weight: torch.Tensor, tol: float,
+                      hypotheses: int = 128, mirror: bool = True, scale_range: tuple[float, float] = (0.2, 5.0),
+                      refits: int = 2, seed: int = 0) -> Verified:
+    """Best similarity transform per row. src (M, P, 2), dst (M, P, 2) matched points, weight (M, P)
+    >= 0 (0: no match). A point is an inlier within `tol` of its prediction. Rows with fewer than 3
+    voting matches score 0."""
+    m, p, _ = src.shape
+    z = torch.complex(src[..., 0], src[..., 1])  # (M, P)
+    t = torch.complex(dst[..., 0], dst[..., 1])
+    voting = weight > 0
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.multinomial(weight + 1e-6, 2 * hypotheses, replacement=True, generator=gen).view(m, hypotheses, 2)
+    z1, z2 = z.gather(1, pick[..., 0]), z.gather(1, pick[..., 1])  # (M, H)
+    t1, t2 = t.gather(1, pick[..., 0]), t.gather(1, pick[..., 1])
+    flips = (False, True) if mirror else (False,)
+    best_score = torch.full((m,), -1.0)
+    best = torch.zeros(m, 3, dtype=torch.complex64)
+    for flip in flips:
+        zz, zz1, zz2 = (z.conj(), z1.conj(), z2.conj()) if flip else (z, z1, z2)
+        a = (t2 - t1) / torch.where((zz2 - zz1).abs() > 1e-6, zz2 - zz1, torch.ones_like(zz1))  # (M, H)
+        b = t1 - a * zz1
+        plausible = (a.abs() >= scale_range[0]) & (a.abs() <= scale_range[1]) & (pick[..., 0] != pick[..., 1])
+        err = (a[..., None] * zz[:, None] + b[..., None] - t[:, None]).abs()  # (M, H, P)
+        score = ((err < tol) * weight[:, None]).sum(-1) * plausible  # (M, H)
+        top, h = score.max(-1)
+        better = top > best_score
+        best_score = torch.where(better, top, best_score)
+        chosen = torch.stack([a.gather(1, h[:, None])[:, 0], b.gather(1, h[:, None])[:, 0],
+                              torch.full((m,), float(flip), dtype=torch.complex64)], -1)
+        best = torch.where(better[:, None], chosen, best)
+    mirrored = best[:, 2].real > 0.5
+    zz = torch.where(mirrored[:, None], z.conj(), z)
+    a, b = best[:, 0], best[:, 1]
+    for _ in range(refits + 1):
+        inl = ((a[:, None] * zz + b[:, None] - t).abs() < tol) & voting  # (M, P)
+        a_fit, b_fit = _fit(zz, t, weight * inl)
+        ok = (inl.sum(-1) >= 3) & (a_fit.abs() >= scale_range[0]) & (a_fit.abs() <= scale_range[1])
+        a, b = torch.where(ok, a_fit, a), torch.where(ok, b_fit, b)
+    inl = ((a[:, None] * zz + b[:, None] - t).abs() < tol) & voting
+    score = (weight * inl).sum(-1) * (inl.sum(-1) >= 3)
+    return Verified(score, inl & (score[:, None] > 0), torch.stack([a, b, mirrored.to(torch.complex64)], -1))
+
+
+@dataclass
+class Verification:
+    """The verdict on M candidates against one query."""
+
+    score: torch.Tensor  # (M,) share of the query's saliency mass that the inliers cover, in [0, 1]
+    inliers: torch.Tensor  # (M,) number of inlier correspondences
+    pairs: list  # per candidate: (P, 4) float32 numpy, query (x, y) and candidate (x, y) in pixels, best first
+
+
+class GeometricVerifier:
+    """Tentative matches + RANSAC over every (query view, candidate view) pair; the best pair counts.
+
+    Configuration is data (`default_conf`); tol is in cells of the candidate view's grid."""
+
+    default_conf = dict(
+        min_sim=0.3,  # cosine floor of a tentative match
+        ratio=0.95,  # Lowe's ratio on distances, second best outside the best's 3 x 3 cells
+        tol_cells=1.5,  # inlier radius, in cells of the candidate's grid
+        hypotheses=128,  # 2-point samples per candidate (and per mirror state)
+        mirror=True,  # also fit mirrored similarities (a flipped copy is a copy)
+        pool_candidates=True,  # also verify against the candidates' 2 x 2 pooled grid (pastes)
+        max_pairs=64,  # correspondences returned per candidate
+        seed=0,
+    )
+
+    def __init__(self, **conf):
+        unknown = set(conf) - set(self.default_conf)
+        if unknown:
+            raise ValueError(f"unknown verifier options: {', '.join(sorted(unknown))}")
+        self.conf = {**self.default_conf, **conf}
+
+    def __call__(self, query_views: list[PatchSet], cand: PatchSet) -> Verification:
+        c = self.conf
+        m = cand.desc.shape[0]
+        cand_views = [cand, cand.pooled(2)] if c["pool_candidates"] and min(cand.grid) >= 4 else [cand]
+        best = torch.full((m,), -1.0)
+        count = torch.zeros(m, dtype=torch.long)
+        pairs: list = [None] * m
+        for qv in query_views:
+            mass = qv.weight[0].sum().clamp_min(1e-9)
+            for cv in cand_views:
+                tent = tentative_matches(qv, cv, c["min_sim"], c["ratio"])
+                src = qv.xy.expand(m, -1, -1)  # (M, Nq, 2)
+                dst = cv.xy.gather(1, tent.target[..., None].expand(-1, -1, 2))  # (M, Nq, 2)
+                ver = ransac_similarity(src, dst, tent.weight, c["tol_cells"] / max(cv.grid), c["hypotheses"],
+                                        c["mirror"], seed=c["seed"])
+                score = ver.score / mass
+                for i in (score > best).nonzero()[:, 0].tolist():
+                    best[i], count[i] = score[i], int(ver.inliers[i].sum())
+                    slots = ver.inliers[i].nonzero()[:, 0]
+                    slots = slots[tent.weight[i, slots].argsort(descending=True)][: c["max_pairs"]]
+                    pairs[i] = torch.cat([src[i, slots] * qv.sizes[0].max(), dst[i, slots] * cv.sizes[i].max()],
+                                         -1).numpy().astype("float32")
+        return Verification(best.clamp_min(0), count, pairs)

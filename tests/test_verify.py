@@ -1,0 +1,102 @@
+"""Geometric verification (rerank.verify) on small arrays whose answer is known by construction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from simsearch.rerank.verify import (GeometricVerifier, PatchSet, cell_centres, ransac_similarity,
+                                     tentative_matches)
+
+
+def _similarity(xy: np.ndarray, scale: float, angle: float, shift, mirror: bool) -> np.ndarray:
+    """x' = s R(angle) (mirror_x(x)) + t, written with a matrix (not complex numbers as the code is)."""
+    x = xy * [-1, 1] if mirror else xy
+    r = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    return scale * x @ r.T + np.asarray(shift)
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_ransac_recovers_a_similarity_among_outliers(mirror):
+    rng = np.random.default_rng(0)
+    src = rng.uniform(0, 1, (2, 60, 2))
+    dst = np.stack([_similarity(src[0], 0.5, 0.3, (0.2, 0.1), mirror), rng.uniform(0, 1, (60, 2))])
+    outliers = rng.random(60) < 0.5  # half of the first row's matches are wrong
+    dst[0, outliers] = rng.uniform(0, 1, (outliers.sum(), 2))
+    dst[0, ~outliers] += rng.normal(0, 0.003, ((~outliers).sum(), 2))
+    ver = ransac_similarity(torch.tensor(src, dtype=torch.float32), torch.tensor(dst, dtype=torch.float32),
+                            torch.ones(2, 60), tol=0.02, mirror=True)
+    found = ver.inliers[0].numpy()
+    assert (found == ~outliers).mean() > 0.95  # the true inliers, and (almost) only them
+    assert ver.score[0] == pytest.approx(found.sum())
+    assert ver.score[1] < 8  # random points: no model explains many
+    assert bool(ver.transform[0, 2].real > 0.5) == mirror
+    a, b = ver.transform[0, 0], ver.transform[0, 1]
+    assert abs(a) == pytest.approx(0.5, abs=0.01)
+    z = torch.complex(*torch.tensor(src[0, :3].T, dtype=torch.float32))
+    z = z.conj() if mirror else z
+    pred = (a * z + b).numpy()
+    expect = _similarity(src[0, :3], 0.5, 0.3, (0.2, 0.1), mirror)
+    np.testing.assert_allclose(np.stack([pred.real, pred.imag], -1), expect, atol=0.01)
+
+
+def test_ransac_ignores_matches_without_weight_and_needs_three():
+    src = torch.rand(1, 10, 2)
+    w = torch.zeros(1, 10)
+    w[0, :2] = 1  # two matches fit any similarity: no evidence
+    ver = ransac_similarity(src, src.clone(), w, tol=0.01)
+    assert ver.score[0] == 0 and not ver.inliers.any()
+
+
+def test_cell_centres_in_units_of_the_longer_side():
+    xy = cell_centres((2, 4), torch.tensor([[400, 200]]))  # a 2:1 image on a 2 x 4 grid
+    expect = np.array([[(c + 0.5) / 4, (r + 0.5) / 2 * 0.5] for r in range(2) for c in range(4)])
+    np.testing.assert_allclose(xy[0].numpy(), expect, atol=1e-6)
+
+
+def test_pooled_averages_2x2_cells():
+    desc = F.normalize(torch.randn(1, 16, 8), dim=-1)
+    ps = PatchSet.on_grid(desc, torch.rand(1, 16), (4, 4), [[100, 100]])
+    pooled = ps.pooled(2)
+    assert pooled.grid == (2, 2)
+    g = desc[0].reshape(4, 4, 8)
+    top_left = F.normalize(g[:2, :2].reshape(4, 8).mean(0), dim=0)
+    torch.testing.assert_close(pooled.desc[0, 0], top_left)
+    torch.testing.assert_close(pooled.xy[0, 0], torch.tensor([0.25, 0.25]))
+    assert pooled.weight[0, 3] == pytest.approx(ps.weight[0].reshape(4, 4)[2:, 2:].mean().item())
+
+
+def test_tentative_matches_mutual_ratio_and_floor():
+    # query cells 0..3 have distinct descriptors; candidate 0 holds them permuted on a 1 x 8 grid,
+    # candidate 1 holds two equally close copies of query cell 0 far apart (ambiguous: the ratio test fails)
+    e = torch.eye(8)
+    q = PatchSet.on_grid(e[:4][None], torch.ones(1, 4), (1, 4), [[4, 1]])
+    c0 = e[[7, 2, 6, 0, 5, 1, 4, 3]]  # query cell i sits at candidate cell perm^-1
+    c1 = torch.stack([e[0] + 0.3 * e[4], e[5], e[6], e[7], e[4], e[0] + 0.3 * e[1], e[2] * 0.1 + e[6], e[3] * 0.1 + e[5]])
+    cand = PatchSet.on_grid(torch.stack([c0, c1]), torch.ones(2, 8), (1, 8), [[8, 1], [8, 1]])
+    t = tentative_matches(q, cand, min_sim=0.5, ratio=0.9)
+    assert t.target[0].tolist() == [3, 5, 1, 7] and (t.weight[0] == 1).all()
+    assert t.weight[1, 0] == 0  # two equally good matches 5 cells apart
+    assert t.weight[1, 2] == 0 and t.weight[1, 3] == 0  # best cosine 0.1 / 0.1: below the floor
+
+
+def test_verifier_finds_a_half_size_crop_and_rejects_a_shuffle():
+    """A candidate whose 16 x 16 grid holds the query's 8 x 8 grid (described at half size) in its
+    top-left quarter, mirrored; another with the same descriptors shuffled over the grid."""
+    torch.manual_seed(0)
+    q_desc = F.normalize(torch.randn(64, 32), dim=-1)  # the query on an 8 x 8 grid
+    cand = F.normalize(torch.randn(2, 256, 32), dim=-1)
+    cells = torch.arange(256).reshape(16, 16)
+    region = cells[:8, :8].flip(1).reshape(-1)  # mirrored: query column c lands in column 7 - c
+    cand[0, region] = q_desc + 0.05 * torch.randn(64, 32)
+    cand[1, torch.randperm(256)[:64]] = q_desc
+    query = PatchSet.on_grid(q_desc[None], torch.ones(1, 64), (8, 8), [[100, 100]])
+    cands = PatchSet.on_grid(F.normalize(cand, dim=-1), torch.ones(2, 256), (16, 16), [[200, 200], [200, 200]])
+    ver = GeometricVerifier(pool_candidates=False)([query], cands)
+    assert ver.score[0] > 0.8 and ver.score[1] < 0.15
+    pairs = ver.pairs[0]
+    # query pixel (x, y) -> candidate pixel (100 - x, y): a mirror at the same scale in pixels
+    np.testing.assert_allclose(pairs[:, 2], 100 - pairs[:, 0], atol=1.0)
+    np.testing.assert_allclose(pairs[:, 3], pairs[:, 1], atol=1.0)
