@@ -29,6 +29,8 @@ MODES = VECTOR_COLUMNS  # "content", "style"
 DENSE_CODECS = ("raw", *COMPACT_CODECS)
 DEFAULT_DENSE_CODEC = "raw"
 DEFAULT_DB = "simsearch.db"
+MAX_CANDIDATES = 1000  # first-stage hits one query may rerank (the server answers 422 above it)
+RERANK_CHUNK = 64  # candidates read, decoded and scored at once: a rerank holds this many dense tensors
 VIEW_SCALES = (0.5,)
 PRIOR_ROWS = 64  # rows sampled for the positional prior of verification  # verification also describes a query at these fractions of the input size
 
@@ -220,7 +222,7 @@ class Index:
         """Top-k images like `image`. mode: "content" or "style"; where: a SQL filter on the table;
         rerank: "verified", "aas", "matches" or "both" reorders the first `candidates` hits (see
         simsearch.rerank)."""
-        self.check_query(k, mode, rerank)
+        self.check_query(k, mode, rerank, candidates)
         img = self.load_query(image)
         emb = self.embed_image(img)
         query = self.rerank_query(img, emb.dense[0], rerank) if rerank else None
@@ -240,8 +242,9 @@ class Index:
                 views.append(bb.tokens(pixels, {"dense": (self.conf.dense_layer, "source")})["dense"][0].float().cpu().numpy())
         return RerankQuery(np.asarray(dense, np.float32), img.size, views)
 
-    def check_query(self, k: int, mode: str = "content", rerank: str | None = None) -> None:
-        """Refuse a query before any forward: unknown mode or reranker, k outside 1..rows."""
+    def check_query(self, k: int, mode: str = "content", rerank: str | None = None, candidates: int = 1) -> None:
+        """Refuse a query before any forward: unknown mode or reranker, k outside 1..rows, more
+        candidates to rerank than MAX_CANDIDATES."""
         if mode not in MODES:
             raise SimsearchError(f"unknown mode '{mode}' (choose from {', '.join(MODES)})")
         n = self.count()
@@ -254,6 +257,8 @@ class Index:
         if rerank is not None:
             if rerank not in RERANKERS:
                 raise SimsearchError(f"unknown reranker '{rerank}' (choose from {', '.join(RERANKERS)})")
+            if not 1 <= candidates <= MAX_CANDIDATES:
+                raise SimsearchError(f"candidates={candidates}: a query reranks 1 to {MAX_CANDIDATES} first-stage hits")
 
     def search_embedded(self, vector: np.ndarray, query, k: int = 10, mode: str = "content",
                         where: str | None = None, rerank: str | None = None, candidates: int = 50) -> list[Hit]:
@@ -261,6 +266,8 @@ class Index:
         its bare dense tensor (T, C)."""
         if rerank is None:
             return self.search_vector(vector, k, mode, where)
+        if not 1 <= candidates <= MAX_CANDIDATES:
+            raise SimsearchError(f"candidates={candidates}: a query reranks 1 to {MAX_CANDIDATES} first-stage hits")
         hits = self.search_vector(vector, max(k, min(candidates, self.count())), mode, where)
         return self.rerank(query, hits, rerank)[:k]
 
@@ -278,19 +285,26 @@ class Index:
         stored dense tensors (simsearch.rerank), read at the table version the hits were.
         `query`: a RerankQuery or a bare dense tensor (T, C). Hits whose rows are not there (that
         version cleaned up since and the rows deleted) are dropped, so no score lands on another hit.
-        Returns new hits; the given ones keep their first-stage scores."""
+        Returns new hits; the given ones keep their first-stage scores. Candidates are read and
+        scored RERANK_CHUNK at a time (each candidate's scores are its own), so memory is bounded
+        by the chunk, not by how many there are."""
         from .rerank import fuse, rerank_scores
 
-        found = self.store.find([h.key for h in hits], ["dense", "width", "height"],
-                                version=hits[0].table_version if hits else None)
-        hits = [h for h in hits if h.key in found]
+        version, prior = hits[0].table_version if hits else None, self.positional_prior() if method == "verified" else None
+        kept, parts = [], []
+        for start in range(0, len(hits), RERANK_CHUNK):
+            found = self.store.find([h.key for h in hits[start:start + RERANK_CHUNK]], ["dense", "width", "height"], version=version)
+            chunk = [h for h in hits[start:start + RERANK_CHUNK] if h.key in found]
+            if chunk:
+                rows = [found[h.key] for h in chunk]
+                parts.append(rerank_scores(self.embedder.backbone, self.conf.dense_layer, query, self._decode_dense(rows),
+                                           method, [(r["width"], r["height"]) for r in rows], prior=prior))
+                kept += chunk
+        hits = kept
         if not hits:
             return hits
-        rows = [found[h.key] for h in hits]
-        dense = self._decode_dense(rows)
-        sizes = [(r["width"], r["height"]) for r in rows]
-        scores = rerank_scores(self.embedder.backbone, self.conf.dense_layer, query, dense, method, sizes,
-                               prior=self.positional_prior() if method == "verified" else None)
+        scores = {name: np.concatenate([p[name] for p in parts]) if isinstance(parts[0][name], np.ndarray)
+                  else [x for p in parts for x in p[name]] for name in parts[0]}  # the chunks' per-candidate scores as one
         final = fuse([h.score for h in hits], scores, method)
         pairs = scores.pop("pairs", None)
         reranked = [replace(h, score=float(final[i]),
