@@ -185,6 +185,7 @@ class ImageStore:
         self._table = self._catalog = self._changes = self._meta = None
         self._session = None  # Lance's caches (manifests, scalar indexes), shared by every read
         self._lock = None
+        self._disk = None  # (directory mtimes, bytes): `disk_bytes`
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
@@ -343,7 +344,16 @@ class ImageStore:
         return self.reader().count_rows() if self.exists() else 0
 
     def disk_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+        """Bytes of every file of the database. Files are never rewritten in place (Lance's and the
+        FAISS indexes' are written once under new names, and removed), so while no directory of the
+        top two levels has changed (their mtimes, a few dozen stats) the last sum still holds and the
+        tree is not walked again."""
+        dirs = [self.root, *(d for d in self.root.iterdir() if d.is_dir())]
+        dirs += [s for d in dirs[1:] for s in d.iterdir() if s.is_dir()]
+        key = tuple((str(d), d.stat().st_mtime_ns) for d in dirs)
+        if self._disk is None or self._disk[0] != key:
+            self._disk = key, _walk_bytes(self.root)
+        return self._disk[1]
 
     # -- reads -------------------------------------------------------------------------------
     def _select(self, columns: list[str], where: str | None = None, table: str = TABLE, user_filter: bool = False,
@@ -513,6 +523,10 @@ def _needs_optimize(table) -> bool:
     unindexed = max((table.index_stats(i.name).num_unindexed_rows for i in table.list_indices()), default=rows)
     return (unindexed >= max(OPTIMIZE_ROWS, OPTIMIZE_FRACTION * rows)
             or table.stats()["fragment_stats"]["num_fragments"] > MAX_FRAGMENTS)
+
+
+def _walk_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
 def _stats(t: pa.Table) -> dict[str, tuple[str, int, int]]:
