@@ -140,7 +140,7 @@ def bench_ann(args) -> None:
         faiss.omp_set_num_threads(2)
         row = {"kind": name, "param": param, "recall@10": round(recall, 4), "ms_p50": round(pct(ms, 50), 3),
                "ms_p95": round(pct(ms, 95), 3), "build_s": round(build_s, 1), "memory_mb": mem, "load": loadavg()}
-        if "IVF" in name:  # a large scan: the probed lists split over both threads (ann.SPLIT_SCAN)
+        if "IVF" in name:  # a large scan: the probed lists split over both threads (ann.SPLIT_SCAN, as VectorIndex._split_view)
             ivf = faiss.extract_index_ivf(index)
             ivf.parallel_mode = 1
             ms = timed_queries(lambda q: index.search(q[None], 10), latency_q)

@@ -10,6 +10,14 @@ Kinds, by size (chosen by measurement, benchmarks/results/scale.md):
   removed by id in O(removed). A single query that scans many lists splits them over the cores
   (SPLIT_SCAN).
 
+Threads: a search and a change (`apply`) of one index never overlap (a reader/writer lock, writers
+first), so a search sees the index before or after a change, whole. Nothing a search needs is
+written into the shared FAISS object: nprobe goes with each call (SearchParametersIVF); a query
+whose lists are split over the threads runs on a second IVF object over the same inverted lists
+(`_split_view`, FAISS's parallel_mode being a property of the object); and a single query's
+one-thread limit is the calling thread's own OpenMP setting (nthreads-var is per task), so
+concurrent queries cannot change each other's.
+
 An IVF index measures how well its coarse quantizer fits what it holds: the training vectors' mean
 squared distance to their nearest centroid, and the same sum over every vector added since
 (`trained_n`, `train_error`, `added_n`, `added_error`); catchup's retrain rule reads them.
@@ -17,12 +25,14 @@ squared distance to their nearest centroid, and the same sum over every vector a
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
 import numpy as np
+from readerwriterlock import rwlock
 
 IVF_THRESHOLD = 50_000  # below this an exact search over all vectors is fast enough (< 10 ms at 10k x 384)
 NPROBE: int | None = None  # IVF lists searched per query; None: by the number of lists (`probes`)
@@ -42,7 +52,8 @@ META = ("kind", "nlist", "trained_n", "train_error", "added_n", "added_error")  
 
 @contextmanager
 def _omp_threads(threads: int | None):
-    """FAISS runs on `threads` OpenMP threads inside the block (None: as configured)."""
+    """FAISS runs on `threads` OpenMP threads inside the block (None: as configured); the calling
+    thread's setting only."""
     before = faiss.omp_get_max_threads()
     if threads is None or threads >= before:
         yield
@@ -74,22 +85,25 @@ class VectorIndex:
     index: faiss.Index  # CPU index; ids are the caller's (simsearch: row keys)
     kind: str  # "flat" | "ivf"
     nlist: int = 0
-    nprobe: int | None = NPROBE
     trained_n: int = 0  # vectors when the quantizer was trained
     train_error: float = 0.0  # their mean squared distance to the nearest centroid
     added_n: int = 0  # vectors added since training, and the sum of their squared distances
     added_error: float = 0.0
+    version: object = None  # what the caller says the vectors reflect (simsearch: a table version), changed with them
     _gpu: faiss.Index | None = None
     _centroids: np.ndarray | None = None
+    _lock: rwlock.RWLockWrite = field(default_factory=rwlock.RWLockWrite, repr=False)  # searches | one change
+    _gpu_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # a GPU index serves one call at a time
+    _split: faiss.Index | None = None  # `_split_view`
+    _split_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def ntotal(self) -> int:
         return self.index.ntotal
 
-    @property
-    def probes(self) -> int:
+    def probes(self, nprobe: int | None = None) -> int:
         """Lists searched per query: `nprobe`, or by default 1 in PROBE_FRACTION lists (at least 16)."""
-        return min(self.nlist, self.nprobe or max(16, -(-self.nlist // PROBE_FRACTION)))
+        return min(self.nlist, nprobe or max(16, -(-self.nlist // PROBE_FRACTION)))
 
     @property
     def d(self) -> int:
@@ -124,59 +138,90 @@ class VectorIndex:
         _, nearest = ivf.quantizer.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)
         return ((vectors - self._centroids[nearest[:, 0]]) ** 2).sum(1)
 
-    def apply(self, removed: np.ndarray, ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Remove the vectors of `removed` ids (those it holds), then add `vectors` under `ids`."""
-        removed = np.ascontiguousarray(removed, dtype=np.int64)
-        if len(removed):
-            self.index.remove_ids(faiss.IDSelectorArray(removed))
-        if len(ids):
-            vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-            self.index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
-            if self.kind == "ivf":
-                self.added_n += len(ids)
-                self.added_error += float(self.quantisation_error(vectors).sum())
-        self._gpu = None
+    def apply(self, removed: np.ndarray, ids: np.ndarray, vectors: np.ndarray, version: object = None) -> None:
+        """Remove the vectors of `removed` ids (those it holds), then add `vectors` under `ids`, and
+        label the result `version`: one change, which no search overlaps."""
+        self.apply_all([(removed, ids, vectors)], version)
+
+    def apply_all(self, changes: list[tuple[np.ndarray, np.ndarray, np.ndarray]], version: object = None) -> None:
+        """`apply` each (removed, ids, vectors) in turn, all as one change."""
+        changes = [(np.ascontiguousarray(removed, dtype=np.int64), np.ascontiguousarray(ids, dtype=np.int64),
+                    np.ascontiguousarray(vectors, dtype=np.float32)) for removed, ids, vectors in changes]
+        errors = [float(self.quantisation_error(v).sum()) if self.kind == "ivf" and len(i) else 0.0 for _, i, v in changes]
+        with self._lock.gen_wlock():
+            for (removed, ids, vectors), error in zip(changes, errors):
+                if len(removed):
+                    self.index.remove_ids(faiss.IDSelectorArray(removed))
+                if len(ids):
+                    self.index.add_with_ids(vectors, ids)
+                    self.added_n += len(ids) if self.kind == "ivf" else 0
+                    self.added_error += error
+            self.version = version
+            self._gpu = None
+            if self._split is not None:  # the view reads the same lists; only its count is its own
+                faiss.extract_index_ivf(self._split).ntotal = self.index.ntotal
 
     # -- search ------------------------------------------------------------------------------
-    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """queries (Q, D) -> scores (Q, k), ids (Q, k); id -1 pads when fewer than k match.
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None,
+               nprobe: int | None = NPROBE) -> tuple[np.ndarray, np.ndarray]:
+        """queries (Q, D) -> scores (Q, k), ids (Q, k); id -1 pads when fewer than k match. An IVF
+        index probes `probes(nprobe)` lists.
 
         With `allowed` (ids), only those vectors count; an IVF search starts from as many lists as
         scan as many allowed vectors as an unfiltered search scans vectors (probes / selectivity),
         and probes more until every query has min(k, len(allowed)) hits (all lists probed is exact)."""
-        split = self.kind == "ivf" and len(queries) < PARALLEL_QUERIES and self.scan_size() >= SPLIT_SCAN
-        if self.kind == "ivf":
-            faiss.extract_index_ivf(self.index).parallel_mode = 1 if split else 0
-        with _omp_threads(None if split or len(queries) >= PARALLEL_QUERIES else 1):
-            return self._search(np.ascontiguousarray(queries, dtype=np.float32), k, allowed)
+        return self.search_at(queries, k, allowed, nprobe)[:2]
 
-    def scan_size(self) -> int:
+    def search_at(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None,
+                  nprobe: int | None = NPROBE) -> tuple[np.ndarray, np.ndarray, object]:
+        """`search`, and the `version` the vectors it searched were labelled with."""
+        q, probes = np.ascontiguousarray(queries, dtype=np.float32), self.probes(nprobe)
+        split = self.kind == "ivf" and len(q) < PARALLEL_QUERIES and self.scan_size(probes) >= SPLIT_SCAN
+        with _omp_threads(None if split or len(q) >= PARALLEL_QUERIES else 1), self._lock.gen_rlock():
+            return (*self._search(q, k, allowed, probes, split), self.version)
+
+    def scan_size(self, probes: int | None = None) -> int:
         """Vectors one query compares against: all of them, or the probed lists' share."""
-        return self.ntotal if self.kind == "flat" else self.ntotal * self.probes // max(self.nlist, 1)
+        return self.ntotal if self.kind == "flat" else self.ntotal * (probes or self.probes()) // max(self.nlist, 1)
 
-    def _search(self, q: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def _split_view(self) -> faiss.Index:
+        """This IVF index's quantizer (a copy) over its own inverted lists (shared, not copied), with
+        each query's lists searched in parallel: made once, kept in step by `apply`."""
+        with self._split_lock:
+            if self._split is None:
+                data = faiss.VectorIOWriter()
+                faiss.write_index(self.index, data, faiss.IO_FLAG_SKIP_IVF_DATA)
+                reader = faiss.VectorIOReader()
+                reader.data = data.data
+                view = faiss.read_index(reader)
+                ivf = faiss.extract_index_ivf(view)
+                ivf.set_direct_map_type(faiss.DirectMap.NoMap)  # searches need no map from ids
+                ivf.replace_invlists(faiss.extract_index_ivf(self.index).invlists, False)
+                ivf.ntotal, ivf.parallel_mode = self.index.ntotal, 1
+                self._split = view
+            return self._split
+
+    def _search(self, q: np.ndarray, k: int, allowed: np.ndarray | None, probes: int,
+                split: bool) -> tuple[np.ndarray, np.ndarray]:
         if allowed is not None:
             sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
             if self.kind == "flat":
                 return self.index.search(q, k, params=faiss.SearchParameters(sel=sel))  # selectors run on the CPU index
             want = min(k, len(allowed))
-            nprobe = min(self.nlist, -(-self.probes * self.ntotal // max(len(allowed), 1)))
+            nprobe = min(self.nlist, -(-probes * self.ntotal // max(len(allowed), 1)))
             while True:
                 scores, ids = self.index.search(q, k, params=faiss.SearchParametersIVF(sel=sel, nprobe=nprobe))
                 if nprobe >= self.nlist or (ids[:, :want] >= 0).all():
                     return scores, ids
                 nprobe = min(self.nlist, 4 * nprobe)
-        if self.kind == "ivf":
-            faiss.extract_index_ivf(self.index).nprobe = self.probes
-        return self._searcher().search(q, k)
-
-    def _searcher(self) -> faiss.Index:
+        params = faiss.SearchParametersIVF(nprobe=probes) if self.kind == "ivf" else None
         if not gpu_available():
-            return self.index
-        if self._gpu is None:
-            self._res = faiss.StandardGpuResources()
-            self._gpu = faiss.index_cpu_to_gpu(self._res, 0, self.index)
-        return self._gpu
+            return (self._split_view() if split else self.index).search(q, k, params=params)
+        with self._gpu_lock:
+            if self._gpu is None:
+                self._res = faiss.StandardGpuResources()
+                self._gpu = faiss.index_cpu_to_gpu(self._res, 0, self.index)
+            return self._gpu.search(q, k, params=params)
 
     # -- persistence -------------------------------------------------------------------------
     def meta(self) -> dict:

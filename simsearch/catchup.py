@@ -18,8 +18,9 @@ no longer fits the size or the coarse quantizer no longer fits the data (`retrai
 
 On disk (`ROOT/ann/<name>.*`): a base index file written by a full save and a chain of small delta
 files (keys changed, ids and vectors added) written by each catch-up; the sidecar (replaced
-atomically) names each file with its blake2b digest and the table version the whole chain reflects.
-An index is used only if every file is the one the sidecar vouches for. The chain is folded into a
+atomically) names each file with its blake2b digest (and the size and mtime it was written with)
+and the table version the whole chain reflects. An index is used only if every file is the one the
+sidecar vouches for: a file whose size and mtime are as written is trusted, any other re-hashed. The chain is folded into a
 new base when its rows exceed MERGE_FRACTION of the index or MAX_DELTAS files. Concurrent writers
 serialise on a file lock; every file has a unique name, so they never interleave.
 """
@@ -173,13 +174,14 @@ class FollowedIndex:
                 changed = store.changed_since(derived.table_version) if _compatible(derived, store, source) else None
                 if changed is not None:
                     ids, vectors = source.read_keys(store, changed)
-                    derived.vectors.apply(source.stale_ids(changed), ids, vectors)
+                    derived.vectors.apply(source.stale_ids(changed), ids, vectors, version)
                     derived = replace(derived, table_version=version)
                     if retrain_reason(derived.vectors, self.ivf_threshold) is None:
                         self.current = save_delta(path, derived, changed, ids, vectors)
                         return False
-                self.current = save(path, Derived(source.build(store, self.ivf_threshold), version,
-                                                  *identity(store, source)[:2]))
+                built = source.build(store, self.ivf_threshold)
+                built.version = version
+                self.current = save(path, Derived(built, version, *identity(store, source)[:2]))
                 return True
 
 
@@ -197,7 +199,7 @@ def save(path: Path, derived: Derived) -> Derived:
     path.parent.mkdir(parents=True, exist_ok=True)
     file = _unique(path, ".faiss")
     derived.vectors.write(file)
-    derived = replace(derived, files=[{"file": file.name, "digest": _digest(file), "rows": derived.vectors.ntotal}])
+    derived = replace(derived, files=[_entry(file, derived.vectors.ntotal)])
     _write_sidecar(path, derived)
     return derived
 
@@ -211,7 +213,7 @@ def save_delta(path: Path, derived: Derived, changed: np.ndarray, ids: np.ndarra
     with open(file, "wb") as f:
         np.savez(f, changed=changed.astype(np.int64), keys=ids.astype(np.int64),
                  vectors=np.asarray(vectors, np.float32).reshape(len(ids), derived.vectors.d))
-    derived = replace(derived, files=[*derived.files, {"file": file.name, "digest": _digest(file), "rows": len(changed) + len(ids)}])
+    derived = replace(derived, files=[*derived.files, _entry(file, len(changed) + len(ids))])
     _write_sidecar(path, derived)
     return derived
 
@@ -228,12 +230,13 @@ def load(path: Path, source: Source, current: Derived | None = None) -> Derived 
             vi, todo = current.vectors, files[len(mine):]
         else:
             vi, todo = VectorIndex.read(_verified(path.parent, files[0])), files[1:]
+            vi.version = side["table_version"]  # read just now: no search has it yet
         deltas = []
         for entry in todo:  # every file read and checked before the index changes
             with np.load(_verified(path.parent, entry)) as delta:
                 deltas.append((delta["changed"], delta["keys"], delta["vectors"]))
-        for changed, ids, vectors in deltas:
-            vi.apply(source.stale_ids(changed), ids, vectors)
+        if deltas:  # one change: a search sees the chain before or after all of them
+            vi.apply_all([(source.stale_ids(changed), ids, vectors) for changed, ids, vectors in deltas], side["table_version"])
         vi.restore(side)
         return Derived(vi, side["table_version"], side["weights"], side["table_uuid"], files)
     except (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError, EOFError):
@@ -257,8 +260,20 @@ def _unique(path: Path, suffix: str) -> Path:
     return Path(name)
 
 
+def _entry(file: Path, rows: int) -> dict:
+    """A file of the chain as the sidecar names it: its digest, and the size and mtime it had then."""
+    st = file.stat()
+    return {"file": file.name, "digest": _digest(file), "rows": rows, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def _verified(folder: Path, entry: dict) -> Path:
+    """The file `entry` names, if it is the one the sidecar vouches for. Chain files are written once
+    under a new name and never changed, so one with the size and mtime recorded at write time is
+    trusted without re-reading it (a 1M-row base is 1.5 GB); any other is hashed."""
     file = folder / entry["file"]
+    st = file.stat()
+    if (st.st_size, st.st_mtime_ns) == (entry.get("size"), entry.get("mtime_ns")):
+        return file
     if _digest(file) != entry["digest"]:
         raise ValueError(f"{file}: not the file the sidecar vouches for")
     return file

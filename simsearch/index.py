@@ -29,6 +29,8 @@ MODES = VECTOR_COLUMNS  # "content", "style"
 DENSE_CODECS = ("raw", *COMPACT_CODECS)
 DEFAULT_DENSE_CODEC = "raw"
 DEFAULT_DB = "simsearch.db"
+MAX_CANDIDATES = 1000  # first-stage hits one query may rerank (the server answers 422 above it)
+RERANK_CHUNK = 64  # candidates read, decoded and scored at once: a rerank holds this many dense tensors
 VIEW_SCALES = (0.5,)
 MIN_BOX = 16  # pixels a side of a region query
 PRIOR_ROWS = 64  # rows sampled for the positional prior of verification  # verification also describes a query at these fractions of the input size
@@ -44,6 +46,7 @@ class Hit:
     scores: dict[str, float] = field(default_factory=dict)  # per-stage scores when reranked
     # verified reranking: inlier correspondences, query (x, y) -> hit (x, y) in each image's pixels
     matches: list[tuple[float, float, float, float]] = field(default_factory=list)
+    table_version: int | None = None  # the table version its row was read at (None: the latest)
 
     def to_dict(self) -> dict:
         d = {"rank": self.rank, "score": round(self.score, 6), "path": self.path, "id": self.id}
@@ -213,9 +216,7 @@ class Index:
     def vector_index(self, mode: str) -> ann.VectorIndex:
         """The FAISS index of `mode` ("content" or "style"), brought up to the table's version (while an index
         run holds the write lock, the last consistent one: see catchup.FollowedIndex.catch_up)."""
-        vi = self.ann_indexes[mode].get().vectors
-        vi.nprobe = self.nprobe
-        return vi
+        return self.ann_indexes[mode].get().vectors
 
     # -- search ------------------------------------------------------------------------------
     def embed_image(self, image: str | Path | Image.Image):
@@ -242,7 +243,7 @@ class Index:
         region instead (`search_region`)."""
         if box is not None:
             return self.search_region(image, box, k, where, rerank or DEFAULT_RERANKER, candidates)
-        self.check_query(k, mode, rerank)
+        self.check_query(k, mode, rerank, candidates)
         img = self.load_query(image)
         emb = self.embed_image(img)
         query = self.rerank_query(img, emb.dense[0], rerank) if rerank else None
@@ -262,8 +263,9 @@ class Index:
                 views.append(bb.tokens(pixels, {"dense": (self.conf.dense_layer, "source")})["dense"][0].float().cpu().numpy())
         return RerankQuery(np.asarray(dense, np.float32), img.size, views)
 
-    def check_query(self, k: int, mode: str = "content", rerank: str | None = None) -> None:
-        """Refuse a query before any forward: unknown mode or reranker, k outside 1..rows."""
+    def check_query(self, k: int, mode: str = "content", rerank: str | None = None, candidates: int = 1) -> None:
+        """Refuse a query before any forward: unknown mode or reranker, k outside 1..rows, more
+        candidates to rerank than MAX_CANDIDATES."""
         if mode not in MODES:
             raise SimsearchError(f"unknown mode '{mode}' (choose from {', '.join(MODES)})")
         n = self.count()
@@ -276,6 +278,8 @@ class Index:
         if rerank is not None:
             if rerank not in RERANKERS:
                 raise SimsearchError(f"unknown reranker '{rerank}' (choose from {', '.join(RERANKERS)})")
+            if not 1 <= candidates <= MAX_CANDIDATES:
+                raise SimsearchError(f"candidates={candidates}: a query reranks 1 to {MAX_CANDIDATES} first-stage hits")
 
     def search_embedded(self, vector: np.ndarray, query, k: int = 10, mode: str = "content",
                         where: str | None = None, rerank: str | None = None, candidates: int = 50) -> list[Hit]:
@@ -283,6 +287,8 @@ class Index:
         its bare dense tensor (T, C)."""
         if rerank is None:
             return self.search_vector(vector, k, mode, where)
+        if not 1 <= candidates <= MAX_CANDIDATES:
+            raise SimsearchError(f"candidates={candidates}: a query reranks 1 to {MAX_CANDIDATES} first-stage hits")
         hits = self.search_vector(vector, max(k, min(candidates, self.count())), mode, where)
         return self.rerank(query, hits, rerank)[:k]
 
@@ -297,20 +303,29 @@ class Index:
 
     def rerank(self, query, hits: list[Hit], method: str = DEFAULT_RERANKER) -> list[Hit]:
         """Reorder `hits` by the first-stage score fused with a second-stage score computed from the
-        stored dense tensors (simsearch.rerank). `query`: a RerankQuery or a bare dense tensor (T, C).
-        Hits whose rows were deleted since the search are dropped, so no score lands on another hit.
-        Returns new hits; the given ones keep their first-stage scores."""
+        stored dense tensors (simsearch.rerank), read at the table version the hits were.
+        `query`: a RerankQuery or a bare dense tensor (T, C). Hits whose rows are not there (that
+        version cleaned up since and the rows deleted) are dropped, so no score lands on another hit.
+        Returns new hits; the given ones keep their first-stage scores. Candidates are read and
+        scored RERANK_CHUNK at a time (each candidate's scores are its own), so memory is bounded
+        by the chunk, not by how many there are."""
         from .rerank import fuse, rerank_scores
 
-        found = self.store.find([h.key for h in hits], ["dense", "width", "height"])
-        hits = [h for h in hits if h.key in found]
+        version, prior = hits[0].table_version if hits else None, self.positional_prior() if method == "verified" else None
+        kept, parts = [], []
+        for start in range(0, len(hits), RERANK_CHUNK):
+            found = self.store.find([h.key for h in hits[start:start + RERANK_CHUNK]], ["dense", "width", "height"], version=version)
+            chunk = [h for h in hits[start:start + RERANK_CHUNK] if h.key in found]
+            if chunk:
+                rows = [found[h.key] for h in chunk]
+                parts.append(rerank_scores(self.embedder.backbone, self.conf.dense_layer, query, self._decode_dense(rows),
+                                           method, [(r["width"], r["height"]) for r in rows], prior=prior))
+                kept += chunk
+        hits = kept
         if not hits:
             return hits
-        rows = [found[h.key] for h in hits]
-        dense = self._decode_dense(rows)
-        sizes = [(r["width"], r["height"]) for r in rows]
-        scores = rerank_scores(self.embedder.backbone, self.conf.dense_layer, query, dense, method, sizes,
-                               prior=self.positional_prior() if method == "verified" else None)
+        scores = {name: np.concatenate([p[name] for p in parts]) if isinstance(parts[0][name], np.ndarray)
+                  else [x for p in parts for x in p[name]] for name in parts[0]}  # the chunks' per-candidate scores as one
         final = fuse([h.score for h in hits], scores, method)
         pairs = scores.pop("pairs", None)
         reranked = [replace(h, score=float(final[i]),
@@ -365,7 +380,7 @@ class Index:
         reranker (verified by default; None: none) checks them against the region."""
         from .region import CELL_BITS, CELL_K, maxsim, prefix_of
 
-        self.check_query(k, "content", rerank)
+        self.check_query(k, "content", rerank, candidates)
         name = image if not isinstance(image, Image.Image) else "query image"
         img = self.load_query(image, full=True)
         region = img.crop(check_box(box, img.size, name))
@@ -388,8 +403,10 @@ class Index:
         return self.rerank(self.rerank_query(region, emb.dense[0], rerank), hits[:max(k, candidates)], rerank)[:k]
 
     def search_vector(self, vector: np.ndarray, k: int, mode: str = "content", where: str | None = None) -> list[Hit]:
-        """Nearest rows to `vector`; ranks count only rows still in the table (no gaps). With `where`,
-        k hits whenever k rows match: a small matching set is scored exactly from its stored vectors,
+        """Nearest rows to `vector`, read at the table version the FAISS index reflects, so the hits
+        are rows of one committed version (README, "What a reader sees"); ranks count only rows found
+        (no gaps, should that version have been cleaned up meanwhile). With `where`, k hits whenever k
+        rows match: a small matching set is scored exactly from its stored vectors (latest version),
         a large one searched with more IVF lists probed until k are found."""
         index = self.vector_index(mode)
         allowed = self.store.keys_where(where) if where else None
@@ -399,13 +416,13 @@ class Index:
             keys, vectors = self.store.vectors_of(allowed, mode)
             scores = vectors @ np.asarray(vector, np.float32)
             top = np.argsort(-scores, kind="stable")[:k]
-            scores, keys = scores[top][None], keys[top][None]
+            scores, keys, version = scores[top][None], keys[top][None], None
         else:
-            scores, keys = index.search(vector[None], k, allowed)
+            scores, keys, version = index.search_at(vector[None], k, allowed, nprobe=self.nprobe)
         pairs = [(float(s), int(key)) for s, key in zip(scores[0], keys[0]) if key >= 0]
-        rows = self.store.find([key for _, key in pairs], ["path", "id"])
+        rows = self.store.find([key for _, key in pairs], ["path", "id"], version=version)
         kept = [(s, key) for s, key in pairs if key in rows]
-        return [Hit(rank=i, score=s, path=rows[key]["path"], id=rows[key]["id"], key=key)
+        return [Hit(rank=i, score=s, path=rows[key]["path"], id=rows[key]["id"], key=key, table_version=version)
                 for i, (s, key) in enumerate(kept, 1)]
 
     # -- state -------------------------------------------------------------------------------

@@ -206,7 +206,7 @@ def test_ivf_exact_top1(tmp_path, new_index):
     idx = new_index(db, ivf_threshold=100, nprobe=2)
     idx.add_folder(folder, batch_size=32)
     nlist = sidecar(db, "content")["nlist"]
-    assert sidecar(db, "content")["kind"] == "ivf" and nlist > idx.vector_index("content").nprobe == 2
+    assert sidecar(db, "content")["kind"] == "ivf" and nlist > idx.vector_index("content").probes(idx.nprobe) == 2
     assert idx.info()["ann"]["content"]["ntotal"] == 200
     for p in paths[::10]:
         hit = idx.search(p, k=1)[0]  # a vector's own list is the nearest to it: found with any nprobe
@@ -231,7 +231,7 @@ def test_ivf_vector_index_many_lists():
     keys = rng.choice(2**62, size=6000, replace=False).astype(np.int64)
     ivf = VectorIndex.build(keys, vecs, ivf_threshold=1000)
     flat = VectorIndex.build(keys, vecs)
-    assert ivf.kind == "ivf" and ivf.nlist > ivf.probes and flat.kind == "flat" and ivf.ntotal == 6000
+    assert ivf.kind == "ivf" and ivf.nlist > ivf.probes() and flat.kind == "flat" and ivf.ntotal == 6000
     _, got = ivf.search(vecs[:500], 10)
     _, want = flat.search(vecs[:500], 10)
     assert np.array_equal(got[:, 0], keys[:500])  # each vector is its own nearest neighbour
@@ -255,3 +255,42 @@ def test_keys_are_path_keys(tmp_path, new_index, photos):
     idx.add_folder(photos)
     keys, _ = idx.store.vectors("content")
     assert sorted(keys) == sorted(path_key(r["path"]) for r in table_rows(tmp_path / "db"))
+
+
+def test_a_saved_index_is_hashed_only_when_its_files_changed(tmp_path, new_index, photos, monkeypatch):
+    """Opening a database whose index files are as they were written reads no file twice to hash it
+    (each start hashed the whole base file); a file rewritten since (new mtime) is hashed, and one
+    whose bytes differ from the digest is refused and rebuilt."""
+    from simsearch import catchup
+
+    db = tmp_path / "db"
+    new_index(db).add_folder(photos)
+    hashed = []
+    digest = catchup._digest
+    monkeypatch.setattr(catchup, "_digest", lambda file: hashed.append(file.name) or digest(file))
+    assert Index(db).refresh_ann() == {"content": False, "style": False} and hashed == []
+    base = db / "ann" / sidecar(db, "content")["files"][0]["file"]
+    base.write_bytes(base.read_bytes())  # the same bytes, a new mtime
+    assert Index(db).refresh_ann() == {"content": False, "style": False} and hashed == [base.name]
+    data = bytearray(base.read_bytes())
+    data[-1] ^= 1
+    base.write_bytes(bytes(data))
+    assert Index(db).refresh_ann() == {"content": True, "style": False}
+
+
+def test_info_walks_the_database_only_after_it_changed(tmp_path, new_index, photos, monkeypatch):
+    """`info` (and GET /api/info) summed every file's size on each call: now the sum is kept while no
+    directory changed, and is the files' total whenever it is given."""
+    from simsearch import store as store_module
+
+    db = tmp_path / "db"
+    idx = new_index(db)
+    idx.add_folder(photos)
+    walks = []
+    walk = store_module._walk_bytes
+    monkeypatch.setattr(store_module, "_walk_bytes", lambda root: walks.append(root) or walk(root))
+    total = lambda: sum(p.stat().st_size for p in db.rglob("*") if p.is_file())  # noqa: E731
+    assert [idx.info()["disk_bytes"] for _ in range(3)] == [total()] * 3 and len(walks) == 1
+    write_patterns(photos / "more", 3)
+    idx.add_folder(photos)
+    assert idx.info()["disk_bytes"] == total() and len(walks) == 2

@@ -109,3 +109,31 @@ def test_query_unknown_reranker_is_a_one_line_error(cli, embedded_db):
     db, _ = embedded_db
     one_line_error(*cli("query", EXAMPLES / "coffee.jpg", "--db", db, "--rerank", "cosine", "-k", "3"),
                    "cosine", "verified", "aas", "matches", "both")
+
+
+@pytest.mark.parametrize("method", ["verified", "both"])
+def test_rerank_in_chunks_is_the_rerank_of_all(embedded_db, monkeypatch, method):
+    """Candidates reranked RERANK_CHUNK at a time (here 5, of 12): the same hits, order, scores and
+    correspondences as all at once, and never more than a chunk's dense tensors scored in one call."""
+    import numpy as np
+
+    from simsearch import Index, index, rerank
+
+    idx = Index(embedded_db[0])
+    whole = idx.search(QUERIES / "cat_crop.jpg", k=12, rerank=method, candidates=12)
+    sizes = []
+    score = rerank.rerank_scores
+
+    def counted(backbone, layer, query, dense, *args, **kw):
+        sizes.append(len(dense))
+        return score(backbone, layer, query, dense, *args, **kw)
+
+    monkeypatch.setattr(rerank, "rerank_scores", counted)
+    monkeypatch.setattr(index, "RERANK_CHUNK", 5)
+    chunked = idx.search(QUERIES / "cat_crop.jpg", k=12, rerank=method, candidates=12)
+    assert sizes == [5, 5, 2]
+    assert [h.path for h in chunked] == [h.path for h in whole]
+    for a, b in zip(chunked, whole):
+        assert a.scores.keys() == b.scores.keys()
+        assert np.allclose([a.score, *a.scores.values()], [b.score, *b.scores.values()], atol=1e-5)
+        assert np.allclose(np.asarray(a.matches).reshape(-1, 4), np.asarray(b.matches).reshape(-1, 4), atol=1e-3)

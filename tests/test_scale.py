@@ -166,30 +166,40 @@ def test_default_nprobe_follows_the_lists(synth):
     idx, put = synth
     put(names("a", 3000), vectors(3000, seed=0))
     vi = Index(idx.root, ivf_threshold=1000).vector_index("content")
-    assert vi.kind == "ivf" and vi.nprobe is None
-    assert vi.probes == max(16, -(-vi.nlist // ann.PROBE_FRACTION)) < vi.nlist
-    assert Index(idx.root, ivf_threshold=1000, nprobe=3).vector_index("content").probes == 3
+    assert vi.kind == "ivf" and Index(idx.root).nprobe is None
+    assert vi.probes() == max(16, -(-vi.nlist // ann.PROBE_FRACTION)) < vi.nlist
+    assert vi.probes(3) == 3
+    query = vectors(1, seed=7)
+    exact = np.argsort(-(idx.store.vectors("content")[1] @ query[0]))[:10]
+    hits = Index(idx.root, ivf_threshold=1000, nprobe=vi.nlist).search_vector(query[0], 10)  # every list: exact
+    assert [h.key for h in hits] == idx.store.vectors("content")[0][exact].tolist()
 
 
 def test_single_query_splits_a_large_scan_over_threads(monkeypatch):
-    """A lone query that scans many IVF lists runs them on every FAISS thread (parallel_mode 1) and finds
-    what the batched search finds; the thread setting is restored afterwards."""
+    """A lone query that scans many IVF lists runs on a second IVF object over the same lists with
+    parallel_mode 1, and finds what the batched search finds, also after the lists changed; the
+    shared index keeps parallel_mode 0, and this thread's FAISS thread count (2 here, not the
+    suite's OMP_NUM_THREADS=1) is what it was."""
     import faiss
 
     vi = ann.VectorIndex.build(np.arange(3000), vectors(3000, seed=0), ivf_threshold=1000)
     queries = vectors(ann.PARALLEL_QUERIES, seed=5)
-    batched = vi.search(queries, 10)  # a batch: one thread per query
-    ivf = faiss.extract_index_ivf(vi.index)
-    assert ivf.parallel_mode == 0
-    threads = faiss.omp_get_max_threads()
     monkeypatch.setattr(ann, "SPLIT_SCAN", 0)
-    single = [vi.search(q[None], 10) for q in queries]
-    assert ivf.parallel_mode == 1 and faiss.omp_get_max_threads() == threads
-    assert np.array_equal(np.concatenate([k for _, k in single]), batched[1])
-    np.testing.assert_allclose(np.concatenate([s for s, _ in single]), batched[0], rtol=1e-5)
-    monkeypatch.setattr(ann, "SPLIT_SCAN", 10**9)
-    vi.search(queries[:1], 10)
-    assert ivf.parallel_mode == 0
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)
+    try:
+        for step in range(2):
+            batched = vi.search(queries, 10)  # a batch: parallel over the queries
+            single = [vi.search(q[None], 10) for q in queries]
+            assert vi._split is not None and faiss.extract_index_ivf(vi._split).parallel_mode == 1
+            assert faiss.extract_index_ivf(vi.index).parallel_mode == 0 and faiss.omp_get_max_threads() == 2
+            assert np.array_equal(np.concatenate([k for _, k in single]), batched[1])
+            np.testing.assert_allclose(np.concatenate([s for s, _ in single]), batched[0], rtol=1e-5)
+            new, added = np.arange(5000, 5100) + 100 * step, vectors(100, seed=6 + step)
+            vi.apply(np.arange(100) + 100 * step, new, added)  # the view sees the change
+            assert vi.ntotal == 3000 and np.array_equal(vi.search(added[:1], 1)[1][0], new[:1])
+    finally:
+        faiss.omp_set_num_threads(threads)
 
 
 def test_without_change_log_the_index_is_rebuilt(synth):
@@ -260,8 +270,8 @@ def test_scalar_indexes_and_appends(synth):
     v = store.version
     put(names("b", 10), vectors(10, seed=1))  # new keys: one append, no delete commit
     assert store.version == v + 1
-    put(names("b", 10), vectors(10, seed=2))  # replaced: delete + append
-    assert store.version == v + 3
+    put(names("b", 10), vectors(10, seed=2))  # replaced: one merge commit
+    assert store.version == v + 2
     store.compact(full=True)
     for name in ("images", "files"):
         stats = lancedb.connect(str(idx.root)).open_table(name).index_stats("key_idx")
@@ -300,3 +310,28 @@ def test_old_versions_are_cleaned_up(synth):
     Index(idx.root, keep_versions=timedelta(0)).store.compact()
     assert len(table.list_versions()) == 1 and idx.store.disk_bytes() < before
     assert len(table_rows(idx.root)) == 350
+
+
+def test_every_version_holds_every_replaced_row(synth):
+    """A reader opens whatever version is latest when it looks: every version written while rows are
+    replaced (payload and catalog) or touched (catalog) holds each of those rows, once. Before, a
+    replacement was a delete and an append, and the version between them lacked the rows."""
+    import lance
+
+    idx, put = synth
+    put(names("a", 100), vectors(100, seed=0))
+    store = idx.store
+    before = {name: lance.dataset(str(idx.root / f"{name}.lance")).version for name in ("images", "files")}
+    put(names("a", 20) + names("b", 10), vectors(30, seed=1))  # 20 replaced, 10 new
+    store.touch({p: (2, 2) for p in names("a", 30, start=50)})  # catalog rows rewritten
+
+    for name, replaced in (("images", names("a", 20)), ("files", names("a", 20) + names("a", 30, start=50))):
+        uri = str(idx.root / f"{name}.lance")
+        latest = lance.dataset(uri).version
+        assert latest > before[name]
+        for version in range(before[name] + 1, latest + 1):
+            paths = lance.dataset(uri, version=version).to_table(columns=["path"]).column("path").to_pylist()
+            assert all(paths.count(p) == 1 for p in replaced), (name, version)
+    assert len(table_rows(idx.root)) == 110
+    new = store.rows([path_key(p) for p in names("a", 20)], ["content"])
+    assert np.allclose(np.asarray([r["content"] for r in new]), vectors(30, seed=1)[:20])

@@ -351,3 +351,23 @@ def test_empty_database_answers_409(tmp_path, new_index):
     client = TestClient(create_app(Index(db)))
     assert client.get("/api/info").json()["rows"] == 0
     json_error(upload(client), 409, "holds no images")
+
+
+def test_candidates_above_the_cap_are_refused(client, keys, embedded_db):
+    """More first-stage hits to rerank than MAX_CANDIDATES: 422 from both searches, before any work;
+    the library refuses them too, with a message that names no option of the CLI."""
+    from simsearch import Index
+    from simsearch.errors import SimsearchError
+    from simsearch.index import MAX_CANDIDATES
+
+    key = keys["chelsea.jpg"]
+    ok = client.get("/api/search", params={"key": key, "k": 3, "rerank": "aas", "candidates": MAX_CANDIDATES})
+    assert ok.status_code == 200 and len(ok.json()["hits"]) == 3
+    over = client.get("/api/search", params={"key": key, "k": 3, "rerank": "aas", "candidates": MAX_CANDIDATES + 1})
+    assert over.status_code == 422 and "candidates" in over.json()["error"]
+    upload = client.post("/api/search", files={"image": ("q.jpg", (QUERIES / "cat_crop.jpg").read_bytes(), "image/jpeg")},
+                         data={"rerank": "aas", "candidates": str(MAX_CANDIDATES + 1)})
+    assert upload.status_code == 422 and "candidates" in upload.json()["error"]
+    with pytest.raises(SimsearchError, match=f"1 to {MAX_CANDIDATES}") as e:
+        Index(embedded_db[0]).search(QUERIES / "cat_crop.jpg", k=3, rerank="aas", candidates=MAX_CANDIDATES + 1)
+    assert "--" not in str(e.value)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
-from conftest import QUERIES, cli_command, tiny_cli_options, write_patterns
+from conftest import QUERIES, cli_command, table_rows, tiny_cli_options, write_patterns
 from live_server import live_server
 from simsearch import Index
 from simsearch.server import create_app
@@ -108,3 +109,144 @@ def test_queries_keep_working_while_another_process_indexes(tmp_path, tiny_model
     for rows in seen:
         assert rows == sorted(rows) and set(rows) <= commits, rows
     assert len({r for rows in seen for r in rows}) >= 3, seen  # counts between the first and the last were served
+
+
+SERVE = """
+import sys, threading, time
+import faiss, uvicorn, socket
+import transformers
+from simsearch import Index
+from simsearch.server import create_app
+
+transformers.utils.logging.disable_progress_bar()  # the model's loading bar is not a server log line
+app = create_app(Index(sys.argv[1], ivf_threshold=int(sys.argv[2])))
+
+@app.get("/test/faiss-threads")
+def faiss_threads():  # a sync route: answered on the same worker threads as the searches
+    return {"threads": faiss.omp_get_max_threads()}
+
+sock = socket.socket()
+sock.bind(("127.0.0.1", 0))
+server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+thread.start()
+while not server.started:
+    time.sleep(0.05)
+print(sock.getsockname()[1], flush=True)
+sys.stdin.read()
+server.should_exit = True
+thread.join(30)
+"""
+
+INDEXER = """
+import shutil, sys
+from pathlib import Path
+from simsearch import Index
+
+db, folder, staging, rounds = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+for r in range(rounds):
+    for p in sorted((staging / f"round{r}" / "new").iterdir()):
+        shutil.copy(p, folder / p.name)
+    for p in sorted((staging / f"round{r}" / "changed").iterdir()):
+        shutil.copy(p, folder / p.name)  # same name, other content: replaced
+    for name in (staging / f"round{r}" / "deleted").read_text().split():
+        (folder / name).unlink()
+    report = Index(db, ivf_threshold=int(sys.argv[5])).add_folder(folder, prune=True, batch_size=4, write_rows=4)
+    print(r, report.added, report.updated, report.pruned, flush=True)
+"""
+
+
+def test_serve_stress_beside_an_indexer_that_adds_replaces_and_prunes(tmp_path, new_index):
+    """`serve` (a separate process, OMP_NUM_THREADS=2) on 3,030 rows with IVF indexes, 4 clients
+    querying by upload and by key, content and style, with and without reranking, while another
+    process adds, replaces and prunes files in 5 rounds of commits of 4 rows. Every response is 200
+    with k hits ranked 1..k whose paths are rows the table has held, the server logs nothing, and the
+    FAISS thread count of its worker threads is what it was, and the clients saw the table change.
+    Bounded: each client stops when the indexer is done, after 30 to 300 requests."""
+    import numpy as np
+
+    from simsearch.store import make_rows, path_key
+
+    k, threshold, rounds, clients, fewest, most = 5, 1000, 5, 4, 30, 300
+    folder, staging, db = tmp_path / "photos", tmp_path / "staging", tmp_path / "db"
+    write_patterns(folder, 30)
+    ever = {str(p) for p in folder.iterdir()}
+    names = sorted(p.name for p in folder.iterdir())
+    for r in range(rounds):  # what the indexer does each round, prepared here
+        added = write_patterns(staging / f"round{r}" / "new", 8, start=100 + 10 * r)
+        ever |= {str(folder / p.name) for p in added}
+        changed = names[r * 4:r * 4 + 4]
+        (staging / f"round{r}" / "changed").mkdir()
+        for j, name in enumerate(changed):
+            write_patterns(staging / f"round{r}" / "tmp", 1, start=500 + 4 * r + j)[0].rename(staging / f"round{r}" / "changed" / name)
+        deleted = names[-3 * (r + 1):len(names) - 3 * r]
+        (staging / f"round{r}" / "deleted").write_text(" ".join(deleted))
+        names = sorted({*names, *(p.name for p in added)} - set(deleted))
+    index = new_index(db, ivf_threshold=threshold)
+    index.add_folder(folder)
+    real = index.store.rows(index.store.vectors("content")[0], ["width", "height", "content", "style", "dense", "thumb"])
+    rng = np.random.default_rng(0)
+    synthetic = [f"/synthetic/{i:05d}.png" for i in range(3000)]
+    for start in range(0, len(synthetic), 1000):  # copies of the real rows, their vectors moved a little
+        src = [real[i % len(real)] for i in range(start, start + 1000)]
+        noisy = {c: np.stack([r[c] for r in src]) + 0.05 * rng.standard_normal((1000, len(src[0][c]))) for c in ("content", "style")}
+        index.store.put(make_rows(synthetic[start:start + 1000], *(x / np.linalg.norm(x, axis=1, keepdims=True) for x in noisy.values()),
+                                  [r["dense"] for r in src], widths=[r["width"] for r in src], heights=[r["height"] for r in src],
+                                  thumbs=[r["thumb"] for r in src]))
+    index.refresh_ann()
+    assert index.count() == 3030 and index.vector_index("style").kind == "ivf"
+    ever |= set(synthetic)
+    query = (folder / "pat0003.png").read_bytes()
+
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    server = subprocess.Popen([sys.executable, "-c", SERVE, str(db), str(threshold)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = f"http://127.0.0.1:{server.stdout.readline().strip()}"
+        with httpx.Client(base_url=url, timeout=120) as c:
+            threads_before = {c.get("/test/faiss-threads").json()["threads"] for _ in range(20)}
+        indexer = subprocess.Popen([sys.executable, "-c", INDEXER, str(db), str(folder), str(staging), str(rounds), str(threshold)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        plans = [dict(mode=m, rerank=rr) for m in ("content", "style") for rr in ("none", "aas", "matches")]
+
+        versions: set[int] = set()
+
+        def client(seed: int) -> list[str]:
+            problems, done = [], 0
+            pick = np.random.default_rng(seed)
+            with httpx.Client(base_url=url, timeout=120) as c:
+                while done < most and (done < fewest or indexer.poll() is None):
+                    if done % 10 == 0:
+                        versions.add(c.get("/api/info").json()["table_version"])
+                    plan = plans[done % len(plans)]
+                    form = dict(k=k, candidates=2 * k, **plan)
+                    if (done + seed) % 2:
+                        r = search_upload(c, query, "q.png", **form)
+                    else:
+                        r = c.get("/api/search", params={"key": path_key(synthetic[int(pick.integers(3000))]), **form})
+                    done += 1
+                    if r.status_code != 200:
+                        problems.append(f"{r.status_code} {r.text[:200]}")
+                        continue
+                    hits = r.json()["hits"]
+                    if [h["rank"] for h in hits] != list(range(1, k + 1)) or not {h["path"] for h in hits} <= ever:
+                        problems.append(f"hits {[(h['rank'], h['path']) for h in hits]}")
+            return problems + [f"done {done}"]
+
+        with ThreadPoolExecutor(clients) as pool:
+            results = list(pool.map(client, range(clients)))
+        indexed = indexer.communicate(timeout=600)[0]
+        assert indexer.returncode == 0, indexed
+        with httpx.Client(base_url=url, timeout=120) as c:
+            threads_after = {c.get("/test/faiss-threads").json()["threads"] for _ in range(20)}
+            info = c.get("/api/info").json()
+    finally:
+        _, log = server.communicate("", timeout=60)
+    counts = [int(p.split()[-1]) for problems in results for p in problems if p.startswith("done")]
+    assert [p for problems in results for p in problems if not p.startswith("done")] == []
+    assert all(fewest <= n <= most for n in counts), counts
+    assert log.strip() == "" and server.returncode == 0, log[-3000:]
+    assert threads_before == threads_after == {2}
+    assert len(versions) > 2, versions  # the queries ran beside the indexer's commits
+    assert info["rows"] == 3000 + len(names) == len(table_rows(db))
+    print(f"stress: {sum(counts)} requests from {clients} clients beside {rounds} indexer rounds, 0 errors")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import replace
+from datetime import timedelta
 
 import lancedb
 import numpy as np
@@ -36,13 +37,16 @@ def test_rows_in_key_order_or_missing_named(idx, photos):
 
 
 def test_rerank_after_rows_were_deleted(idx, photos):
-    """Rows deleted between the first stage and the rerank: their hits drop out, every other hit keeps
-    its own score (scores were assigned by position onto a shorter list before), ranks stay 1..n."""
+    """Rows deleted between the first stage and the rerank, and the version the hits were read at
+    cleaned up (keep_versions 0): their hits drop out, every other hit keeps its own score (scores
+    were assigned by position onto a shorter list before), ranks stay 1..n."""
     query = idx.embed_image(photos / "coffee.jpg")
     hits = idx.search_vector(query.content[0], 12)
     alone = {h.key: idx.rerank(query.dense[0], [h], "aas")[0].score for h in hits}
     gone = [hits[1].path, hits[4].path]
-    Index(idx.root).store.delete_paths(gone)  # another handle, as another process would
+    writer = Index(idx.root, keep_versions=timedelta(0))  # another handle, as another process would
+    writer.store.delete_paths(gone)
+    writer.store.compact(full=True)
     reranked = idx.rerank(query.dense[0], hits, "aas")
     assert {h.path for h in reranked} == {h.path for h in hits} - set(gone)
     assert [h.rank for h in reranked] == list(range(1, 11))
@@ -50,15 +54,36 @@ def test_rerank_after_rows_were_deleted(idx, photos):
         assert h.score == pytest.approx(alone[h.key], abs=1e-6)
 
 
+def test_a_search_reads_the_rows_of_its_index_version(idx, photos):
+    """A delete commits after the FAISS index was brought up (here: the index is kept from catching
+    up, as when a writer holds the lock): the search still answers k hits, the rows of the version
+    its index reflects, and reranks them from that version's dense tensors. Before, the deleted rows
+    were dropped from the answer (fewer than k)."""
+    query = idx.embed_image(photos / "coffee.jpg")
+    before = idx.search_vector(query.content[0], 6)
+    followed = idx.ann_indexes["content"]
+    answered = followed.get()
+    Index(idx.root).store.delete_paths([before[0].path, before[2].path])
+    followed.current = replace(answered, table_version=idx.store.version)  # not caught up
+    after = idx.search_vector(query.content[0], 6)
+    assert [(h.path, h.rank) for h in after] == [(h.path, h.rank) for h in before]
+    assert all(h.table_version == answered.table_version < idx.store.version for h in after)
+    reranked = idx.search_embedded(query.content[0], query.dense[0], k=6, rerank="aas", candidates=6)
+    assert sorted(h.path for h in reranked) == sorted(h.path for h in before)
+
+
 def test_search_ranks_have_no_gaps_when_rows_vanish(idx, photos):
-    """The FAISS index answered before a delete committed: missing rows are skipped and ranks are
-    counted over the rows returned (they had gaps)."""
+    """The version the FAISS index reflects was cleaned up after a delete (keep_versions 0) before
+    the index caught up: the rows read at the latest version lack the deleted ones, which are skipped,
+    and ranks are counted over the rows returned (they had gaps)."""
     query = idx.embed_image(photos / "coffee.jpg").content[0]
     before = idx.search_vector(query, 6)
     followed = idx.ann_indexes["content"]
     answered = followed.get()  # holds all 12 rows
-    Index(idx.root).store.delete_paths([before[0].path, before[2].path])
-    followed.current = replace(answered, table_version=idx.store.version)  # simulate: the delete lands between search and fetch
+    writer = Index(idx.root, keep_versions=timedelta(0))
+    writer.store.delete_paths([before[0].path, before[2].path])
+    writer.store.compact(full=True)  # the index's version is gone
+    followed.current = replace(answered, table_version=idx.store.version)  # not caught up
     after = idx.search_vector(query, 6)
     assert [h.path for h in after] == [h.path for i, h in enumerate(before) if i not in (0, 2)]
     assert [h.rank for h in after] == [1, 2, 3, 4]

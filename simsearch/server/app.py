@@ -23,7 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import EmptyIndexError, ImageError, SimsearchError
-from ..index import Index
+from ..index import MAX_CANDIDATES, Index
 from ..store import MissingRowsError
 from .service import SearchService, UnknownQuery, UploadTooLarge
 
@@ -42,7 +42,7 @@ PAGE_POLICY = ("default-src 'self'; img-src 'self' blob:; object-src 'none'; bas
 Mode = Literal["content", "style"]
 Rerank = Literal["none", "aas", "matches", "both"]
 K = Annotated[int, Query(ge=1, le=1000, description="Number of hits.")]
-Candidates = Annotated[int, Query(ge=1, le=10_000, description="First-stage hits to rerank.")]
+Candidates = Annotated[int, Query(ge=1, le=MAX_CANDIDATES, description="First-stage hits to rerank.")]
 Where = Annotated[str | None, Query(max_length=2000, description="SQL filter on the table, as the CLI's --where.")]
 
 
@@ -161,7 +161,7 @@ def _add_routes(app: FastAPI, service: SearchService) -> None:
     @app.post("/api/search", summary="Search by an uploaded image")
     def search_upload(image: Annotated[UploadFile, File(description="The query image.")],
                       mode: Annotated[Mode, Form()] = "content", k: Annotated[int, Form(ge=1, le=1000)] = 10,
-                      rerank: Annotated[Rerank, Form()] = "none", candidates: Annotated[int, Form(ge=1, le=10_000)] = 50,
+                      rerank: Annotated[Rerank, Form()] = "none", candidates: Annotated[int, Form(ge=1, le=MAX_CANDIDATES)] = 50,
                       where: Annotated[str | None, Form(max_length=2000)] = None):
         """Hits for the image; `query.id` names it for `/api/match/{key}?query_id=` for a while."""
         data = image.file.read(service.max_upload_bytes + 1)

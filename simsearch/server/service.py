@@ -94,7 +94,7 @@ class SearchService:
         returned query id for match pictures."""
         if len(data) > self.max_upload_bytes:
             raise UploadTooLarge(f"{filename}: {len(data):,} bytes exceeds the {self.max_upload_bytes:,}-byte upload limit")
-        self.index.check_query(k, mode, rerank)
+        self.index.check_query(k, mode, rerank, candidates)
         t0 = time.perf_counter()
         with self.decode_slots:
             image = open_image(data, max_side=self.index.conf.image_size, name=filename).image
@@ -114,7 +114,7 @@ class SearchService:
 
     def search_key(self, key: int, mode: str, k: int, rerank: str | None, candidates: int, where: str | None) -> dict:
         """Search from an indexed image's stored vectors (no file, no forward)."""
-        self.index.check_query(k, mode, rerank)
+        self.index.check_query(k, mode, rerank, candidates)
         t0 = time.perf_counter()
         vector, dense = self.index.stored_query(key, mode)
         hits = self._search(vector, dense, mode, k, rerank, candidates, where)
