@@ -25,7 +25,6 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from ..descriptors.codec import encode_dense
 from ..errors import ImageError
@@ -71,7 +70,7 @@ class Prepared:
     mtime_ns: int
     width: int
     height: int
-    pixels: torch.Tensor
+    pixels: np.ndarray  # (3, S, S) float32 model input
     thumb: bytes
     is_update: bool
 
@@ -217,7 +216,7 @@ def embed_rows(embedder, batch: list[Prepared]) -> pa.Table:
     """Prepared images -> the rows `store.put` writes (one model forward for the batch)."""
     if not batch:
         return row_schema(embedder).empty_table()
-    emb = embedder.embed(torch.stack([b.pixels for b in batch]))
+    emb = embedder.embed(np.stack([b.pixels for b in batch]))
     return pa.table({
         "key": pa.array([b.key for b in batch], pa.int64()),
         "id": [b.id for b in batch],
