@@ -62,7 +62,7 @@ def runs(tmp_path_factory, tiny12):
     tmp = tmp_path_factory.mktemp("benchmarks")
     data = grouped_data(tmp / "data")
     out = {name: tmp / "out" / name for name in ("scoring", "speed", "dense", "rerank", "retrieval", "proxy",
-                                                  "rerank_device")}
+                                                  "rerank_device", "runtime")}
     common = ["--quick", "--model", str(tiny12)]
     plan = [
         ("scoring", "benchmarks/scoring.py", [*common, "--work", str(tmp / "scoring"), "--out-dir", str(out["scoring"])]),
@@ -77,6 +77,7 @@ def runs(tmp_path_factory, tiny12):
                                                                 "--max-images", "4", "--out-dir", str(out["proxy"])]),
         ("make_spair_fixture", "benchmarks/make_spair_fixture.py", [str(tmp / "fixture"), "--no-graf"]),
         ("rerank_device", "benchmarks/rerank_device.py", ["--quick", "--out-dir", str(out["rerank_device"])]),
+        ("runtime", "benchmarks/runtime.py", [*common, "--work", str(tmp / "runtime"), "--out-dir", str(out["runtime"])]),
     ]
     env = {**os.environ, "SIMSEARCH_DATA": str(tmp / "no-debian-data")}
     proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(plan)], cwd=REPO, env=env,
@@ -173,3 +174,16 @@ def test_rerank_device(runs):
     (row,) = res["results"]
     assert res["candidates"] == 4 and row["device"] == "cpu" and row["runs"] == 2
     assert 0 < row["ms_p50"] <= row["ms_p95"]
+
+
+def test_runtime(runs):
+    res = results(runs, "runtime", "runtime", "runtime")
+    assert [r["runtime"] for r in res["index"]] == ["torch", "torch-bf16", "onnx", "auto", "torch"]
+    assert all(r["images"] == 16 and r["failed"] == 0 and r["img_per_s"] > 0 for r in res["index"])
+    assert res["auto"]["choice"] == "torch"  # pinned for the tests (conftest)
+    assert set(res["rankings"]) == {"torch-bf16", "onnx", "auto", "onnx-int8 (not offered)"}
+    assert res["sd"]["min_cosine"]["dense"] >= 0.999 and set(res["sd"]["s_per_image"]) == {"torch", "torch-bf16"}
+    assert res["rankings"]["onnx"]["content"]["min_cosine"] >= 0.9999
+    cold = res["cold_query"]
+    assert cold["loaded"] == "{'torch': False, 'transformers': False, 'onnxruntime': True}"
+    assert cold["query_s"] > 0 and cold["import_torch_s"] > 0

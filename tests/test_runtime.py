@@ -68,6 +68,14 @@ def test_each_runtime_holds_its_tolerance(vit_conf):
         assert_within(name, eager, Embedder(vit_conf, "cpu", runtime=name).embed(pixels))
 
 
+def test_stable_diffusion_in_bf16_holds_its_tolerance(tiny_sd):
+    """The UNet's DiffSim and DIFT taps run in bf16 through the same runner (ONNX covers ViTs only)."""
+    conf = DescriptorConfig.for_model(str(tiny_sd), image_size=128)
+    eager = Embedder(conf, "cpu", runtime="torch")
+    pixels = np.stack([eager.preprocess(Image.open(p).convert("RGB")) for p in PHOTOS[:3]])
+    assert_within("torch-bf16", eager.embed(pixels), Embedder(conf, "cpu", runtime="torch-bf16").embed(pixels))
+
+
 @pytest.mark.slow
 def test_embedded_model_runtimes_and_databases_across_them(embedded_model, tmp_path):
     """The embedded DINOv2-S/14 on the sample photos: stored vectors within each runtime's tolerance,
@@ -166,6 +174,10 @@ def test_auto_is_measured_once_per_machine(tmp_path, monkeypatch):
     runtime.choice_path().write_text(json.dumps(record))
     runtime.choose(measure)
     assert len(measured) == 2  # another machine's record does not count
+    record = json.loads(runtime.choice_path().read_text())
+    runtime.choice_path().write_text(json.dumps({**record, "busy": True}))
+    runtime.choose(measure)
+    assert len(measured) == (2 if runtime.busy() else 3)  # measured while busy: again once it is quiet
     has_bf16 = bool(runtime.cpu_flags() & set(runtime.BF16_FLAGS))
     assert ("torch-bf16" in measured[0]) == has_bf16
     assert "torch-bf16" not in runtime.candidates({"avx2", "fma"})

@@ -8,7 +8,8 @@
     onnx         ONNX Runtime on a float32 graph exported from the      >= 0.9999, checked at every export
                  same module; loads without torch, so a cold query
                  never imports it
-    auto         `choose`: the fastest of those this CPU supports, measured once per machine
+    auto         `choose`: the fastest of those this CPU supports, measured once per machine (again
+                 when the machine was busy then and is quiet now)
 
 Every runtime computes the descriptors of the same weights, so a database built with one is queried
 with any other (the weights fingerprint does not change).
@@ -250,12 +251,18 @@ def choice_path() -> Path:
     return cache_dir() / "choice.json"
 
 
+def busy() -> bool:
+    """Whether other work holds the cores (1-minute load above their count): timings then mislead."""
+    return os.getloadavg()[0] > (os.cpu_count() or 1)
+
+
 def recorded_choice() -> dict | None:
-    """The measurement recorded for this machine, or None (none yet, or made on another CPU / libraries)."""
+    """The measurement recorded for this machine, or None: none yet, made on another CPU or libraries,
+    or made while the machine was busy and it is quiet now (measured again, once)."""
     with suppress(OSError, ValueError):
         found = json.loads(choice_path().read_text())
         if found.get("machine") == machine() and found.get("choice") in RUNTIMES:
-            return found
+            return None if found.get("busy") and not busy() else found
     return None
 
 
@@ -276,7 +283,8 @@ def choose(measure: Callable[[tuple[str, ...]], dict[str, float]] | None = None)
 def record_choice(choice: str, speeds: dict[str, float], reason: str) -> dict:
     """Record what `auto` means on this machine (atomically) and return the record."""
     found = {"choice": check_runtime(choice), "img_per_s": {k: round(v, 2) for k, v in speeds.items()},
-             "machine": machine(), "reason": reason, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
+             "machine": machine(), "reason": reason, "measured": time.strftime("%Y-%m-%dT%H:%M:%S"),
+             "load": round(os.getloadavg()[0], 2), "busy": bool(speeds) and busy()}
     path = choice_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="choice", suffix=".tmp", dir=path.parent)
@@ -302,18 +310,15 @@ def measure_runtimes(names: tuple[str, ...], blocks: int = 4, batch: int = 8, re
     wanted = {"content": (blocks, "features"), "dense": (blocks - 1, "source"), "style0": (blocks // 2, "features")}
     head = DescriptorHead(backbone, wanted, "cls", "meanstd").eval()
     pixels = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)
-    speeds = {}
     with tempfile.TemporaryDirectory(prefix="simsearch-measure-") as tmp:
-        for name in names:
-            if name == "onnx":
-                runner = export_graph(head, 224, Path(tmp) / "probe.onnx", "probe", [])
-            else:
-                runner = TorchRunner(head, bf16=name == "torch-bf16")
-            runner.run(pixels)
-            best = float("inf")
-            for _ in range(repeats):
+        runners = {name: export_graph(head, 224, Path(tmp) / "probe.onnx", "probe", []) if name == "onnx"
+                   else TorchRunner(head, bf16=name == "torch-bf16") for name in names}
+        for runner in runners.values():
+            runner.run(pixels)  # warm-up: kernels chosen, memory allocated
+        best = dict.fromkeys(names, float("inf"))
+        for _ in range(repeats):  # interleaved, so that a burst of load on a shared machine hits every runtime
+            for name, runner in runners.items():
                 t0 = time.perf_counter()
                 runner.run(pixels)
-                best = min(best, time.perf_counter() - t0)
-            speeds[name] = batch / best
-    return speeds
+                best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: batch / seconds for name, seconds in best.items()}
