@@ -250,9 +250,11 @@ class Embedder:
 
     @property
     def device(self) -> "torch.device":
-        import torch
+        if self._backbone is None and self._cached_graph() is not None:
+            import torch
 
-        return self._backbone.device if self._backbone is not None or self._cached_graph() is None else torch.device("cpu")
+            return torch.device("cpu")  # graphs run on the CPU
+        return self.backbone.device
 
     def preprocess(self, img: Image.Image) -> np.ndarray:
         """RGB image -> (3, S, S) float32 model input."""
@@ -264,6 +266,7 @@ class Embedder:
 
     def embed(self, pixels) -> Embeddings:
         """pixels (B, 3, S, S) as `preprocess` makes them (numpy or torch) -> Embeddings."""
-        pixels = pixels.numpy(force=True) if hasattr(pixels, "numpy") and not isinstance(pixels, np.ndarray) else pixels
+        if not isinstance(pixels, np.ndarray):
+            pixels = pixels.numpy(force=True)  # a torch tensor
         out = self.runner(self.runtime_for(len(pixels))).run(np.asarray(pixels, dtype=np.float32))
         return Embeddings(content=out["content"], style=out["style"], dense=out["dense"])

@@ -12,7 +12,9 @@
                  when the machine was busy then and is quiet now)
 
 Every runtime computes the descriptors of the same weights, so a database built with one is queried
-with any other (the weights fingerprint does not change).
+with any other (the weights fingerprint does not change). int8 (the graph's MatMuls quantised dynamically)
+is not offered: it kept the same nearest image in 85 % of queries on real JPEGs against a bar of 99 %
+(benchmarks/results/runtime.md).
 
 Graphs: exported with torch.onnx (the TorchScript exporter: exact outputs, unlike the dynamo one) at
 one input size, so the position table interpolated to that grid is a constant of the graph; the batch
