@@ -188,7 +188,7 @@ def cmd_throughput(args) -> dict:
     return result
 
 
-PREPROCESS = "preprocess (Embedder.preprocess: resize + torch normalise)"
+PREPROCESS = "preprocess (Embedder.preprocess: resize + numpy normalise, backbones.pixels)"
 ALT_PREPROCESS = "  alt: resize + numpy normalise (numpy_to_tensor, not in the library)"
 
 
@@ -198,6 +198,7 @@ def cmd_stages(args) -> dict:
     model perfectly on the 2 cores, the best end-to-end / bare ratio is model / (model + the rest)."""
     import hashlib
 
+    import numpy as np
     import pyarrow as pa
     import torch
 
@@ -235,7 +236,7 @@ def cmd_stages(args) -> dict:
         timed(ALT_PREPROCESS, numpy_to_tensor, loaded.image, size)
         thumbs.append(timed("thumbnail JPEG", thumbnail_jpeg, loaded.image))
     bs = args.batch_size
-    batches = [torch.stack(pixels[i:i + bs]) for i in range(0, len(pixels) - bs + 1, bs)]
+    batches = [np.stack(pixels[i:i + bs]) for i in range(0, len(pixels) - bs + 1, bs)]
     n_model = bs * len(batches)
     emb.embed(batches[0])  # warm-up
     outs = []
