@@ -276,7 +276,7 @@ def bench_codec(args) -> None:
     cache = args.work / f"dense-{args.images}.npz"
     if not cache.exists():  # the float32 hidden states of `images` tuxpaint stamps
         paths = sorted(real_folder(args.work, args.images).iterdir())
-        parts = [emb.embed(torch.stack([emb.preprocess(open_image(p.read_bytes(), max_side=224, name=str(p)).image)
+        parts = [emb.embed(np.stack([emb.preprocess(open_image(p.read_bytes(), max_side=224, name=str(p)).image)
                                          for p in paths[i:i + 16]])).dense for i in range(0, len(paths), 16)]
         np.savez(cache, dense=np.concatenate(parts), paths=np.array([str(p) for p in paths]))
     data = np.load(cache)

@@ -120,7 +120,7 @@ def embed(root: Path, paths: list[Path]) -> Path:
         content, style = [], []
         for b in range(0, len(chunk), 32):
             batch = chunk[b:b + 32]
-            pixels = torch.stack([emb.preprocess(open_image(p.read_bytes(), max_side=emb.conf.image_size, name=str(p)).image)
+            pixels = np.stack([emb.preprocess(open_image(p.read_bytes(), max_side=emb.conf.image_size, name=str(p)).image)
                                   for p in batch])
             e = emb.embed(pixels)
             content.append(e.content)

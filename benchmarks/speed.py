@@ -188,7 +188,7 @@ def cmd_throughput(args) -> dict:
     return result
 
 
-PREPROCESS = "preprocess (Embedder.preprocess: resize + torch normalise)"
+PREPROCESS = "preprocess (Embedder.preprocess: resize + numpy normalise, backbones.pixels)"
 ALT_PREPROCESS = "  alt: resize + numpy normalise (numpy_to_tensor, not in the library)"
 
 
@@ -198,6 +198,7 @@ def cmd_stages(args) -> dict:
     model perfectly on the 2 cores, the best end-to-end / bare ratio is model / (model + the rest)."""
     import hashlib
 
+    import numpy as np
     import pyarrow as pa
     import torch
 
@@ -234,7 +235,7 @@ def cmd_stages(args) -> dict:
         timed(ALT_PREPROCESS, numpy_to_tensor, loaded.image, size)
         thumbs.append(timed("thumbnail JPEG", thumbnail_jpeg, loaded.image))
     bs = args.batch_size
-    batches = [torch.stack(pixels[i:i + bs]) for i in range(0, len(pixels) - bs + 1, bs)]
+    batches = [np.stack(pixels[i:i + bs]) for i in range(0, len(pixels) - bs + 1, bs)]
     n_model = bs * len(batches)
     emb.embed(batches[0])  # warm-up
     outs = []
@@ -459,7 +460,7 @@ import faiss; mark("import faiss")
 from simsearch.index import Index; mark("import simsearch.index (+PIL, rest)")
 idx = Index(sys.argv[1], device="cpu"); mark("Index(db) open (schema, config check)")
 n = idx.count(); mark("count rows")
-idx.embedder; mark("load the query graph (backbones.compiled; the model itself if none is cached)")
+idx.embedder; mark("load the query graph (backbones.runtime: the ONNX graph; the model itself if none is cached)")
 e = idx.embed_image(sys.argv[2]); mark("embed query (decode + first forward, batch 1)")
 e = idx.embed_image(sys.argv[2]); mark("embed query again (warm forward)")
 vi = idx.vector_index("content"); mark("load FAISS index (+table version check)")

@@ -5,16 +5,22 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
-from .backbones import DEFAULT_MODEL, Layer, compiled, descriptor_defaults, load_backbone
-from .backbones.base import resolve_device
+from .backbones import DEFAULT_MODEL, EMBEDDED, MODELS, descriptor_defaults, embedded, load_backbone
+from .backbones import runtime as runtimes
 from .descriptors.codec import DENSE_DTYPES
-from .descriptors.pooling import CONTENT_POOLINGS, concat_normalized, content_vector, style_parts, style_pooled
+from .descriptors.pooling_spec import CONTENT_POOLINGS, style_parts
 from .errors import SimsearchError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .backbones import Layer
 
 
 @dataclass(frozen=True)
@@ -88,32 +94,49 @@ class Embeddings:
     dense: np.ndarray  # (B, T, C) float32: the source of `dense_layer`'s attention
 
 
+def weight_files(model: str) -> list[Path]:
+    """The local files `model`'s weights and config are read from ([] for a hub id: no network for a
+    cache key)."""
+    card = MODELS.get(model)
+    if card is not None:
+        return sorted(p for p in embedded.converted_dir().iterdir() if p.is_file()) if card.source == EMBEDDED else []
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.is_file())
+    return [path] if path.is_file() else []
+
+
 class Embedder:
-    """One backbone driven by one DescriptorConfig: images in, stored descriptors out.
+    """One backbone driven by one DescriptorConfig: images in, stored descriptors out, through one of
+    the inference runtimes of backbones.runtime.
 
-    On the CPU, a configuration compiled before (backbones.compiled) embeds through its cached graph
-    and the backbone's library is loaded only when something else needs it (reranking, another input
-    size): a cold query does not import transformers."""
+    `runtime`: "auto" runs batches in the runtime measured fastest on this machine and single images
+    (a query) through the configuration's cached ONNX graph when there is one; any other name runs
+    everything in that runtime. `weights`: the fingerprint a database recorded; with it a cached graph
+    answers without loading the model, so a cold query imports neither torch nor transformers."""
 
-    def __init__(self, conf: DescriptorConfig = DescriptorConfig(), device: str = "auto"):
+    def __init__(self, conf: DescriptorConfig = DescriptorConfig(), device: str = "auto", runtime: str = "auto",
+                 weights: str | None = None):
         self.conf = conf
         self._device = device
+        self.runtime = runtimes.check_runtime(runtime)
+        if runtime == "onnx" and device not in ("auto", "cpu"):
+            raise SimsearchError(f"runtime onnx runs on the CPU; device {device} needs runtime torch")
+        self._weights = weights
         self._backbone = None
+        self._runners: dict[str, object] = {}
+        self._no_graph: set[str] = set()  # fingerprints whose graph is not cached
+        self._auto: str | None = None
         self.style_layers = conf.style_layer if isinstance(conf.style_layer, tuple) else (conf.style_layer,)
         self._shapes: tuple[tuple[int, int], dict[str, int]] | None = None
-        path = self._compiled_path()
-        self.compiled = compiled.CompiledTokens.load(path) if path is not None and path.is_file() else None
-        if self.compiled is None:
-            self._check(self.backbone)
 
-    def _compiled_path(self):
-        """Where this configuration's CPU graph lives, or None when it is not compiled (see backbones.compiled)."""
-        return compiled.cache_path(self.conf) if resolve_device(self._device).type == "cpu" else None
-
+    # -- the model, loaded only when a runner needs it ------------------------------------------
     @property
     def backbone(self):
         if self._backbone is None:
-            self._backbone = load_backbone(self.conf.model, self._device, **self.conf.backbone_options())
+            bb = load_backbone(self.conf.model, self._device, **self.conf.backbone_options())
+            self._check(bb)
+            self._backbone = bb
         return self._backbone
 
     @cached_property
@@ -124,26 +147,88 @@ class Embedder:
         return {"content": (content, "features"), "dense": (conf.dense_layer, "source"),
                 **{f"style{i}": (layer, "features") for i, layer in enumerate(self.style_layers)}}
 
+    @cached_property
+    def head(self):
+        """The descriptor forward as one module (descriptors.head), what every runtime runs."""
+        from .descriptors.head import DescriptorHead
+
+        return DescriptorHead(self.backbone, self.wanted, self.conf.content_pooling, self.conf.style_pooling).eval()
+
     def _check(self, bb) -> None:
         conf = self.conf
         bb.check_size(conf.image_size)
-        for role, (layer, kind) in self.wanted.items():
+        content = bb.final_layer if conf.content_layer is None else conf.content_layer
+        for role, (layer, kind) in {"content": (content, "features"), "dense": (conf.dense_layer, "source"),
+                                    **{f"style{i}": (s, "features") for i, s in enumerate(self.style_layers)}}.items():
             bb.check_layer(layer, kind, f"{role.rstrip('0123456789')}_layer")
         if conf.content_pooling in ("cls", "cls+mean") and bb.prefix_tokens == 0:
             raise SimsearchError(f"content pooling '{conf.content_pooling}' needs a CLS token; {conf.model} has none (use mean or gem)")
 
-    def compile(self) -> bool:
-        """Write this configuration's CPU graph for later cold starts (once; see backbones.compiled).
-        -> whether a graph exists now."""
-        if self.compiled is None and (path := self._compiled_path()) is not None:
-            self.compiled = compiled.compile_tokens(self.backbone, self.wanted, self.conf.image_size, path)
-        return self.compiled is not None
+    # -- runtimes ---------------------------------------------------------------------------------
+    def _cached_graph(self):
+        """The verified ONNX graph of this configuration if one is cached, else None. Before the model
+        is loaded, only when the weights' fingerprint is known (a database's): the cold query path."""
+        if "onnx" in self._runners:
+            return self._runners["onnx"]
+        fp = self._weights if self._backbone is None else self._backbone.fingerprint
+        if fp is None or fp in self._no_graph or self._device not in ("auto", "cpu"):
+            return None
+        graph = runtimes.OnnxGraph.load(runtimes.graph_path(self.conf.to_dict(), fp))
+        if graph is None or graph.fingerprint != fp or graph.size != self.conf.image_size:
+            self._no_graph.add(fp)
+            return None
+        self._runners["onnx"] = graph
+        return graph
 
+    def export_graph(self):
+        """This configuration's ONNX graph, exported and verified once; None for models it does not
+        cover (Stable Diffusion) or a model on CUDA. RuntimeRefusedError when the export differs."""
+        if (graph := self._cached_graph()) is not None:
+            return graph
+        bb = self.backbone
+        if bb.family not in runtimes.ONNX_FAMILIES or bb.device.type != "cpu":
+            return None
+        if (graph := self._cached_graph()) is None:  # the model's own fingerprint may find one
+            graph = runtimes.export_graph(self.head, self.conf.image_size, runtimes.graph_path(self.conf.to_dict(), bb.fingerprint),
+                                          bb.fingerprint, weight_files(self.conf.model))
+            self._runners["onnx"] = graph
+        return graph
+
+    def runtime_for(self, batch: int) -> str:
+        """The runtime a batch of `batch` images runs in (see the class docstring for "auto")."""
+        if self.runtime != "auto":
+            return self.runtime
+        if batch == 1 and self._cached_graph() is not None:
+            return "onnx"
+        if self._auto is None:
+            self._auto = self._machine_choice()
+        return self._auto
+
+    def _machine_choice(self) -> str:
+        if self._device not in ("auto", "cpu"):
+            return "torch"
+        import torch
+
+        if self._device == "auto" and torch.cuda.is_available():
+            return "torch"  # a GPU runs the model in float16
+        return runtimes.choose()["choice"]
+
+    def runner(self, name: str):
+        """The runner of runtime `name`, made on first use."""
+        if name not in self._runners:
+            if name == "onnx":
+                if self.export_graph() is None:
+                    raise SimsearchError(f"runtime onnx covers ViTs on the CPU; {self.conf.model} needs runtime torch")
+            else:
+                self._runners[name] = runtimes.TorchRunner(self.head, bf16=name == "torch-bf16")
+        return self._runners[name]
+
+    # -- what the stored rows hold ----------------------------------------------------------------
     def _probe(self) -> tuple[tuple[int, int], dict[str, int]]:
         """Stored shapes, from one forward on a blank image the first time a table needs them."""
         if self._shapes is None:
             size = self.conf.image_size
-            e = self.embed(torch.zeros(1, 3, size, size))
+            e = self.embed(np.zeros((1, 3, size, size), np.float32))
             self._shapes = tuple(e.dense.shape[1:]), {"content": e.content.shape[1], "style": e.style.shape[1]}
         return self._shapes
 
@@ -159,36 +244,29 @@ class Embedder:
 
     @property
     def fingerprint(self) -> str:
-        return self.compiled.fingerprint if self.compiled is not None else self.backbone.fingerprint
+        if self._backbone is None and (graph := self._cached_graph()) is not None:
+            return graph.fingerprint
+        return self.backbone.fingerprint
 
     @property
-    def device(self) -> torch.device:
-        return torch.device("cpu") if self.compiled is not None and self._backbone is None else self.backbone.device
+    def device(self) -> "torch.device":
+        if self._backbone is None and self._cached_graph() is not None:
+            import torch
 
-    @property
-    def prefix_tokens(self) -> int:
-        return self.compiled.prefix_tokens if self.compiled is not None else self.backbone.prefix_tokens
+            return torch.device("cpu")  # graphs run on the CPU
+        return self.backbone.device
 
-    def preprocess(self, img: Image.Image) -> torch.Tensor:
-        if self.compiled is not None and self._backbone is None:
-            from .backbones.vit import vit_preprocess
+    def preprocess(self, img: Image.Image) -> np.ndarray:
+        """RGB image -> (3, S, S) float32 model input."""
+        if self._backbone is None and self._cached_graph() is not None:
+            from .backbones.pixels import vit_pixels
 
-            return vit_preprocess(img, self.conf.image_size)  # compiled graphs are ViTs
-        return self.backbone.preprocess(img, self.conf.image_size)
+            return vit_pixels(img, self.conf.image_size)  # graphs are ViTs
+        return np.asarray(self.backbone.preprocess(img, self.conf.image_size), dtype=np.float32)
 
-    def tokens(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.compiled is not None and self.compiled.accepts(pixels):
-            return self.compiled.tokens(pixels)
-        return self.backbone.tokens(pixels.to(self.backbone.device), self.wanted)
-
-    @torch.inference_mode()
-    def embed(self, pixels: torch.Tensor) -> Embeddings:
-        """pixels (B, 3, S, S) as `preprocess` makes them -> Embeddings."""
-        p = self.prefix_tokens
-        tokens = self.tokens(pixels)
-        style = [style_pooled(tokens[f"style{i}"][:, p:], self.conf.style_pooling) for i in range(len(self.style_layers))]
-        return Embeddings(
-            content=content_vector(tokens["content"], self.conf.content_pooling, prefix=p).cpu().numpy(),
-            style=(style[0] if len(style) == 1 else concat_normalized(style)).cpu().numpy(),
-            dense=tokens["dense"].float().cpu().numpy(),
-        )
+    def embed(self, pixels) -> Embeddings:
+        """pixels (B, 3, S, S) as `preprocess` makes them (numpy or torch) -> Embeddings."""
+        if not isinstance(pixels, np.ndarray):
+            pixels = pixels.numpy(force=True)  # a torch tensor
+        out = self.runner(self.runtime_for(len(pixels))).run(np.asarray(pixels, dtype=np.float32))
+        return Embeddings(content=out["content"], style=out["style"], dense=out["dense"])

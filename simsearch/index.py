@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from . import ann, catchup
-from .descriptors.codec import DenseFormat
-from .descriptors.quant import COMPACT_CODECS
+from .backbones.runtime import check_runtime, recorded_choice
+from .descriptors.codec import COMPACT_CODECS, DenseFormat
 from .embedder import DescriptorConfig, Embedder
 from .errors import ConfigMismatchError, EmptyIndexError, ImageError, SimsearchError
 from .images import _to_rgb, open_image
@@ -85,7 +85,8 @@ class Index:
     def __init__(self, db: str | Path = DEFAULT_DB, model: str | None = None, device: str = "auto",
                  conf: DescriptorConfig | None = None, ivf_threshold: int = ann.IVF_THRESHOLD,
                  nprobe: int | None = ann.NPROBE, embedder: Embedder | None = None,
-                 keep_versions: timedelta = KEEP_VERSIONS, dense_codec: str | None = None, **overrides):
+                 keep_versions: timedelta = KEEP_VERSIONS, dense_codec: str | None = None, runtime: str = "auto",
+                 **overrides):
         """Open the database at `db`, or prepare one to be created by the first `add_folder`.
 
         `model`, `conf` or DescriptorConfig fields given as keywords state what the caller expects;
@@ -95,10 +96,13 @@ class Index:
         index's). `keep_versions`: how long old table versions stay on disk (time travel).
         `dense_codec`: how a new table stores dense tensors: "raw" (config.dense_dtype) or a compact
         learned codec "pca" (simsearch.descriptors.quant, <= 64 KB per image); an existing table keeps its own.
+        `runtime`: how the model runs (simsearch.backbones.runtime: auto, torch, torch-bf16, onnx); any
+        runtime queries a table built with any other.
         """
         self.root = Path(db).expanduser()
         self.store = ImageStore(self.root, keep_versions)
         self.device = device
+        self.runtime = check_runtime(runtime)
         self.nprobe = nprobe
         self.ann_indexes = {c: catchup.FollowedIndex(self.store, catchup.Source(c), ivf_threshold) for c in VECTOR_COLUMNS}
         if dense_codec is not None and dense_codec not in DENSE_CODECS:
@@ -138,7 +142,9 @@ class Index:
     @property
     def embedder(self) -> Embedder:
         if self._embedder is None:
-            self._embedder = Embedder(self.conf, self.device)
+            # the recorded fingerprint lets a cached ONNX graph answer without loading the model
+            weights = self.store.meta.get("weights") if self.store.exists() else None
+            self._embedder = Embedder(self.conf, self.device, self.runtime, weights)
         if self.store.exists():
             self._check_weights(self._embedder)
         return self._embedder
@@ -197,11 +203,11 @@ class Index:
         return report
 
     def compile_for_queries(self) -> bool:
-        """Cache this configuration's CPU graph so later cold queries skip the model's library
-        (backbones.compiled); a no-op once it exists, on CUDA, or for models it does not cover."""
+        """Cache this configuration's ONNX graph so later cold queries load neither torch nor the model's
+        library (backbones.runtime); a no-op once it exists, on CUDA, or for models it does not cover."""
         try:
-            return self.embedder.compile()
-        except (RuntimeError, OSError) as e:  # a cache that cannot be written costs speed, not the index run
+            return self.embedder.export_graph() is not None
+        except (SimsearchError, RuntimeError, OSError) as e:  # a cache that cannot be written costs speed, not the index run
             import logging
 
             logging.getLogger(__name__).warning("no compiled query graph for %s: %s", self.conf.model, e)
@@ -444,6 +450,7 @@ class Index:
                       "dtype": self.dense_format.name, "bytes_per_image": self.dense_format.nbytes},
             "disk_bytes": disk, "disk_bytes_per_image": disk // rows if rows else 0,
             "ann": {c: catchup.index_state(self.store, c) for c in VECTOR_COLUMNS},
+            "runtime": {"requested": self.runtime, "auto_on_this_machine": (recorded_choice() or {}).get("choice", "not measured yet")},
         }
 
     def dense(self, keys) -> np.ndarray:

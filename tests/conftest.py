@@ -27,8 +27,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.pop("SIMSEARCH_DB", None)
-# Compiled query graphs (simsearch.backbones.compiled) of this session's models, removed at its end.
-os.environ["SIMSEARCH_COMPILED_CACHE"] = tempfile.mkdtemp(prefix="simsearch-compiled-")
+# ONNX graphs and the measured runtime choice (simsearch.backbones.runtime) of this session, removed at its end.
+os.environ["SIMSEARCH_RUNTIME_CACHE"] = tempfile.mkdtemp(prefix="simsearch-runtime-")
 # One intra-op thread: the tiny model gains nothing from more, and on a busy 2-core machine torch's
 # spinning OpenMP workers made a 5 ms forward take ~1 s. Subprocesses inherit the variable.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -91,11 +91,16 @@ def require(available, reason: str):
 def pytest_configure(config):
     import torch
 
+    from simsearch.backbones import runtime
+
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    # `auto` means eager float32 for this session (no measurement, the same numbers on every machine);
+    # tests/test_runtime.py measures and checks the other runtimes on their own
+    runtime.record_choice("torch", {}, "pinned by tests/conftest.py")
 
 
 def pytest_unconfigure(config):
-    shutil.rmtree(os.environ["SIMSEARCH_COMPILED_CACHE"], ignore_errors=True)
+    shutil.rmtree(os.environ["SIMSEARCH_RUNTIME_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

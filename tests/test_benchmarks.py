@@ -63,7 +63,7 @@ def runs(tmp_path_factory, tiny12):
     tmp = tmp_path_factory.mktemp("benchmarks")
     data = grouped_data(tmp / "data")
     out = {name: tmp / "out" / name for name in ("scoring", "speed", "dense", "rerank", "retrieval", "proxy",
-                                                  "rerank_device", "replace")}
+                                                  "rerank_device", "replace", "runtime")}
     common = ["--quick", "--model", str(tiny12)]
     plan = [
         ("scoring", "benchmarks/scoring.py", [*common, "--work", str(tmp / "scoring"), "--out-dir", str(out["scoring"])]),
@@ -79,6 +79,7 @@ def runs(tmp_path_factory, tiny12):
         ("make_spair_fixture", "benchmarks/make_spair_fixture.py", [str(tmp / "fixture"), "--no-graf"]),
         ("rerank_device", "benchmarks/rerank_device.py", ["--quick", "--out-dir", str(out["rerank_device"])]),
         ("replace", "benchmarks/replace.py", ["--quick", "--work", str(tmp / "replace"), "--out-dir", str(out["replace"])]),
+        ("runtime", "benchmarks/runtime.py", [*common, "--work", str(tmp / "runtime"), "--out-dir", str(out["runtime"])]),
     ]
     env = {**os.environ, "SIMSEARCH_DATA": str(tmp / "no-debian-data")}
     proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(plan)], cwd=REPO, env=env,
@@ -182,3 +183,14 @@ def test_replace(runs):
     (row,) = res["results"].values()
     assert set(res["results"]) == {"2000"} and res["batch"] == 32
     assert row["append"]["seconds_p50"] > 0 and row["replace half"]["seconds_p50"] > 0
+def test_runtime(runs):
+    res = results(runs, "runtime", "runtime", "runtime")
+    assert [r["runtime"] for r in res["index"]] == ["torch", "torch-bf16", "onnx", "auto", "torch"]
+    assert all(r["images"] == 16 and r["failed"] == 0 and r["img_per_s"] > 0 for r in res["index"])
+    assert res["auto"]["choice"] == "torch"  # pinned for the tests (conftest)
+    assert set(res["rankings"]) == {"torch-bf16", "onnx", "auto", "onnx-int8 (not offered)"}
+    assert res["sd"]["min_cosine"]["dense"] >= 0.999 and set(res["sd"]["s_per_image"]) == {"torch", "torch-bf16"}
+    assert res["rankings"]["onnx"]["content"]["min_cosine"] >= 0.9999
+    cold = res["cold_query"]
+    assert cold["loaded"] == "{'torch': False, 'transformers': False, 'onnxruntime': True}"
+    assert cold["query_s"] > 0 and cold["import_torch_s"] > 0

@@ -272,7 +272,7 @@ def test_multi_block_style_vector_is_stored_and_reopened(new_index, tiny_model, 
     bb = load_backbone(str(tiny_model), "cpu")
     from simsearch.images import open_image
 
-    pixels = idx.embedder.preprocess(open_image(folder / "chelsea.png", max_side=idx.conf.image_size).image)[None]
+    pixels = torch.from_numpy(idx.embedder.preprocess(open_image(folder / "chelsea.png", max_side=idx.conf.image_size).image))[None]
     tok = bb.tokens(pixels, {"a": (1, "features"), "b": (3, "features")})
     expect = concat_normalized([style_pooled(tok[k][:, 1:], "meanstd+cov") for k in ("a", "b")])[0]
     from simsearch.paths import normalize

@@ -7,6 +7,9 @@
 - a single-file Stable Diffusion checkpoint (`.safetensors`, or `.ckpt` read without running pickles),
 - a Hugging Face hub id (`facebook/dinov2-base`, `timm/vit_small_patch8_224.dino`, an SD pipeline repo).
 A family is one module of this package (`load`, `detect`, `DESCRIPTOR_DEFAULTS`) plus a row in FAMILIES.
+
+Importing this package loads no torch (a cold query runs on an ONNX graph, see `runtime`): the names
+from `base` load on first use.
 """
 
 from __future__ import annotations
@@ -14,12 +17,17 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import WeightsNotFoundError
 from . import embedded
-from .base import Backbone, GridFeatures, Layer, fingerprint, resolve_device
+
+if TYPE_CHECKING:
+    import torch
+
+    from .base import Backbone
+
+_FROM_BASE = ("Backbone", "GridFeatures", "Layer", "fingerprint", "resolve_device")
 
 EMBEDDED = "embedded"
 
@@ -156,6 +164,10 @@ def load_backbone(model: str = DEFAULT_MODEL, device: str | torch.device = "auto
 
 def place(backbone: Backbone, device: str | torch.device = "auto", channels_last: bool = False) -> Backbone:
     """`backbone` on `device`: fp16 on CUDA, and channels-last there for convolutional ones (the UNet)."""
+    import torch
+
+    from .base import resolve_device
+
     dev = resolve_device(device)
     backbone = backbone.to(dev)
     if dev.type == "cuda":
@@ -167,3 +179,11 @@ def place(backbone: Backbone, device: str | torch.device = "auto", channels_last
 
 __all__ = ["Backbone", "GridFeatures", "Layer", "MODELS", "FAMILIES", "DEFAULT_MODEL", "ModelCard", "Family",
            "load_backbone", "place", "family_of", "descriptor_defaults", "is_local", "fingerprint", "resolve_device"]
+
+
+def __getattr__(name: str):
+    if name in _FROM_BASE:
+        from . import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,7 +15,6 @@ import math
 from abc import abstractmethod
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -25,19 +24,15 @@ from ..descriptors.facets import FACETS, attention_probs, merge_heads
 from ..descriptors.saliency import cls_saliency
 from ..errors import SimsearchError
 from .base import Backbone, GridFeatures, Layer, projection_metric
+from .pixels import IMAGENET_MEAN, IMAGENET_STD, vit_pixels  # noqa: F401 - where callers found them
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Descriptor settings for a ViT of n blocks that no preset overrides (see DescriptorConfig).
 DESCRIPTOR_DEFAULTS = dict(image_size=224, content_pooling="cls", content_layer=None, style_layer=4, dense_layer=9)
 
 
 def vit_preprocess(img: Image.Image, size: int) -> torch.Tensor:
-    """The whole image resized to a square (no crop: nothing near the border is lost and every image
-    of a batch has the same grid), ImageNet-normalised. -> (3, size, size)"""
-    img = img.resize((size, size), Image.Resampling.BICUBIC)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    """`pixels.vit_pixels` as a tensor (3, size, size)."""
+    return torch.from_numpy(vit_pixels(img, size))
 
 
 @dataclass
@@ -101,7 +96,7 @@ class ViTBackbone(Backbone):
         h, w = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)  # (B, h*w, C)
         pos = self.patch_positions()  # (1, n, C) on a square grid
-        side = math.isqrt(int(pos.shape[1]))  # int(): a constant when traced (backbones.compiled)
+        side = math.isqrt(int(pos.shape[1]))  # int(): a constant when traced (backbones.runtime)
         if (h, w) != (side, side):
             pos = pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
             # Interpolate in float32: bicubic in half precision shifts the embeddings.

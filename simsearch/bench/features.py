@@ -32,13 +32,13 @@ METRIC_HELP = {
 
 class FeatureSet:
     def __init__(self, paths: list[str | Path], cache: str | Path | None = None, model: str | None = None,
-                 device: str = "auto", batch_size: int = 16,
+                 device: str = "auto", batch_size: int = 16, runtime: str = "auto",
                  on_total: Callable[[int], None] | None = None, on_advance: Callable[[int], None] | None = None,
                  **descriptors):
         """`descriptors`: DescriptorConfig fields that differ from the model's defaults (e.g. timestep)."""
         self._tmp = None if cache else tempfile.TemporaryDirectory(prefix="simsearch-features-")
         descriptors = {k: v for k, v in descriptors.items() if v is not None}
-        self.index = Index(cache or Path(self._tmp.name) / "features.db", model=model, device=device, **descriptors)
+        self.index = Index(cache or Path(self._tmp.name) / "features.db", model=model, device=device, runtime=runtime, **descriptors)
         self.report: IndexReport = index_files(self.index, paths, batch_size, on_total=on_total, on_advance=on_advance)
         failed = {p for p, _ in self.report.failed}
         self.paths = [p for p in dict.fromkeys(normalize(p) for p in paths) if p not in failed]

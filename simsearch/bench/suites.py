@@ -269,7 +269,7 @@ class SuiteResult:
 def evaluate_suite(root: str | Path, variants: dict[str, dict] | None = None, metrics: tuple[str, ...] = METRICS,
                    triplets: int = 2000, seed: int = 0, candidates: int | None = RERANK_CANDIDATES,
                    aas_weight: float = COMBINED_AAS_WEIGHT, intervals: bool = True, cache: str | Path | None = None,
-                   model: str | None = None, device: str = "auto", on_set: Callable[[str, str], None] | None = None,
+                   model: str | None = None, device: str = "auto", runtime: str = "auto", on_set: Callable[[str, str], None] | None = None,
                    progress: tuple[Callable, Callable] | None = None, **descriptors) -> SuiteResult:
     """evaluate_groups on every set of the suite at `root` (read_suite), in the set's mode, for each
     descriptor variant ({name: DescriptorConfig fields over the model's defaults and `descriptors`};
@@ -296,7 +296,7 @@ def evaluate_suite(root: str | Path, variants: dict[str, dict] | None = None, me
             conf = DescriptorConfig.for_model(**({"model": model} if model else {}),
                                               **{k: v for k, v in {**descriptors, **overrides}.items() if v is not None})
             db = Path(cache) / f"{variant}-{hashlib.blake2b(conf.describe().encode(), digest_size=6).hexdigest()}.db"
-        fs = _features(every, progress, cache=db, model=model, device=device, **{**descriptors, **overrides})
+        fs = _features(every, progress, cache=db, model=model, device=device, runtime=runtime, **{**descriptors, **overrides})
         try:
             result.config["variants"][variant] = fs.config
             result.failed += [f for f in fs.report.failed if f not in result.failed]

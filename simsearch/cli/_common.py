@@ -22,6 +22,7 @@ err = Console(stderr=True)
 DEFAULT_DB = Path("simsearch.db")
 DbOption = Annotated[Path, typer.Option("--db", help="Database directory.", envvar="SIMSEARCH_DB")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+RuntimeOption = Annotated[str, typer.Option("--runtime", help="How the model runs: auto (measured once per machine), torch, torch-bf16 or onnx.")]
 ModelOption = Annotated[Optional[str], typer.Option("--model", help="Registry name, hub id or local directory.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 OutOption = Annotated[Optional[Path], typer.Option("--out", help="Also write the JSON here.")]

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ._common import (CacheOption, DeviceOption, DinoOption, DinoSizeOption, FacetOption, ImageSizeOption, JsonOption,
                       LayerOption, LogBinOption,
-                      IpAdapterOption, MetricsOption, ModelOption, OutOption, StrideOption, TimestepOption, cell, err, esc,
+                      IpAdapterOption, MetricsOption, ModelOption, OutOption, RuntimeOption, StrideOption, TimestepOption, cell, err, esc,
                       out, parse_floats, parse_layer, parse_metrics, progress_callbacks, quiet_libraries, warn_failed)
 
 app = typer.Typer(no_args_is_help=True, help="Benchmarks: keypoint PCK, grouped folders, Sref, IP, the proxy suite.")
@@ -132,6 +132,7 @@ def groups(
     ip_adapter: IpAdapterOption = None,
     cache: CacheOption = None,
     device: DeviceOption = "auto",
+    runtime: RuntimeOption = "auto",
     as_json: JsonOption = False,
     out_file: OutOption = None,
 ):
@@ -139,7 +140,7 @@ def groups(
     from ..bench.suites import evaluate_groups
 
     _run(evaluate_groups, root, as_json, out_file, mode=mode, metrics=parse_metrics(metric), triplets=triplets,
-         seed=seed, **_given(candidates=candidates), model=model, cache=cache, device=device, timestep=timestep, ip_adapter=ip_adapter, image_size=image_size)
+         seed=seed, **_given(candidates=candidates), model=model, cache=cache, device=device, runtime=runtime, timestep=timestep, ip_adapter=ip_adapter, image_size=image_size)
 
 
 @app.command("sref")
@@ -155,6 +156,7 @@ def sref(
     ip_adapter: IpAdapterOption = None,
     cache: CacheOption = None,
     device: DeviceOption = "auto",
+    runtime: RuntimeOption = "auto",
     as_json: JsonOption = False,
     out_file: OutOption = None,
 ):
@@ -162,7 +164,7 @@ def sref(
     from ..bench.suites import evaluate_sref
 
     _run(evaluate_sref, root, as_json, out_file, metrics=parse_metrics(metric), triplets=triplets, seed=seed,
-         **_given(candidates=candidates), model=model, cache=cache, device=device, timestep=timestep, ip_adapter=ip_adapter, image_size=image_size)
+         **_given(candidates=candidates), model=model, cache=cache, device=device, runtime=runtime, timestep=timestep, ip_adapter=ip_adapter, image_size=image_size)
 
 
 @app.command("ip")
@@ -175,13 +177,14 @@ def ip(
     ip_adapter: IpAdapterOption = None,
     cache: CacheOption = None,
     device: DeviceOption = "auto",
+    runtime: RuntimeOption = "auto",
     as_json: JsonOption = False,
     out_file: OutOption = None,
 ):
     """The IP protocol: higher-weight variants must score closer to their reference."""
     from ..bench.suites import evaluate_ip
 
-    _run(evaluate_ip, root, as_json, out_file, metrics=parse_metrics(metric), model=model, cache=cache, device=device, timestep=timestep, ip_adapter=ip_adapter, image_size=image_size)
+    _run(evaluate_ip, root, as_json, out_file, metrics=parse_metrics(metric), model=model, cache=cache, device=device, runtime=runtime, timestep=timestep, ip_adapter=ip_adapter, image_size=image_size)
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -218,6 +221,7 @@ def suite(
     image_size: ImageSizeOption = None,
     cache: Annotated[Optional[Path], typer.Option(help="Keep each variant's descriptors in a database under this folder.")] = None,
     device: DeviceOption = "auto",
+    runtime: RuntimeOption = "auto",
     as_json: JsonOption = False,
     out_file: OutOption = None,
 ):
@@ -232,7 +236,7 @@ def suite(
     with Progress(console=err, transient=True) as progress:
         task = progress.add_task("suite", total=None)
         result = evaluate_suite(root, variants, metrics=parse_metrics(metric), triplets=triplets, seed=seed,
-                                **_given(candidates=candidates), cache=cache, model=model, device=device,
+                                **_given(candidates=candidates), cache=cache, model=model, device=device, runtime=runtime,
                                 image_size=image_size, progress=progress_callbacks(progress, "embedding"),
                                 on_set=lambda v, s: progress.update(task, description=f"{v}: {s}"))
     data = result.to_dict()

@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import (DEFAULT_DB, DbOption, DeviceOption, IpAdapterOption, ModelOption, NoiseSeedOption, TimestepOption,
-                      cell, err, esc, out, parse_layer, quiet_libraries, warn_failed)
+from ._common import (DEFAULT_DB, DbOption, DeviceOption, IpAdapterOption, ModelOption, NoiseSeedOption, RuntimeOption,
+                      TimestepOption, cell, err, esc, note, out, parse_layer, quiet_libraries, warn_failed)
 
 
 def index(
@@ -19,6 +19,7 @@ def index(
     model: ModelOption = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     device: DeviceOption = "auto",
+    runtime: RuntimeOption = "auto",
     prune: Annotated[bool, typer.Option(help="Remove rows of files under FOLDER that are gone.")] = False,
     image_size: Annotated[Optional[int], typer.Option(help="Model input side (new databases only).")] = None,
     dense_dtype: Annotated[Optional[str], typer.Option(help="float16 or int8, for --dense-codec raw (new databases only).")] = None,
@@ -54,7 +55,12 @@ def index(
                                        style_layer=parse_layer(style_layer), style_pooling=style_pooling,
                                        dense_layer=parse_layer(dense_layer),
                                        timestep=timestep, noise_seed=noise_seed, ip_adapter=ip_adapter).items() if v is not None}
-    idx = Index(db, model=model, device=device, dense_codec=dense_codec, **overrides)
+    from ..backbones.runtime import recorded_choice
+
+    idx = Index(db, model=model, device=device, dense_codec=dense_codec, runtime=runtime, **overrides)
+    if runtime == "auto" and recorded_choice() is None:
+        note("measuring which runtime is fastest on this machine (once) ...")
+    ran = idx.embedder.runtime_for(batch_size)
     idx.ensure_table()  # loads the model and checks the configuration before the progress bar starts
     columns = [TextColumn("[bold]indexing"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeRemainingColumn()]
@@ -72,7 +78,8 @@ def index(
     warn_failed(report.failed)
     out.print(f"added {report.added} · updated {report.updated} · skipped {report.skipped} · "
               f"failed {len(report.failed)}" + (f" · pruned {report.pruned}" if prune else "") +
-              f" · {report.images_per_s:.1f} img/s · {idx.count()} images in {esc(db)}", highlight=False, soft_wrap=True)
+              f" · {report.images_per_s:.1f} img/s · runtime {ran}{' (auto)' if runtime == 'auto' else ''}"
+              f" · {idx.count()} images in {esc(db)}", highlight=False, soft_wrap=True)
 
 
 def info(db: DbOption = DEFAULT_DB, as_json: Annotated[bool, typer.Option("--json")] = False):
@@ -94,4 +101,5 @@ def info(db: DbOption = DEFAULT_DB, as_json: Annotated[bool, typer.Option("--jso
     table.add_row("on disk", f"{data['disk_bytes']:,} B ({data['disk_bytes_per_image']:,} B/image)")
     for column, state in data["ann"].items():
         table.add_row(f"faiss {column}", " ".join(f"{k}={v}" for k, v in state.items()))
+    table.add_row("runtime auto (this machine)", cell(data["runtime"]["auto_on_this_machine"]))
     out.print(table)

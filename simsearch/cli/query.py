@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import DEFAULT_DB, DbOption, DeviceOption, cell, esc, note, out, quiet_libraries
+from ._common import DEFAULT_DB, DbOption, DeviceOption, RuntimeOption, cell, esc, note, out, quiet_libraries
 
 
 def parse_box(image: Path, text: str) -> tuple[int, ...]:
@@ -33,6 +33,7 @@ def query(
     where: Annotated[Optional[str], typer.Option(help="SQL filter, e.g. \"path LIKE '%/cats/%'\".")] = None,
     model: Annotated[Optional[str], typer.Option(help="Must match the database's model, if given.")] = None,
     device: DeviceOption = "auto",
+    runtime: RuntimeOption = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
     rerank: Annotated[Optional[str], typer.Option(help="Rerank the first-stage hits: verified (the default when no name is given: geometric verification of patch correspondences), aas, matches or both.")] = None,
     candidates: Annotated[int, typer.Option(min=1, help="First-stage hits to rerank.")] = 50,
@@ -55,7 +56,7 @@ def query(
     from ..index import Index
 
     quiet_libraries()
-    idx = Index(db, model=model, device=device, **({"nprobe": nprobe} if nprobe else {}))
+    idx = Index(db, model=model, device=device, runtime=runtime, **({"nprobe": nprobe} if nprobe else {}))
     hits = idx.search(image, k=k, mode=mode, where=where, rerank=rerank, candidates=candidates,
                       box=parse_box(image, box) if box else None)
     if html_out:

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import (CacheOption, DeviceOption, ImageSizeOption, IpAdapterOption, MetricsOption, ModelOption, TimestepOption, cell, err, note, out, parse_metrics,
+from ._common import (CacheOption, DeviceOption, ImageSizeOption, IpAdapterOption, MetricsOption, ModelOption, RuntimeOption, TimestepOption, cell, err, note, out, parse_metrics,
                       progress_callbacks, quiet_libraries, warn_failed)
 
 
@@ -27,6 +27,7 @@ def score(
     ip_adapter: IpAdapterOption = None,
     cache: CacheOption = None,
     device: DeviceOption = "auto",
+    runtime: RuntimeOption = "auto",
 ):
     """Score generated images against their references (content, style, AAS)."""
     from rich.progress import Progress
@@ -38,7 +39,7 @@ def score(
     with Progress(console=err, transient=True) as progress:
         on_total, on_advance = progress_callbacks(progress, "embedding")
         report, fs = run_score(ref, gen, pairs, all_pairs, parse_metrics(metric), cache=cache, model=model,
-                               device=device, on_total=on_total, on_advance=on_advance, timestep=timestep,
+                               device=device, runtime=runtime, on_total=on_total, on_advance=on_advance, timestep=timestep,
                                ip_adapter=ip_adapter, image_size=image_size)
     try:
         if out_file:

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import DEFAULT_DB, DbOption, DeviceOption, err, esc, note, quiet_libraries
+from ._common import DEFAULT_DB, DbOption, DeviceOption, RuntimeOption, err, esc, note, quiet_libraries
 
 
 def serve(
@@ -16,6 +16,7 @@ def serve(
     max_upload_mb: Annotated[float, typer.Option(min=0.001, help="Largest accepted upload, in MiB.")] = 20,
     cors: Annotated[Optional[list[str]], typer.Option(help="Allow this origin cross-origin requests (repeatable); none by default.")] = None,
     device: DeviceOption = "auto",
+    runtime: RuntimeOption = "auto",
 ):
     """Serve a page (drop an image, see the hits) and a JSON API (docs at /docs) over the database."""
     from ..errors import EmptyIndexError
@@ -32,7 +33,7 @@ def serve(
     if warning:
         err.print(f"[bold red]{esc(warning)}[/]", highlight=False, soft_wrap=True)
     note(f"loading {db} ...")
-    app = create_app(db, max_upload_mb=max_upload_mb, cors=cors or (), device=device)
+    app = create_app(db, max_upload_mb=max_upload_mb, cors=cors or (), device=device, runtime=runtime)
     info = app.state.service.index.info()
     shown = f"[{host}]" if ":" in host else host
     note(f"{info['rows']} images, model {info['config']['model']}: open http://{shown}:{port} (API docs at /docs)")

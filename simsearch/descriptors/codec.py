@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 DENSE_DTYPES = ("float16", "int8")
+COMPACT_CODECS = ("pca",)  # learned codecs (descriptors.quant); named here, where no torch loads
 
 
 def dense_nbytes(tokens: int, dim: int, dtype: str) -> int:

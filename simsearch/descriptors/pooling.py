@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import functools
-import re
 
 import torch
 import torch.nn.functional as F
 
-CONTENT_POOLINGS = ("cls", "mean", "cls+mean", "gem")
-STYLE_POOLINGS = ("meanstd", "cov", "cov<k>")  # or several joined by + (style_parts)
+from .pooling_spec import CONTENT_POOLINGS, STYLE_POOLINGS, style_parts  # noqa: F401 - the names live there
 
 
 def content_vector(tokens: torch.Tensor, pooling: str = "cls", prefix: int = 1) -> torch.Tensor:
@@ -53,9 +51,17 @@ def covariance_vector(patches: torch.Tensor) -> torch.Tensor:
     x = patches.float()
     x = x - x.mean(1, keepdim=True)
     cov = x.transpose(1, 2) @ x / x.shape[1]  # (B, C, C)
-    i, j = torch.triu_indices(cov.shape[1], cov.shape[2])
+    i, j = upper_triangle(int(cov.shape[1]))
     v = cov[:, i, j]
     return F.normalize(v.sign() * v.abs().sqrt(), dim=-1)
+
+
+@functools.lru_cache(maxsize=16)
+def upper_triangle(channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column indices of the upper triangle (diagonal included) of a channels x channels matrix;
+    cached, so a traced export (backbones.runtime) sees constants rather than an op ONNX lacks."""
+    i, j = torch.triu_indices(channels, channels)
+    return i, j
 
 
 @functools.lru_cache(maxsize=16)
@@ -66,18 +72,6 @@ def channel_projection(channels: int, k: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     q, r = torch.linalg.qr(torch.randn(channels, k, generator=g, dtype=torch.float64))
     return (q * torch.sign(torch.diagonal(r))).float()  # signs fixed: the same directions on every LAPACK
-
-
-def style_parts(pooling: str) -> list[tuple[str, int | None]]:
-    """`meanstd`, `cov`, `cov<k>` or several joined by `+` -> [(kind, k)]; ValueError naming the choices."""
-    parts = []
-    for part in pooling.split("+"):
-        m = re.fullmatch(r"(meanstd|cov)(\d*)", part)
-        if not m or (m[1] == "meanstd" and m[2]) or (m[2] and int(m[2]) < 1) or part in dict(parts):
-            raise ValueError(f"unknown style pooling '{pooling}' (choose from {', '.join(STYLE_POOLINGS)} with k "
-                             "random directions, or several joined by +, e.g. meanstd+cov64)")
-        parts.append((m[1], int(m[2]) if m[2] else None))
-    return parts
 
 
 def style_pooled(patches: torch.Tensor, pooling: str = "meanstd") -> torch.Tensor:
@@ -93,7 +87,7 @@ def style_pooled(patches: torch.Tensor, pooling: str = "meanstd") -> torch.Tenso
         elif k > patches.shape[-1]:
             raise ValueError(f"style pooling cov{k}: more directions than the {patches.shape[-1]} channels")
         else:
-            out.append(covariance_vector(patches.float() @ channel_projection(patches.shape[-1], k).to(patches.device)))
+            out.append(covariance_vector(patches.float() @ channel_projection(int(patches.shape[-1]), k).to(patches.device)))
     return out[0] if len(out) == 1 else concat_normalized(out)
 
 

@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .codec import COMPACT_CODECS  # noqa: F401 - where callers found it
+
 BUDGET = 64 * 1024
-COMPACT_CODECS = ("pca",)
 CLIP = 5.0  # standard deviations covered by a component's quantiser in codecs stored before fitted steps
 MAX_BITS = 8
 STAT_BYTES = 4  # float16 mean and std per token

@@ -26,7 +26,6 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from ..descriptors.codec import decode_dense, encode_dense
 from ..errors import ImageError
@@ -74,7 +73,7 @@ class Prepared:
     mtime_ns: int
     width: int
     height: int
-    pixels: torch.Tensor
+    pixels: np.ndarray  # (3, S, S) float32 model input
     thumb: bytes
     is_update: bool
 
@@ -209,7 +208,7 @@ def embed_rows(embedder, batch: list[Prepared]) -> pa.Table:
     """Prepared images -> their rows, dense tensors as WIRE_DTYPE bytes (one model forward for the batch)."""
     if not batch:
         return row_schema(embedder.dims["content"], embedder.dims["style"]).empty_table()
-    emb = embedder.embed(torch.stack([b.pixels for b in batch]))
+    emb = embedder.embed(np.stack([b.pixels for b in batch]))
     return make_rows([b.path for b in batch], emb.content, emb.style, [encode_dense(d, WIRE_DTYPE) for d in emb.dense],
                      ids=[b.id for b in batch], sizes=[b.size for b in batch], mtimes=[b.mtime_ns for b in batch],
                      widths=[b.width for b in batch], heights=[b.height for b in batch], thumbs=[b.thumb for b in batch])

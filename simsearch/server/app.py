@@ -106,10 +106,10 @@ class Guard:
 
 
 def create_app(index_or_db: Index | str | Path, max_upload_mb: float = 20, cors: list[str] | tuple[str, ...] = (),
-               query_cache: int = 64, device: str = "auto") -> FastAPI:
+               query_cache: int = 64, device: str = "auto", runtime: str = "auto") -> FastAPI:
     """The app over an open `Index` or the database at a path. Loads the model and FAISS indexes now,
     so the first request is as fast as any other."""
-    index = index_or_db if isinstance(index_or_db, Index) else Index(index_or_db, device=device)
+    index = index_or_db if isinstance(index_or_db, Index) else Index(index_or_db, device=device, runtime=runtime)
     service = SearchService(index, max_upload_bytes=int(max_upload_mb * (1 << 20)), query_cache=query_cache)
     app = FastAPI(title="simsearch", version="1", summary="Images like this one (content) or in this style.",
                   description="Search by upload or by an indexed image's key; thumbnails and correspondence "
