@@ -139,7 +139,7 @@ def run_copies(idx: Index, data: Path, queries: list[dict], rerankers: list[str]
                 names = [relative(paths[k]["path"], data) for k in keys]
                 rank[method] = names.index(q["target"]) + 1 if q["target"] in names else 0
             rows.append({"file": q["file"], "edit": q["edit"], "split": q["split"], "rank": rank})
-            if (i + 1) % 50 == 0 or i + 1 == len(queries):
+            if (i + 1) % 10 == 0 or i + 1 == len(queries):
                 log.info("  copies: %d/%d queries, %.0f s", i + 1, len(queries), time.perf_counter() - t0)
     plan["seconds"] = m.seconds
     return rows, plan
