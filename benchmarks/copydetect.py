@@ -237,6 +237,8 @@ def run_dedup(idx: Index, data: Path, manifest: dict) -> dict:
         pairs, keys = knn_pairs(idx, min(THRESHOLDS))
     paths = idx.store.find(keys, ["path"])
     owner = {int(k): origin[relative(paths[int(k)]["path"], data)] for k in keys}
+    what = {f["file"]: "copy" if f["role"] == "query" else f"{f['role']} {f.get('kind', '')}" for f in manifest["files"]}
+    kind = {int(k): what[relative(paths[int(k)]["path"], data)] for k in keys}
     per_original = Counter(o for o in owner.values() if o)
     true_total = sum(n * (n - 1) // 2 for n in per_original.values())
     out = {"images": len(keys), "true_pairs": int(true_total), "knn_seconds": m.seconds, "thresholds": {}}
@@ -246,11 +248,13 @@ def run_dedup(idx: Index, data: Path, manifest: dict) -> dict:
         groups: dict[int, list[int]] = {}
         for k, r in components(kept, keys).items():
             groups.setdefault(r, []).append(k)
+        false_kinds = Counter(" + ".join(sorted((kind[a], kind[b]))) for a, b in kept
+                              if owner[a] is None or owner[a] != owner[b])
         implied = [(a, b) for g in groups.values() for i, a in enumerate(g) for b in g[i + 1:]]
         implied_true = sum(owner[a] is not None and owner[a] == owner[b] for a, b in implied)
         out["thresholds"][f"{t:.2f}"] = {
             "pairs": len(kept), "precision": wilson(true, len(kept)).to_dict(),
-            "recall": wilson(true, true_total).to_dict(),
+            "recall": wilson(true, true_total).to_dict(), "false_pairs_by_kind": dict(false_kinds.most_common()),
             "single_linkage": {"groups": sum(len(g) > 1 for g in groups.values()), "implied_pairs": len(implied),
                                "precision": wilson(implied_true, len(implied)).to_dict(),
                                "recall": wilson(implied_true, true_total).to_dict()}}
@@ -411,6 +415,12 @@ def markdown(r: dict) -> str:
             s = e["single_linkage"]
             lines.append(f"| {t} | {e['pairs']} | {pct(e['precision'])} | {pct(e['recall'])} | {pct(s['precision'])} | "
                          f"{pct(s['recall'])} |")
+        lines += ["", "Wrong pairs by what their two images are (`copy`: a mild copy of an original; figure: OpenCV's "
+                  "documentation figures, mostly text and diagrams on white):", ""]
+        for t in ("0.90", "0.95"):
+            if t in d["thresholds"]:
+                top = list(d["thresholds"][t]["false_pairs_by_kind"].items())[:5]
+                lines.append(f"- cosine >= {t}: " + "; ".join(f"{k}: {n}" for k, n in top))
     return "\n".join(lines) + "\n"
 
 
