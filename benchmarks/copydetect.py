@@ -2,7 +2,7 @@
 
     python benchmarks/copydetect_data.py                 # first (or let this script build it): the proxy set
     python benchmarks/copydetect.py [--data-root DIR] [--split tune|heldout|all] [--rerankers aas,matches,both]
-                                    [--candidates 50] [--model M] [--out-dir DIR] [--quick]
+                                    [--candidates 50] [--limit-originals N] [--model M] [--out-dir DIR] [--quick]
 
 Data: the copy-detection proxy of benchmarks/copydetect_data.py (DATA_ROOT/copydetect-v1; with --quick a tiny
 one made from examples/images into DATA_ROOT/copydetect-quick, no apt). Its pool (originals, distractors,
@@ -18,6 +18,9 @@ the first query). A reranker whose score another reranker's hits already carry (
 `matches`) is read from those hits when, on the first query, that gives exactly its own call's top 10; else it
 is called. R@1 / R@10: the original is first / in the top 10; 95% Wilson intervals per edit type; the mean over
 edit types with a bootstrap interval stratified by edit type (seeded).
+
+--limit-originals N: at most N originals (and N paste sources) per split, evenly spread over their sorted names,
+for a shorter run on 2 shared cores (~1-4 s a query with 3 rerankers, depending on the load).
 
 Dedup: the baseline a user has today, near-duplicate pairs by thresholding content cosine. Candidate pairs come
 from the dedup database's own FAISS index (`Index.vector_index("content").search`, k-NN of every stored vector,
@@ -37,16 +40,15 @@ from __future__ import annotations
 import argparse
 import inspect
 import re
-import subprocess
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from common import (RESULTS, command_line, data_root, log, machine_info, machine_line, measure, now, parse_args,
+from common import (RESULTS, command_line, cpu_facts, data_root, log, machine_info, machine_line, measure, now, parse_args,
                     setup_logging, write_results)
-from copydetect_data import DATA_VERSION, EXAMPLES_ARGS, build_from_folder, build_from_debian, load_manifest
+from copydetect_data import EXAMPLES_ARGS, build_from_folder, build_from_debian, load_manifest
 
 from simsearch import Index
 from simsearch.bench.fixtures import spread
@@ -301,15 +303,6 @@ def chosen_originals(manifest: dict, splits: tuple[str, ...], limit: int) -> set
 
 
 # ---- main -----------------------------------------------------------------------------------------
-def machine_facts() -> dict:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in lscpu.splitlines() if line.startswith("Flags")), [])
-    simd = [f for f in flags if re.fullmatch(r"sse4_2|avx|avx2|fma|f16c|avx512\w*|amx\w*|avx_vnni", f)]
-    return {"lscpu_model": model, "simd_flags": simd,
-            "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-root", type=Path, default=data_root())
@@ -328,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown := [m for m in rerankers if m not in RERANKERS]:
         ap.error(f"unknown reranker(s) {', '.join(unknown)} (choose from {', '.join(RERANKERS)})")
     setup_logging()
-    record = {"date": now(), "command": command_line(), "machine": machine_info(), **machine_facts(),
+    record = {"date": now(), "command": command_line(), "machine": machine_info(), **cpu_facts(),
               "split": args.split, "candidates": args.candidates, "rerankers": rerankers, "k": K}
     with measure() as total:
         data = dataset(args.data_root, args.quick)
@@ -351,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
             record["regions"] = run_regions(pool, data, regions, rerankers, args.candidates)
         if not args.no_dedup:
             record["dedup"] = run_dedup(open_index(data, "dedup", args.model), data, manifest)
-    record["total_s"], record["uptime_end"] = total.seconds, machine_facts()["uptime"]
+    record["total_s"], record["uptime_end"] = total.seconds, cpu_facts()["uptime"]
     write_results("copydetect", record, md := markdown(record), args.out_dir)
     print(md)
 
