@@ -78,6 +78,19 @@ def machine_info() -> dict:
     }
 
 
+def cpu_facts() -> dict:
+    """What `lscpu` calls the CPU, its SIMD flags (what torch and FAISS kernels can use) and `uptime` (the load)."""
+    import re
+    import subprocess
+
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in lscpu.splitlines() if line.startswith("Flags")), [])
+    simd = [f for f in flags if re.fullmatch(r"sse4_2|avx|avx2|fma|f16c|avx512\w*|amx\w*|avx_vnni", f)]
+    return {"lscpu_model": model, "simd_flags": simd,
+            "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
+
+
 def machine_line(m: dict) -> str:
     """One sentence of machine facts for a results page (a fact an older results file lacks is left out)."""
     mem = f", {m['mem_gib']} GiB RAM" if "mem_gib" in m else ""

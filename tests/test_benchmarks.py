@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -63,7 +64,7 @@ def runs(tmp_path_factory, tiny12):
     tmp = tmp_path_factory.mktemp("benchmarks")
     data = grouped_data(tmp / "data")
     out = {name: tmp / "out" / name for name in ("scoring", "speed", "dense", "rerank", "retrieval", "proxy",
-                                                  "rerank_device", "replace", "runtime")}
+                                                  "rerank_device", "replace", "runtime", "copydetect")}
     common = ["--quick", "--model", str(tiny12)]
     plan = [
         ("scoring", "benchmarks/scoring.py", [*common, "--work", str(tmp / "scoring"), "--out-dir", str(out["scoring"])]),
@@ -80,6 +81,8 @@ def runs(tmp_path_factory, tiny12):
         ("rerank_device", "benchmarks/rerank_device.py", ["--quick", "--out-dir", str(out["rerank_device"])]),
         ("replace", "benchmarks/replace.py", ["--quick", "--work", str(tmp / "replace"), "--out-dir", str(out["replace"])]),
         ("runtime", "benchmarks/runtime.py", [*common, "--work", str(tmp / "runtime"), "--out-dir", str(out["runtime"])]),
+        ("copydetect", "benchmarks/copydetect.py", [*common, "--data-root", str(tmp / "copydetect"),
+                                                    "--out-dir", str(out["copydetect"])]),
     ]
     env = {**os.environ, "SIMSEARCH_DATA": str(tmp / "no-debian-data")}
     proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(plan)], cwd=REPO, env=env,
@@ -183,6 +186,8 @@ def test_replace(runs):
     (row,) = res["results"].values()
     assert set(res["results"]) == {"2000"} and res["batch"] == 32
     assert row["append"]["seconds_p50"] > 0 and row["replace half"]["seconds_p50"] > 0
+
+
 def test_runtime(runs):
     res = results(runs, "runtime", "runtime", "runtime")
     assert [r["runtime"] for r in res["index"]] == ["torch", "torch-bf16", "onnx", "auto", "torch"]
@@ -194,3 +199,48 @@ def test_runtime(runs):
     cold = res["cold_query"]
     assert cold["loaded"] == "{'torch': False, 'transformers': False, 'onnxruntime': True}"
     assert cold["query_s"] > 0 and cold["import_torch_s"] > 0
+
+
+def test_copydetect(runs):
+    """The copy-detection proxy (from examples/images) is what the manifest says, and the benchmark's dedup
+    pairs (FAISS k-NN through the index) are the pairs an N x N cosine matrix of the stored vectors gives."""
+    import numpy as np
+
+    from simsearch import Index
+
+    res = results(runs, "copydetect", "copydetect", "copydetect")
+    data = runs[3] / "copydetect" / "copydetect-quick"
+    m = json.loads((data / "manifest.json").read_text())
+    files = {f["file"]: f for f in m["files"]}
+    originals = {f["original"]: f for f in m["files"] if f["role"] == "original"}
+    assert len(originals) == 4 and len(m["queries"]) == 4 * 7 == res["copies"]["queries"]
+    for q in m["queries"]:  # every copy is a file, its target the original's file, its split the original's
+        assert (data / q["file"]).is_file() and q["target"] == originals[q["original"]]["file"]
+        assert q["split"] == originals[q["original"]]["split"]
+    pool = {str(p.relative_to(data)) for p in (data / "pool").rglob("*") if p.is_file()}
+    assert pool == {f for f, e in files.items() if e["role"] in ("original", "distractor", "composite")}
+    for r in m["regions"]:  # the crop is the boxed part of the scene, the box inside the scene
+        scene, crop = Image.open(data / r["image"]), Image.open(data / r["crop"])
+        x0, y0, x1, y1 = r["box"]
+        assert 0 <= x0 < x1 <= scene.width and 0 <= y0 < y1 <= scene.height and crop.size == (x1 - x0, y1 - y0)
+        assert r["target"] in pool
+    assert set(res["regions"]["crop_as_query"]) == {f"{k} 1/{n}" for k in ("original", "pasted") for n in (4, 9, 16)}
+    table = res["copies"]["splits"]["all"]
+    assert set(table) == {*m["edits"], "mean over edit types"} and all(
+        table[e]["first stage"]["R@1"]["n"] == 4 for e in m["edits"])
+    assert set(table["text"]) == {"first stage", *RERANKERS}
+    assert res["copies"]["plan"]["check"]["search() == embed_image + search_embedded"] is True
+
+    # dedup: the true pairs counted from the manifest, the found pairs from an N x N matrix
+    dedup = res["dedup"]
+    assert dedup["images"] == 4 + 4 + 4 * 5 and dedup["true_pairs"] == 4 * 15  # each original: itself + 5 mild copies
+    (db,) = (data / "db").glob("*/dedup.db")
+    idx = Index(db)
+    keys, vectors = idx.store.vectors("content")
+    owner = {int(k): files[str(Path(row["path"]).resolve().relative_to(data))].get("original")
+             for k, row in idx.store.find(keys, ["path"]).items()}
+    sim = vectors @ vectors.T
+    for t, entry in dedup["thresholds"].items():
+        a, b = np.nonzero(np.triu(sim >= float(t), 1))
+        true = sum(owner[int(keys[i])] is not None and owner[int(keys[i])] == owner[int(keys[j])] for i, j in zip(a, b))
+        assert entry["pairs"] == len(a) and entry["recall"]["value"] == true / 60
