@@ -85,9 +85,10 @@ def relative(path: str, data: Path) -> str:
 
 
 # ---- copies ---------------------------------------------------------------------------------------
-def reranked_lists(idx: Index, vec: np.ndarray, dense: np.ndarray, method: str, candidates: int) -> list:
-    """All `candidates` hits in `method`'s order (their .scores hold every stage's score)."""
-    return idx.search_embedded(vec, dense, candidates, rerank=method, candidates=candidates)
+def reranked_lists(idx: Index, vec: np.ndarray, query, method: str, candidates: int) -> list:
+    """All `candidates` hits in `method`'s order (their .scores hold every stage's score); `query`:
+    method -> what the second stage gets of the query (Index.rerank_query)."""
+    return idx.search_embedded(vec, query(method), candidates, rerank=method, candidates=candidates)
 
 
 def order_by(hits: list, name: str, first_order: dict[int, int]) -> list[int]:
@@ -120,8 +121,9 @@ def run_copies(idx: Index, data: Path, queries: list[dict], rerankers: list[str]
     t0 = time.perf_counter()
     with measure() as m:
         for i, q in enumerate(queries):
-            emb = idx.embed_image(data / q["file"])
-            vec, dense = emb.content[0], emb.dense[0]
+            img = idx.load_query(data / q["file"])
+            emb = idx.embed_image(img)
+            vec, dense = emb.content[0], (lambda method, img=img, d=emb.dense[0]: idx.rerank_query(img, d, method))
             if plan is None:
                 source, check = plan_rerankers(idx, vec, dense, rerankers, candidates)
                 direct = [h.key for h in idx.search(data / q["file"], k=K)]  # the one-call path gives the same hits

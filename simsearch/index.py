@@ -23,6 +23,7 @@ from .embedder import DescriptorConfig, Embedder
 from .errors import ConfigMismatchError, EmptyIndexError, ImageError, SimsearchError
 from .images import _to_rgb, open_image
 from .rerank import DEFAULT_RERANKER, RERANKERS
+from .region import CANDIDATES as REGION_CANDIDATES
 from .store import KEEP_VERSIONS, VECTOR_COLUMNS, ImageStore
 
 MODES = VECTOR_COLUMNS  # "content", "style"
@@ -366,16 +367,45 @@ class Index:
         return self._prior
 
     # -- region search -----------------------------------------------------------------------
+    @staticmethod
+    def _region_scores(vi, cell_sets: list[np.ndarray]) -> dict[int, float]:
+        """Row prefix -> best MaxSim over the query's cell sets (simsearch.region)."""
+        from .region import CELL_K, maxsim
+
+        best: dict[int, float] = {}
+        for cells in cell_sets:
+            scores, ids = vi.search(cells, CELL_K)
+            for row, score in maxsim(scores, ids).items():
+                best[row] = max(score, best.get(row, 0.0))
+        return best
+
+    def region_candidates(self, query, vector: np.ndarray, n: int, where: str | None, exclude: set[int]) -> list[Hit]:
+        """Up to `n` rows whose regions match a whole-image query's cells (at its input size and its
+        views): what the pooled vector misses (a copy with text over it, a tight crop, a picture
+        pasted into another). Scored by their own first-stage cosine, which ranked them below the
+        pooled vector's candidates."""
+        from .region import CELL_BITS, prefix_of
+
+        describer, followed = self.region_index
+        best = self._region_scores(followed.get().vectors, describer.cells_of_views([query.dense, *query.views], query.size))
+        prefixes = [p for p in sorted(best, key=lambda p: -best[p]) if p not in {int(prefix_of(k)) for k in exclude}][:n]
+        rows = self.store.rows_by_prefix(prefixes, CELL_BITS, ["path", "id", "content"])
+        if where and rows:
+            allowed = set(self.store.keys_where(where).tolist())
+            rows = [r for r in rows if r["key"] in allowed]
+        cos = np.asarray([r["content"] for r in rows], np.float32).reshape(len(rows), -1) @ vector if rows else []
+        return [Hit(rank=0, score=float(c), path=r["path"], id=r["id"], key=r["key"]) for r, c in zip(rows, cos)]
+
     @property
     def region_index(self):
         """The region index (simsearch.region), followed like the vector indexes; built on first use."""
         if self._region is None:
-            from .region import FLAT_VECTORS, RegionDescriber, RegionSource
+            from .region import IVF_CELLS, RegionDescriber, RegionSource
 
             describer = RegionDescriber(self.embedder.backbone, self.conf.dense_layer, self.positional_prior())
             describe = lambda rows: describer.cells(self._decode_dense(rows), [(r["width"], r["height"]) for r in rows])  # noqa: E731
             source = RegionSource(describe=describe, d=describer.prior.shape[1])
-            self._region = (describer, catchup.FollowedIndex(self.store, source, FLAT_VECTORS))
+            self._region = (describer, catchup.FollowedIndex(self.store, source, IVF_CELLS))
         return self._region
 
     def search_region(self, image: str | Path | Image.Image, box: tuple[int, int, int, int], k: int = 10,
@@ -392,11 +422,7 @@ class Index:
         region = img.crop(check_box(box, img.size, name))
         describer, followed = self.region_index
         vi = followed.get().vectors
-        best: dict[int, float] = {}
-        for _, cells in describer.query_cells(region):
-            scores, ids = vi.search(cells, CELL_K)
-            for row, score in maxsim(scores, ids).items():
-                best[row] = max(score, best.get(row, 0.0))
+        best = self._region_scores(vi, [cells for _, cells in describer.query_cells(region)])
         allowed = set(prefix_of(self.store.keys_where(where))) if where else None
         ranked = sorted((p for p in best if allowed is None or p in allowed), key=lambda p: -best[p])
         rows = {int(prefix_of(r["key"])): r for r in self.store.rows_by_prefix(

@@ -3,7 +3,8 @@
 A pooled vector of a whole image does not find the picture that holds the query's region at 1/16 of
 its area, nor the one it was pasted into. The region index holds every image's patch keys (the
 descriptors verification matches: rerank.scores.patch_set, the positional prior subtracted) pooled
-to at most REGION_GRID x REGION_GRID cells, one FAISS vector per cell. A query region is described
+to at most REGION_GRID x REGION_GRID cells, one FAISS vector per cell (pooling 2 x 2 to 8 x 8 cells
+lost a third of the hits at 1/4 of the target's area on the copy-detection proxy). A query region is described
 at several input sizes (QUERY_SIZES: at one of them its cells cover what a target's cells cover),
 every cell retrieves its nearest cells, and an image scores the mean over the region's cells of
 their best similarity in it (MaxSim, as ColBERT scores late interaction), the best size counting.
@@ -24,12 +25,13 @@ import numpy as np
 from .ann import VectorIndex
 from .catchup import Source
 
-CELL_BITS = 6
-REGION_GRID = 8  # cells per side at most: 64 per image (1 << CELL_BITS)
+CELL_BITS = 8
+REGION_GRID = 16  # cells per side at most: 256 per image (1 << CELL_BITS); a 224 px ViT-S/14 grid as it is
 QUERY_SIZES = (56, 84, 112, 168, 224)  # input sides a query region is described at
 CELL_K = 64  # nearest cells each query cell retrieves
+CANDIDATES = 50  # rows a whole-image query adds to the verified reranker's candidates
 READ_ROWS = 256  # rows read (and projected) at a time when the index is built: bounds the memory
-TRAIN_CELLS = 64 * 4096  # cells the quantiser is trained on (the first rows')
+TRAIN_CELLS = 256 * 1024  # cells the quantisers are trained on (the first rows')
 
 
 def cell_ids(keys: np.ndarray, cells: int) -> np.ndarray:
@@ -84,6 +86,22 @@ class RegionDescriber:
             ps = patch_set(self.backbone, qkv, np.ones((len(dense), 2)) if sizes is None else sizes, self.prior)
             return ps.pooled(pool_factor(ps.grid)).desc.numpy()
 
+    def cells_of_views(self, views: list[np.ndarray], size) -> list[np.ndarray]:
+        """A query's dense tensors at several input sizes (T_i, C) -> its cells at each, as stored
+        grids are pooled (a whole image's query meets regions of others at their scale)."""
+        import torch
+
+        from .rerank.scores import _regrid, patch_set
+
+        factor, out = pool_factor((round(self.prior.shape[0] ** 0.5),) * 2), []
+        with torch.inference_mode():
+            for dense in views:
+                cells = dense.shape[0] - self.backbone.prefix_tokens
+                qkv = self.backbone.attention_inputs(self.layer, torch.as_tensor(dense)[None])
+                ps = patch_set(self.backbone, qkv, [size], _regrid(self.prior, cells))
+                out.append((ps.pooled(factor) if min(ps.grid) >= 2 * factor else ps).desc[0].numpy())
+        return out
+
     def query_cells(self, region) -> list[tuple[int, "np.ndarray"]]:
         """A query region (PIL image) described at every QUERY_SIZES side, each pooled as the stored
         grids are -> [(side, (cells, C) unit vectors)]."""
@@ -106,11 +124,12 @@ class RegionDescriber:
 
 
 # -- the FAISS index ---------------------------------------------------------------------------
-FLAT_VECTORS = 64 * 20_000  # up to ~20k images the region index is exact over 8-bit codes (384 B a cell)
-PQ_BYTES = 48  # above: IVF with product-quantised cells, this many bytes a cell
+IVF_CELLS = 50_000  # below: exact over 8-bit codes (384 B a cell); above: an inverted file
+PQ_CELLS = 256 * 20_000  # above ~20k images the lists hold product-quantised cells (PQ_BYTES a cell)
+PQ_BYTES = 48
 
 
-def empty_index(d: int, n_vectors: int, ivf_threshold: int = FLAT_VECTORS):
+def empty_index(d: int, n_vectors: int, ivf_threshold: int = IVF_CELLS):
     """An untrained FAISS index for about `n_vectors` region cells -> (faiss index, kind, nlist)."""
     import faiss
 
@@ -119,7 +138,8 @@ def empty_index(d: int, n_vectors: int, ivf_threshold: int = FLAT_VECTORS):
     if want_kind(n_vectors, ivf_threshold) == "flat":
         return faiss.IndexIDMap2(faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)), "flat", 0
     nlist = nlist_for(n_vectors)
-    index = faiss.index_factory(d, f"IVF{nlist},PQ{PQ_BYTES}", faiss.METRIC_INNER_PRODUCT)
+    codec = f"PQ{PQ_BYTES}" if n_vectors >= PQ_CELLS else "SQ8"
+    index = faiss.index_factory(d, f"IVF{nlist},{codec}", faiss.METRIC_INNER_PRODUCT)
     index.set_direct_map_type(faiss.DirectMap.Hashtable)  # stale cells removed by id without a scan
     return index, "ivf", nlist
 
