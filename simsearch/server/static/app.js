@@ -272,7 +272,7 @@ function drawMatches(hit, query) {
     return group;
   });
   svg.replaceChildren(...sides, ...lines);
-  svg.hidden = false;
+  svg.removeAttribute("hidden"); // an SVG element has no `hidden` property
   $("match-picture").hidden = true;
   $("match-caption").textContent = `query (left) and hit (right): ${n} verified correspondences` +
                                    (query.box ? ` of the region ${query.box.join(",")}` : "");
@@ -282,7 +282,7 @@ function drawMatches(hit, query) {
 function matchPicture(hit) {
   const query = state.queryId ? { query_id: state.queryId } : { query_key: state.key };
   const url = `/api/match/${hit.key}?` + new URLSearchParams(query);
-  $("match-lines").hidden = true;
+  $("match-lines").setAttribute("hidden", "");
   $("match-caption").textContent = "query (left) and hit (right); numbered pairs are their best-buddy correspondences";
   const picture = $("match-picture");
   picture.hidden = false;
