@@ -134,6 +134,14 @@ class SearchService:
                 "hits": [{**h.to_dict(), "key": str(h.key)} for h in hits],
                 "ms": {name: round(1000 * s, 1) for name, s in seconds.items()}}
 
+    def dedup(self, threshold: float | None, under: str | None, limit: int, offset: int) -> dict:
+        """Duplicate groups (simsearch.dedup.find_duplicates), `limit` of them from `offset`. Verifying new
+        pairs uses the model: behind the model lock."""
+        from ..dedup import find_duplicates
+
+        with self.model_lock:
+            return find_duplicates(self.index, under=under, threshold=threshold).to_dict(limit, offset)
+
     # -- pictures ----------------------------------------------------------------------------
     def thumbnail(self, key: int) -> tuple[bytes, str]:
         """The stored JPEG thumbnail of row `key` and the row's content id (its ETag)."""
