@@ -46,7 +46,7 @@ from .paths import database_exists, normalize
 
 # Candidate floor, neighbours per image and the verified-score threshold: fitted on the tuning split
 # of the copy-detection proxy (benchmarks/dedup.py, README "Duplicates").
-DEFAULT_CONF = dict(k=10, min_cosine=0.5, threshold=0.3)
+DEFAULT_CONF = dict(k=10, min_cosine=0.5, threshold=0.15)
 QUERY_BATCH = 1024  # FAISS queries per search call
 CHUNK_ROWS = 256  # dense tensors decoded at once while verifying (256 x 384 KB float32 ~ 100 MB)
 LOSSLESS = frozenset({".png", ".tif", ".tiff", ".bmp"})  # .webp: lossless when its first chunk is VP8L
