@@ -381,6 +381,14 @@ class ImageStore:
         return {p: v for chunk in _chunks([path_key(p) for p in paths])
                 for p, v in _stats(self._select(list(STAT_COLUMNS), _in(chunk), table=CATALOG)).items()}
 
+    def scan(self, columns: list[str], under: str | None = None, batch_rows: int = 65_536) -> Iterator[pa.RecordBatch]:
+        """`columns` of the catalog's rows (at or below the folder `under`, read through the path index)
+        as Arrow batches of at most `batch_rows`: the whole catalog in bounded memory."""
+        if not self.has_table(CATALOG):
+            self.catalog  # a format 1 database: built from the payload first
+        return iter(self.reader(CATALOG).to_batches(columns=columns, filter=under_filter(under) if under else None,
+                                                    batch_size=batch_rows))
+
     def vectors(self, column: str, where: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """keys (N,) int64 and vectors (N, D) float32 of one vector column."""
         return _vectors(self._select(["key", column], where, user_filter=bool(where)), column)

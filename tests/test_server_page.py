@@ -372,19 +372,10 @@ def test_dedup_view_renders_groups(page, server, embedded_db):
     expect(page.locator("#dedup-scope")).to_have_text(f"the group of {os.path.basename(listed[1]['path'])}")
 
 
-def test_dedup_view_against_the_real_endpoint(page, server):
-    """TODO(dedup): runs once GET /api/dedup is merged into this branch; until then it says so."""
-    from playwright.sync_api import expect
-
-    if httpx.get(f"{server}/api/dedup").status_code == 404:
-        pytest.skip("GET /api/dedup is not merged into this branch yet")
-    page.click(".views button[data-view=dedup]")
-    expect(page.locator("#dedup-summary")).to_contain_text("pairs verified", timeout=120_000)
-
-
 @pytest.fixture(scope="module")
 def folder_server(tmp_path_factory, tiny_model):
-    """A server over the 12 photos split into a/ and b/deep/ (the tiny random model: folders only)."""
+    """A server over the 12 photos split into a/ and b/deep/, and a byte-exact copy of one of them in a/
+    (the tiny random model: folders and exact duplicates need no trained one)."""
     import shutil
 
     from conftest import EXAMPLES, TINY
@@ -395,6 +386,7 @@ def folder_server(tmp_path_factory, tiny_model):
     for i, p in enumerate(sorted(EXAMPLES.glob("*.jpg"))):
         (root / "photos" / ("a" if i % 2 else "b/deep")).mkdir(parents=True, exist_ok=True)
         shutil.copy2(p, root / "photos" / ("a" if i % 2 else "b/deep") / p.name)
+    shutil.copy2(EXAMPLES / "coffee.jpg", root / "photos" / "a" / "coffee-copy.jpg")
     index = Index(root / "db", model=str(tiny_model), **TINY)
     index.add_folder(root / "photos")
     with live_server(create_app(index)) as url:
@@ -407,14 +399,42 @@ def test_folders_filter_the_collection(browser, folder_server):
     url, photos = folder_server
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(url)
-    expect(page.locator(".tile")).to_have_count(12)
+    expect(page.locator(".tile")).to_have_count(13)
     expect(page.locator(".crumb.current")).to_have_text("photos")
-    assert page.locator(".folder").evaluate_all("els => els.map(e => e.textContent)") == ["a 6", "b 6"]
+    assert page.locator(".folder").evaluate_all("els => els.map(e => e.textContent)") == ["a 7", "b 6"]
     page.locator(".folder[data-path$='/b']").click()
     expect(page.locator(".crumb.current")).to_have_text("deep")  # b holds only deep/: shown at once
     expect(page.locator(".tile")).to_have_count(6)
     paths = page.locator(".tile").evaluate_all("els => els.map(e => e.dataset.path)")
     assert sorted(paths) == sorted(str(p) for p in (photos / "b/deep").glob("*.jpg"))
     page.locator(".crumb", has_text="photos").click()
-    expect(page.locator(".tile")).to_have_count(12)
+    expect(page.locator(".tile")).to_have_count(13)
+    page.close()
+
+
+def test_dedup_view_against_the_real_endpoint(browser, folder_server):
+    """The real /api/dedup behind the page: the exact copy and its original form one group, the
+    representative marked keep, and a tile's "duplicates" shows that group."""
+    from playwright.sync_api import expect
+
+    url, photos = folder_server
+    answer = httpx.get(f"{url}/api/dedup", timeout=120).json()
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(url)
+    page.click(".views button[data-view=dedup]")
+    group = page.locator(".group")
+    expect(group).to_have_count(len(answer["groups"]))
+    copies = {str(photos / "a/coffee-copy.jpg"), str(photos / "b/deep/coffee.jpg")}
+    ours = [g for g in answer["groups"] if {m["path"] for m in g["members"]} >= copies]
+    assert len(ours) == 1, answer
+    shown = page.locator(f".group[data-group='{ours[0]['group']}']")
+    assert shown.locator(".member").evaluate_all("els => els.map(e => e.dataset.key)") == [m["key"] for m in ours[0]["members"]]
+    expect(shown.locator(".member.representative")).to_have_attribute("data-key", ours[0]["representative"])
+    expect(shown.locator(".member.representative .role")).to_have_text("keep")
+    assert shown.locator(".member .role").all_text_contents() == [m["role"] for m in ours[0]["members"]]
+    assert [m["role"] for m in ours[0]["members"] if m["key"] == ours[0]["representative"]] == ["keep"]
+    page.click(".views button[data-view=collection]")
+    page.locator(".tile[data-path$='/coffee-copy.jpg'] .dups-this").click()
+    expect(page.locator(".group")).to_have_count(1)
+    expect(page.locator(".group .member")).to_have_count(len(ours[0]["members"]))
     page.close()

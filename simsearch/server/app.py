@@ -189,6 +189,14 @@ def _add_routes(app: FastAPI, service: SearchService) -> None:
     def folders(under: Folder = None):
         return service.folders(under)
 
+    @app.get("/api/dedup", summary="Duplicate groups (exact and verified near copies), around the image to keep")
+    def dedup(threshold: Annotated[float | None, Query(ge=0, le=2, description="Verified score a pair needs (default: the library's).")] = None,
+              under: Annotated[str | None, Query(max_length=4096, description="Only images at or below this folder.")] = None,
+              limit: Annotated[int, Query(ge=1, le=1000)] = 50, offset: Annotated[int, Query(ge=0)] = 0):
+        """Groups as `simsearch dedup --json` prints them (keys as strings), a page of them at a time.
+        Pairs not verified yet are verified first; a new threshold re-groups from stored scores."""
+        return service.dedup(threshold, under or None, limit, offset)
+
     @app.get("/api/thumb/{key:int}", summary="An indexed image's stored thumbnail (JPEG)",
              responses={200: {"content": {"image/jpeg": {}}}}, response_class=Response)
     def thumbnail(key: int, request: Request):

@@ -219,6 +219,14 @@ class SearchService:
                           "height": sizes.get(h.key, {}).get("height")} for h in hits],
                 "ms": {name: round(1000 * s, 1) for name, s in seconds.items()}}
 
+    def dedup(self, threshold: float | None, under: str | None, limit: int, offset: int) -> dict:
+        """Duplicate groups (simsearch.dedup.find_duplicates), `limit` of them from `offset`. Verifying new
+        pairs uses the model: behind the model lock."""
+        from ..dedup import find_duplicates
+
+        with self.model_lock:
+            return find_duplicates(self.index, under=under, threshold=threshold).to_dict(limit, offset)
+
     # -- the collection ----------------------------------------------------------------------
     def images(self, offset: int, limit: int, under: str | None = None, order: str = "newest") -> dict:
         """A page of the indexed images, most recently indexed first ("newest") or in indexing order
