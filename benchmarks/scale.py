@@ -198,20 +198,10 @@ def build_db(s: Synth, db: Path, n: int, conf: dict) -> float:
 
 
 def rows_table(s: Synth, a: int, b: int, prefix: str = "/synthetic"):
-    import pyarrow as pa
-
-    from simsearch.store import path_key
+    from simsearch.store import make_rows
 
     names = [f"{prefix}/{i // 1000:04d}/{i:07d}.png" for i in range(a, b)]
-    fixed = lambda x: pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])  # noqa: E731
-    n = b - a
-    return pa.table({
-        "key": pa.array([path_key(p) for p in names], pa.int64()), "id": [f"{i:032x}" for i in range(a, b)],
-        "path": names, "size": pa.array([1] * n, pa.int64()), "mtime_ns": pa.array([1] * n, pa.int64()),
-        "width": pa.array([224] * n, pa.int32()), "height": pa.array([224] * n, pa.int32()),
-        "content": fixed(s.rows("content", a, n)), "style": fixed(s.rows("style", a, n)),
-        "dense": pa.array([b""] * n, pa.binary()), "thumb": pa.array([b""] * n, pa.binary()),
-    })
+    return make_rows(names, s.rows("content", a, b - a), s.rows("style", a, b - a))
 
 
 def bench_growth(args) -> None:
@@ -389,7 +379,7 @@ def rerank_breakdown(idx, queries) -> dict:
             emb = step("forward", idx.embed_image, q)
             hits = step("faiss", lambda v: idx.search_vector(v, 50), emb.content[0])
             found = step("fetch", lambda keys: idx.store.find(keys, ["dense"]), [h.key for h in hits])
-            dense = step("decode", idx.store.decode_dense, [found[h.key]["dense"] for h in hits])
+            dense = step("decode", idx.dense_format.decode, [found[h.key]["dense"] for h in hits])
             qkv_a = bb.attention_inputs(layer, torch.as_tensor(emb.dense[0])[None])
             qkv_b = step("projections", lambda x: bb.attention_inputs(layer, torch.as_tensor(x)), dense)
             step("aas", lambda b: aligned_attention_score(qkv_a, b), qkv_b)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import os
 import socket
@@ -39,10 +38,9 @@ QUERY_FILES = sorted((REPO / "examples" / "images").glob("*.jpg")) + sorted((REP
 def build_db(work: Path, n: int) -> Path:
     """A database of n rows made from the 12 photos' real rows (see the module docstring)."""
     import numpy as np
-    import pyarrow as pa
 
     from simsearch import Index
-    from simsearch.store import path_key
+    from simsearch.store import make_rows
 
     base_db, db = work / "base", work / f"rows{n}"
     if db.exists() and Index(db).count() == n:
@@ -63,18 +61,11 @@ def build_db(work: Path, n: int) -> Path:
         def noisy(column):
             x = np.stack([np.asarray(r[column], np.float32) for r in src])
             x = x + NOISE * rng.standard_normal(x.shape, dtype=np.float32)
-            x /= np.linalg.norm(x, axis=1, keepdims=True)
-            return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+            return x / np.linalg.norm(x, axis=1, keepdims=True)
 
-        target.store.put(pa.table({
-            "key": pa.array([path_key(p) for p in paths], pa.int64()),
-            "id": [hashlib.blake2b(p.encode(), digest_size=16).hexdigest() for p in paths],
-            "path": paths,
-            "size": pa.array([0] * len(paths), pa.int64()), "mtime_ns": pa.array([0] * len(paths), pa.int64()),
-            "width": pa.array([r["width"] for r in src], pa.int32()), "height": pa.array([r["height"] for r in src], pa.int32()),
-            "content": noisy("content"), "style": noisy("style"),
-            "dense": pa.array([r["dense"] for r in src], pa.binary()), "thumb": pa.array([r["thumb"] for r in src], pa.binary()),
-        }))
+        target.store.put(make_rows(paths, noisy("content"), noisy("style"), [r["dense"] for r in src],
+                                   widths=[r["width"] for r in src], heights=[r["height"] for r in src],
+                                   thumbs=[r["thumb"] for r in src]))
     target.store.compact()
     target.refresh_ann()
     print(f"built {db}: {target.count()} rows", flush=True)

@@ -202,9 +202,8 @@ def cmd_stages(args) -> dict:
     import torch
 
     from simsearch import Index
-    from simsearch.descriptors.codec import encode_dense
     from simsearch.images import open_image, thumbnail_jpeg
-    from simsearch.store import path_key
+    from simsearch.store import make_rows
 
     work = Path(args.work)
     folder = synth(work, f"real{args.n}", args.n, seed=args.seed, min_side=400, max_side=800)
@@ -252,17 +251,9 @@ def cmd_stages(args) -> dict:
         chunk = paths[i * bs:(i + 1) * bs]
 
         def build():
-            return pa.table({
-                "key": pa.array([path_key(str(p)) for p in chunk], pa.int64()), "id": ["0" * 32] * len(chunk),
-                "path": [str(p) for p in chunk], "size": pa.array([1] * len(chunk), pa.int64()),
-                "mtime_ns": pa.array([1] * len(chunk), pa.int64()), "width": pa.array([1] * len(chunk), pa.int32()),
-                "height": pa.array([1] * len(chunk), pa.int32()),
-                "content": pa.FixedSizeListArray.from_arrays(pa.array(e.content.reshape(-1)), e.content.shape[1]),
-                "style": pa.FixedSizeListArray.from_arrays(pa.array(e.style.reshape(-1)), e.style.shape[1]),
-                "dense": pa.array([encode_dense(d, emb.conf.dense_dtype) for d in e.dense], pa.binary()),
-                "thumb": pa.array(thumbs[i * bs:(i + 1) * bs], pa.binary()),
-            })
-        tables.append(timed("rows: encode_dense fp16 + Arrow table", build))
+            return make_rows([str(p) for p in chunk], e.content, e.style, idx.encode_dense(e.dense),
+                             thumbs=thumbs[i * bs:(i + 1) * bs])
+        tables.append(timed("rows: Index.encode_dense + make_rows", build))
     per_commit = max(1, args.write_rows // bs)
     for i in range(0, len(tables), per_commit):
         timed(f"LanceDB ImageStore.put ({args.write_rows}-row commits, all lance threads)", store.put,
@@ -321,12 +312,10 @@ def build_synthetic_db(base_db: Path, out: Path, n: int, noise: float, seed: int
     width/height) with a new path/key/id, and its content/style vectors perturbed by Gaussian noise
     of std `noise` per component, then re-normalised. Written through ImageStore.put in chunks of
     `chunk` rows (the indexer's commit size), then compacted like the indexer does."""
-    import hashlib
-
     import numpy as np
     import pyarrow as pa
 
-    from simsearch.store import ImageStore, path_key
+    from simsearch.store import ImageStore, make_rows
 
     base = ImageStore(base_db)
     meta = base.meta
@@ -350,19 +339,9 @@ def build_synthetic_db(base_db: Path, out: Path, n: int, noise: float, seed: int
         s = (s / np.linalg.norm(s, axis=1, keepdims=True)).astype(np.float32)
         paths = [f"/synthetic/{i // 1000:03d}/row_{i:06d}.jpg" for i in idx]
         take = pa.array(srow)
-        rows = pa.table({
-            "key": pa.array([path_key(p) for p in paths], pa.int64()),
-            "id": [hashlib.blake2b(p.encode(), digest_size=16).hexdigest() for p in paths],
-            "path": paths,
-            "size": pa.array([100_000] * len(idx), pa.int64()),
-            "mtime_ns": pa.array([0] * len(idx), pa.int64()),
-            "width": src.column("width").take(take).combine_chunks(),
-            "height": src.column("height").take(take).combine_chunks(),
-            "content": pa.FixedSizeListArray.from_arrays(pa.array(c.reshape(-1)), c.shape[1]),
-            "style": pa.FixedSizeListArray.from_arrays(pa.array(s.reshape(-1)), s.shape[1]),
-            "dense": src.column("dense").take(take).combine_chunks(),
-            "thumb": src.column("thumb").take(take).combine_chunks(),
-        })
+        rows = make_rows(paths, c, s, src.column("dense").take(take).to_pylist(), sizes=[100_000] * len(idx),
+                         widths=src.column("width").take(take).to_pylist(), heights=src.column("height").take(take).to_pylist(),
+                         thumbs=src.column("thumb").take(take).to_pylist())
         store.put(rows)
     store.compact()
     log.info(f"synthetic db: {n} rows -> {out} ({time.perf_counter() - t:.1f} s)")

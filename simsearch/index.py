@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from . import ann
+from . import ann, catchup
+from .descriptors.codec import DenseFormat
 from .descriptors.quant import COMPACT_CODECS
 from .embedder import DescriptorConfig, Embedder
 from .errors import ConfigMismatchError, EmptyIndexError, SimsearchError
@@ -72,21 +73,20 @@ class Index:
         `model`, `conf` or DescriptorConfig fields given as keywords state what the caller expects;
         for an existing database they must match what it was built with, else ConfigMismatchError
         names both configurations. `ivf_threshold` and `nprobe` set the FAISS index kind (see
-        simsearch.ann). `embedder` shares an already loaded model (its configuration must be this
+        simsearch.ann, simsearch.catchup). `embedder` shares an already loaded model (its configuration must be this
         index's). `keep_versions`: how long old table versions stay on disk (time travel).
         `dense_codec`: how a new table stores dense tensors: "raw" (config.dense_dtype) or a compact
         learned codec "pca" (simsearch.descriptors.quant, <= 64 KB per image); an existing table keeps its own.
         """
         self.root = Path(db).expanduser()
         self.store = ImageStore(self.root, keep_versions)
-        self.store.codec_metric = self._dense_metric
         self.device = device
-        self.ivf_threshold = ivf_threshold
         self.nprobe = nprobe
-        self._ann: dict[str, ann.VectorIndex] = {}
+        self.ann_indexes = {c: catchup.FollowedIndex(self.store, catchup.Source(c), ivf_threshold) for c in VECTOR_COLUMNS}
         if dense_codec is not None and dense_codec not in DENSE_CODECS:
             raise SimsearchError(f"unknown dense codec '{dense_codec}' (choose from {', '.join(DENSE_CODECS)})")
         self.dense_codec = dense_codec
+        self._dense_format: DenseFormat | None = None
         if model is not None:
             overrides["model"] = _local_or_name(model)
         if overrides.get("ip_adapter"):
@@ -98,8 +98,9 @@ class Index:
             self.conf = self._check_config(DescriptorConfig.from_dict(self.store.meta["config"]))
         else:
             self.conf = conf or DescriptorConfig.for_model(**overrides)
-        if self.store.exists() and dense_codec not in (None, self.store.dense_format):
-            raise ConfigMismatchError(f"{self.root} stores dense tensors as {self.store.dense_format}, not {dense_codec}")
+        stored = DenseFormat.of_table(self.store.meta, None).kind if self.store.exists() else None
+        if stored is not None and dense_codec not in (None, stored):
+            raise ConfigMismatchError(f"{self.root} stores dense tensors as {stored}, not {dense_codec}")
         if embedder is not None and embedder.conf != self.conf:
             raise ConfigMismatchError(f"the shared embedder has {embedder.conf.describe()}, the index {self.conf.describe()}")
         self._embedder: Embedder | None = embedder
@@ -130,9 +131,23 @@ class Index:
                 f"{self.root} was built with weights {stored} of '{self.conf.model}', "
                 f"but those weights now fingerprint as {emb.fingerprint}; re-index into a new --db")
 
-    def _dense_metric(self):
-        """How a compact codec weighs coding errors: as the rerankers' attention projections see them."""
-        return self.embedder.backbone.dense_metric(self.conf.dense_layer)
+    @property
+    def dense_format(self) -> DenseFormat:
+        """How the table stores dense tensors (with its compact codec once one is fitted)."""
+        if self._dense_format is None or self._dense_format.needs_fit:
+            self._dense_format = DenseFormat.of_table(self.store.meta, self.store.codec_blob())
+        return self._dense_format
+
+    def encode_dense(self, x: np.ndarray) -> list[bytes]:
+        """Dense tensors (N, T, C) -> the bytes the table stores. A compact codec not fitted yet is
+        fitted on `x` (the first rows written), weighing coding errors as the rerankers' attention
+        projections see them; if another writer saved one first, that one is used."""
+        if self.dense_format.needs_fit:
+            from .descriptors.quant import fit
+
+            codec = fit(x, metric=self.embedder.backbone.dense_metric(self.conf.dense_layer))
+            self.store.save_codec(codec.kind, codec.to_bytes())
+        return self.dense_format.encode(x)
 
     def ensure_table(self) -> ImageStore:
         """Create the database, or open it when another process created it first; either way it
@@ -177,20 +192,14 @@ class Index:
         """Bring every FAISS index up to the table's version (by the rows changed since the version
         it reflects, or a full rebuild when due). -> {column: rebuilt in full}"""
         self.store.refresh()
-        return {column: self._load_ann(column) for column in VECTOR_COLUMNS}
+        return {column: followed.catch_up() for column, followed in self.ann_indexes.items()}
 
     def vector_index(self, mode: str) -> ann.VectorIndex:
         """The FAISS index of `mode` ("content" or "style"), brought up to the table's version (while an index
-        run holds the write lock, the last consistent one: see ann.load_fresh)."""
-        current = self._ann.get(mode)
-        if current is None or current.table_version != self.store.version:
-            self._load_ann(mode, wait=False)  # during an index run: the last consistent index (ann.load_fresh)
-        return self._ann[mode]
-
-    def _load_ann(self, mode: str, wait: bool = True) -> bool:
-        self._ann[mode], rebuilt = ann.load_fresh(self.store, mode, self.ivf_threshold, self._ann.get(mode), wait)
-        self._ann[mode].nprobe = self.nprobe
-        return rebuilt
+        run holds the write lock, the last consistent one: see catchup.FollowedIndex.catch_up)."""
+        vi = self.ann_indexes[mode].get().vectors
+        vi.nprobe = self.nprobe
+        return vi
 
     # -- search ------------------------------------------------------------------------------
     def embed_image(self, image: str | Path | Image.Image):
@@ -268,7 +277,8 @@ class Index:
     def rerank(self, query, hits: list[Hit], method: str = DEFAULT_RERANKER) -> list[Hit]:
         """Reorder `hits` by the first-stage score fused with a second-stage score computed from the
         stored dense tensors (simsearch.rerank). `query`: a RerankQuery or a bare dense tensor (T, C).
-        Hits whose rows were deleted since the search are dropped, so no score lands on another hit."""
+        Hits whose rows were deleted since the search are dropped, so no score lands on another hit.
+        Returns new hits; the given ones keep their first-stage scores."""
         from .rerank import fuse, rerank_scores
 
         found = self.store.find([h.key for h in hits], ["dense", "width", "height"])
@@ -282,15 +292,12 @@ class Index:
                                prior=self.positional_prior() if method == "verified" else None)
         final = fuse([h.score for h in hits], scores, method)
         pairs = scores.pop("pairs", None)
-        for i, h in enumerate(hits):
-            h.scores = {"first_stage": h.score, **{name: float(v[i]) for name, v in scores.items()}}
-            h.score = float(final[i])
-            if pairs is not None and pairs[i] is not None:
-                h.matches = [tuple(float(v) for v in row) for row in pairs[i]]
-        ordered = sorted(hits, key=lambda h: -h.score)
-        for rank, h in enumerate(ordered, 1):
-            h.rank = rank
-        return ordered
+        reranked = [replace(h, score=float(final[i]),
+                            scores={"first_stage": h.score, **{name: float(v[i]) for name, v in scores.items()}},
+                            matches=[tuple(float(v) for v in row) for row in pairs[i]] if pairs and pairs[i] is not None else [])
+                    for i, h in enumerate(hits)]
+        ordered = sorted(reranked, key=lambda h: -h.score)
+        return [replace(h, rank=rank) for rank, h in enumerate(ordered, 1)]
 
     def positional_prior(self):
         """The table's mean patch key per cell (rerank.positional_prior) over its first PRIOR_ROWS rows,
@@ -339,10 +346,9 @@ class Index:
             "db": str(self.root), "rows": rows, "table_version": self.store.version,
             "config": meta["config"], "weights": meta["weights"],
             "dense": {"shape": [tokens, dim],
-                      "dtype": self.conf.dense_dtype if self.store.dense_format == "raw" else self.store.dense_format,
-                      "bytes_per_image": self.store.dense_nbytes()},
+                      "dtype": self.dense_format.name, "bytes_per_image": self.dense_format.nbytes},
             "disk_bytes": disk, "disk_bytes_per_image": disk // rows if rows else 0,
-            "ann": {c: ann.index_state(self.store, c) for c in VECTOR_COLUMNS},
+            "ann": {c: catchup.index_state(self.store, c) for c in VECTOR_COLUMNS},
         }
 
     def dense(self, keys) -> np.ndarray:
@@ -351,4 +357,4 @@ class Index:
         return self._decode_dense(self.store.rows(keys, ["dense"]))
 
     def _decode_dense(self, rows: list[dict]) -> np.ndarray:
-        return self.store.decode_dense([r["dense"] for r in rows])
+        return self.dense_format.decode([r["dense"] for r in rows])

@@ -30,10 +30,10 @@ lock: every table commit is atomic.
 Scalar (BTREE) indexes on the payload's key, the catalog's key and path and the log's seq keep reads
 by key, by folder and "since V" proportional to what they return; `compact` folds new rows into them.
 
-Dense tensors arrive in `put` as float16 bytes and are stored in the table's format (meta
-`dense_codec`): "raw" keeps `config.dense_dtype` (float16, or int8 with a scale per token; tables
-made before compact codecs are raw), "pca" uses the learned codec of descriptors.quant (<= 64 KB
-per image), fitted on the rows of the table's first commit and kept in the `codec` table.
+Rows are made by `make_rows` (the one place their schema is written) and arrive in `put` as they
+are stored: dense tensors already in the table's format (meta `dense_codec`, see
+descriptors.codec.DenseFormat). The store keeps a compact format's fitted codec as an opaque blob
+in the `codec` table (`codec_blob`, `save_codec`) and never looks inside it.
 
 Old versions: `compact` (after index runs, once enough rows or fragments have accumulated) deletes
 table versions older than `keep_versions` (default KEEP_VERSIONS, one hour: time travel and readers
@@ -62,7 +62,6 @@ from .paths import TABLE
 CATALOG = "files"
 CHANGES = "changes"
 CODEC = "codec"  # the fitted dense codec of a compact table (one row)
-WIRE_DTYPE = "float16"  # how rows handed to `put` carry their dense tensors
 META_KEY = b"simsearch"
 VECTOR_COLUMNS = ("content", "style")
 CATALOG_COLUMNS = ("key", "path", "id", "size", "mtime_ns")
@@ -90,27 +89,57 @@ def path_key(path: str) -> int:
     return int.from_bytes(hashlib.blake2b(path.encode(), digest_size=8).digest(), "little") >> 1
 
 
-def payload_schema(content_dim: int, style_dim: int, meta: dict) -> pa.Schema:
+def row_schema(content_dim: int, style_dim: int) -> pa.Schema:
+    """The rows `put` takes: the payload's columns and the catalog's size and mtime_ns."""
     return pa.schema([
-        pa.field("key", pa.int64()),
+        pa.field("key", pa.int64()),  # path_key(path)
         pa.field("id", pa.string()),  # content hash (blake2b-128, hex)
         pa.field("path", pa.string()),
+        pa.field("size", pa.int64()),  # bytes on disk (catalog only)
+        pa.field("mtime_ns", pa.int64()),  # (catalog only)
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         pa.field("content", pa.list_(pa.float32(), content_dim)),
         pa.field("style", pa.list_(pa.float32(), style_dim)),
-        pa.field("dense", pa.binary()),  # descriptors.codec
+        pa.field("dense", pa.binary()),  # in the table's format (descriptors.codec.DenseFormat)
         pa.field("thumb", pa.binary()),  # small JPEG
-    ], metadata={META_KEY: json.dumps(meta).encode()})
+    ])
 
 
-CATALOG_SCHEMA = pa.schema([
-    pa.field("key", pa.int64()),
-    pa.field("path", pa.string()),
-    pa.field("id", pa.string()),
-    pa.field("size", pa.int64()),
-    pa.field("mtime_ns", pa.int64()),
-])
+def payload_schema(content_dim: int, style_dim: int, meta: dict) -> pa.Schema:
+    rows = row_schema(content_dim, style_dim)
+    return pa.schema([f for f in rows if f.name not in ("size", "mtime_ns")], metadata={META_KEY: json.dumps(meta).encode()})
+
+
+CATALOG_SCHEMA = pa.schema([row_schema(1, 1).field(c) for c in CATALOG_COLUMNS])
+
+
+def make_rows(paths: list[str], content: np.ndarray, style: np.ndarray, dense: list[bytes] | None = None, *,
+              ids: list[str] | None = None, sizes: list[int] | None = None, mtimes: list[int] | None = None,
+              widths: list[int] | None = None, heights: list[int] | None = None,
+              thumbs: list[bytes] | None = None) -> pa.Table:
+    """Rows for `ImageStore.put`: one per path, keyed by path_key. content (N, Dc), style (N, Ds);
+    dense: the stored bytes of each row's tensor (table format). Left out (synthetic rows for tests and
+    benchmarks): dense and thumbs empty, sizes, mtimes, widths and heights 0, ids the path's digest."""
+    n = len(paths)
+
+    def column(values, default, kind):
+        return pa.array(values if values is not None else [default] * n, kind)
+
+    return pa.table([
+        pa.array([path_key(p) for p in paths], pa.int64()),
+        pa.array(ids if ids is not None else [hashlib.blake2b(p.encode(), digest_size=16).hexdigest() for p in paths], pa.string()),
+        pa.array(paths, pa.string()),
+        column(sizes, 0, pa.int64()), column(mtimes, 0, pa.int64()),
+        column(widths, 0, pa.int32()), column(heights, 0, pa.int32()),
+        _fixed_list(content), _fixed_list(style),
+        column(dense, b"", pa.binary()), column(thumbs, b"", pa.binary()),
+    ], schema=row_schema(np.shape(content)[1], np.shape(style)[1]))
+
+
+def _fixed_list(x: np.ndarray) -> pa.FixedSizeListArray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
 
 
 def changes_schema(since: int) -> pa.Schema:
@@ -153,11 +182,9 @@ class ImageStore:
             raise SimsearchError(f"{self.root}: not a database directory (it is a file)")
         self.keep_versions = keep_versions
         self._db = None  # LanceDB connection, opened by the first write
-        self._table = self._catalog = self._changes = self._meta = self._codec = None
+        self._table = self._catalog = self._changes = self._meta = None
         self._session = None  # Lance's caches (manifests, scalar indexes), shared by every read
         self._lock = None
-        # () -> (C, C) metric or None: what a compact codec weighs coding errors by, asked when it is fitted
-        self.codec_metric = None
         self.on_scan = None  # (lance.ScanStatistics) -> None: told what each `catalog_page` read scanned
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -217,7 +244,7 @@ class ImageStore:
                 meta = {**meta, "format": FORMAT, "uuid": uuid.uuid4().hex}
                 self._db.create_table(TABLE, schema=payload_schema(content_dim, style_dim, meta))
                 self._db.create_table(CATALOG, schema=CATALOG_SCHEMA)
-            self._table = self._catalog = self._changes = self._meta = self._codec = None
+            self._table = self._catalog = self._changes = self._meta = None
             self.ensure_indexes()
 
     def _created_on_first_use(self, name: str, create) -> object:
@@ -248,63 +275,19 @@ class ImageStore:
                 CHANGES, lambda: self.db.create_table(CHANGES, schema=changes_schema(self.version)))
         return self._changes
 
-    # -- dense tensors -------------------------------------------------------------------------
-    @property
-    def dense_format(self) -> str:
-        """"raw" (config.dense_dtype) or a compact codec of descriptors.quant."""
-        return self.meta.get("dense_codec", "raw")
+    # -- a compact dense format's codec (opaque here) ------------------------------------------
+    def codec_blob(self) -> bytes | None:
+        """The codec saved by `save_codec`, or None before one was."""
+        if not self.has_table(CODEC):
+            return None
+        return self.reader(CODEC).to_table(columns=["data"]).column("data")[0].as_py()
 
-    @property
-    def dense_codec(self):
-        """The fitted compact codec (None for raw tables, or before the first commit)."""
-        if self._codec is None and self.dense_format != "raw" and self.has_table(CODEC):
-            from .descriptors.quant import DenseCodec
-
-            self._codec = DenseCodec.from_bytes(self.reader(CODEC).to_table(columns=["data"]).column("data")[0].as_py())
-        return self._codec
-
-    def dense_nbytes(self) -> int:
-        from .descriptors.codec import dense_nbytes
-
-        tokens, dim = self.meta["dense_shape"]
-        if self.dense_format == "raw":
-            return dense_nbytes(tokens, dim, self.meta["config"]["dense_dtype"])
-        from .descriptors.quant import max_nbytes
-
-        return self.dense_codec.nbytes if self.dense_codec is not None else max_nbytes(tokens, dim)
-
-    def _store_dense(self, wire: pa.Array) -> pa.Array:
-        """Dense column from float16 wire bytes to the table's format (fitting the codec on first use)."""
-        from .descriptors.codec import decode_dense, encode_dense
-
-        tokens, dim = self.meta["dense_shape"]
-        dtype = self.meta["config"]["dense_dtype"]
-        if self.dense_format == "raw" and dtype == WIRE_DTYPE:
-            return wire
-        x = np.stack([decode_dense(b, tokens, dim, WIRE_DTYPE) for b in wire.to_pylist()])
-        if self.dense_format == "raw":
-            return pa.array([encode_dense(t, dtype) for t in x], pa.binary())
-        if self.dense_codec is None:
-            self._fit_codec(x)
-        return pa.array([self._codec.encode(t) for t in x], pa.binary())
-
-    def _fit_codec(self, samples: np.ndarray) -> None:
-        from .descriptors.quant import fit
-
-        self.dense_codec  # another process may have fitted it
-        if self._codec is None:
-            codec = fit(samples, metric=self.codec_metric() if self.codec_metric else None)
-            self.db.create_table(CODEC, pa.table({"kind": [codec.kind], "data": pa.array([codec.to_bytes()], pa.binary())}))
-            self._codec = codec
-
-    def decode_dense(self, blobs: list[bytes]) -> np.ndarray:
-        """Stored dense bytes -> (N, T, C) float32."""
-        if self.dense_format != "raw":
-            return self.dense_codec.decode(blobs)
-        from .descriptors.codec import decode_dense
-
-        tokens, dim = self.meta["dense_shape"]
-        return np.stack([decode_dense(b, tokens, dim, self.meta["config"]["dense_dtype"]) for b in blobs])
+    def save_codec(self, kind: str, data: bytes) -> bytes:
+        """Keep `data` as the table's codec unless another writer saved one first. -> the kept one"""
+        with self.lock:
+            if not self.has_table(CODEC):
+                self.db.create_table(CODEC, pa.table({"kind": [kind], "data": pa.array([data], pa.binary())}))
+            return self.codec_blob()
 
     def ensure_indexes(self) -> None:
         """Create the BTREE indexes a table lacks (databases made before they existed get them here)."""
@@ -484,12 +467,11 @@ class ImageStore:
         return [k for chunk in _chunks(keys) for k in self._select(["key"], _in(chunk)).column("key").to_pylist()]
 
     def put(self, rows: pa.Table) -> None:
-        """Insert or replace rows by key: payload columns plus the catalog's size and mtime_ns. New
-        keys are appended; only keys that already have a payload row are deleted first."""
+        """Insert or replace rows by key (`make_rows`, dense tensors in the table's format). New keys
+        are appended; only keys that already have a payload row are deleted first."""
         keys = rows.column("key").to_pylist()
         with self.lock:
             self.refresh()
-            rows = rows.set_column(rows.schema.get_field_index("dense"), "dense", self._store_dense(rows.column("dense").combine_chunks()))
             self._log(keys)
             for chunk in _chunks(self._existing(keys)):
                 self.table.delete(_in(chunk))  # replaced rows first: at worst a changed file is re-embedded

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import table_rows, write_patterns
 from simsearch import Index
-from simsearch.ann import index_path
+from simsearch.catchup import index_path
 from simsearch.errors import SimsearchError
 from simsearch.store import path_key
 
@@ -229,8 +229,8 @@ def test_ivf_vector_index_many_lists():
     vecs = centres[rng.integers(0, 40, 6000)] + 0.3 * rng.normal(size=(6000, 32))
     vecs = (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float32)
     keys = rng.choice(2**62, size=6000, replace=False).astype(np.int64)
-    ivf = VectorIndex.build(keys, vecs, table_version=7, ivf_threshold=1000)
-    flat = VectorIndex.build(keys, vecs, table_version=7)
+    ivf = VectorIndex.build(keys, vecs, ivf_threshold=1000)
+    flat = VectorIndex.build(keys, vecs)
     assert ivf.kind == "ivf" and ivf.nlist > ivf.probes and flat.kind == "flat" and ivf.ntotal == 6000
     _, got = ivf.search(vecs[:500], 10)
     _, want = flat.search(vecs[:500], 10)

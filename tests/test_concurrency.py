@@ -12,7 +12,7 @@ import pytest
 
 from conftest import cli_command, table_rows, tiny_cli_options, write_patterns
 from simsearch import Index
-from simsearch.ann import VectorIndex, index_path
+from simsearch.catchup import Source, index_path, load
 
 
 @pytest.mark.slow
@@ -61,8 +61,8 @@ def test_concurrent_rebuilds_never_pair_a_sidecar_with_another_index(tmp_path, n
         side = json.loads(path.with_suffix(".json").read_text())
         assert sorted(p.name for p in path.parent.glob(f"{column}.*.faiss")) == [f["file"] for f in side["files"]]
         assert not list(path.parent.glob("*.tmp"))
-        loaded = VectorIndex.load(path)
-        assert loaded is not None and loaded.ntotal == 12 and loaded.table_version == Index(db).store.version
+        loaded = load(path, Source(column))
+        assert loaded is not None and loaded.vectors.ntotal == 12 and loaded.table_version == Index(db).store.version
 
 
 def test_sidecar_vouches_only_for_its_own_file(tmp_path, new_index, photos):
@@ -77,5 +77,5 @@ def test_sidecar_vouches_only_for_its_own_file(tmp_path, new_index, photos):
     mine = path.parent / json.loads(path.with_suffix(".json").read_text())["files"][0]["file"]
     theirs = index_path(other.store, "content")
     mine.write_bytes((theirs.parent / json.loads(theirs.with_suffix(".json").read_text())["files"][0]["file"]).read_bytes())
-    assert VectorIndex.load(path) is None
+    assert load(path, Source("content")) is None
     assert Index(db).search(photos / "horse.jpg", k=1)[0].path == str(photos / "horse.jpg")

@@ -180,7 +180,7 @@ def test_compact_table(tmp_path, new_index, photos):
     assert {len(b) for b in conn.open_table("images").to_arrow().column("dense").to_pylist()} == {info["dense"]["bytes_per_image"]}
     # fitted in the metric of the dense layer's attention projections: E E^T = G (+ the ridge), E the encoder
     g = idx.embedder.backbone.dense_metric(idx.conf.dense_layer)
-    codec = Index(db).store.dense_codec
+    codec = Index(db).dense_format.codec
     ridged = g + quant.RIDGE * np.linalg.eigvalsh(g).mean() * np.eye(len(g))
     np.testing.assert_allclose(codec.encoder.astype(np.float64) @ codec.encoder.T, ridged, rtol=1e-3, atol=1e-3 * np.abs(g).max())
     k = path_key(str(photos / "chelsea.jpg"))

@@ -14,9 +14,9 @@ import pyarrow as pa
 import pytest
 
 from conftest import TINY, table_rows
-from simsearch import Index, ann
+from simsearch import Index, ann, catchup
 from simsearch.embedder import DescriptorConfig
-from simsearch.store import ImageStore, path_key, under_filter
+from simsearch.store import ImageStore, make_rows, path_key, under_filter
 
 D = 16
 
@@ -32,15 +32,7 @@ def vectors(n: int, seed: int, centres: int = 30, spread: float = 0.4) -> np.nda
 
 
 def synthetic_rows(names: list[str], content: np.ndarray) -> pa.Table:
-    n = len(names)
-    fixed = lambda x: pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])  # noqa: E731
-    return pa.table({
-        "key": pa.array([path_key(p) for p in names], pa.int64()), "id": [f"id-{p}" for p in names], "path": names,
-        "size": pa.array([1] * n, pa.int64()), "mtime_ns": pa.array([1] * n, pa.int64()),
-        "width": pa.array([8] * n, pa.int32()), "height": pa.array([8] * n, pa.int32()),
-        "content": fixed(content), "style": fixed(np.concatenate([content, content], 1) / np.sqrt(2)),
-        "dense": pa.array([b""] * n, pa.binary()), "thumb": pa.array([b""] * n, pa.binary()),
-    })
+    return make_rows(names, content, np.concatenate([content, content], 1) / np.sqrt(2))
 
 
 @pytest.fixture
@@ -66,7 +58,7 @@ def top1(index: ann.VectorIndex, vecs: np.ndarray) -> np.ndarray:
 
 
 def sidecar(idx: Index, column="content") -> dict:
-    return json.loads(ann.index_path(idx.store, column).with_suffix(".json").read_text())
+    return json.loads(catchup.index_path(idx.store, column).with_suffix(".json").read_text())
 
 
 def test_incremental_add_replace_delete_without_retraining(synth):
@@ -134,12 +126,12 @@ def test_retrain_rule(synth):
 
 
 def test_retrain_reason_by_error():
-    vi = ann.VectorIndex.build(np.arange(3000), vectors(3000, seed=0), 1, ivf_threshold=1000)
-    assert vi.retrain_reason(1000) is None
+    vi = ann.VectorIndex.build(np.arange(3000), vectors(3000, seed=0), ivf_threshold=1000)
+    assert catchup.retrain_reason(vi, 1000) is None
     vi.apply(np.arange(3000, 4000), np.arange(3000, 4000), vectors(1000, seed=4))  # same distribution
-    assert vi.retrain_reason(1000) is None
+    assert catchup.retrain_reason(vi, 1000) is None
     vi.apply(np.arange(4000, 5000), np.arange(4000, 5000), vectors(1000, seed=3, centres=7, spread=0.05))
-    assert vi.retrain_reason(1000).startswith("drift")
+    assert catchup.retrain_reason(vi, 1000).startswith("drift")
 
 
 def test_a_query_does_not_wait_for_a_busy_writer(synth):
@@ -160,8 +152,8 @@ def test_a_query_does_not_wait_for_a_busy_writer(synth):
                                "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        stale = idx.vector_index("content")
-        assert stale.ntotal == 1500 and stale.table_version < idx.store.version
+        stale = idx.ann_indexes["content"].get()
+        assert stale.vectors.ntotal == 1500 and stale.table_version < idx.store.version
         assert idx.search_vector(first[0], 1)[0].path == "/data/a/00000.png"
     finally:
         holder.communicate("")
@@ -184,7 +176,7 @@ def test_single_query_splits_a_large_scan_over_threads(monkeypatch):
     what the batched search finds; the thread setting is restored afterwards."""
     import faiss
 
-    vi = ann.VectorIndex.build(np.arange(3000), vectors(3000, seed=0), 1, ivf_threshold=1000)
+    vi = ann.VectorIndex.build(np.arange(3000), vectors(3000, seed=0), ivf_threshold=1000)
     queries = vectors(ann.PARALLEL_QUERIES, seed=5)
     batched = vi.search(queries, 10)  # a batch: one thread per query
     ivf = faiss.extract_index_ivf(vi.index)

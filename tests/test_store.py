@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import lancedb
 import numpy as np
@@ -54,9 +55,10 @@ def test_search_ranks_have_no_gaps_when_rows_vanish(idx, photos):
     counted over the rows returned (they had gaps)."""
     query = idx.embed_image(photos / "coffee.jpg").content[0]
     before = idx.search_vector(query, 6)
-    answered = idx.vector_index("content")  # holds all 12 rows
+    followed = idx.ann_indexes["content"]
+    answered = followed.get()  # holds all 12 rows
     Index(idx.root).store.delete_paths([before[0].path, before[2].path])
-    answered.table_version = idx.store.version  # simulate: the delete lands between search and fetch
+    followed.current = replace(answered, table_version=idx.store.version)  # simulate: the delete lands between search and fetch
     after = idx.search_vector(query, 6)
     assert [h.path for h in after] == [h.path for i, h in enumerate(before) if i not in (0, 2)]
     assert [h.rank for h in after] == [1, 2, 3, 4]

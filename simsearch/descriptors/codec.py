@@ -37,3 +37,55 @@ def decode_dense(blob: bytes, tokens: int, dim: int, dtype: str) -> np.ndarray:
     codes = np.frombuffer(blob, dtype=np.int8, count=tokens * dim).reshape(tokens, dim)
     scale = np.frombuffer(blob, dtype=np.float16, offset=tokens * dim).reshape(tokens, 1)
     return codes.astype(np.float32) * scale.astype(np.float32)
+
+
+class DenseFormat:
+    """How one table stores dense tensors (T, C): "raw" in a dtype of DENSE_DTYPES, or a compact
+    codec of descriptors.quant ("pca"), which is fitted on the first rows written (`needs_fit`)."""
+
+    def __init__(self, kind: str, tokens: int, dim: int, dtype: str, codec=None):
+        self.kind, self.tokens, self.dim, self.dtype, self.codec = kind, tokens, dim, dtype, codec
+
+    @classmethod
+    def of_table(cls, meta: dict, codec_blob: bytes | None) -> "DenseFormat":
+        """The format a table's metadata records (tables made before compact codecs are raw), with
+        its saved codec."""
+        kind = meta.get("dense_codec", "raw")
+        codec = None
+        if kind != "raw" and codec_blob is not None:
+            from .quant import DenseCodec
+
+            codec = DenseCodec.from_bytes(codec_blob)
+        return cls(kind, *meta["dense_shape"], meta["config"]["dense_dtype"], codec)
+
+    @property
+    def needs_fit(self) -> bool:
+        return self.kind != "raw" and self.codec is None
+
+    @property
+    def name(self) -> str:
+        """What `info` calls it: the raw dtype or the codec's kind."""
+        return self.dtype if self.kind == "raw" else self.kind
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes per image (for a codec not fitted yet, the most it may take)."""
+        if self.kind == "raw":
+            return dense_nbytes(self.tokens, self.dim, self.dtype)
+        from .quant import max_nbytes
+
+        return self.codec.nbytes if self.codec is not None else max_nbytes(self.tokens, self.dim)
+
+    def encode(self, x: np.ndarray) -> list[bytes]:
+        """x (N, T, C) float -> N stored blobs."""
+        if self.needs_fit:
+            raise ValueError(f"the {self.kind} codec is not fitted yet")
+        if self.kind == "raw":
+            return [encode_dense(t, self.dtype) for t in x]
+        return [self.codec.encode(t) for t in x]
+
+    def decode(self, blobs: list[bytes]) -> np.ndarray:
+        """Stored blobs -> (N, T, C) float32."""
+        if self.kind != "raw":
+            return self.codec.decode(blobs)
+        return np.stack([decode_dense(b, self.tokens, self.dim, self.dtype) for b in blobs])

@@ -4,7 +4,7 @@ actors, each holding one model (and one GPU when the cluster has GPUs).
     driver                     list + stat files, compare with the catalog (indexers.local.plan)
     actor pool (Ray Data)      read bytes -> hash -> decode -> preprocess -> embed  (local.prepare,
                                local.embed_rows: the local indexer's own functions)
-    driver                     rows -> store.put under the database's lock, in commits of
+    driver                     rows -> local.writer (encode, store.put under the database's lock), in commits of
                                `write_rows`; then touch, prune, compact and the FAISS catch-up
 
 Rows come back to the driver and are written through the store rather than by a Lance datasink on
@@ -30,7 +30,8 @@ import pyarrow.compute as pc
 from ..errors import ImageError, SimsearchError
 from ..images import IMAGE_EXTENSIONS, iter_image_files
 from ..paths import normalize
-from .local import IndexReport, Stat, _Writer, begin, embed_rows, finish, local_stat, prepare, row_schema
+from ..store import row_schema
+from .local import IndexReport, Stat, begin, embed_rows, finish, local_stat, prepare, writer
 
 STATUS = pa.schema([("status", pa.string()), ("reason", pa.string())])  # "row", "unchanged" or "failed"
 
@@ -97,7 +98,7 @@ class EmbedActor:
                 prepared.append(result)
         rows = embed_rows(self.embedder, prepared)
         rows = rows.append_column("status", pa.array(["row"] * rows.num_rows)).append_column("reason", pa.array([""] * rows.num_rows))
-        schema = pa.unify_schemas([row_schema(self.embedder), STATUS])
+        schema = pa.unify_schemas([row_schema(self.embedder.dims["content"], self.embedder.dims["style"]), STATUS])
         return pa.concat_tables([rows.cast(schema), pa.Table.from_pylist(others, schema=schema)])
 
 
@@ -123,7 +124,7 @@ def index_with_ray(index, source: str | Path, batch_size: int = 16, prune: bool 
     actors = actors or gpus or max(1, cpus // 2)
     threads = max(1, cpus // actors) if not gpus else 1
     touched: dict[str, tuple[int, int]] = {}
-    writer = _Writer(index.store.put)
+    commits = writer(index)
     pending: list[pa.Table] = []
     try:
         if todo:
@@ -150,13 +151,13 @@ def index_with_ray(index, source: str | Path, batch_size: int = 16, prune: bool 
                 report.added += rows.num_rows - updates
                 pending.append(rows)
                 if sum(t.num_rows for t in pending) >= write_rows:
-                    writer.put(pa.concat_tables(pending))
+                    commits.put(pa.concat_tables(pending))
                     pending = []
                 advance(len(status))
     finally:
         try:
             if pending:
-                writer.put(pa.concat_tables(pending))  # rows already embedded are paid for
+                commits.put(pa.concat_tables(pending))  # rows already embedded are paid for
         finally:
-            writer.close()
+            commits.close()
     return finish(run, touched, under, prune, t0)

@@ -3,7 +3,8 @@
 Three stages overlap so the model never waits on the disk:
   reader threads   stat -> read bytes -> hash -> decode -> resize   (bounded prefetch window)
   main thread      batch -> backbone forward
-  writer thread    rows -> store.put every `write_rows` rows (appends; deletes only replaced keys)
+  writer thread    rows -> dense tensors encoded in the table's format -> store.put every `write_rows`
+                   rows (appends; deletes only replaced keys)
 Memory stays flat: at most `prefetch` decoded images and two pending writes exist at any time.
 Ctrl-C commits every row already embedded before it stops; a killed run loses at most the rows not
 yet committed, and the next run skips what was committed.
@@ -27,11 +28,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ..descriptors.codec import encode_dense
+from ..descriptors.codec import decode_dense, encode_dense
 from ..errors import ImageError
 from ..images import iter_image_files, open_image, thumbnail_jpeg
 from ..paths import is_under, normalize
-from ..store import WIRE_DTYPE, path_key
+from ..store import make_rows, path_key, row_schema
+
+WIRE_DTYPE = "float16"  # how embedded rows carry dense tensors until `encode_rows` (and back from Ray workers)
 
 
 @dataclass
@@ -202,35 +205,28 @@ def prepare(st: Stat, data: bytes, known_id: str | None, embedder) -> Prepared |
                     thumb=thumbnail_jpeg(loaded.image), is_update=known_id is not None)
 
 
-def row_schema(embedder) -> pa.Schema:
-    """The rows `embed_rows` makes: payload columns plus the catalog's size and mtime_ns."""
-    return pa.schema([
-        ("key", pa.int64()), ("id", pa.string()), ("path", pa.string()), ("size", pa.int64()),
-        ("mtime_ns", pa.int64()), ("width", pa.int32()), ("height", pa.int32()),
-        ("content", pa.list_(pa.float32(), embedder.dims["content"])),
-        ("style", pa.list_(pa.float32(), embedder.dims["style"])),
-        ("dense", pa.binary()), ("thumb", pa.binary()),
-    ])
-
-
 def embed_rows(embedder, batch: list[Prepared]) -> pa.Table:
-    """Prepared images -> the rows `store.put` writes (one model forward for the batch)."""
+    """Prepared images -> their rows, dense tensors as WIRE_DTYPE bytes (one model forward for the batch)."""
     if not batch:
-        return row_schema(embedder).empty_table()
+        return row_schema(embedder.dims["content"], embedder.dims["style"]).empty_table()
     emb = embedder.embed(torch.stack([b.pixels for b in batch]))
-    return pa.table({
-        "key": pa.array([b.key for b in batch], pa.int64()),
-        "id": [b.id for b in batch],
-        "path": [b.path for b in batch],
-        "size": pa.array([b.size for b in batch], pa.int64()),
-        "mtime_ns": pa.array([b.mtime_ns for b in batch], pa.int64()),
-        "width": pa.array([b.width for b in batch], pa.int32()),
-        "height": pa.array([b.height for b in batch], pa.int32()),
-        "content": _fixed_list(emb.content),
-        "style": _fixed_list(emb.style),
-        "dense": pa.array([encode_dense(d, WIRE_DTYPE) for d in emb.dense], pa.binary()),  # the store encodes it
-        "thumb": pa.array([b.thumb for b in batch], pa.binary()),
-    }, schema=row_schema(embedder))
+    return make_rows([b.path for b in batch], emb.content, emb.style, [encode_dense(d, WIRE_DTYPE) for d in emb.dense],
+                     ids=[b.id for b in batch], sizes=[b.size for b in batch], mtimes=[b.mtime_ns for b in batch],
+                     widths=[b.width for b in batch], heights=[b.height for b in batch], thumbs=[b.thumb for b in batch])
+
+
+def encode_rows(index, rows: pa.Table) -> pa.Table:
+    """Embedded rows -> the rows `store.put` writes: dense tensors in the table's format (`Index.encode_dense`)."""
+    fmt = index.dense_format
+    if fmt.kind == "raw" and fmt.dtype == WIRE_DTYPE:
+        return rows
+    x = np.stack([decode_dense(b, fmt.tokens, fmt.dim, WIRE_DTYPE) for b in rows.column("dense").to_pylist()])
+    return rows.set_column(rows.schema.get_field_index("dense"), "dense", pa.array(index.encode_dense(x), pa.binary()))
+
+
+def writer(index) -> "_Writer":
+    """The background committer both indexers use: encode, then put."""
+    return _Writer(lambda rows: index.store.put(encode_rows(index, rows)))
 
 
 def finish(run: Run, touched: dict[str, tuple[int, int]], under: str | None, prune: bool, t0: float) -> IndexReport:
@@ -260,7 +256,7 @@ def index_files(index, files: Iterable[str | Path], batch_size: int = 16, under:
     t0 = time.perf_counter()
     paths = list(dict.fromkeys(normalize(p) for p in files))  # one spelling per file, so one row per file
     run = begin(index, [local_stat(p) for p in paths], normalize(under) if under is not None else None, on_total, on_advance)
-    known, todo, report, advance, embedder, store = run.known, run.todo, run.report, run.advance, index.embedder, index.store
+    known, todo, report, advance, embedder = run.known, run.todo, run.report, run.advance, index.embedder
     touched: dict[str, tuple[int, int]] = {}
 
     def read_and_prepare(st: Stat) -> Prepared | str | ImageError:
@@ -276,12 +272,12 @@ def index_files(index, files: Iterable[str | Path], batch_size: int = 16, under:
 
     pending_rows: list[pa.Table] = []
     pending_count = 0
-    writer = _Writer(store.put)
+    commits = writer(index)
 
     def flush():
         nonlocal pending_rows, pending_count
         if pending_rows:
-            writer.put(pa.concat_tables(pending_rows))
+            commits.put(pa.concat_tables(pending_rows))
             pending_rows, pending_count = [], 0
 
     def embed_batch(batch: list[Prepared]):
@@ -317,11 +313,6 @@ def index_files(index, files: Iterable[str | Path], batch_size: int = 16, under:
         try:
             flush()  # rows already embedded are paid for: commit them, also on Ctrl-C
         finally:
-            writer.close()
+            commits.close()
 
     return finish(run, touched, under, prune, t0)
-
-
-def _fixed_list(x: np.ndarray) -> pa.FixedSizeListArray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
