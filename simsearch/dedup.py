@@ -116,7 +116,7 @@ def _patch_sets(index, keys: np.ndarray, model=None):
     if not found:
         return {}, None
     rows = list(found.values())
-    dense = torch.as_tensor(index.store.decode_dense([r["dense"] for r in rows]))
+    dense = torch.as_tensor(index._decode_dense(rows))
     model = model or index
     backbone = model.embedder.backbone
     with torch.inference_mode():
