@@ -432,7 +432,9 @@ class Index:
         if rerank is None or not hits:
             return hits[:k]
         emb = self.embed_image(region)
-        return self.rerank(self.rerank_query(region, emb.dense[0], rerank), hits[:max(k, candidates)], rerank)[:k]
+        hits = self.rerank(self.rerank_query(region, emb.dense[0], rerank), hits[:max(k, candidates)], rerank)[:k]
+        x0, y0 = box[0], box[1]  # correspondences in the query image's pixels, not the region's
+        return [replace(h, matches=[(qx + x0, qy + y0, hx, hy) for qx, qy, hx, hy in h.matches]) for h in hits]
 
     def search_vector(self, vector: np.ndarray, k: int, mode: str = "content", where: str | None = None) -> list[Hit]:
         """Nearest rows to `vector`, read at the table version the FAISS index reflects, so the hits

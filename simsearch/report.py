@@ -65,3 +65,31 @@ def write_results_html(index, query: str | Path, hits, path: str | Path, mode: s
                   f'<img alt="query" src="{image_data_uri(q_thumb)}"></div>')
     numeric = set(range(2 + len(score_names)))
     return write_page(path, f"simsearch: {Path(query).name}", [query_html, table_html(headers, rows, numeric)])
+
+
+def write_dedup_html(index, result, path: str | Path, other=None, title: str | None = None) -> Path:
+    """Duplicate groups as a gallery: per group its members' stored thumbnails, the one to keep
+    first, each with its role, verified score, inliers, reclaimable bytes and path. `other`: the
+    reference Index of a set-against-set result (members of set "ref")."""
+    stores = {"self": index.store, "ref": (other or index).store}
+    thumbs: dict[tuple[str, int], bytes] = {}
+    for name, store in stores.items():
+        keys = [m.key for g in result.groups for m in g.members if m.set == name]
+        thumbs |= {(name, k): r["thumb"] for k, r in store.find(keys, ["thumb"]).items()} if keys else {}
+    sections = [f"<p>{len(result.groups)} groups, {result.reclaimable_bytes:,} bytes reclaimable, "
+                f"{result.pairs_verified} verified pairs, threshold {result.threshold:g}, table version "
+                f"{result.table_version}. Nothing was deleted or moved.</p>"]
+    for g in result.groups:
+        cells = []
+        for m in g.members:
+            data = thumbs.get((m.set, m.key))
+            img = f'<img alt="{html.escape(m.role)}" src="{image_data_uri(data)}">' if data else "(no thumbnail)"
+            where = " (reference)" if m.set == "ref" else ""
+            cells.append(f'<figure class="{html.escape(m.role)}">{img}<figcaption><b>{html.escape(m.role)}</b>{where}'
+                         f"<br>score {m.score:.3f} · {m.inliers} inliers · {m.bytes:,} B<br>"
+                         f'<span class="path">{html.escape(m.path)}</span></figcaption></figure>')
+        sections.append(f'<section><h2>group {g.group} · {g.reclaimable_bytes:,} B reclaimable</h2>'
+                        f'<div class="group">{"".join(cells)}</div></section>')
+    style = ("<style>.group { display: flex; flex-wrap: wrap; gap: 12px; } figure { margin: 0; width: 200px; } "
+             "figure.keep { outline: 3px solid #2a2; } figcaption { font-size: 12px; } h2 { font-size: 16px; }</style>")
+    return write_page(path, title or f"simsearch: duplicates in {index.root}", [style, *sections])

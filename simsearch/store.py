@@ -186,6 +186,7 @@ class ImageStore:
         self._session = None  # Lance's caches (manifests, scalar indexes), shared by every read
         self._lock = None
         self._disk = None  # (directory mtimes, bytes): `disk_bytes`
+        self.on_scan = None  # (lance.ScanStatistics) -> None: told what each `catalog_page` read scanned
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
@@ -382,6 +383,14 @@ class ImageStore:
         return {p: v for chunk in _chunks([path_key(p) for p in paths])
                 for p, v in _stats(self._select(list(STAT_COLUMNS), _in(chunk), table=CATALOG)).items()}
 
+    def scan(self, columns: list[str], under: str | None = None, batch_rows: int = 65_536) -> Iterator[pa.RecordBatch]:
+        """`columns` of the catalog's rows (at or below the folder `under`, read through the path index)
+        as Arrow batches of at most `batch_rows`: the whole catalog in bounded memory."""
+        if not self.has_table(CATALOG):
+            self.catalog  # a format 1 database: built from the payload first
+        return iter(self.reader(CATALOG).to_batches(columns=columns, filter=under_filter(under) if under else None,
+                                                    batch_size=batch_rows))
+
     def vectors(self, column: str, where: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """keys (N,) int64 and vectors (N, D) float32 of one vector column."""
         return _vectors(self._select(["key", column], where, user_filter=bool(where)), column)
@@ -435,6 +444,44 @@ class ImageStore:
         if missing:
             raise MissingRowsError(missing)
         return [found[k] for k in keys]
+
+    def catalog_page(self, offset: int, limit: int, under: str | None = None, newest: bool = True) -> tuple[list[dict], int]:
+        """One page of the catalog in write order, newest (most recently indexed or changed) first
+        unless not `newest`, and how many rows it pages through: rows of key, path, size, mtime_ns and
+        the payload's width and height. `under`: only a folder's files. Reads the page's rows and no
+        others (Lance cannot order by a column through its index: that would scan the table); with
+        `under` also the path index's row ids of the folder, no row data. `self.on_scan`, when set,
+        receives each read's Lance ScanStatistics."""
+        if not self.has_table(CATALOG):
+            self.catalog  # a format 1 database: built from the payload first
+        dataset = self.reader(CATALOG)
+        columns = ["key", "path", "size", "mtime_ns"]
+        if under is None:
+            total = dataset.count_rows()  # from the manifest and deletion files
+            start, stop = _page_window(total, offset, limit, newest)
+            table = dataset.scanner(columns=columns, offset=start, limit=max(stop - start, 0),
+                                    scan_stats_callback=self.on_scan).to_table()
+        else:
+            ids = dataset.scanner(columns=[], filter=under_filter(under), with_row_id=True,
+                                  scan_stats_callback=self.on_scan).to_table().column("_rowid").to_numpy()
+            total = len(ids)
+            start, stop = _page_window(total, offset, limit, newest)
+            page = ids[start:stop]
+            table = dataset.scanner(columns=columns, filter=f"_rowid IN ({', '.join(map(str, page.tolist()))})",
+                                    with_row_id=True, scan_stats_callback=self.on_scan).to_table() if len(page) else None
+            if table is not None:  # in the folder's order, whatever order the read returned them in
+                position = {int(i): n for n, i in enumerate(page.tolist())}
+                table = table.take(np.argsort([position[i] for i in table.column("_rowid").to_pylist()])).drop(["_rowid"])
+        rows = [] if table is None else table.to_pylist()
+        if newest:
+            rows.reverse()
+        if rows:
+            sizes = {r["key"]: r for r in self.reader(TABLE).scanner(
+                columns=["key", "width", "height"], filter=_in(r["key"] for r in rows),
+                scan_stats_callback=self.on_scan).to_table().to_pylist()}
+            for r in rows:
+                r.update(width=sizes.get(r["key"], {}).get("width"), height=sizes.get(r["key"], {}).get("height"))
+        return rows, total
 
     def changed_since(self, version: int) -> np.ndarray | None:
         """Keys whose payload rows may differ from payload version `version` (added, replaced or
@@ -544,6 +591,11 @@ def _needs_optimize(table) -> bool:
 
 def _walk_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+def _page_window(total: int, offset: int, limit: int, newest: bool) -> tuple[int, int]:
+    """Positions [start, stop) in write order of rows offset..offset+limit, counted from the end when `newest`."""
+    if newest:
+        return max(total - offset - limit, 0), max(total - offset, 0)
+    return min(offset, total), min(offset + limit, total)
 
 
 def _stats(t: pa.Table) -> dict[str, tuple[str, int, int]]:

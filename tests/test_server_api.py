@@ -75,7 +75,7 @@ def test_info(client, embedded_db, embedded_model):
     assert info["db"] == str(embedded_db[0])
     assert {c: s["state"] for c, s in info["ann"].items()} == {"content": "fresh", "style": "fresh"}
     assert info["server"]["max_upload_bytes"] == LIMIT_MB << 20
-    assert info["server"]["rerankers"] == ["none", "aas", "matches", "both"]
+    assert info["server"]["rerankers"] == ["none", "verified", "aas", "matches", "both"]
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +92,7 @@ def query_files(tmp_path_factory, embedded_db) -> dict[str, Path]:
     ("cat", "content", None, 5, None, "chelsea.jpg"),  # the query is a crop of it
     ("cat", "style", "both", 4, None, "chelsea.jpg"),
     ("cat", "content", "aas", 3, "path NOT LIKE '%chelsea%'", None),
+    ("cat", "content", "verified", 3, None, "chelsea.jpg"),
     ("exif6", "content", None, 3, None, "astronaut.jpg"),
 ])
 def test_upload_gives_the_cli_results(client, cli, embedded_db, query_files, query, mode, rerank, k, where, first):
@@ -106,7 +107,7 @@ def test_upload_gives_the_cli_results(client, cli, embedded_db, query_files, que
     form = dict(mode=mode, k=k, rerank=rerank or "none", **({"where": where} if where else {}))
     r = upload(client, path.read_bytes(), path.name, **form)
     assert r.status_code == 200, r.text
-    got = [{name: value for name, value in hit.items() if name != "key"} for hit in r.json()["hits"]]
+    got = [{name: value for name, value in hit.items() if name not in ("key", "width", "height")} for hit in r.json()["hits"]]
     assert got == expected
     assert len(got) == k and (where is None or all("chelsea" not in h["path"] for h in got))
     assert first is None or os.path.basename(got[0]["path"]) == first
@@ -115,15 +116,16 @@ def test_upload_gives_the_cli_results(client, cli, embedded_db, query_files, que
     assert len(query["id"]) >= 16
 
 
-def test_search_by_key_finds_itself_first(client, keys):
+def test_search_by_key_finds_itself_first(client, keys, embedded_db):
     r = client.get("/api/search", params={"key": keys["coffee.jpg"], "k": 12, "rerank": "both"})
     assert r.status_code == 200, r.text
     hits = r.json()["hits"]
     assert hits[0]["key"] == keys["coffee.jpg"] and hits[0]["scores"]["first_stage"] == pytest.approx(1, abs=1e-5)
     assert sorted(h["key"] for h in hits) == sorted(keys.values())  # every row once
     assert [h["rank"] for h in hits] == list(range(1, 13))
+    w, h = Image.open(embedded_db[1] / "coffee.jpg").size
     assert r.json()["query"] == {"id": None, "key": keys["coffee.jpg"], "mode": "content", "k": 12, "rerank": "both",
-                                 "candidates": 50, "where": None}
+                                 "candidates": 50, "where": None, "width": w, "height": h, "frame": [w, h], "box": None}
 
 
 def png(response) -> Image.Image:
@@ -371,3 +373,146 @@ def test_candidates_above_the_cap_are_refused(client, keys, embedded_db):
     with pytest.raises(SimsearchError, match=f"1 to {MAX_CANDIDATES}") as e:
         Index(embedded_db[0]).search(QUERIES / "cat_crop.jpg", k=3, rerank="aas", candidates=MAX_CANDIDATES + 1)
     assert "--" not in str(e.value)
+
+
+# -- the verified reranker's correspondences ---------------------------------------------------
+def test_verified_hits_carry_their_correspondences(client, keys, embedded_db):
+    """rerank=verified: each hit's inlier pairs, query points inside the query's frame and hit points
+    inside the hit's pixels (the frame the page scales them from)."""
+    r = upload(client, k=3, rerank="verified")
+    assert r.status_code == 200, r.text
+    query, hits = r.json()["query"], r.json()["hits"]
+    assert os.path.basename(hits[0]["path"]) == "chelsea.jpg" and hits[0]["matches"]
+    assert (query["width"], query["height"]) == Image.open(QUERIES / "cat_crop.jpg").size
+    fw, fh = query["frame"]
+    for hit in hits:
+        assert (hit["width"], hit["height"]) == Image.open(hit["path"]).size
+        assert len(hit["matches"]) <= hit["scores"]["inliers"]
+        for m in hit.get("matches", []):
+            assert 0 <= m["query"][0] <= fw and 0 <= m["query"][1] <= fh, m
+            assert 0 <= m["hit"][0] <= hit["width"] and 0 <= m["hit"][1] <= hit["height"], m
+    by_key = client.get("/api/search", params={"key": keys["chelsea.jpg"], "k": 2, "rerank": "verified"}).json()
+    assert by_key["query"]["frame"] == list(Image.open(embedded_db[1] / "chelsea.jpg").size)
+    assert by_key["hits"][0]["key"] == keys["chelsea.jpg"] and by_key["hits"][0]["matches"]
+
+
+# -- region boxes ------------------------------------------------------------------------------
+@pytest.mark.parametrize("box, words", [
+    ("1,2,3", ["four integers"]),
+    ("a,b,c,d", ["four integers"]),
+    ("1.5,2,30,40", ["four integers"]),
+    ("30,2,10,40", ["x0 < x1"]),
+    ("0,40,10,40", ["y0 < y1"]),
+    ("-1,0,10,10", ["outside"]),
+    ("0,0,100000,10", ["outside"]),
+])
+def test_bad_boxes_are_422_naming_the_reason(client, keys, embedded_db, box, words):
+    w, h = Image.open(embedded_db[1] / "coins.jpg").size
+    message = json_error(client.get("/api/search", params={"key": keys["coins.jpg"], "box": box}), 422, "box", *words)
+    assert "\n" not in message
+    if "outside" in words:
+        assert f"{w}x{h}" in message
+    qw, qh = Image.open(QUERIES / "cat_crop.jpg").size
+    message = json_error(upload(client, box=box), 422, "box", *words)
+    assert "outside" not in words or (f"{qw}x{qh}" in message and "cat_crop.jpg" in message)
+
+
+# -- the collection ----------------------------------------------------------------------------
+def catalog_in_write_order(db: Path) -> list[dict]:
+    """The catalog as LanceDB reads it whole, in its stored order, with the payload's sizes."""
+    conn = lancedb.connect(str(db))
+    files = conn.open_table("files").to_arrow().select(["key", "path", "size", "mtime_ns"]).to_pylist()
+    sizes = {r["key"]: r for r in conn.open_table("images").to_arrow().select(["key", "width", "height"]).to_pylist()}
+    return [{"key": str(f["key"]), "path": f["path"], "width": sizes[f["key"]]["width"], "height": sizes[f["key"]]["height"],
+             "bytes": f["size"], "mtime": f["mtime_ns"] / 1e9} for f in files]
+
+
+@pytest.mark.parametrize("order", ["newest", "oldest"])
+def test_image_pages_cover_the_collection(client, embedded_db, order):
+    expected = catalog_in_write_order(embedded_db[0])
+    expected = expected[::-1] if order == "newest" else expected
+    pages = [client.get("/api/images", params={"offset": o, "limit": 5, "order": order}).json() for o in (0, 5, 10, 15)]
+    assert [len(p["images"]) for p in pages] == [5, 5, 2, 0] and {p["total"] for p in pages} == {12}
+    assert [item for p in pages for item in p["images"]] == expected
+    assert all(os.path.exists(item["path"]) and os.path.getsize(item["path"]) == item["bytes"] for item in expected)
+
+
+def synthetic_rows(store, n: int, start: int = 0) -> "pa.Table":
+    """`n` payload + catalog rows of the store's shapes under /synthetic/d<i % 3>/ (no files behind them)."""
+    import pyarrow as pa
+
+    schema = store.schema
+    tokens, dim = store.meta["dense_shape"]
+    cols = {f.name: f.type for f in schema}
+    ids = range(start, start + n)
+    paths = [f"/synthetic/d{i % 3}/img{i:06d}.jpg" for i in ids]
+    from simsearch.store import path_key
+
+    return pa.table({
+        "key": pa.array([path_key(p) for p in paths], pa.int64()), "id": [f"{i:032x}" for i in ids], "path": paths,
+        "width": pa.array([100 + i % 7 for i in ids], pa.int32()), "height": pa.array([80] * n, pa.int32()),
+        "content": pa.array([[0.0] * cols["content"].list_size] * n, cols["content"]),
+        "style": pa.array([[0.0] * cols["style"].list_size] * n, cols["style"]),
+        "dense": pa.array([bytes(2 * tokens * dim)] * n, pa.binary()), "thumb": pa.array([b"jpeg"] * n, pa.binary()),
+        "size": pa.array(list(ids), pa.int64()), "mtime_ns": pa.array([10**18 + i for i in ids], pa.int64()),
+    })
+
+
+def test_image_pages_read_only_their_rows(tmp_path, new_index, photos):
+    """On a catalog of ~3,000 rows written in 13 parts, with deletions, every page request reads the page's
+    rows and no more (Lance's own scan statistics), and pages still line up with a whole read."""
+    db = tmp_path / "db"
+    index = new_index(db)
+    index.add_folder(photos)
+    for start in range(0, 3000, 250):
+        index.store.put(synthetic_rows(index.store, 250, start))
+    index.store.delete_paths([f"/synthetic/d{i % 3}/img{i:06d}.jpg" for i in range(100, 3000, 97)])
+    index.store.compact(full=True)  # as an index run does once enough rows are new: the key and path indexes cover them
+    whole = catalog_in_write_order(db)[::-1]
+    client = TestClient(create_app(index, query_cache=1), raise_server_exceptions=False)
+    scans = []
+    index.store.on_scan = scans.append
+    limit = 10
+    folder = [r for r in whole if r["path"].startswith("/synthetic/d1/")]
+    for params, expected in [({"offset": 0}, whole), ({"offset": 1500}, whole), ({"offset": len(whole) - 4}, whole),
+                             ({"offset": 500, "under": "/synthetic/d1"}, folder), ({"offset": 0, "under": str(photos)}, whole[-12:])]:
+        scans.clear()
+        page = client.get("/api/images", params={"limit": limit, **params}).json()
+        assert page["images"] == expected[params["offset"]:params["offset"] + limit]
+        assert page["total"] == len(expected)
+        data_reads = [s for s in scans if s.bytes_read > 0]
+        assert sum(s.all_counts.get("rows_scanned", 0) for s in data_reads) <= 2 * limit, [s.all_counts for s in scans]
+        if "under" in params:  # the folder's row ids come from the path index, no row data read
+            assert len(scans) == len(data_reads) + 1
+    assert len(whole) > 100 * 2 * limit
+
+
+def test_folders_follow_the_stored_paths(tmp_path, new_index, photos):
+    """Subfolders with image counts, a chain of single folders skipped, counted against the files on disk."""
+    for i, p in enumerate(sorted(photos.glob("*.jpg"))):
+        target = photos / ("a" if i % 3 == 0 else "b/deep/er") / p.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        p.rename(target)
+    index = new_index(tmp_path / "db")
+    index.add_folder(photos)
+    client = TestClient(create_app(index, query_cache=1), raise_server_exceptions=False)
+    on_disk = {name: len(list((photos / name).rglob("*.jpg"))) for name in ("a", "b")}
+    root = client.get("/api/folders").json()
+    assert root["folder"] == str(photos) and root["images"] == 12 and root["here"] == 0
+    assert root["folders"] == [{"path": str(photos / n), "name": n, "images": on_disk[n]} for n in ("a", "b")]
+    deep = client.get("/api/folders", params={"under": str(photos / "b") + "/"}).json()
+    assert deep == {"folder": str(photos / "b/deep/er"), "images": on_disk["b"], "here": on_disk["b"],
+                    "folders": [], "more_folders": 0}
+    page = client.get("/api/images", params={"under": str(photos / "a"), "limit": 100}).json()
+    assert sorted(os.path.basename(i["path"]) for i in page["images"]) == sorted(p.name for p in (photos / "a").glob("*.jpg"))
+    nothing = client.get("/api/images", params={"under": "/no/such/folder"}).json()
+    assert nothing["images"] == [] and nothing["total"] == 0
+    assert client.get("/api/folders", params={"under": "/no/such/folder"}).json()["images"] == 0
+
+
+@pytest.mark.parametrize("params, words", [
+    ({"limit": 0}, ["limit"]), ({"limit": 501}, ["limit"]), ({"offset": -1}, ["offset"]),
+    ({"order": "random"}, ["order"]), ({"limit": "x"}, ["limit"]), ({"under": "x" * 4001}, ["under"]),
+])
+def test_bad_image_page_requests(client, params, words):
+    json_error(client.get("/api/images", params=params), 422, *words)

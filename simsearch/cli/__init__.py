@@ -11,14 +11,14 @@ import sys
 
 import typer
 
-from . import bench, coseg, index, match, models, query, score, serve
+from . import bench, coseg, dedup, index, match, models, query, score, serve
 from ._common import err, esc
 from ..errors import SimsearchError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find images like this one (content) or in this style, on DINOv2 / DINO / SD descriptors.")
 for command in (index.index, query.query, index.info, models.models, match.match, coseg.coseg, score.score,
-                serve.serve):
+                dedup.dedup, serve.serve):
     app.command()(command)
 app.add_typer(bench.app, name="bench")
 

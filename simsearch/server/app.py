@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import EmptyIndexError, ImageError, SimsearchError
 from ..index import MAX_CANDIDATES, Index
 from ..store import MissingRowsError
-from .service import SearchService, UnknownQuery, UploadTooLarge
+from .service import BadBox, SearchService, UnknownQuery, UploadTooLarge
 
 STATIC = Path(__file__).parent / "static"
 MAX_KEY = 2**63 - 1
@@ -33,17 +33,21 @@ ENVELOPE_BYTES = 64 << 10  # multipart framing and form fields around the upload
 log = logging.getLogger("simsearch.server")
 
 # Most specific first: the first class that matches decides the status.
-STATUS = ((UploadTooLarge, 413), (ImageError, 422), (UnknownQuery, 404),
+STATUS = ((UploadTooLarge, 413), (ImageError, 422), (BadBox, 422), (UnknownQuery, 404),
           (EmptyIndexError, 409), (SimsearchError, 400))
 # The page and its files allow nothing from elsewhere; /docs loads Swagger UI from its CDN.
 PAGE_POLICY = ("default-src 'self'; img-src 'self' blob:; object-src 'none'; base-uri 'none'; "
                "frame-ancestors 'none'; form-action 'none'")
 
 Mode = Literal["content", "style"]
-Rerank = Literal["none", "aas", "matches", "both"]
+Rerank = Literal["none", "verified", "aas", "matches", "both"]
+Order = Literal["newest", "oldest"]
 K = Annotated[int, Query(ge=1, le=1000, description="Number of hits.")]
 Candidates = Annotated[int, Query(ge=1, le=MAX_CANDIDATES, description="First-stage hits to rerank.")]
 Where = Annotated[str | None, Query(max_length=2000, description="SQL filter on the table, as the CLI's --where.")]
+BOX_HELP = "Search for this region of the query: x0,y0,x1,y1 in pixels of the query image."
+Box = Annotated[str | None, Query(max_length=100, description=BOX_HELP)]
+Folder = Annotated[str | None, Query(max_length=4000, description="Only images at or below this folder (a stored path).")]
 
 
 def is_loopback(host: str) -> bool:
@@ -162,16 +166,36 @@ def _add_routes(app: FastAPI, service: SearchService) -> None:
     def search_upload(image: Annotated[UploadFile, File(description="The query image.")],
                       mode: Annotated[Mode, Form()] = "content", k: Annotated[int, Form(ge=1, le=1000)] = 10,
                       rerank: Annotated[Rerank, Form()] = "none", candidates: Annotated[int, Form(ge=1, le=MAX_CANDIDATES)] = 50,
-                      where: Annotated[str | None, Form(max_length=2000)] = None):
+                      where: Annotated[str | None, Form(max_length=2000)] = None,
+                      box: Annotated[str | None, Form(max_length=100, description=BOX_HELP)] = None):
         """Hits for the image; `query.id` names it for `/api/match/{key}?query_id=` for a while."""
         data = image.file.read(service.max_upload_bytes + 1)
         name = Path(image.filename or "upload").name[:200]
-        return service.search_upload(data, name, mode, k, _rerank(rerank), candidates, where or None)
+        return service.search_upload(data, name, mode, k, _rerank(rerank), candidates, where or None, box or None)
 
     @app.get("/api/search", summary="Search from an indexed image, by its key")
     def search_key(key: Annotated[int, Query(ge=0, le=MAX_KEY)], mode: Mode = "content", k: K = 10,
-                   rerank: Rerank = "none", candidates: Candidates = 50, where: Where = None):
-        return service.search_key(key, mode, k, _rerank(rerank), candidates, where or None)
+                   rerank: Rerank = "none", candidates: Candidates = 50, where: Where = None, box: Box = None):
+        return service.search_key(_key(key), mode, k, _rerank(rerank), candidates, where or None, box or None)
+
+    @app.get("/api/images", summary="A page of the indexed images, most recently indexed first")
+    def images(offset: Annotated[int, Query(ge=0, le=MAX_KEY)] = 0, limit: Annotated[int, Query(ge=1, le=500)] = 48,
+               under: Folder = None, order: Order = "newest"):
+        """Rows of key, path, width, height, bytes and mtime (seconds); `total` counts what the pages cover.
+        Reads only the page's rows."""
+        return service.images(offset, limit, under, order)
+
+    @app.get("/api/folders", summary="The folder holding the images below `under`, and its subfolders")
+    def folders(under: Folder = None):
+        return service.folders(under)
+
+    @app.get("/api/dedup", summary="Duplicate groups (exact and verified near copies), around the image to keep")
+    def dedup(threshold: Annotated[float | None, Query(ge=0, le=2, description="Verified score a pair needs (default: the library's).")] = None,
+              under: Annotated[str | None, Query(max_length=4096, description="Only images at or below this folder.")] = None,
+              limit: Annotated[int, Query(ge=1, le=1000)] = 50, offset: Annotated[int, Query(ge=0)] = 0):
+        """Groups as `simsearch dedup --json` prints them (keys as strings), a page of them at a time.
+        Pairs not verified yet are verified first; a new threshold re-groups from stored scores."""
+        return service.dedup(threshold, under or None, limit, offset)
 
     @app.get("/api/thumb/{key:int}", summary="An indexed image's stored thumbnail (JPEG)",
              responses={200: {"content": {"image/jpeg": {}}}}, response_class=Response)

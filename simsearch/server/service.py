@@ -16,6 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -23,7 +24,10 @@ from PIL import Image
 from ..errors import SimsearchError
 from ..images import open_image
 from ..index import Index
+from ..rerank import DEFAULT_RERANKER
 
+FOLDER_CACHE = 32  # folder summaries kept (per table version and folder)
+FOLDERS_SHOWN = 500  # subfolders listed per folder (by name); the rest are counted
 QUERY_THUMB = 256  # side of the uploaded query kept for match pictures (as `query --html` draws it)
 MATCH_HEIGHT = 256
 
@@ -34,6 +38,66 @@ class UploadTooLarge(SimsearchError):
 
 class UnknownQuery(SimsearchError):
     """A query id the server no longer remembers."""
+
+
+class BadBox(SimsearchError):
+    """A region box that is not four integers inside its image."""
+
+
+def parse_box(text: str, width: int, height: int, name: str) -> tuple[int, int, int, int]:
+    """`x0,y0,x1,y1` in pixels of the `width` x `height` image `name`, checked before any forward."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 4 or not all(p.lstrip("-").isdigit() for p in parts):
+        raise BadBox(f"box {text[:60]!r}: expected four integers x0,y0,x1,y1 (pixels of {name})")
+    x0, y0, x1, y1 = (int(p) for p in parts)
+    if not (x0 < x1 and y0 < y1):
+        raise BadBox(f"box {text!r}: empty, needs x0 < x1 and y0 < y1")
+    if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+        raise BadBox(f"box {text!r}: outside the {width}x{height} pixels of {name}")
+    return x0, y0, x1, y1
+
+
+def _folder(under: str | None) -> str | None:
+    """A folder as stored paths spell it (no trailing slash), or None for everything."""
+    if not under or not under.strip():
+        return None
+    return under.rstrip("/") or "/"
+
+
+def folder_summary(batches, under: str | None, max_folders: int = FOLDERS_SHOWN) -> dict:
+    """The folder that holds every path of `batches` (Arrow batches of one string column, all below
+    `under` when given), how many paths lie in it and below each of its subfolders. Two passes over
+    the batches: the common folder is the common prefix of the smallest and largest path."""
+    import pyarrow.compute as pc
+
+    low = high = None
+    for batch in batches():
+        bounds = pc.min_max(batch.column(0))
+        if bounds["min"].is_valid:
+            low = min(low, bounds["min"].as_py()) if low is not None else bounds["min"].as_py()
+            high = max(high, bounds["max"].as_py()) if high is not None else bounds["max"].as_py()
+    if low is None:
+        return {"folder": under, "images": 0, "here": 0, "folders": [], "more_folders": 0}
+    common = []
+    for a, b in zip(low.split("/")[:-1], high.split("/")[:-1]):  # folders only, never the file name
+        if a != b:
+            break
+        common.append(a)
+    folder = "/".join(common) or "/"
+    prefix = folder.rstrip("/") + "/"
+    counts: dict[str, int] = {}
+    total = here = 0
+    for batch in batches():
+        rest = pc.utf8_slice_codeunits(batch.column(0), len(prefix))
+        nested = pc.match_substring(rest, "/")
+        total += len(rest)
+        here += len(rest) - (pc.sum(nested).as_py() or 0)
+        heads = pc.list_element(pc.split_pattern(pc.filter(rest, nested), "/", max_splits=1), 0)
+        for item in pc.value_counts(heads).to_pylist():
+            counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
+    names = sorted(counts)
+    return {"folder": folder, "images": total, "here": here, "more_folders": max(len(names) - max_folders, 0),
+            "folders": [{"path": prefix + n, "name": n, "images": counts[n]} for n in names[:max_folders]]}
 
 
 @dataclass
@@ -76,6 +140,8 @@ class SearchService:
         self.queries = QueryCache(query_cache)
         self.model_lock = threading.Lock()
         self.decode_slots = threading.BoundedSemaphore(2)  # a full-size decode can take hundreds of MB
+        self._folders: OrderedDict[tuple[int, str | None], dict] = OrderedDict()
+        self._folders_lock = threading.Lock()
         if warm:
             self.warm_up()
 
@@ -89,16 +155,24 @@ class SearchService:
 
     # -- searches ----------------------------------------------------------------------------
     def search_upload(self, data: bytes, filename: str, mode: str, k: int, rerank: str | None,
-                      candidates: int, where: str | None) -> dict:
-        """Decode, embed and search an uploaded image; its dense tensor is remembered under the
-        returned query id for match pictures."""
+                      candidates: int, where: str | None, box: str | None = None) -> dict:
+        """Decode, embed and search an uploaded image (or, with `box` "x0,y0,x1,y1" in its pixels,
+        that region of it); its dense tensor is remembered under the returned query id for match pictures."""
         if len(data) > self.max_upload_bytes:
             raise UploadTooLarge(f"{filename}: {len(data):,} bytes exceeds the {self.max_upload_bytes:,}-byte upload limit")
         self.index.check_query(k, mode, rerank, candidates)
         t0 = time.perf_counter()
-        with self.decode_slots:
-            image = open_image(data, max_side=self.index.conf.image_size, name=filename).image
+        with self.decode_slots:  # a region's box is in the file's pixels: decode it whole then
+            loaded = open_image(data, max_side=None if box else self.index.conf.image_size, name=filename)
+        image = loaded.image
+        region = parse_box(box, loaded.width, loaded.height, filename) if box else None
         t1 = time.perf_counter()
+        if region:
+            with self.model_lock:
+                hits = self.index.search_region(image, region, k, where, rerank or DEFAULT_RERANKER, candidates)
+            shape = {"width": loaded.width, "height": loaded.height, "frame": list(image.size), "box": region}
+            return self._result({"id": None, "key": None, **shape}, "content", k, rerank or DEFAULT_RERANKER, candidates, where, hits,
+                                decode=t1 - t0, search=time.perf_counter() - t1)
         with self.model_lock:
             t_model = time.perf_counter()
             emb = self.index.embed_image(image)
@@ -109,16 +183,29 @@ class SearchService:
         thumb = image.copy()
         thumb.thumbnail((QUERY_THUMB, QUERY_THUMB))
         qid = self.queries.put(Query(emb.dense[0], thumb))  # only a query that answered is remembered
-        return self._result({"id": qid, "key": None}, mode, k, rerank, candidates, where, hits,
+        shape = {"width": loaded.width, "height": loaded.height, "frame": list(image.size), "box": region}
+        return self._result({"id": qid, "key": None, **shape}, mode, k, rerank, candidates, where, hits,
                             decode=t1 - t0, queue=t_model - t1, forward=t2 - t_model, search=t3 - t2)
 
-    def search_key(self, key: int, mode: str, k: int, rerank: str | None, candidates: int, where: str | None) -> dict:
-        """Search from an indexed image's stored vectors (no file, no forward)."""
+    def search_key(self, key: int, mode: str, k: int, rerank: str | None, candidates: int, where: str | None,
+                   box: str | None = None) -> dict:
+        """Search from an indexed image's stored vectors (no file, no forward), or from the region
+        `box` "x0,y0,x1,y1" (pixels of that image's file)."""
         self.index.check_query(k, mode, rerank, candidates)
         t0 = time.perf_counter()
+        size = self.index.store.rows([key], ["width", "height", "path"])[0]
+        region = parse_box(box, size["width"], size["height"], f"image {key}") if box else None
+        if region:  # the table's own file (never a path from the request), whole
+            image = open_image(Path(size["path"])).image
+            with self.model_lock:
+                hits = self.index.search_region(image, region, k, where, rerank or DEFAULT_RERANKER, candidates)
+            shape = {"width": size["width"], "height": size["height"], "frame": [size["width"], size["height"]], "box": region}
+            return self._result({"id": None, "key": str(key), **shape}, "content", k, rerank or DEFAULT_RERANKER, candidates, where, hits,
+                                search=time.perf_counter() - t0)
         vector, dense = self.index.stored_query(key, mode)
         hits = self._search(vector, dense, mode, k, rerank, candidates, where)
-        return self._result({"id": None, "key": str(key)}, mode, k, rerank, candidates, where, hits,
+        shape = {"width": size["width"], "height": size["height"], "frame": [size["width"], size["height"]], "box": region}
+        return self._result({"id": None, "key": str(key), **shape}, mode, k, rerank, candidates, where, hits,
                             search=time.perf_counter() - t0)
 
     def _search(self, vector, dense, mode, k, rerank, candidates, where):
@@ -128,11 +215,55 @@ class SearchService:
             return self.index.search_embedded(vector, dense, k, mode, where, rerank, candidates)
 
     def _result(self, query: dict, mode, k, rerank, candidates, where, hits, **seconds) -> dict:
+        """The JSON of a search. `query.frame` is the (width, height) its correspondences' query points
+        are in (an upload is decoded at reduced size; `query.width`/`height` are the file's pixels),
+        each hit's `width`/`height` the frame of its points."""
         # Keys are 63-bit: sent as strings, which JavaScript keeps exact.
+        sizes = self.index.store.find([h.key for h in hits], ["width", "height"])
         return {"query": {**query, "mode": mode, "k": k, "rerank": rerank or "none", "candidates": candidates,
                           "where": where},
-                "hits": [{**h.to_dict(), "key": str(h.key)} for h in hits],
+                "hits": [{**h.to_dict(), "key": str(h.key), "width": sizes.get(h.key, {}).get("width"),
+                          "height": sizes.get(h.key, {}).get("height")} for h in hits],
                 "ms": {name: round(1000 * s, 1) for name, s in seconds.items()}}
+
+    def dedup(self, threshold: float | None, under: str | None, limit: int, offset: int) -> dict:
+        """Duplicate groups (simsearch.dedup.find_duplicates), `limit` of them from `offset`. Verifying new
+        pairs uses the model: behind the model lock."""
+        from ..dedup import find_duplicates
+
+        with self.model_lock:
+            return find_duplicates(self.index, under=under, threshold=threshold).to_dict(limit, offset)
+
+    # -- the collection ----------------------------------------------------------------------
+    def images(self, offset: int, limit: int, under: str | None = None, order: str = "newest") -> dict:
+        """A page of the indexed images, most recently indexed first ("newest") or in indexing order
+        ("oldest"), all or those below the folder `under`; reads only the page's rows."""
+        under = _folder(under)
+        rows, total = self.index.store.catalog_page(offset, limit, under, newest=order == "newest")
+        return {"images": [{"key": str(r["key"]), "path": r["path"], "width": r["width"], "height": r["height"],
+                            "bytes": r["size"], "mtime": r["mtime_ns"] / 1e9} for r in rows],
+                "total": total, "offset": offset, "limit": limit, "under": under, "order": order}
+
+    def folders(self, under: str | None = None) -> dict:
+        """The folder holding every image below `under` (the whole table when None), with its
+        subfolders and their image counts. Reads the catalog's paths below `under`, once per table version."""
+        from ..store import CATALOG, under_filter
+
+        under = _folder(under)
+        version = self.index.store.version
+        with self._folders_lock:
+            cached = self._folders.get((version, under))
+        if cached is not None:
+            return cached
+        if not self.index.store.has_table(CATALOG):
+            self.index.store.catalog  # a format 1 database: built from the payload first
+        filter = under_filter(under) if under else None
+        summary = folder_summary(lambda: self.index.store.reader(CATALOG).to_batches(columns=["path"], filter=filter), under)
+        with self._folders_lock:
+            self._folders[(version, under)] = summary
+            while len(self._folders) > FOLDER_CACHE:
+                self._folders.popitem(last=False)
+        return summary
 
     # -- pictures ----------------------------------------------------------------------------
     def thumbnail(self, key: int) -> tuple[bytes, str]:

@@ -1,0 +1,590 @@
+"""Duplicate groups of an index: exact copies by content hash, near copies verified geometrically.
+
+    from simsearch import Index
+    from simsearch.dedup import find_duplicates
+    result = find_duplicates(Index("photos.db"), under="/photos/2019")
+    for group in result.groups: ...
+
+Steps (hloc's shape: retrieval, then matching and verification, then grouping):
+1. exact: rows sharing a content id (blake2b of the file's bytes) are one *content*; its copies are
+   exact duplicates, found without a model;
+2. candidates: each content's stored content vector queries the FAISS index in batches for its k
+   nearest rows; pairs at cosine >= min_cosine are candidates. Never an N x N matrix: at most k pairs
+   per row, cost ~ n FAISS queries;
+3. verification: `verify_pairs` runs the reranker's geometric check (rerank.verify through
+   rerank.scores, "verified") on the stored dense tensors, both ways (a crop covers most of its own
+   salient patches, little of its original's), the larger share counting. Pairs are taken anchor by
+   anchor, in chunks whose dense tensors are read once per chunk (CHUNK_ROWS bounds the memory);
+4. groups around representatives, never chains. The KEEP RULE orders images: larger resolution
+   (width x height) first, then a lossless format (PNG, TIFF, BMP, lossless WebP) before a lossy one,
+   then the larger file, then the oldest (mtime), then the path. Walking images in that order, each
+   image not yet in a group becomes a representative and takes every image not yet grouped whose pair
+   with IT verified at >= threshold. A~B and B~C with A and C unmatched: A takes B, C stays alone.
+
+Stored pair scores (`PairCache`, ROOT/dedup/): every verified pair with the table version it
+reflects, so another threshold re-groups without a model, and a later run verifies only the pairs
+of rows changed since (store.changed_since). Nothing here deletes, moves or writes an image file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .errors import ConfigMismatchError, EmptyIndexError, SimsearchError
+from .paths import database_exists, normalize
+
+# Candidate floor, neighbours per image and the verified-score threshold: fitted on the tuning split
+# of the copy-detection proxy (benchmarks/dedup.py, README "Duplicates").
+DEFAULT_CONF = dict(k=10, min_cosine=0.5, threshold=0.15)
+QUERY_BATCH = 1024  # FAISS queries per search call
+CHUNK_ROWS = 256  # dense tensors decoded at once while verifying (256 x 384 KB float32 ~ 100 MB)
+LOSSLESS = frozenset({".png", ".tif", ".tiff", ".bmp"})  # .webp: lossless when its first chunk is VP8L
+ROLES = ("keep", "duplicate", "exact")
+CACHE_DIR = "dedup"
+
+
+# -- verification of stored pairs --------------------------------------------------------------------
+def verify_pairs(index, anchors: np.ndarray, partners: np.ndarray, other=None, chunk_rows: int = CHUNK_ROWS,
+                 on_advance: Callable[[int], None] | None = None, model=None) -> tuple[np.ndarray, np.ndarray]:
+    """Geometric verification of stored rows by key: anchor (a row of `index`) as the query, partner
+    (a row of `other`, default `index`, of the same configuration) as the candidate, with the verifier
+    and patch sets the reranker uses (rerank.scores.patch_set, rerank.verify.GeometricVerifier).
+    Pairs are taken anchor by anchor (one verifier call per anchor and all its partners), chunk by
+    chunk: every dense tensor a chunk needs is read, decoded and made a patch set once, about
+    `chunk_rows` at a time. `model`: the Index whose backbone and positional prior describe both
+    (default `index`).
+
+    -> verified score (P,) float32 (share of the anchor's salient patches that map onto the partner;
+    NaN where a row has gone) and inlier count (P,) int32, in the order of the pairs."""
+    from .rerank.verify import GeometricVerifier
+
+    other = other or index
+    anchors, partners = np.asarray(anchors, np.int64), np.asarray(partners, np.int64)
+    score = np.full(len(anchors), np.nan, np.float32)
+    inliers = np.zeros(len(anchors), np.int32)
+    if not len(anchors):
+        return score, inliers
+    verifier = GeometricVerifier()
+    order = np.argsort(anchors, kind="stable")
+    starts = np.flatnonzero(np.r_[True, anchors[order][1:] != anchors[order][:-1]])
+    bounds = list(zip(starts, np.r_[starts[1:], len(order)]))
+    i = 0
+    while i < len(bounds):
+        chunk, rows = [], 0
+        while i < len(bounds) and (not chunk or rows + 1 + bounds[i][1] - bounds[i][0] <= chunk_rows):
+            chunk.append(bounds[i])
+            rows += 1 + bounds[i][1] - bounds[i][0]
+            i += 1
+        slots = np.concatenate([order[a:b] for a, b in chunk])
+        if other is index:
+            mine = theirs = _patch_sets(index, np.unique(np.r_[anchors[slots], partners[slots]]), model)
+        else:
+            mine = _patch_sets(index, np.unique(anchors[slots]), model)
+            theirs = _patch_sets(other, np.unique(partners[slots]), model)
+        for a, b in chunk:
+            group = [s for s in order[a:b] if int(partners[s]) in theirs[0]]
+            anchor = mine[0].get(int(anchors[order[a]]))
+            if anchor is None or not group:
+                continue
+            ver = verifier([_take(mine[1], [anchor])], _take(theirs[1], [theirs[0][int(partners[s])] for s in group]))
+            score[group], inliers[group] = ver.score.numpy(), ver.inliers.numpy()
+        if on_advance:
+            on_advance(len(slots))
+    return score, inliers
+
+
+def _patch_sets(index, keys: np.ndarray, model=None):
+    """({key: position}, PatchSet of those of `keys` still in the table): the verifier's view of
+    stored rows, through the backbone and positional prior of `model` (default `index`; another
+    Index of the same configuration and weights)."""
+    import torch
+
+    from .rerank.scores import patch_set
+
+    found = index.store.find(keys.tolist(), ["dense", "width", "height"])
+    if not found:
+        return {}, None
+    rows = list(found.values())
+    dense = torch.as_tensor(index._decode_dense(rows))
+    model = model or index
+    backbone = model.embedder.backbone
+    with torch.inference_mode():
+        sets = patch_set(backbone, backbone.attention_inputs(model.conf.dense_layer, dense),
+                         [(r["width"], r["height"]) for r in rows], model.positional_prior())
+    return {r["key"]: i for i, r in enumerate(rows)}, sets
+
+
+def _take(sets, positions: list[int]):
+    """The PatchSet of some of a batch's images."""
+    from .rerank.verify import PatchSet
+
+    idx = torch_index(positions)
+    return PatchSet(sets.desc[idx], sets.weight[idx], sets.xy[idx], sets.grid, sets.sizes[idx])
+
+
+def torch_index(positions: list[int]):
+    import torch
+
+    return torch.as_tensor(positions, dtype=torch.long)
+
+
+# -- candidates ----------------------------------------------------------------------------------------
+def candidate_pairs(vector_index, keys: np.ndarray, vectors: Iterator[tuple[np.ndarray, np.ndarray]],
+                    k: int, min_cosine: float, allowed: np.ndarray | None = None) -> pa.Table:
+    """Pairs (a, b, cosine) from the k nearest rows (other than itself) of each query in
+    `vector_index` (an ann.VectorIndex), at cosine >= min_cosine. `vectors` yields (keys, vectors)
+    batches of the queries; `allowed` (keys) restricts the neighbours."""
+    a_parts, b_parts, c_parts = [], [], []
+    for qkeys, qvecs in vectors:
+        for s in range(0, len(qkeys), QUERY_BATCH):
+            q, qk = qvecs[s:s + QUERY_BATCH], qkeys[s:s + QUERY_BATCH]
+            sims, nbrs = vector_index.search(q, min(k + 1, max(vector_index.ntotal, 1)), allowed)
+            a, b, c = np.repeat(qk, nbrs.shape[1]), nbrs.reshape(-1), sims.reshape(-1)
+            keep = (b >= 0) & (c >= min_cosine) & (a != b)
+            a_parts.append(a[keep])
+            b_parts.append(b[keep])
+            c_parts.append(c[keep])
+    cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
+    return _pair_table(cat(a_parts, np.int64), cat(b_parts, np.int64), cat(c_parts, np.float32))
+
+
+def _pair_table(a, b, cosine, score=None, inliers=None) -> pa.Table:
+    n = len(a)
+    return pa.table({"a": pa.array(np.asarray(a, np.int64)), "b": pa.array(np.asarray(b, np.int64)),
+                     "cosine": pa.array(np.asarray(cosine, np.float32)),
+                     "score": pa.array(np.full(n, np.nan, np.float32) if score is None else np.asarray(score, np.float32)),
+                     "inliers": pa.array(np.zeros(n, np.int32) if inliers is None else np.asarray(inliers, np.int32))})
+
+
+def verify_both_ways(index, pairs: pa.Table, other=None, on_advance=None) -> pa.Table:
+    """`pairs` with score = the larger verified share of the two directions, inliers of that one."""
+    a, b = pairs.column("a").to_numpy(), pairs.column("b").to_numpy()
+    if other is None:
+        s, n = verify_pairs(index, np.r_[a, b], np.r_[b, a], on_advance=on_advance)
+        s1, s2, n1, n2 = s[:len(a)], s[len(a):], n[:len(a)], n[len(a):]
+    else:  # a in index, b in other: each side queries the other
+        s1, n1 = verify_pairs(index, a, b, other, on_advance=on_advance)
+        s2, n2 = verify_pairs(other, b, a, index, on_advance=on_advance, model=index)
+    s1, s2 = np.nan_to_num(s1, nan=-1.0), np.nan_to_num(s2, nan=-1.0)
+    score = np.maximum(s1, s2)
+    gone = score < 0
+    return _pair_table(a, b, pairs.column("cosine").to_numpy(), np.where(gone, np.nan, score),
+                       np.where(s1 >= s2, n1, n2)).filter(pa.array(~gone))
+
+
+# -- stored pair scores --------------------------------------------------------------------------------
+class PairCache:
+    """Verified pairs of one database (or of one database against another) in ROOT/dedup/<name>.parquet:
+    columns a, b (keys), cosine, score, inliers; metadata: the table version(s) and store identity they
+    reflect, the candidate settings, and the keys whose neighbours were searched ("queried"). Written
+    whole and atomically (a new file renamed over the old): a killed run leaves the previous cache."""
+
+    def __init__(self, root: Path, name: str, identity: dict):
+        self.path = Path(root) / CACHE_DIR / f"{name}.parquet"
+        self.identity = identity  # what the pairs depend on: store uuid and weights, k, min_cosine, verifier
+
+    def load(self) -> tuple[pa.Table, np.ndarray, dict] | None:
+        """(pairs, queried keys, versions) when the file exists and was made under this identity."""
+        try:
+            table = pq.read_table(self.path)
+            meta = json.loads(table.schema.metadata[b"simsearch"])
+        except (OSError, KeyError, ValueError, pa.ArrowException):
+            return None
+        if meta.get("identity") != self.identity:
+            return None
+        queried = np.frombuffer(bytes.fromhex(meta["queried"]), np.int64) if meta.get("queried") else np.zeros(0, np.int64)
+        return table.replace_schema_metadata(None), queried, meta["versions"]
+
+    def save(self, pairs: pa.Table, queried: np.ndarray, versions: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        queried = np.unique(np.asarray(queried, np.int64))
+        meta = {"identity": self.identity, "versions": versions, "queried": queried.tobytes().hex()}
+        pairs = pairs.replace_schema_metadata({b"simsearch": json.dumps(meta).encode()})
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        pq.write_table(pairs, tmp)
+        os.replace(tmp, self.path)
+
+
+# -- the keep rule -------------------------------------------------------------------------------------
+def is_lossless(path: str) -> bool:
+    """PNG, TIFF, BMP, or a WebP whose first chunk is VP8L (lossless); by name and, for WebP, its header."""
+    suffix = Path(path).suffix.lower()
+    if suffix in LOSSLESS:
+        return True
+    if suffix != ".webp":
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return False
+    return head[:4] == b"RIFF" and head[8:12] == b"WEBP" and head[12:16] == b"VP8L"
+
+
+def keep_order(rows: list[dict]) -> list[dict]:
+    """`rows` (path, width, height, size, mtime_ns) sorted by the keep rule (module docstring): the
+    one to keep first."""
+    return sorted(rows, key=_rank)
+
+
+# -- results -------------------------------------------------------------------------------------------
+@dataclass
+class Member:
+    key: int
+    path: str
+    role: str  # keep | duplicate | exact
+    score: float  # verified score of the pair with the representative (1.0 for exact copies and the keep)
+    inliers: int  # inlier correspondences of that pair (0 for exact copies: nothing to verify)
+    bytes: int  # reclaimable: the file's size, 0 for the one to keep
+    set: str = "self"  # against another set: "self" (this database) or "ref"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["key"], d["score"] = str(self.key), round(float(self.score), 4)  # 63-bit keys: strings stay exact in JS
+        return d
+
+
+@dataclass
+class Group:
+    group: int
+    representative: int
+    members: list[Member]
+
+    @property
+    def reclaimable_bytes(self) -> int:
+        return sum(m.bytes for m in self.members)
+
+    def to_dict(self) -> dict:
+        return {"group": self.group, "representative": str(self.representative),
+                "members": [m.to_dict() for m in self.members]}
+
+
+@dataclass
+class DedupResult:
+    groups: list[Group]
+    pairs_verified: int  # candidate pairs with a verified score behind these groups
+    new_pairs_verified: int  # of them, verified by this call (0: re-grouped from stored scores)
+    table_version: int
+    threshold: float
+    images: int  # images in scope
+    failed: list[tuple[str, str]] = field(default_factory=list)  # files the indexing step could not read
+
+    @property
+    def reclaimable_bytes(self) -> int:
+        return sum(g.reclaimable_bytes for g in self.groups)
+
+    def to_dict(self, limit: int | None = None, offset: int = 0) -> dict:
+        groups = self.groups[offset:None if limit is None else offset + limit]
+        return {"groups": [g.to_dict() for g in groups], "total_groups": len(self.groups),
+                "reclaimable_bytes": self.reclaimable_bytes, "pairs_verified": self.pairs_verified,
+                "new_pairs_verified": self.new_pairs_verified, "table_version": self.table_version,
+                "threshold": self.threshold, "images": self.images,
+                "failed": [{"path": p, "reason": r} for p, r in self.failed]}
+
+    def rows(self) -> Iterator[dict]:
+        """One flat row per member: the CSV columns."""
+        for g in self.groups:
+            for m in g.members:
+                yield {"group": g.group, "member": m.path, "role": m.role, "score": round(float(m.score), 4),
+                       "inliers": m.inliers, "bytes_reclaimable": m.bytes}
+
+
+CSV_COLUMNS = ("group", "member", "role", "score", "inliers", "bytes_reclaimable")
+
+
+# -- the scope -----------------------------------------------------------------------------------------
+@dataclass
+class Scope:
+    """The rows a run looks at and the content each stands for: a content's *node* is the smallest
+    key among its rows in the scope (exact copies have one vector, so one node searches for all)."""
+    keys: np.ndarray  # (n,) int64, sorted
+    content: np.ndarray  # (n,) int: equal for rows of equal content id
+
+    def __post_init__(self):
+        _, first, inverse = np.unique(self.content, return_index=True, return_inverse=True)
+        self.node = self.keys[first][inverse]  # keys are sorted: the first row is the smallest key
+        self.copies = self.node != self.keys  # rows whose content another row already stands for
+
+    def nodes(self) -> np.ndarray:
+        return self.keys[~self.copies]
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        pos = np.clip(np.searchsorted(self.keys, keys), 0, len(self.keys) - 1)
+        return self.keys[pos] == keys
+
+    def node_of(self, keys: np.ndarray) -> np.ndarray:
+        """The node of each key in the scope; keys outside it stay as they are."""
+        keys = np.asarray(keys, np.int64)
+        pos = np.clip(np.searchsorted(self.keys, keys), 0, len(self.keys) - 1)
+        return np.where(self.keys[pos] == keys, self.node[pos], keys)
+
+
+def settings(k: int | None, min_cosine: float | None, threshold: float | None) -> tuple[int, float, float]:
+    """The given candidate and grouping settings, DEFAULT_CONF for those not given."""
+    given = dict(k=k, min_cosine=min_cosine, threshold=threshold)
+    return tuple(DEFAULT_CONF[name] if value is None else value for name, value in given.items())
+
+
+def scope_of(index, under: str | None) -> Scope:
+    """The catalogued rows at or below folder `under` (all rows without), read through the path index;
+    EmptyIndexError when there are none."""
+    if not index.store.exists():
+        raise EmptyIndexError(f"{index.root}: no simsearch database here")
+    under = normalize(under) if under is not None else None
+    parts = list(index.store.scan(["key", "id"], under))
+    t = pa.Table.from_batches(parts) if parts else pa.table({"key": pa.array([], pa.int64()), "id": pa.array([], pa.string())})
+    if not t.num_rows:
+        raise EmptyIndexError(f"{under}: no indexed images under it" if under else f"{index.root}: the index holds no images")
+    t = t.sort_by("key")
+    return Scope(t.column("key").to_numpy(), t.column("id").combine_chunks().dictionary_encode().indices.to_numpy())
+
+
+def _scope_vectors(index, keys: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for s in range(0, len(keys), 8 * QUERY_BATCH):
+        yield index.store.vectors_of(keys[s:s + 8 * QUERY_BATCH], "content")
+
+
+# -- the run -------------------------------------------------------------------------------------------
+def identity(index, k: int, min_cosine: float, other=None) -> dict:
+    from .rerank.verify import GeometricVerifier
+
+    ident = {"uuid": index.store.meta.get("uuid", ""), "weights": index.store.meta["weights"], "k": k,
+             "min_cosine": min_cosine, "verifier": GeometricVerifier.default_conf}
+    if other is not None:
+        ident["ref"] = {"root": str(other.root.resolve()), "uuid": other.store.meta.get("uuid", "")}
+    return ident
+
+
+def as_nodes(pairs: pa.Table, scope: Scope) -> pa.Table:
+    """`pairs` between the scope's contents: each end replaced by its content's node, pairs with an end
+    outside the scope or within one content dropped, each unordered pair once (its best score)."""
+    a, b = scope.node_of(pairs.column("a").to_numpy()), scope.node_of(pairs.column("b").to_numpy())
+    inside = scope.contains(a) & scope.contains(b) & (a != b)
+    t = pa.table({"a": np.minimum(a, b)[inside], "b": np.maximum(a, b)[inside],
+                  "cosine": pairs.column("cosine").to_numpy()[inside], "score": pairs.column("score").to_numpy()[inside],
+                  "inliers": pairs.column("inliers").to_numpy()[inside]})
+    t = t.sort_by([("score", "descending")])
+    first = t.group_by(["a", "b"], use_threads=False).aggregate([("cosine", "first"), ("score", "first"), ("inliers", "first")])
+    return _pair_table(*(first.column(c).to_numpy() for c in ("a", "b", "cosine_first", "score_first", "inliers_first")))
+
+
+def stored_pairs(index, scope: Scope, k: int, min_cosine: float, on_advance=None) -> tuple[pa.Table, int]:
+    """Verified pairs between the contents of `scope`, from the cache, verifying what it lacks: the
+    neighbours (in the whole table) of every content none of whose rows was searched at the cache's
+    version, or changed since, are searched, the new pairs verified and the cache rewritten; the rest
+    of the cache stands. -> (pairs as nodes, pairs verified now)"""
+    store = index.store
+    version = store.stable_version()
+    cache = PairCache(index.root, "pairs", identity(index, k, min_cosine))
+    loaded = cache.load()
+    pairs, queried = (loaded[0], loaded[1]) if loaded else (_pair_table([], [], []), np.zeros(0, np.int64))
+    if loaded:
+        changed = store.changed_since(loaded[2]["self"])
+        if changed is None:  # the change log does not reach back: start over
+            pairs, queried = _pair_table([], [], []), np.zeros(0, np.int64)
+        elif len(changed):
+            touched = pa.array(changed)
+            pairs = pairs.filter(pc.invert(pc.or_(pc.is_in(pairs.column("a"), touched), pc.is_in(pairs.column("b"), touched))))
+            queried = np.setdiff1d(queried, changed)
+    covered = np.unique(scope.node_of(queried[scope.contains(queried)]))
+    todo = np.setdiff1d(scope.nodes(), covered)
+    verified_now = 0
+    if len(todo):
+        found = candidate_pairs(index.vector_index("content"), todo, _scope_vectors(index, todo), k, min_cosine)
+        known = as_nodes(pairs, scope)
+        new = as_nodes(found, scope)
+        seen = pa.table({"a": known.column("a"), "b": known.column("b"), "seen": pa.array(np.ones(known.num_rows, bool))})
+        new = new.join(seen, ["a", "b"], join_type="left outer").filter(pc.is_null(pc.field("seen")))
+        new = _pair_table(new.column("a").to_numpy(), new.column("b").to_numpy(), new.column("cosine").to_numpy())
+        checked = verify_both_ways(index, new, on_advance=on_advance)
+        verified_now = new.num_rows
+        pairs = pa.concat_tables([pairs, checked])
+        with store.lock:  # one writer of the cache at a time
+            cache.save(pairs, np.union1d(queried, todo), {"self": version})
+    return as_nodes(pairs, scope), verified_now
+
+
+def find_duplicates(index, under: str | None = None, threshold: float | None = None, k: int | None = None,
+                    min_cosine: float | None = None, on_advance=None) -> DedupResult:
+    """Exact and verified near-duplicate groups among the rows of `index` at or below folder `under`
+    (all rows when None), grouped around representatives by the keep rule (module docstring).
+    `threshold` applies to stored verified scores: changing it alone verifies nothing."""
+    k, min_cosine, threshold = settings(k, min_cosine, threshold)
+    scope = scope_of(index, under)
+    pairs, verified_now = stored_pairs(index, scope, k, min_cosine, on_advance)
+    groups = build_groups(index, scope, pairs, threshold)
+    return DedupResult(groups, pairs.num_rows, verified_now, index.store.version, threshold, len(scope.keys))
+
+
+def build_groups(index, scope: Scope, pairs: pa.Table, threshold: float) -> list[Group]:
+    """Groups around representatives (module docstring) from verified `pairs` between scope nodes."""
+    strong = pairs.filter(pc.greater_equal(pairs.column("score"), threshold))
+    a, b = strong.column("a").to_numpy(), strong.column("b").to_numpy()
+    score, inl = strong.column("score").to_numpy(), strong.column("inliers").to_numpy()
+    edges: dict[int, dict[int, tuple[float, int]]] = {}
+    for x, y, s, n in zip(a.tolist(), b.tolist(), score.tolist(), inl.tolist()):
+        edges.setdefault(x, {})[y] = (s, n)
+        edges.setdefault(y, {})[x] = (s, n)
+    copied = set(scope.node[scope.copies].tolist())  # nodes with exact copies
+    involved = sorted(set(edges) | copied)
+    members_of: dict[int, list[int]] = {}
+    for key, node in zip(scope.keys[np.isin(scope.node, involved)].tolist(), scope.node[np.isin(scope.node, involved)].tolist()):
+        members_of.setdefault(node, []).append(key)
+    info = _file_info(index, [key for keys in members_of.values() for key in keys])
+    # every content: its copies in keep order; contents ordered by their best copy
+    copies = {n: keep_order([info[key] for key in keys if key in info]) for n, keys in members_of.items()}
+    copies = {n: c for n, c in copies.items() if c}
+    walk = [n for n, _ in sorted(((n, c[0]) for n, c in copies.items()), key=lambda nc: _rank(nc[1]))]
+    grouped: set[int] = set()
+    groups: list[Group] = []
+    for rep in walk:
+        if rep in grouped:
+            continue
+        takes = [n for n in edges.get(rep, {}) if n not in grouped and n in copies]
+        if not takes and len(copies[rep]) < 2:
+            continue
+        grouped.update([rep, *takes])
+        keep, *same = copies[rep]
+        members = [Member(keep["key"], keep["path"], "keep", 1.0, 0, 0)]
+        members += [Member(r["key"], r["path"], "exact", 1.0, 0, r["size"]) for r in same]
+        for n in sorted(takes, key=lambda n: -edges[rep][n][0]):
+            s, count = edges[rep][n]
+            members += [Member(r["key"], r["path"], "duplicate", s, count, r["size"]) for r in copies[n]]
+        groups.append(Group(len(groups) + 1, keep["key"], members))
+    return groups
+
+
+def _rank(row: dict) -> tuple:
+    return (-(row["width"] * row["height"]), not is_lossless(row["path"]), -row["size"], row["mtime_ns"], row["path"])
+
+
+def _file_info(index, keys: list[int]) -> dict[int, dict]:
+    """key -> {key, path, width, height, size, mtime_ns} from the payload and the catalog."""
+    rows = index.store.find(keys, ["path", "width", "height"])
+    stats = index.store.files_of([r["path"] for r in rows.values()])
+    return {k: {**r, "size": stats[r["path"]][1], "mtime_ns": stats[r["path"]][2]}
+            for k, r in rows.items() if r["path"] in stats}
+
+
+# -- one set against another ----------------------------------------------------------------------------
+def open_reference(index, ref: str | Path, on_total=None, on_advance=None):
+    """The Index to compare `index` against: the database at `ref`, or for a folder a database of it
+    kept in ROOT/dedup/against/<digest of the folder's path> (indexed incrementally, same
+    configuration, sharing the model). -> (Index, IndexReport or None)"""
+    from .errors import ImageError
+    from .index import Index
+
+    ref_path = Path(ref).expanduser()
+    if database_exists(ref_path):
+        other = Index(ref_path, conf=index.conf)  # ConfigMismatchError for another model or configuration
+        if other.root.resolve() == index.root.resolve():
+            raise SimsearchError(f"{ref_path}: is the database itself; compare it with another set")
+        if other.store.meta["weights"] != index.store.meta["weights"]:
+            raise ConfigMismatchError(f"{ref_path} was built with weights {other.store.meta['weights']}, "
+                                      f"{index.root} with {index.store.meta['weights']}")
+        return other, None
+    if not ref_path.exists():
+        raise ImageError(ref_path, "no such file or directory")
+    if not ref_path.is_dir():
+        raise ImageError(ref_path, "neither a folder of images nor a simsearch database")
+    digest = hashlib.blake2b(normalize(ref_path).encode(), digest_size=8).hexdigest()
+    other = Index(index.root / CACHE_DIR / "against" / digest, conf=index.conf, embedder=index.embedder)
+    report = other.add_folder(ref_path, on_total=on_total, on_advance=on_advance)
+    if not other.count():
+        raise EmptyIndexError(f"{ref_path}: no images to compare against")
+    return other, report
+
+
+def find_copies_in(index, other, under: str | None = None, threshold: float | None = None, k: int | None = None,
+                   min_cosine: float | None = None, on_advance=None) -> DedupResult:
+    """Which images of `index` (at or below folder `under`) have a copy in `other` (an Index of the
+    same configuration): train/test leakage, "was this image already used". Each image of this set
+    goes to its best-verified copy in `other` (an equal content id is an exact copy); the groups are
+    those copies (role keep, set "ref") with the images of this set that copy them (duplicate or
+    exact, set "self", bytes: their size)."""
+    k, min_cosine, threshold = settings(k, min_cosine, threshold)
+    scope = scope_of(index, under)
+    pairs, verified_now = _cross_pairs(index, other, scope, k, min_cosine, on_advance)
+    strong = pairs.filter(pc.greater_equal(pairs.column("score"), threshold)).sort_by([("score", "descending")])
+    best: dict[int, tuple[int, float, int]] = {}  # this node -> (ref key, score, inliers)
+    for a, b, s, n in zip(*(strong.column(c).to_pylist() for c in ("a", "b", "score", "inliers"))):
+        best.setdefault(a, (b, s, n))
+    mine = {n: [] for n in best}
+    for key, node in zip(scope.keys.tolist(), scope.node.tolist()):
+        if node in mine:
+            mine[node].append(key)
+    info = _file_info(index, [key for keys in mine.values() for key in keys])
+    ref_info = _file_info(other, sorted({b for b, _, _ in best.values()}))
+    by_ref: dict[int, list[int]] = {}
+    for node, (b, _, _) in best.items():
+        if b in ref_info:
+            by_ref.setdefault(b, []).append(node)
+    groups = []
+    for b, nodes in sorted(by_ref.items(), key=lambda kv: -max(best[n][1] for n in kv[1])):
+        r = ref_info[b]
+        members = [Member(b, r["path"], "keep", 1.0, 0, 0, set="ref")]
+        for node in sorted(nodes, key=lambda n: -best[n][1]):
+            _, s, n = best[node]
+            role = "exact" if s >= EXACT_SCORE else "duplicate"
+            members += [Member(row["key"], row["path"], role, min(s, 1.0), n, row["size"], set="self")
+                        for row in keep_order([info[key] for key in mine[node] if key in info])]
+        groups.append(Group(len(groups) + 1, b, members))
+    return DedupResult(groups, pairs.num_rows, verified_now, index.store.version, threshold, len(scope.keys))
+
+
+EXACT_SCORE = 2.0  # stored for a pair of equal content ids: above any verified share, never re-verified
+
+
+def _cross_pairs(index, other, scope: Scope, k: int, min_cosine: float, on_advance=None) -> tuple[pa.Table, int]:
+    """Verified pairs (a: a node of `scope` in `index`, b: a row of `other`), from the cache
+    ROOT/dedup/against-<digest>.parquet, verifying what it lacks. Rows of this set changed since are
+    searched again; when `other` changed, every node is searched again (a new reference row may copy
+    any of them), but only pairs not in the cache are verified."""
+    version, ref_version = index.store.stable_version(), other.store.stable_version()
+    ident = identity(index, k, min_cosine, other)
+    name = "against-" + hashlib.blake2b(json.dumps(ident["ref"]).encode(), digest_size=8).hexdigest()
+    cache = PairCache(index.root, name, ident)
+    loaded = cache.load()
+    pairs, queried = (loaded[0], loaded[1]) if loaded else (_pair_table([], [], []), np.zeros(0, np.int64))
+    if loaded:
+        changed, changed_ref = index.store.changed_since(loaded[2]["self"]), other.store.changed_since(loaded[2]["ref"])
+        if changed is None or changed_ref is None:
+            pairs, queried = _pair_table([], [], []), np.zeros(0, np.int64)
+        else:
+            drop = pc.or_(pc.is_in(pairs.column("a"), pa.array(changed)), pc.is_in(pairs.column("b"), pa.array(changed_ref)))
+            pairs = pairs.filter(pc.invert(drop))
+            queried = np.setdiff1d(queried, changed) if not len(changed_ref) else np.zeros(0, np.int64)
+    covered = np.unique(scope.node_of(queried[scope.contains(queried)]))
+    todo = np.setdiff1d(scope.nodes(), covered)
+    verified_now = 0
+    if len(todo):
+        found = candidate_pairs(other.vector_index("content"), todo, _scope_vectors(index, todo), k, min_cosine)
+        seen = pa.table({"a": pairs.column("a"), "b": pairs.column("b"), "seen": pa.array(np.ones(pairs.num_rows, bool))})
+        new = found.join(seen, ["a", "b"], join_type="left outer").filter(pc.is_null(pc.field("seen")))
+        a, b = new.column("a").to_numpy(), new.column("b").to_numpy()
+        ids = {r["key"]: r["id"] for r in index.store.find(np.unique(a).tolist(), ["id"]).values()}
+        ref_ids = {r["key"]: r["id"] for r in other.store.find(np.unique(b).tolist(), ["id"]).values()}
+        exact = np.array([ids.get(x) is not None and ids.get(x) == ref_ids.get(y) for x, y in zip(a.tolist(), b.tolist())], bool)
+        cos = new.column("cosine").to_numpy()
+        same = _pair_table(a[exact], b[exact], cos[exact], np.full(exact.sum(), EXACT_SCORE), np.zeros(exact.sum()))
+        checked = verify_both_ways(index, _pair_table(a[~exact], b[~exact], cos[~exact]), other, on_advance)
+        verified_now = int((~exact).sum())
+        pairs = pa.concat_tables([pairs, same, checked])
+        with index.store.lock:
+            cache.save(pairs, np.union1d(queried, todo), {"self": version, "ref": ref_version})
+    a = scope.node_of(pairs.column("a").to_numpy())
+    inside = scope.contains(a)
+    pairs = pairs.set_column(0, "a", pa.array(a)).filter(pa.array(inside))
+    return pairs, verified_now

@@ -1,0 +1,231 @@
+"""`simsearch dedup` and simsearch.dedup on the embedded DINOv2-S/14, real LanceDB and FAISS.
+
+One folder is indexed once for the module: examples/images photos, a byte copy, a lossless re-save, a
+mirrored crop, and a chain (A ~ B ~ C where B is A and C side by side, A and C unrelated). Scores are
+checked against the reranker's own verification (`Index.rerank`, method "verified") both ways.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageOps
+
+from conftest import EXAMPLES, one_line_error
+from simsearch import Index
+from simsearch.dedup import CSV_COLUMNS, DEFAULT_CONF, PairCache, find_duplicates, identity
+from simsearch.index import Hit
+from simsearch.store import path_key
+
+pytestmark = pytest.mark.slow
+OTHERS = ("brick.jpg", "coins.jpg", "rocket.jpg")  # unrelated photos: must stay out of every group
+
+
+def _files(folder: Path) -> dict[str, tuple[int, int, str]]:
+    """Every file under `folder`: (size, mtime_ns, blake2b): what 'nothing deleted or moved' compares."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns, hashlib.blake2b(p.read_bytes()).hexdigest())
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory, embedded_model):
+    """-> (db, folder, {name: normalized path}) with the folder indexed and deduplicated once."""
+    root = tmp_path_factory.mktemp("dedup")
+    folder = root / "photos"
+    folder.mkdir()
+    chelsea = Image.open(EXAMPLES / "chelsea.jpg").convert("RGB")
+    shutil.copy2(EXAMPLES / "chelsea.jpg", folder / "chelsea.jpg")
+    shutil.copy2(EXAMPLES / "chelsea.jpg", folder / "chelsea_copy.jpg")  # exact duplicate
+    later = (folder / "chelsea.jpg").stat().st_mtime_ns + 10**10
+    os.utime(folder / "chelsea_copy.jpg", ns=(later, later))  # newer: of the two JPEGs the original is kept
+    chelsea.save(folder / "chelsea.png")  # same pixels, lossless: kept over both JPEGs
+    w, h = chelsea.size
+    ImageOps.mirror(chelsea.crop((w // 8, h // 8, w - w // 8, h - h // 8))).save(folder / "chelsea_crop_mirror.jpg", quality=85)
+    # the chain: A (large) ~ B = [A | C] (small) ~ C, while A and C show different things
+    a, c = Image.open(EXAMPLES / "astronaut.jpg").convert("RGB"), Image.open(EXAMPLES / "coffee.jpg").convert("RGB")
+    a.resize((800, 800)).save(folder / "chain_a.jpg", quality=92)
+    side = Image.new("RGB", (400, 200))
+    side.paste(a.resize((200, 200)), (0, 0))
+    side.paste(c.resize((200, 200)), (200, 0))
+    side.save(folder / "chain_b.jpg", quality=92)
+    c.resize((300, 200)).save(folder / "chain_c.jpg", quality=92)
+    for name in OTHERS:
+        shutil.copy2(EXAMPLES / name, folder / name)
+    db = root / "db"
+    Index(db, model=embedded_model).add_folder(folder)
+    paths = {p.name: str(p) for p in folder.iterdir()}
+    return db, folder, paths
+
+
+@pytest.fixture(scope="module")
+def result(collection):
+    db, folder, _ = collection
+    return find_duplicates(Index(db))
+
+
+def _verified_both_ways(idx: Index, a: int, b: int) -> float:
+    """The reranker's verified share, anchor a then anchor b: the pair score's independent computation."""
+    best = 0.0
+    for q, c in ((a, b), (b, a)):
+        _, query = idx.stored_query(q)
+        (hit,) = idx.rerank(query, [Hit(rank=1, score=0.0, path="", id="", key=c)], "verified")
+        best = max(best, hit.scores["verified"])
+    return best
+
+
+def _group_of(result, path: str):
+    found = [g for g in result.groups if any(m.path == path for m in g.members)]
+    assert len(found) <= 1
+    return found[0] if found else None
+
+
+def test_exact_copy_and_edited_copies_group_around_the_keep_rule(collection, result):
+    db, _, paths = collection
+    g = _group_of(result, paths["chelsea.png"])
+    roles = {m.path: m.role for m in g.members}
+    # same resolution everywhere but the crop: the lossless PNG is kept; the byte copies of the JPEG
+    # are duplicates of it; the mirrored crop is one too
+    assert roles == {paths["chelsea.png"]: "keep", paths["chelsea.jpg"]: "duplicate",
+                     paths["chelsea_copy.jpg"]: "duplicate", paths["chelsea_crop_mirror.jpg"]: "duplicate"}
+    assert g.representative == path_key(paths["chelsea.png"])
+    assert g.reclaimable_bytes == sum(os.path.getsize(paths[n]) for n in ("chelsea.jpg", "chelsea_copy.jpg",
+                                                                           "chelsea_crop_mirror.jpg"))
+    idx = Index(db)
+    crop = next(m for m in g.members if m.path == paths["chelsea_crop_mirror.jpg"])
+    expected = _verified_both_ways(idx, path_key(paths["chelsea.png"]), path_key(paths["chelsea_crop_mirror.jpg"]))
+    assert crop.score == pytest.approx(expected, abs=1e-5) and crop.score >= DEFAULT_CONF["threshold"]
+    assert crop.inliers >= 3
+    for name in OTHERS:
+        assert _group_of(result, paths[name]) is None
+
+
+def test_a_chain_is_not_merged(collection, result):
+    db, _, paths = collection
+    keys = {n: path_key(paths[n]) for n in ("chain_a.jpg", "chain_b.jpg", "chain_c.jpg")}
+    idx = Index(db)
+    t = DEFAULT_CONF["threshold"]
+    # the chain exists: A ~ B and B ~ C verify, A and C do not
+    assert _verified_both_ways(idx, keys["chain_a.jpg"], keys["chain_b.jpg"]) >= t
+    assert _verified_both_ways(idx, keys["chain_b.jpg"], keys["chain_c.jpg"]) >= t
+    assert _verified_both_ways(idx, keys["chain_a.jpg"], keys["chain_c.jpg"]) < t
+    g = _group_of(result, paths["chain_a.jpg"])
+    assert {m.path: m.role for m in g.members} == {paths["chain_a.jpg"]: "keep", paths["chain_b.jpg"]: "duplicate"}
+    assert _group_of(result, paths["chain_c.jpg"]) is None  # single linkage would have put C with A
+
+
+def test_threshold_regroups_from_stored_scores_without_the_model(cli, collection, result, monkeypatch):
+    db, _, paths = collection
+
+    def no_model(self):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(Index, "embedder", property(no_model))
+    code, out, err = cli("dedup", "--db", db, "--threshold", "0.0", "--json")
+    assert code == 0, err
+    low = json.loads(out)
+    assert low["new_pairs_verified"] == 0 and low["pairs_verified"] == result.pairs_verified
+    code, out, err = cli("dedup", "--db", db, "--threshold", "1.5", "--json")
+    high = json.loads(out)
+    # above any verified share only the exact copies remain grouped
+    assert [[(m["path"], m["role"]) for m in g["members"]] for g in high["groups"]] == [
+        [(paths["chelsea.jpg"], "keep"), (paths["chelsea_copy.jpg"], "exact")]]  # equal but for mtime: the older kept
+    assert sum(len(g["members"]) for g in low["groups"]) >= sum(len(g.members) for g in result.groups)
+    cached = PairCache(db, "pairs", identity(Index(db), DEFAULT_CONF["k"], DEFAULT_CONF["min_cosine"])).load()
+    assert cached is not None and cached[2]["self"] == Index(db).store.version
+
+
+def test_json_and_csv_list_every_member(cli, collection, result):
+    db, _, _ = collection
+    code, out, err = cli("dedup", "--db", db, "--json")
+    data = json.loads(out)
+    assert set(data) >= {"groups", "reclaimable_bytes", "pairs_verified", "table_version"}
+    assert data["reclaimable_bytes"] == result.reclaimable_bytes
+    for g in data["groups"]:
+        assert isinstance(g["representative"], str) and g["representative"] == g["members"][0]["key"]
+        assert set(g["members"][0]) >= {"key", "path", "role", "score", "inliers", "bytes"}
+    code, out, err = cli("dedup", "--db", db, "--csv")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert tuple(rows[0]) == CSV_COLUMNS
+    assert [(int(r["group"]), r["member"], r["role"], int(r["bytes_reclaimable"])) for r in rows] == [
+        (g["group"], m["path"], m["role"], m["bytes"]) for g in data["groups"] for m in g["members"]]
+
+
+def test_folder_run_indexes_reports_failures_and_touches_no_file(cli, tmp_path, collection):
+    db, folder, paths = collection
+    work = tmp_path / "set"
+    shutil.copytree(folder, work)
+    (work / "broken.jpg").write_bytes(b"")
+    sub = tmp_path / "db"
+    shutil.copytree(db, sub)
+    before = _files(work)
+    code, out, err = cli("dedup", work, "--db", sub, "--html", tmp_path / "g.html")
+    assert code == 0, err
+    assert f"failed: {work / 'broken.jpg'}: empty file" in err
+    assert "nothing was deleted or moved" in out
+    page = (tmp_path / "g.html").read_text()
+    assert "data:image/jpeg;base64," in page and str(work / "chelsea_crop_mirror.jpg") in page
+    assert _files(work) == before
+    assert "never deletes or moves a file" in " ".join(cli("dedup", "--help")[1].split()).lower()
+
+
+def test_against_finds_the_leaked_copy(cli, tmp_path, collection, embedded_model):
+    db, _, paths = collection
+    ref = tmp_path / "train"
+    ref.mkdir()
+    ImageOps.mirror(Image.open(EXAMPLES / "horse.jpg").convert("RGB")).save(ref / "horse_flipped.jpg")
+    shutil.copy2(EXAMPLES / "coins.jpg", ref / "coins.jpg")  # byte copy of one in this set
+    shutil.copy2(EXAMPLES / "camera.jpg", ref / "camera.jpg")  # in no other set
+    test_set = tmp_path / "test"
+    test_set.mkdir()
+    for name in ("horse.jpg", "coins.jpg", "grass.jpg"):
+        shutil.copy2(EXAMPLES / name, test_set / name)
+    sub = tmp_path / "db"
+    shutil.copytree(db, sub)
+    code, out, err = cli("dedup", test_set, "--db", sub, "--against", ref, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    found = {(m["set"], os.path.basename(m["path"]), m["role"]) for g in data["groups"] for m in g["members"]}
+    assert found == {("ref", "horse_flipped.jpg", "keep"), ("self", "horse.jpg", "duplicate"),
+                     ("ref", "coins.jpg", "keep"), ("self", "coins.jpg", "exact")}
+    # the same reference as a database of the same model gives the same answer
+    ref_db = tmp_path / "ref.db"
+    Index(ref_db, model=embedded_model).add_folder(ref)
+    code, out2, err = cli("dedup", test_set, "--db", sub, "--against", ref_db, "--json")
+    assert code == 0, err
+    again = {(m["set"], os.path.basename(m["path"]), m["role"]) for g in json.loads(out2)["groups"] for m in g["members"]}
+    assert again == found
+
+
+def test_bad_input_is_a_one_line_error(cli, tmp_path, collection, new_index, photos):
+    db, _, _ = collection
+    one_line_error(*cli("dedup", "--db", tmp_path / "missing"), "no simsearch database")
+    one_line_error(*cli("dedup", tmp_path / "nowhere", "--db", db), "nowhere", "no such file")
+    (tmp_path / "empty").mkdir()
+    sub = tmp_path / "db"
+    shutil.copytree(db, sub)
+    one_line_error(*cli("dedup", tmp_path / "empty", "--db", sub), "empty", "no indexed images")
+    other = tmp_path / "tiny.db"
+    new_index(other).add_folder(photos)
+    one_line_error(*cli("dedup", "--db", sub, "--against", other), "was built with")
+    one_line_error(*cli("dedup", "--db", sub, "--against", tmp_path / "nope"), "nope", "no such file")
+
+
+def test_server_pages_the_groups(collection, result):
+    from fastapi.testclient import TestClient
+
+    from simsearch.server import create_app
+
+    db, _, _ = collection
+    client = TestClient(create_app(db), raise_server_exceptions=False)
+    body = client.get("/api/dedup").json()
+    assert body["groups"] == [g.to_dict() for g in result.groups]
+    assert body["reclaimable_bytes"] == result.reclaimable_bytes and body["table_version"] == result.table_version
+    page = client.get("/api/dedup", params={"limit": 1, "offset": 1}).json()
+    assert page["groups"] == body["groups"][1:2]
+    assert client.get("/api/dedup", params={"limit": 0}).status_code == 422
