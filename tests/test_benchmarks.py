@@ -63,7 +63,7 @@ def runs(tmp_path_factory, tiny12):
     tmp = tmp_path_factory.mktemp("benchmarks")
     data = grouped_data(tmp / "data")
     out = {name: tmp / "out" / name for name in ("scoring", "speed", "dense", "rerank", "retrieval", "proxy",
-                                                  "rerank_device")}
+                                                  "rerank_device", "dedup")}
     common = ["--quick", "--model", str(tiny12)]
     plan = [
         ("scoring", "benchmarks/scoring.py", [*common, "--work", str(tmp / "scoring"), "--out-dir", str(out["scoring"])]),
@@ -78,6 +78,7 @@ def runs(tmp_path_factory, tiny12):
                                                                 "--max-images", "4", "--out-dir", str(out["proxy"])]),
         ("make_spair_fixture", "benchmarks/make_spair_fixture.py", [str(tmp / "fixture"), "--no-graf"]),
         ("rerank_device", "benchmarks/rerank_device.py", ["--quick", "--out-dir", str(out["rerank_device"])]),
+        ("dedup", "benchmarks/dedup.py", [*common, "--work", str(tmp / "dedup"), "--out-dir", str(out["dedup"])]),
     ]
     env = {**os.environ, "SIMSEARCH_DATA": str(tmp / "no-debian-data")}
     proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(plan)], cwd=REPO, env=env,
@@ -174,3 +175,12 @@ def test_rerank_device(runs):
     (row,) = res["results"]
     assert res["candidates"] == 4 and row["device"] == "cpu" and row["runs"] == 2
     assert 0 < row["ms_p50"] <= row["ms_p95"]
+
+
+def test_dedup(runs):
+    res = results(runs, "dedup", "dedup", "dedup")
+    assert res["proxy"].startswith("skipped")  # --quick: the proxy set is measured by the full run
+    rows = res["scale"]["rows"]
+    assert [r["rows"] for r in rows] == [300, 3000] and all(r["ann_kind"] == "flat" for r in rows)
+    assert [r["planted_pairs"] for r in rows] == [1, 3] and all(r["peak_rss_mib"] > 0 for r in rows)
+    assert res["scale"]["baseline"]["rows"] == 300
