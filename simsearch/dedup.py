@@ -47,11 +47,14 @@ from .paths import database_exists, normalize
 
 # Candidate floor, neighbours per image and the verified-score threshold: fitted on the tuning split
 # of the copy-detection proxy (benchmarks/dedup.py, README "Duplicates").
-DEFAULT_CONF = dict(k=10, min_cosine=0.5, threshold=0.15)
+DEFAULT_CONF = dict(k=30, min_cosine=0.8, threshold=0.13)
 QUERY_BATCH = 1024  # FAISS queries per search call
-CHUNK_ROWS = 256  # dense tensors decoded at once while verifying (256 x 384 KB float32 ~ 100 MB)
+# IVF lists probed for candidates (an Index opened with nprobe=CANDIDATE_NPROBE): near copies sit in
+# their query's own list or next to it, and a fixed count keeps each query's scan ~ n / nlist * 16,
+# so that the whole search grows about linearly with n (the library default probes a share of the lists).
+CANDIDATE_NPROBE = 16
+CHUNK_ROWS = 256  # rows decoded at once while verifying (dense float32 and patch sets: ~200 MB for DINOv2-S at 224 px)
 LOSSLESS = frozenset({".png", ".tif", ".tiff", ".bmp"})  # .webp: lossless when its first chunk is VP8L
-ROLES = ("keep", "duplicate", "exact")
 CACHE_DIR = "dedup"
 
 
@@ -68,6 +71,8 @@ def verify_pairs(index, anchors: np.ndarray, partners: np.ndarray, other=None, c
 
     -> verified score (P,) float32 (share of the anchor's salient patches that map onto the partner;
     NaN where a row has gone) and inlier count (P,) int32, in the order of the pairs."""
+    import torch
+
     from .rerank.verify import GeometricVerifier
 
     other = other or index
@@ -98,7 +103,8 @@ def verify_pairs(index, anchors: np.ndarray, partners: np.ndarray, other=None, c
             anchor = mine[0].get(int(anchors[order[a]]))
             if anchor is None or not group:
                 continue
-            ver = verifier([_take(mine[1], [anchor])], _take(theirs[1], [theirs[0][int(partners[s])] for s in group]))
+            with torch.inference_mode():
+                ver = verifier([_take(mine[1], [anchor])], _take(theirs[1], [theirs[0][int(partners[s])] for s in group]))
             score[group], inliers[group] = ver.score.numpy(), ver.inliers.numpy()
         if on_advance:
             on_advance(len(slots))
@@ -128,16 +134,12 @@ def _patch_sets(index, keys: np.ndarray, model=None):
 
 def _take(sets, positions: list[int]):
     """The PatchSet of some of a batch's images."""
-    from .rerank.verify import PatchSet
-
-    idx = torch_index(positions)
-    return PatchSet(sets.desc[idx], sets.weight[idx], sets.xy[idx], sets.grid, sets.sizes[idx])
-
-
-def torch_index(positions: list[int]):
     import torch
 
-    return torch.as_tensor(positions, dtype=torch.long)
+    from .rerank.verify import PatchSet
+
+    idx = torch.as_tensor(positions, dtype=torch.long)
+    return PatchSet(sets.desc[idx], sets.weight[idx], sets.xy[idx], sets.grid, sets.sizes[idx])
 
 
 # -- candidates ----------------------------------------------------------------------------------------
