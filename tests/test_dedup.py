@@ -230,3 +230,27 @@ def test_server_pages_the_groups(collection, result):
     page = client.get("/api/dedup", params={"limit": 1, "offset": 1}).json()
     assert page["groups"] == body["groups"][1:2]
     assert client.get("/api/dedup", params={"limit": 0}).status_code == 422
+
+
+def test_a_new_image_is_verified_only_against_its_own_candidates(tmp_path, collection):
+    db, _, paths = collection
+    sub = tmp_path / "db"
+    shutil.copytree(db, sub)
+    ident = identity(Index(sub), DEFAULT_CONF["k"], DEFAULT_CONF["min_cosine"])
+    before = PairCache(sub, "pairs", ident).load()[0].to_pylist()
+    assert find_duplicates(Index(sub)).new_pairs_verified == 0  # the copy's stored scores are current
+    extra = tmp_path / "more"
+    extra.mkdir()
+    cat = Image.open(paths["chelsea.png"])
+    cat.crop((0, 0, cat.width * 4 // 5, cat.height * 4 // 5)).save(extra / "chelsea_cropped.png")
+    idx = Index(sub)
+    idx.add_folder(extra)
+    res = find_duplicates(idx)
+    new_key = path_key(str(extra / "chelsea_cropped.png"))
+    after = PairCache(sub, "pairs", ident).load()[0].to_pylist()
+    added = [p for p in after if p not in before]
+    assert 0 < res.new_pairs_verified == len(added) <= DEFAULT_CONF["k"]
+    assert all(new_key in (p["a"], p["b"]) for p in added)
+    assert [p for p in after if p in before] == before  # nothing verified before was verified again
+    group = _group_of(res, str(extra / "chelsea_cropped.png"))
+    assert group is not None and group is _group_of(res, paths["chelsea.png"])
