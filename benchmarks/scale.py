@@ -46,10 +46,11 @@ def unit(x: np.ndarray) -> np.ndarray:
 class Synth:
     """Deterministic synthetic rows around the real source vectors."""
 
-    def __init__(self, noise: float = NOISE):
+    def __init__(self, noise: float = NOISE, source: dict | None = None):
+        """source: {paths, content, style} of the real images (default: scale_data's cached embeddings)."""
         from scale_data import load
 
-        src = load()
+        src = source if source is not None else load()
         self.paths = src["paths"]
         self.content, self.style = unit(src["content"]), unit(src["style"])
         self.nn = {c: median_nn(getattr(self, c)) for c in ("content", "style")}

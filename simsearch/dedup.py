@@ -11,9 +11,10 @@ Steps (hloc's shape: retrieval, then matching and verification, then grouping):
 2. candidates: each content's stored content vector queries the FAISS index in batches for its k
    nearest rows; pairs at cosine >= min_cosine are candidates. Never an N x N matrix: at most k pairs
    per row, cost ~ n FAISS queries;
-3. verification: `verify_pairs` runs the reranker's geometric check (rerank.verify through
-   rerank.scores, "verified") on the stored dense tensors, both ways (a crop covers most of its own
-   salient patches, little of its original's), the larger share counting. Pairs are taken anchor by
+3. verification: `verify_pairs` runs the reranker's geometric check (rerank.verify, on the patch
+   sets of rerank.scores) on the stored dense tensors, the image of fewer pixels as the query: the
+   pair's score is the share of its salient patches that maps onto the other (a crop, or a small copy,
+   is covered by its original; the reverse share is at most the crop's part). Pairs are taken anchor by
    anchor, in chunks whose dense tensors are read once per chunk (CHUNK_ROWS bounds the memory);
 4. groups around representatives, never chains. The KEEP RULE orders images: larger resolution
    (width x height) first, then a lossless format (PNG, TIFF, BMP, lossless WebP) before a lossy one,
@@ -46,11 +47,14 @@ from .paths import database_exists, normalize
 
 # Candidate floor, neighbours per image and the verified-score threshold: fitted on the tuning split
 # of the copy-detection proxy (benchmarks/dedup.py, README "Duplicates").
-DEFAULT_CONF = dict(k=10, min_cosine=0.5, threshold=0.15)
+DEFAULT_CONF = dict(k=30, min_cosine=0.8, threshold=0.2)
 QUERY_BATCH = 1024  # FAISS queries per search call
-CHUNK_ROWS = 256  # dense tensors decoded at once while verifying (256 x 384 KB float32 ~ 100 MB)
+# IVF lists probed for candidates (an Index opened with nprobe=CANDIDATE_NPROBE): near copies sit in
+# their query's own list or next to it, and a fixed count keeps each query's scan ~ n / nlist * 16,
+# so that the whole search grows about linearly with n (the library default probes a share of the lists).
+CANDIDATE_NPROBE = 16
+CHUNK_ROWS = 256  # rows decoded at once while verifying (dense float32 and patch sets: ~200 MB for DINOv2-S at 224 px)
 LOSSLESS = frozenset({".png", ".tif", ".tiff", ".bmp"})  # .webp: lossless when its first chunk is VP8L
-ROLES = ("keep", "duplicate", "exact")
 CACHE_DIR = "dedup"
 
 
@@ -67,6 +71,8 @@ def verify_pairs(index, anchors: np.ndarray, partners: np.ndarray, other=None, c
 
     -> verified score (P,) float32 (share of the anchor's salient patches that map onto the partner;
     NaN where a row has gone) and inlier count (P,) int32, in the order of the pairs."""
+    import torch
+
     from .rerank.verify import GeometricVerifier
 
     other = other or index
@@ -97,7 +103,8 @@ def verify_pairs(index, anchors: np.ndarray, partners: np.ndarray, other=None, c
             anchor = mine[0].get(int(anchors[order[a]]))
             if anchor is None or not group:
                 continue
-            ver = verifier([_take(mine[1], [anchor])], _take(theirs[1], [theirs[0][int(partners[s])] for s in group]))
+            with torch.inference_mode():
+                ver = verifier([_take(mine[1], [anchor])], _take(theirs[1], [theirs[0][int(partners[s])] for s in group]))
             score[group], inliers[group] = ver.score.numpy(), ver.inliers.numpy()
         if on_advance:
             on_advance(len(slots))
@@ -127,16 +134,12 @@ def _patch_sets(index, keys: np.ndarray, model=None):
 
 def _take(sets, positions: list[int]):
     """The PatchSet of some of a batch's images."""
-    from .rerank.verify import PatchSet
-
-    idx = torch_index(positions)
-    return PatchSet(sets.desc[idx], sets.weight[idx], sets.xy[idx], sets.grid, sets.sizes[idx])
-
-
-def torch_index(positions: list[int]):
     import torch
 
-    return torch.as_tensor(positions, dtype=torch.long)
+    from .rerank.verify import PatchSet
+
+    idx = torch.as_tensor(positions, dtype=torch.long)
+    return PatchSet(sets.desc[idx], sets.weight[idx], sets.xy[idx], sets.grid, sets.sizes[idx])
 
 
 # -- candidates ----------------------------------------------------------------------------------------
@@ -167,20 +170,29 @@ def _pair_table(a, b, cosine, score=None, inliers=None) -> pa.Table:
                      "inliers": pa.array(np.zeros(n, np.int32) if inliers is None else np.asarray(inliers, np.int32))})
 
 
-def verify_both_ways(index, pairs: pa.Table, other=None, on_advance=None) -> pa.Table:
-    """`pairs` with score = the larger verified share of the two directions, inliers of that one."""
+def verify_smaller_first(index, pairs: pa.Table, other=None, on_advance=None) -> pa.Table:
+    """`pairs` (a, b) with their verified score and inliers, the image of fewer pixels as the anchor:
+    the share of ITS salient patches that maps onto the other (a crop or a small copy is covered by
+    its original, not the other way round; ties: a). a and b are rows of `index`, or a of `index` and
+    b of `other`. Pairs with a row gone are dropped."""
     a, b = pairs.column("a").to_numpy(), pairs.column("b").to_numpy()
-    if other is None:
-        s, n = verify_pairs(index, np.r_[a, b], np.r_[b, a], on_advance=on_advance)
-        s1, s2, n1, n2 = s[:len(a)], s[len(a):], n[:len(a)], n[len(a):]
-    else:  # a in index, b in other: each side queries the other
-        s1, n1 = verify_pairs(index, a, b, other, on_advance=on_advance)
-        s2, n2 = verify_pairs(other, b, a, index, on_advance=on_advance, model=index)
-    s1, s2 = np.nan_to_num(s1, nan=-1.0), np.nan_to_num(s2, nan=-1.0)
-    score = np.maximum(s1, s2)
-    gone = score < 0
-    return _pair_table(a, b, pairs.column("cosine").to_numpy(), np.where(gone, np.nan, score),
-                       np.where(s1 >= s2, n1, n2)).filter(pa.array(~gone))
+    score, inliers = np.full(len(a), np.nan, np.float32), np.zeros(len(a), np.int32)
+    if len(a):
+        pixels = _pixels(index, a)
+        flip = _pixels(other or index, b) < pixels  # b smaller: b is the anchor
+        score[~flip], inliers[~flip] = verify_pairs(index, a[~flip], b[~flip], other, on_advance=on_advance)
+        if other is None:
+            score[flip], inliers[flip] = verify_pairs(index, b[flip], a[flip], on_advance=on_advance)
+        else:
+            score[flip], inliers[flip] = verify_pairs(other, b[flip], a[flip], index, on_advance=on_advance, model=index)
+    kept = ~np.isnan(score)
+    return _pair_table(a, b, pairs.column("cosine").to_numpy(), score, inliers).filter(pa.array(kept))
+
+
+def _pixels(index, keys: np.ndarray) -> np.ndarray:
+    """width x height of each key's row (0 for rows gone)."""
+    found = index.store.find(np.unique(keys).tolist(), ["width", "height"])
+    return np.array([found[k]["width"] * found[k]["height"] if k in found else 0 for k in keys.tolist()], np.int64)
 
 
 # -- stored pair scores --------------------------------------------------------------------------------
@@ -408,7 +420,7 @@ def stored_pairs(index, scope: Scope, k: int, min_cosine: float, on_advance=None
         seen = pa.table({"a": known.column("a"), "b": known.column("b"), "seen": pa.array(np.ones(known.num_rows, bool))})
         new = new.join(seen, ["a", "b"], join_type="left outer").filter(pc.is_null(pc.field("seen")))
         new = _pair_table(new.column("a").to_numpy(), new.column("b").to_numpy(), new.column("cosine").to_numpy())
-        checked = verify_both_ways(index, new, on_advance=on_advance)
+        checked = verify_smaller_first(index, new, on_advance=on_advance)
         verified_now = new.num_rows
         pairs = pa.concat_tables([pairs, checked])
         with store.lock:  # one writer of the cache at a time
@@ -579,7 +591,7 @@ def _cross_pairs(index, other, scope: Scope, k: int, min_cosine: float, on_advan
         exact = np.array([ids.get(x) is not None and ids.get(x) == ref_ids.get(y) for x, y in zip(a.tolist(), b.tolist())], bool)
         cos = new.column("cosine").to_numpy()
         same = _pair_table(a[exact], b[exact], cos[exact], np.full(exact.sum(), EXACT_SCORE), np.zeros(exact.sum()))
-        checked = verify_both_ways(index, _pair_table(a[~exact], b[~exact], cos[~exact]), other, on_advance)
+        checked = verify_smaller_first(index, _pair_table(a[~exact], b[~exact], cos[~exact]), other, on_advance)
         verified_now = int((~exact).sum())
         pairs = pa.concat_tables([pairs, same, checked])
         with index.store.lock:

@@ -64,7 +64,7 @@ def runs(tmp_path_factory, tiny12):
     tmp = tmp_path_factory.mktemp("benchmarks")
     data = grouped_data(tmp / "data")
     out = {name: tmp / "out" / name for name in ("scoring", "speed", "dense", "rerank", "retrieval", "proxy",
-                                                  "rerank_device", "replace", "runtime", "copydetect")}
+                                                  "rerank_device", "replace", "runtime", "copydetect", "dedup")}
     common = ["--quick", "--model", str(tiny12)]
     plan = [
         ("scoring", "benchmarks/scoring.py", [*common, "--work", str(tmp / "scoring"), "--out-dir", str(out["scoring"])]),
@@ -83,6 +83,7 @@ def runs(tmp_path_factory, tiny12):
         ("runtime", "benchmarks/runtime.py", [*common, "--work", str(tmp / "runtime"), "--out-dir", str(out["runtime"])]),
         ("copydetect", "benchmarks/copydetect.py", [*common, "--data-root", str(tmp / "copydetect"),
                                                     "--out-dir", str(out["copydetect"])]),
+        ("dedup", "benchmarks/dedup.py", [*common, "--work", str(tmp / "dedup"), "--out-dir", str(out["dedup"])]),
     ]
     env = {**os.environ, "SIMSEARCH_DATA": str(tmp / "no-debian-data")}
     proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(plan)], cwd=REPO, env=env,
@@ -244,3 +245,12 @@ def test_copydetect(runs):
         a, b = np.nonzero(np.triu(sim >= float(t), 1))
         true = sum(owner[int(keys[i])] is not None and owner[int(keys[i])] == owner[int(keys[j])] for i, j in zip(a, b))
         assert entry["pairs"] == len(a) and entry["recall"]["value"] == true / 60
+
+
+def test_dedup(runs):
+    res = results(runs, "dedup", "dedup", "dedup")
+    assert res["proxy"].startswith("skipped")  # --quick: the proxy set is measured by the full run
+    rows = res["scale"]["rows"]
+    assert [r["rows"] for r in rows] == [300, 3000] and all(r["ann_kind"] == "flat" for r in rows)
+    assert [r["planted_pairs"] for r in rows] == [1, 3] and all(r["peak_rss_mib"] > 0 for r in rows)
+    assert res["scale"]["baseline"]["rows"] == 300

@@ -2,7 +2,8 @@
 
 One folder is indexed once for the module: examples/images photos, a byte copy, a lossless re-save, a
 mirrored crop, and a chain (A ~ B ~ C where B is A and C side by side, A and C unrelated). Scores are
-checked against the reranker's own verification (`Index.rerank`, method "verified") both ways.
+checked against the reranker's own verification (`Index.rerank`, method "verified"), the smaller image
+as the query.
 """
 
 from __future__ import annotations
@@ -70,14 +71,14 @@ def result(collection):
     return find_duplicates(Index(db))
 
 
-def _verified_both_ways(idx: Index, a: int, b: int) -> float:
-    """The reranker's verified share, anchor a then anchor b: the pair score's independent computation."""
-    best = 0.0
-    for q, c in ((a, b), (b, a)):
-        _, query = idx.stored_query(q)
-        (hit,) = idx.rerank(query, [Hit(rank=1, score=0.0, path="", id="", key=c)], "verified")
-        best = max(best, hit.scores["verified"])
-    return best
+def _verified(idx: Index, a: str, b: str) -> float:
+    """The reranker's verified share with the image of fewer pixels as the query (ties: the smaller
+    key): the pair score's independent computation."""
+    pixels = {p: Image.open(p).size[0] * Image.open(p).size[1] for p in (a, b)}
+    q, c = sorted((a, b), key=lambda p: (pixels[p], path_key(p)))
+    _, query = idx.stored_query(path_key(q))
+    (hit,) = idx.rerank(query, [Hit(rank=1, score=0.0, path="", id="", key=path_key(c))], "verified")
+    return hit.scores["verified"]
 
 
 def _group_of(result, path: str):
@@ -99,25 +100,25 @@ def test_exact_copy_and_edited_copies_group_around_the_keep_rule(collection, res
                                                                            "chelsea_crop_mirror.jpg"))
     idx = Index(db)
     crop = next(m for m in g.members if m.path == paths["chelsea_crop_mirror.jpg"])
-    expected = _verified_both_ways(idx, path_key(paths["chelsea.png"]), path_key(paths["chelsea_crop_mirror.jpg"]))
+    expected = _verified(idx, paths["chelsea.png"], paths["chelsea_crop_mirror.jpg"])
     assert crop.score == pytest.approx(expected, abs=1e-5) and crop.score >= DEFAULT_CONF["threshold"]
     assert crop.inliers >= 3
     for name in OTHERS:
         assert _group_of(result, paths[name]) is None
 
 
-def test_a_chain_is_not_merged(collection, result):
+def test_a_chain_is_not_merged(collection):
     db, _, paths = collection
-    keys = {n: path_key(paths[n]) for n in ("chain_a.jpg", "chain_b.jpg", "chain_c.jpg")}
     idx = Index(db)
-    t = DEFAULT_CONF["threshold"]
-    # the chain exists: A ~ B and B ~ C verify, A and C do not
-    assert _verified_both_ways(idx, keys["chain_a.jpg"], keys["chain_b.jpg"]) >= t
-    assert _verified_both_ways(idx, keys["chain_b.jpg"], keys["chain_c.jpg"]) >= t
-    assert _verified_both_ways(idx, keys["chain_a.jpg"], keys["chain_c.jpg"]) < t
-    g = _group_of(result, paths["chain_a.jpg"])
+    ab = _verified(idx, paths["chain_a.jpg"], paths["chain_b.jpg"])
+    bc = _verified(idx, paths["chain_b.jpg"], paths["chain_c.jpg"])
+    ac = _verified(idx, paths["chain_a.jpg"], paths["chain_c.jpg"])
+    assert min(ab, bc) > 2 * ac  # the chain is in the data: A ~ B and B ~ C verify far better than A ~ C
+    res = find_duplicates(idx, threshold=(min(ab, bc) + ac) / 2)
+    assert res.new_pairs_verified == 0
+    g = _group_of(res, paths["chain_a.jpg"])
     assert {m.path: m.role for m in g.members} == {paths["chain_a.jpg"]: "keep", paths["chain_b.jpg"]: "duplicate"}
-    assert _group_of(result, paths["chain_c.jpg"]) is None  # single linkage would have put C with A
+    assert _group_of(res, paths["chain_c.jpg"]) is None  # single linkage would have put C with A
 
 
 def test_threshold_regroups_from_stored_scores_without_the_model(cli, collection, result, monkeypatch):
@@ -178,12 +179,12 @@ def test_against_finds_the_leaked_copy(cli, tmp_path, collection, embedded_model
     db, _, paths = collection
     ref = tmp_path / "train"
     ref.mkdir()
-    ImageOps.mirror(Image.open(EXAMPLES / "horse.jpg").convert("RGB")).save(ref / "horse_flipped.jpg")
+    shutil.copy2(collection[2]["chelsea_crop_mirror.jpg"], ref / "cat_flipped.jpg")
     shutil.copy2(EXAMPLES / "coins.jpg", ref / "coins.jpg")  # byte copy of one in this set
     shutil.copy2(EXAMPLES / "camera.jpg", ref / "camera.jpg")  # in no other set
     test_set = tmp_path / "test"
     test_set.mkdir()
-    for name in ("horse.jpg", "coins.jpg", "grass.jpg"):
+    for name in ("chelsea.jpg", "coins.jpg", "grass.jpg"):
         shutil.copy2(EXAMPLES / name, test_set / name)
     sub = tmp_path / "db"
     shutil.copytree(db, sub)
@@ -191,7 +192,7 @@ def test_against_finds_the_leaked_copy(cli, tmp_path, collection, embedded_model
     assert code == 0, err
     data = json.loads(out)
     found = {(m["set"], os.path.basename(m["path"]), m["role"]) for g in data["groups"] for m in g["members"]}
-    assert found == {("ref", "horse_flipped.jpg", "keep"), ("self", "horse.jpg", "duplicate"),
+    assert found == {("ref", "cat_flipped.jpg", "keep"), ("self", "chelsea.jpg", "duplicate"),
                      ("ref", "coins.jpg", "keep"), ("self", "coins.jpg", "exact")}
     # the same reference as a database of the same model gives the same answer
     ref_db = tmp_path / "ref.db"
@@ -229,3 +230,27 @@ def test_server_pages_the_groups(collection, result):
     page = client.get("/api/dedup", params={"limit": 1, "offset": 1}).json()
     assert page["groups"] == body["groups"][1:2]
     assert client.get("/api/dedup", params={"limit": 0}).status_code == 422
+
+
+def test_a_new_image_is_verified_only_against_its_own_candidates(tmp_path, collection):
+    db, _, paths = collection
+    sub = tmp_path / "db"
+    shutil.copytree(db, sub)
+    ident = identity(Index(sub), DEFAULT_CONF["k"], DEFAULT_CONF["min_cosine"])
+    before = PairCache(sub, "pairs", ident).load()[0].to_pylist()
+    assert find_duplicates(Index(sub)).new_pairs_verified == 0  # the copy's stored scores are current
+    extra = tmp_path / "more"
+    extra.mkdir()
+    cat = Image.open(paths["chelsea.png"])
+    cat.crop((0, 0, cat.width * 4 // 5, cat.height * 4 // 5)).save(extra / "chelsea_cropped.png")
+    idx = Index(sub)
+    idx.add_folder(extra)
+    res = find_duplicates(idx)
+    new_key = path_key(str(extra / "chelsea_cropped.png"))
+    after = PairCache(sub, "pairs", ident).load()[0].to_pylist()
+    added = [p for p in after if p not in before]
+    assert 0 < res.new_pairs_verified == len(added) <= DEFAULT_CONF["k"]
+    assert all(new_key in (p["a"], p["b"]) for p in added)
+    assert [p for p in after if p in before] == before  # nothing verified before was verified again
+    group = _group_of(res, str(extra / "chelsea_cropped.png"))
+    assert group is not None and group is _group_of(res, paths["chelsea.png"])

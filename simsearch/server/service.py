@@ -142,6 +142,7 @@ class SearchService:
         self.decode_slots = threading.BoundedSemaphore(2)  # a full-size decode can take hundreds of MB
         self._folders: OrderedDict[tuple[int, str | None], dict] = OrderedDict()
         self._folders_lock = threading.Lock()
+        self._dedup = None  # ((table version, threshold, folder), the last DedupResult)
         if warm:
             self.warm_up()
 
@@ -228,11 +229,15 @@ class SearchService:
 
     def dedup(self, threshold: float | None, under: str | None, limit: int, offset: int) -> dict:
         """Duplicate groups (simsearch.dedup.find_duplicates), `limit` of them from `offset`. Verifying new
-        pairs uses the model: behind the model lock."""
+        pairs uses the model: behind the model lock. The last result is kept for its table version,
+        threshold and folder, so paging through it reads nothing again."""
         from ..dedup import find_duplicates
 
         with self.model_lock:
-            return find_duplicates(self.index, under=under, threshold=threshold).to_dict(limit, offset)
+            memo = (self.index.store.version, threshold, under)
+            if self._dedup is None or self._dedup[0] != memo:
+                self._dedup = memo, find_duplicates(self.index, under=under, threshold=threshold)
+            return self._dedup[1].to_dict(limit, offset)
 
     # -- the collection ----------------------------------------------------------------------
     def images(self, offset: int, limit: int, under: str | None = None, order: str = "newest") -> dict:
