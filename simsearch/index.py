@@ -21,7 +21,7 @@ from .descriptors.codec import DenseFormat
 from .descriptors.quant import COMPACT_CODECS
 from .embedder import DescriptorConfig, Embedder
 from .errors import ConfigMismatchError, EmptyIndexError, SimsearchError
-from .images import _to_rgb, open_image
+from .images import _to_rgb, open_image, preshrink
 from .rerank import DEFAULT_RERANKER, RERANKERS
 from .store import KEEP_VERSIONS, VECTOR_COLUMNS, ImageStore
 
@@ -214,7 +214,7 @@ class Index:
     def load_query(self, image: str | Path | Image.Image) -> Image.Image:
         """A query image prepared as the indexer prepares files."""
         if isinstance(image, Image.Image):
-            return _to_rgb(ImageOps.exif_transpose(image))
+            return preshrink(_to_rgb(ImageOps.exif_transpose(image)), self.conf.image_size)
         return open_image(Path(image).expanduser(), max_side=self.conf.image_size).image
 
     def search(self, image: str | Path | Image.Image, k: int = 10, mode: str = "content",
