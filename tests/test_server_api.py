@@ -75,7 +75,7 @@ def test_info(client, embedded_db, embedded_model):
     assert info["db"] == str(embedded_db[0])
     assert {c: s["state"] for c, s in info["ann"].items()} == {"content": "fresh", "style": "fresh"}
     assert info["server"]["max_upload_bytes"] == LIMIT_MB << 20
-    assert info["server"]["rerankers"] == ["none", "aas", "matches", "both"]
+    assert info["server"]["rerankers"] == ["none", "verified", "aas", "matches", "both"]
 
 
 @pytest.fixture(scope="module")
