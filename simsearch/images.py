@@ -107,9 +107,18 @@ def open_image(source: str | Path | bytes, max_side: int | None = None, name: st
             raise ImageError(label, reason) from None
         except Exception as e:  # noqa: BLE001 - corrupt files also raise TypeError, KeyError, struct.error
             raise ImageError(label, f"cannot decode: {e or type(e).__name__}") from None
-    if max_side and max(img.size) > 2 * max_side:
-        img.thumbnail((2 * max_side, 2 * max_side), Image.Resampling.BOX)
-    return LoadedImage(path=label, image=img, width=width, height=height)
+    return LoadedImage(path=label, image=preshrink(img, max_side, in_place=True), width=width, height=height)
+
+
+def preshrink(img: Image.Image, max_side: int | None, in_place: bool = False) -> Image.Image:
+    """An image over twice `max_side` box-filtered down to it (cheap, and the model's resize then
+    starts near its input size); others as they are. `img` itself changes only `in_place` (an image
+    just decoded: no copy of the full-size pixels)."""
+    if not max_side or max(img.size) <= 2 * max_side:
+        return img
+    img = img if in_place else img.copy()
+    img.thumbnail((2 * max_side, 2 * max_side), Image.Resampling.BOX)
+    return img
 
 
 def _is_empty(source) -> bool:

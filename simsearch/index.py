@@ -21,7 +21,7 @@ from .backbones.runtime import check_runtime, recorded_choice
 from .descriptors.codec import COMPACT_CODECS, DenseFormat
 from .embedder import DescriptorConfig, Embedder
 from .errors import ConfigMismatchError, EmptyIndexError, ImageError, SimsearchError
-from .images import _to_rgb, open_image
+from .images import _to_rgb, open_image, preshrink
 from .rerank import DEFAULT_RERANKER, RERANKERS
 from .region import CANDIDATES as REGION_CANDIDATES
 from .store import KEEP_VERSIONS, VECTOR_COLUMNS, ImageStore
@@ -238,7 +238,8 @@ class Index:
         """A query image prepared as the indexer prepares files (`full`: at its own size, for boxes
         given in its pixels)."""
         if isinstance(image, Image.Image):
-            return _to_rgb(ImageOps.exif_transpose(image))
+            img = _to_rgb(ImageOps.exif_transpose(image))
+            return img if full else preshrink(img, self.conf.image_size)
         return open_image(Path(image).expanduser(), max_side=None if full else self.conf.image_size).image
 
     def search(self, image: str | Path | Image.Image, k: int = 10, mode: str = "content",

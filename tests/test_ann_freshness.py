@@ -180,20 +180,24 @@ def test_search_argument_errors(tmp_path, new_index, photos):
 
 
 def test_pil_query_equals_path_query(tmp_path, new_index):
-    """Searching with a PIL image must prepare it like the indexer does (alpha on white, EXIF, 16-bit)."""
+    """Searching with a PIL image must prepare it like the indexer does (alpha on white, EXIF, 16-bit,
+    and the box pre-shrink of a file over twice the model's input side: 640 px against 56 here)."""
     from PIL import Image
 
     folder = tmp_path / "imgs"
     write_patterns(folder, 6)
-    a = np.asarray(Image.open(folder / "pat0000.png").convert("RGBA")).copy()
+    a = np.asarray(Image.open(folder / "pat0000.png").convert("RGBA").resize((640, 480), Image.Resampling.NEAREST)).copy()
     a[:, : a.shape[1] // 2, 3] = 0  # left half transparent
+    a[::7, ::5, :3] = 255 - a[::7, ::5, :3]  # fine detail, which resizing with and without the pre-shrink treats apart
     Image.fromarray(a, "RGBA").save(folder / "alpha.png")
     idx = new_index(tmp_path / "db")
     idx.add_folder(folder)
     by_path = idx.search(folder / "alpha.png", k=1)[0]
-    by_pil = idx.search(Image.open(folder / "alpha.png"), k=1)[0]
+    query = Image.open(folder / "alpha.png")
+    by_pil = idx.search(query, k=1)[0]
     assert by_path.path == by_pil.path == str(folder / "alpha.png")
-    assert by_pil.score == pytest.approx(by_path.score, abs=1e-5)
+    assert by_pil.score == pytest.approx(by_path.score, abs=1e-6) == pytest.approx(1.0, abs=1e-6)
+    assert query.size == (640, 480) and query.mode == "RGBA"  # the caller's image is left as it was
 
 
 # -- IVF ----------------------------------------------------------------------------------------

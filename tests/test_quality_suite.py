@@ -274,14 +274,24 @@ def test_multi_block_style_vector_is_stored_and_reopened(new_index, tiny_model, 
 
     pixels = torch.from_numpy(idx.embedder.preprocess(open_image(folder / "chelsea.png", max_side=idx.conf.image_size).image))[None]
     tok = bb.tokens(pixels, {"a": (1, "features"), "b": (3, "features")})
-    expect = concat_normalized([style_pooled(tok[k][:, 1:], "meanstd+cov") for k in ("a", "b")])[0]
+
+    def unit(v):
+        return v / np.linalg.norm(v)
+
+    def meanstd_cov(x):  # one block's (N, C) patch tokens, written out from the definitions in numpy
+        x = x.astype(np.float64)
+        meanstd = unit(np.concatenate([unit(x.mean(0)), unit(x.std(0))]))
+        cov = np.cov(x.T, bias=True)[np.triu_indices(x.shape[1])]
+        return unit(np.concatenate([meanstd, unit(np.sign(cov) * np.sqrt(np.abs(cov)))]))
+
+    expect = unit(np.concatenate([meanstd_cov(tok[k][0, 1:].numpy()) for k in ("a", "b")]))  # CLS dropped
     from simsearch.paths import normalize
     from simsearch.store import path_key
 
     stored = again.store.rows([path_key(normalize(folder / "chelsea.png"))], ["style"])[0]["style"]
     assert len(stored) == 2 * (2 * 32 + 32 * 33 // 2)  # per block: mean/std (2C) + covariance triangle
-    assert np.allclose(stored, expect.numpy(), atol=1e-5)
-    assert np.allclose(again.embed_image(folder / "chelsea.png").style[0], expect.numpy(), atol=1e-5)
+    assert np.allclose(stored, expect, atol=1e-5)
+    assert np.allclose(again.embed_image(folder / "chelsea.png").style[0], expect, atol=1e-5)
 
 
 def test_registry_defaults_are_the_ones_measured_on_the_suite(embedded_db):

@@ -332,3 +332,33 @@ def test_relative_paths_with_dotdot(cli, named, tiny12, monkeypatch):
     assert all(".." not in p["ref"] and ".." not in p["gen"] for p in report["pairs"])
     assert rel_pairs([(p["ref"], p["gen"]) for p in report["pairs"]], refs, gen) == rel_pairs(
         make_pairs(refs, gen)[0], refs, gen)
+
+
+def test_aas_reads_attention_inputs_from_a_file_computed_in_chunks(tmp_path, new_index, monkeypatch):
+    """The attention inputs AAS scores pairs from are computed QKV_CHUNK images at a time (3 here,
+    of 8) into one float32 file and read memory-mapped; every pair's AAS is the one computed directly
+    from the stored dense tensors with the backbone's projections, and `close` removes the file."""
+    import numpy as np
+    import torch
+
+    from conftest import TINY, write_patterns
+    from simsearch.bench import features
+    from simsearch.rerank.aas import aligned_attention_score
+    from simsearch.store import path_key
+
+    monkeypatch.setattr(features, "QKV_CHUNK", 3)
+    paths = write_patterns(tmp_path / "imgs", 8)
+    model = new_index(tmp_path / "unused").conf.model
+    fs = features.FeatureSet(paths, model=model, device="cpu", **{k: v for k, v in TINY.items()})
+    i, j = np.triu_indices(8, k=1)
+    got = fs.pair_scores("aas", i, j)
+    scratch = next(Path(fs._scratch.name).glob("*.npy"))
+    bb, layer = fs.index.embedder.backbone, fs.index.conf.dense_layer
+    with torch.inference_mode():
+        q, k, v = bb.attention_inputs(layer, torch.as_tensor(fs.index.dense([path_key(str(p)) for p in fs.paths])))
+        want = [float(aligned_attention_score((q[a:a + 1], k[a:a + 1], v[a:a + 1]), (q[b:b + 1], k[b:b + 1], v[b:b + 1]))[0])
+                for a, b in zip(i, j)]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert scratch.stat().st_size >= 4 * 4 * q.numel()  # q, k, v and own, float32, every image
+    fs.close()
+    assert not scratch.exists()

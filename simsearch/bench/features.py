@@ -3,6 +3,11 @@
 The images go through the normal indexer into a LanceDB cache (a temp dir, or `cache=` to keep it
 between runs), so scoring reuses batching, the failure handling and the incremental skip of the
 index, and every metric reads the same stored descriptors.
+
+AAS needs q, k, v of the dense layer and each image's own attention output for every image (1.6 MB
+per image for the embedded model, 16 GB for 10k images): they are computed once, QKV_CHUNK images
+at a time, into a float32 scratch file beside the cache and read memory-mapped, so memory holds a
+chunk and the pages of the pairs being scored.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from ..paths import normalize
 from ..store import path_key
 
 METRICS = ("cosine", "style", "aas")
+QKV_CHUNK = 64  # images whose attention inputs are computed at once
 METRIC_HELP = {
     "cosine": "cosine of the content vectors",
     "style": "cosine of the style vectors (the configuration's style_pooling of its style_layer(s))",
@@ -37,6 +43,7 @@ class FeatureSet:
                  **descriptors):
         """`descriptors`: DescriptorConfig fields that differ from the model's defaults (e.g. timestep)."""
         self._tmp = None if cache else tempfile.TemporaryDirectory(prefix="simsearch-features-")
+        self._scratch: tempfile.TemporaryDirectory | None = None  # the attention inputs' file
         descriptors = {k: v for k, v in descriptors.items() if v is not None}
         self.index = Index(cache or Path(self._tmp.name) / "features.db", model=model, device=device, runtime=runtime, **descriptors)
         self.report: IndexReport = index_files(self.index, paths, batch_size, on_total=on_total, on_advance=on_advance)
@@ -59,17 +66,24 @@ class FeatureSet:
                 "simsearch": simsearch.__version__, "torch": torch.__version__}
 
     def _attention_inputs(self) -> tuple[torch.Tensor, ...]:
-        """q, k, v of the dense layer for every image, (N, H, T, d) each; computed once."""
+        """q, k, v of the dense layer and each image's own attention output (AAS needs it for every
+        pair the image is in), (N, H, T, d) each, on the CPU over a memory-mapped file; computed once."""
         if self._qkv is None:
             bb, layer = self.index.embedder.backbone, self.index.conf.dense_layer
-            dense = self.index.dense([path_key(p) for p in self.paths])
-            with torch.inference_mode():
-                parts = [bb.attention_inputs(layer, torch.as_tensor(dense[i:i + 64]))
-                         for i in range(0, len(dense), 64)]
-            q, k, v = (torch.cat([p[j] for p in parts]) for j in range(3))
-            # each image's own attention output, once (AAS needs it for every pair the image is in)
-            own = torch.cat([attend(q[i:i + 64], k[i:i + 64], v[i:i + 64]) for i in range(0, len(q), 64)])
-            self._qkv = (q, k, v, own)
+            keys = [path_key(p) for p in self.paths]
+            self._scratch = tempfile.TemporaryDirectory(prefix="simsearch-qkv-", dir=self.index.root.parent)
+            arrays = None
+            for s in range(0, len(keys), QKV_CHUNK):
+                with torch.inference_mode():
+                    q, k, v = bb.attention_inputs(layer, torch.as_tensor(self.index.dense(keys[s:s + QKV_CHUNK])))
+                    parts = (q, k, v, attend(q, k, v))
+                if arrays is None:  # (4, N, H, T, d): q, k, v, own
+                    arrays = np.lib.format.open_memmap(Path(self._scratch.name) / "qkv.npy", mode="w+", dtype=np.float32,
+                                                       shape=(4, len(keys), *q.shape[1:]))
+                for j, part in enumerate(parts):
+                    arrays[j, s:s + len(q)] = part.float().cpu().numpy()
+            arrays.flush()
+            self._qkv = tuple(torch.from_numpy(arrays[j]) for j in range(4))
         return self._qkv
 
     @torch.inference_mode()
@@ -81,7 +95,7 @@ class FeatureSet:
             return np.einsum("pd,pd->p", v[i], v[j])
         if metric != "aas":
             raise SimsearchError(f"unknown metric '{metric}' (choose from {', '.join(METRICS)})")
-        return aas_pairs(self._attention_inputs(), i, j, chunk)
+        return aas_pairs(self._attention_inputs(), i, j, chunk, device=self.index.embedder.device)
 
     def matrix(self, metric: str, idx: np.ndarray | None = None) -> np.ndarray:
         """(n, n) similarity over all pairs of the images `idx` (indices into self.paths; default all of
@@ -93,21 +107,25 @@ class FeatureSet:
         return sim
 
     def close(self):
-        if self._tmp is not None:
-            self._tmp.cleanup()
+        self._qkv = None
+        for tmp in (self._scratch, self._tmp):
+            if tmp is not None:
+                tmp.cleanup()
 
 
 @torch.inference_mode()
-def aas_pairs(qkv_own: tuple[torch.Tensor, ...], i: np.ndarray, j: np.ndarray, chunk: int = 64) -> np.ndarray:
+def aas_pairs(qkv_own: tuple[torch.Tensor, ...], i: np.ndarray, j: np.ndarray, chunk: int = 64,
+              device: torch.device | str | None = None) -> np.ndarray:
     """Symmetric AAS of the pairs (i[n], j[n]) -> (P,). qkv_own: q, k, v of every image (N, H, T, d) and
-    each image's own attention output attend(q, k, v)."""
-    q, k, v, own = qkv_own
+    each image's own attention output attend(q, k, v); each chunk of pairs is scored on `device`
+    (None: where the tensors are)."""
     out = np.empty(len(i), dtype=np.float32)
     for a in np.unique(i):  # one anchor against all its partners, batched
+        anchor = [t[a:a + 1].to(device) for t in qkv_own]
         sel = np.flatnonzero(i == a)
         for s in range(0, len(sel), chunk):
             part = sel[s:s + chunk]
-            jj = torch.as_tensor(j[part], device=q.device)
-            out[part] = aligned_attention_score((q[a:a + 1], k[a:a + 1], v[a:a + 1]), (q[jj], k[jj], v[jj]),
-                                                own[a:a + 1], own[jj]).float().cpu().numpy()
+            jj = torch.as_tensor(j[part])
+            q, k, v, own = (t[jj].to(device) for t in qkv_own)
+            out[part] = aligned_attention_score(tuple(anchor[:3]), (q, k, v), anchor[3], own).float().cpu().numpy()
     return out
