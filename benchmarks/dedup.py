@@ -275,7 +275,8 @@ def build_synthetic(db: Path, n: int, source: dict, planted: list, meta: dict) -
     from scale import Synth, rows_table, unit
     from simsearch.descriptors.codec import decode_dense, encode_dense
     from simsearch.index import PRIOR_ROWS
-    from simsearch.store import WIRE_DTYPE, ImageStore
+    from simsearch.indexers.local import WIRE_DTYPE
+    from simsearch.store import ImageStore
 
     s = Synth(source=source)
     s.noise = NOISE_NORM / s.nn["content"]  # unrelated rows: two of one source meet at cosine ~0.14, far below any floor

@@ -72,13 +72,14 @@ def read_bytes(path: str) -> bytes:
 class EmbedActor:
     """One model per actor; called with batches of planned files, returns their rows and statuses."""
 
-    def __init__(self, conf: dict, fingerprint: str, threads: int):
+    def __init__(self, conf: dict, fingerprint: str, threads: int, runtime: str = "torch"):
         import torch
 
         from ..embedder import DescriptorConfig, Embedder
 
         torch.set_num_threads(threads)
-        self.embedder = Embedder(DescriptorConfig.from_dict(conf), "cuda" if torch.cuda.is_available() else "cpu")
+        # the driver's runtime, not each worker's own `auto` (rows must not depend on which worker ran them)
+        self.embedder = Embedder(DescriptorConfig.from_dict(conf), "cuda" if torch.cuda.is_available() else "cpu", runtime)
         if self.embedder.fingerprint != fingerprint:
             raise SimsearchError(f"a worker's weights fingerprint as {self.embedder.fingerprint}, the database's as {fingerprint}")
 
@@ -136,7 +137,8 @@ def index_with_ray(index, source: str | Path, batch_size: int = 16, prune: bool 
             out = items.map_batches(
                 EmbedActor, batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
                 num_gpus=1 if gpus else 0, num_cpus=0 if gpus else threads,
-                fn_constructor_kwargs={"conf": index.conf.to_dict(), "fingerprint": embedder.fingerprint, "threads": threads})
+                fn_constructor_kwargs={"conf": index.conf.to_dict(), "fingerprint": embedder.fingerprint, "threads": threads,
+                                       "runtime": embedder.runtime_for(batch_size)})
             for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
                 status = batch.column("status").to_pylist()
                 for i, s in enumerate(status):
