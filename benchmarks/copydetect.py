@@ -281,8 +281,8 @@ def run_regions(idx: Index, data: Path, regions: list[dict], rerankers: list[str
         top = idx.search(data / r["crop"], k=1)
         firsts.setdefault(key, []).append(relative(top[0].path, data) == r["target"])
         for m in methods:
-            top = idx.search(data / r["image"], k=1, box=tuple(r["box"]), rerank=None if m == FIRST else m,
-                             candidates=candidates)
+            top = idx.search_region(data / r["image"], tuple(r["box"]), k=1, rerank=None if m == FIRST else m,
+                                    candidates=candidates)
             hits_box.setdefault(key, {}).setdefault(m, []).append(relative(top[0].path, data) == r["target"])
     fractions: dict[str, list[float]] = {}
     for r in regions:
