@@ -80,13 +80,13 @@ def tentative_matches(query: PatchSet, cand: PatchSet, min_sim: float = 0.3, rat
     """Mutual nearest neighbours of query (1 image) in each of cand's M images that pass the
     similarity floor and the ratio test, voting sqrt(saliency_q * saliency_c)."""
     sim = query.desc[0] @ cand.desc.transpose(1, 2)  # (M, Nq, Nc)
-    best, target = sim.max(-1)  # (M, Nq)
+    top, idx = sim.topk(min(10, sim.shape[-1]), dim=-1)  # (M, Nq, 10): the 3 x 3 cells of the best and one more
+    best, target = top[..., 0], idx[..., 0]  # (M, Nq)
     mutual = sim.argmax(1).gather(1, target) == torch.arange(sim.shape[1])  # (M, Nq)
-    # second best outside the 3 x 3 neighbourhood of the best cell
-    h, w = cand.grid
-    rc = torch.stack([torch.arange(h * w) // w, torch.arange(h * w) % w], -1)  # (Nc, 2)
-    near = (rc[target][..., None, :] - rc).abs().amax(-1) <= 1  # (M, Nq, Nc)
-    second = sim.masked_fill(near, -1.0).amax(-1)
+    # second best outside the 3 x 3 neighbourhood of the best cell: the first of the top 10 that is
+    w = cand.grid[1]
+    near = ((idx // w - target[..., None] // w).abs() <= 1) & ((idx % w - target[..., None] % w).abs() <= 1)
+    second = top.masked_fill(near, -1.0).amax(-1)
     dist = lambda s: (2 - 2 * s).clamp_min(0).sqrt()  # noqa: E731  (unit vectors)
     ok = mutual & (best >= min_sim) & (dist(best) < ratio * dist(second))
     vote = (query.weight[0] * cand.weight.gather(1, target)).clamp_min(0).sqrt()
@@ -131,8 +131,8 @@ def ransac_similarity(src: torch.Tensor, dst: torch.Tensor, weight: torch.Tensor
         a = (t2 - t1) / torch.where((zz2 - zz1).abs() > 1e-6, zz2 - zz1, torch.ones_like(zz1))  # (M, H)
         b = t1 - a * zz1
         plausible = (a.abs() >= scale_range[0]) & (a.abs() <= scale_range[1]) & (pick[..., 0] != pick[..., 1])
-        err = (a[..., None] * zz[:, None] + b[..., None] - t[:, None]).abs()  # (M, H, P)
-        score = ((err < tol) * weight[:, None]).sum(-1) * plausible  # (M, H)
+        err = a[..., None] * zz[:, None] + b[..., None] - t[:, None]  # (M, H, P) complex residuals
+        score = (((err.real ** 2 + err.imag ** 2) < tol ** 2) * weight[:, None]).sum(-1) * plausible  # (M, H)
         top, h = score.max(-1)
         better = top > best_score
         best_score = torch.where(better, top, best_score)
