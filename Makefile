@@ -26,6 +26,7 @@ demo: weights
 	$(BIN)/simsearch index examples/images --db demo.db
 	$(BIN)/simsearch query examples/queries/cat_crop.jpg --db demo.db -k 5
 	$(BIN)/simsearch query examples/images/gravel.jpg --db demo.db -k 3 --mode style
+	$(BIN)/simsearch query examples/queries/cat_crop.jpg --db demo.db -k 3 --rerank
 
 # What some tests need beyond pip: Debian's chromium (pages rendered in a real browser), the
 # opencv-doc package's graf images (ground-truth homography for keypoint PCK) and the tuxpaint stamps
