@@ -56,16 +56,17 @@ def maxsim(scores: np.ndarray, ids: np.ndarray) -> dict[int, float]:
     scores, ids (Q, K): each query cell's nearest cells (id -1: none). -> {row prefix: mean over the
     Q query cells of the best similarity among that row's retrieved cells (0 where none was)}."""
     q = len(scores)
-    rows = prefix_of(ids)
-    best: dict[tuple[int, int], float] = {}
-    for i, j in zip(*np.nonzero(ids >= 0)):
-        key = (int(rows[i, j]), i)
-        if scores[i, j] > best.get(key, -np.inf):
-            best[key] = float(scores[i, j])
-    out: dict[int, float] = {}
-    for (row, _), s in best.items():
-        out[row] = out.get(row, 0.0) + max(s, 0.0) / q
-    return out
+    valid = ids >= 0
+    rows = prefix_of(ids)[valid]
+    cell = np.broadcast_to(np.arange(q)[:, None], ids.shape)[valid]
+    sims = np.maximum(np.asarray(scores, np.float64)[valid], 0.0)
+    order = np.lexsort((-sims, cell, rows))  # by row, then query cell, best first
+    rows, cell, sims = rows[order], cell[order], sims[order]
+    first = np.ones(len(rows), bool)
+    first[1:] = (rows[1:] != rows[:-1]) | (cell[1:] != cell[:-1])  # each (row, query cell)'s best
+    uniq, inverse = np.unique(rows[first], return_inverse=True)
+    total = np.bincount(inverse, weights=sims[first]) / q
+    return dict(zip(uniq.tolist(), total.tolist()))
 
 
 # -- descriptors -------------------------------------------------------------------------------
