@@ -60,14 +60,19 @@ class Hit:
 
 
 def check_box(box, size: tuple[int, int], name) -> tuple[int, int, int, int]:
-    """A region box (x0, y0, x1, y1) in pixels of an image of `size`, or ImageError naming the reason."""
+    """A region box, "x0,y0,x1,y1" or four numbers, in pixels of an image of `size` named `name`
+    -> (x0, y0, x1, y1), or ImageError naming the reason. The one check the CLI, the server and
+    `search_region` share."""
+    parts = box.split(",") if isinstance(box, str) else box
     try:
-        x0, y0, x1, y1 = (int(v) for v in box)
+        x0, y0, x1, y1 = (int(p) if isinstance(p, int) else int(str(p).strip()) for p in parts)
     except (TypeError, ValueError):
-        raise ImageError(name, f"box {box!r} is not four integers x0,y0,x1,y1") from None
+        raise ImageError(name, f"box {str(box)[:60]!r}: expected four integers x0,y0,x1,y1") from None
     w, h = size
-    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
-        raise ImageError(name, f"box {x0},{y0},{x1},{y1} is not inside the {w}x{h} image with x0 < x1 and y0 < y1")
+    if not (x0 < x1 and y0 < y1):
+        raise ImageError(name, f"box {x0},{y0},{x1},{y1} is empty: needs x0 < x1 and y0 < y1")
+    if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
+        raise ImageError(name, f"box {x0},{y0},{x1},{y1} is outside the {w}x{h} pixels of the image")
     if min(x1 - x0, y1 - y0) < MIN_BOX:
         raise ImageError(name, f"box {x0},{y0},{x1},{y1} is smaller than {MIN_BOX} pixels a side")
     return x0, y0, x1, y1
@@ -420,7 +425,8 @@ class Index:
         self.check_query(k, "content", rerank, candidates)
         name = image if not isinstance(image, Image.Image) else "query image"
         img = self.load_query(image, full=True)
-        region = img.crop(check_box(box, img.size, name))
+        box = check_box(box, img.size, name)
+        region = img.crop(box)
         describer, followed = self.region_index
         vi = followed.get().vectors
         best = self._region_scores(vi, [cells for _, cells in describer.query_cells(region)])

@@ -12,15 +12,6 @@ from rich.table import Table
 from ._common import DEFAULT_DB, DbOption, DeviceOption, RuntimeOption, cell, esc, note, out, quiet_libraries
 
 
-def parse_box(image: Path, text: str) -> tuple[int, ...]:
-    from ..errors import ImageError
-
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise ImageError(image, f"box '{text}' is not four integers x0,y0,x1,y1") from None
-
-
 def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() and abs(value) >= 1 else f"{value:.4f}"
 
@@ -58,7 +49,7 @@ def query(
     quiet_libraries()
     idx = Index(db, model=model, device=device, runtime=runtime, **({"nprobe": nprobe} if nprobe else {}))
     hits = idx.search(image, k=k, mode=mode, where=where, rerank=rerank, candidates=candidates,
-                      box=parse_box(image, box) if box else None)
+                      box=box)
     if html_out:
         from ..report import write_results_html
 

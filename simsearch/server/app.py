@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import EmptyIndexError, ImageError, SimsearchError
 from ..index import MAX_CANDIDATES, Index
 from ..store import MissingRowsError
-from .service import BadBox, SearchService, UnknownQuery, UploadTooLarge
+from .service import SearchService, UnknownQuery, UploadTooLarge
 
 STATIC = Path(__file__).parent / "static"
 MAX_KEY = 2**63 - 1
@@ -33,7 +33,7 @@ ENVELOPE_BYTES = 64 << 10  # multipart framing and form fields around the upload
 log = logging.getLogger("simsearch.server")
 
 # Most specific first: the first class that matches decides the status.
-STATUS = ((UploadTooLarge, 413), (ImageError, 422), (BadBox, 422), (UnknownQuery, 404),
+STATUS = ((UploadTooLarge, 413), (ImageError, 422), (UnknownQuery, 404),
           (EmptyIndexError, 409), (SimsearchError, 400))
 # The page and its files allow nothing from elsewhere; /docs loads Swagger UI from its CDN.
 PAGE_POLICY = ("default-src 'self'; img-src 'self' blob:; object-src 'none'; base-uri 'none'; "

@@ -23,7 +23,7 @@ from PIL import Image
 
 from ..errors import SimsearchError
 from ..images import open_image
-from ..index import Index
+from ..index import Index, check_box
 from ..rerank import DEFAULT_RERANKER
 
 FOLDER_CACHE = 32  # folder summaries kept (per table version and folder)
@@ -38,23 +38,6 @@ class UploadTooLarge(SimsearchError):
 
 class UnknownQuery(SimsearchError):
     """A query id the server no longer remembers."""
-
-
-class BadBox(SimsearchError):
-    """A region box that is not four integers inside its image."""
-
-
-def parse_box(text: str, width: int, height: int, name: str) -> tuple[int, int, int, int]:
-    """`x0,y0,x1,y1` in pixels of the `width` x `height` image `name`, checked before any forward."""
-    parts = [p.strip() for p in text.split(",")]
-    if len(parts) != 4 or not all(p.lstrip("-").isdigit() for p in parts):
-        raise BadBox(f"box {text[:60]!r}: expected four integers x0,y0,x1,y1 (pixels of {name})")
-    x0, y0, x1, y1 = (int(p) for p in parts)
-    if not (x0 < x1 and y0 < y1):
-        raise BadBox(f"box {text!r}: empty, needs x0 < x1 and y0 < y1")
-    if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
-        raise BadBox(f"box {text!r}: outside the {width}x{height} pixels of {name}")
-    return x0, y0, x1, y1
 
 
 def _folder(under: str | None) -> str | None:
@@ -166,7 +149,7 @@ class SearchService:
         with self.decode_slots:  # a region's box is in the file's pixels: decode it whole then
             loaded = open_image(data, max_side=None if box else self.index.conf.image_size, name=filename)
         image = loaded.image
-        region = parse_box(box, loaded.width, loaded.height, filename) if box else None
+        region = check_box(box, (loaded.width, loaded.height), filename) if box else None
         t1 = time.perf_counter()
         if region:
             with self.model_lock:
@@ -195,7 +178,7 @@ class SearchService:
         self.index.check_query(k, mode, rerank, candidates)
         t0 = time.perf_counter()
         size = self.index.store.rows([key], ["width", "height", "path"])[0]
-        region = parse_box(box, size["width"], size["height"], f"image {key}") if box else None
+        region = check_box(box, (size["width"], size["height"]), f"image {key}") if box else None
         if region:  # the table's own file (never a path from the request), whole
             image = open_image(Path(size["path"])).image
             with self.model_lock:
