@@ -420,7 +420,8 @@ class Index:
         """The images that contain the `box` (x0, y0, x1, y1, pixels) of `image`, even at 1/16 of their
         area or pasted into another picture: region cells retrieve candidates (simsearch.region), the
         reranker (verified by default; None: none) checks them against the region."""
-        from .region import CELL_BITS, CELL_K, maxsim, prefix_of
+        from .region import CELL_BITS, prefix_of
+        from .rerank import RerankQuery
 
         self.check_query(k, "content", rerank, candidates)
         name = image if not isinstance(image, Image.Image) else "query image"
@@ -429,7 +430,8 @@ class Index:
         region = img.crop(box)
         describer, followed = self.region_index
         vi = followed.get().vectors
-        best = self._region_scores(vi, [cells for _, cells in describer.query_cells(region)])
+        views = describer.query_views(region, self.conf.image_size)
+        best = self._region_scores(vi, describer.cells_of_views(views, region.size))
         allowed = set(prefix_of(self.store.keys_where(where))) if where else None
         ranked = sorted((p for p in best if allowed is None or p in allowed), key=lambda p: -best[p])
         rows = {int(prefix_of(r["key"])): r for r in self.store.rows_by_prefix(
@@ -438,8 +440,7 @@ class Index:
                 for i, p in enumerate((p for p in ranked if p in rows), 1)]
         if rerank is None or not hits:
             return hits[:k]
-        emb = self.embed_image(region)
-        hits = self.rerank(self.rerank_query(region, emb.dense[0], rerank), hits[:max(k, candidates)], rerank)[:k]
+        hits = self.rerank(RerankQuery(views[0], region.size, views[1:], region=True), hits[:max(k, candidates)], rerank)[:k]
         x0, y0 = box[0], box[1]  # correspondences in the query image's pixels, not the region's
         return [replace(h, matches=[(qx + x0, qy + y0, hx, hy) for qx, qy, hx, hy in h.matches]) for h in hits]
 

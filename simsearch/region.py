@@ -103,25 +103,16 @@ class RegionDescriber:
                 out.append((ps.pooled(factor) if min(ps.grid) >= 2 * factor else ps).desc[0].numpy())
         return out
 
-    def query_cells(self, region) -> list[tuple[int, "np.ndarray"]]:
-        """A query region (PIL image) described at every QUERY_SIZES side, each pooled as the stored
-        grids are -> [(side, (cells, C) unit vectors)]."""
+    def query_views(self, region, first_side: int) -> list[np.ndarray]:
+        """A query region (PIL image) described at `first_side` and every QUERY_SIZES side ->
+        [(T_i, C) dense tensors], first_side's first: the cells meet stored grids at the region's
+        scale, and verification gets the same tensors as its scale views (one forward per side)."""
         import torch
 
-        from .rerank.scores import _regrid, patch_set
-
-        bb, out = self.backbone, []
-        stored = self.prior.shape[0]
-        factor = pool_factor((round(stored ** 0.5),) * 2)
+        bb = self.backbone
         with torch.inference_mode():
-            for side in dict.fromkeys(bb.view_size(s) for s in QUERY_SIZES):
-                dense = bb.tokens(bb.preprocess(region, side)[None].to(bb.device), {"d": (self.layer, "source")})["d"]
-                cells = dense.shape[1] - bb.prefix_tokens
-                ps = patch_set(bb, bb.attention_inputs(self.layer, dense.float()), [region.size], _regrid(self.prior, cells))
-                if min(ps.grid) >= 2 * factor:
-                    ps = ps.pooled(factor)
-                out.append((side, ps.desc[0].numpy()))
-        return out
+            return [bb.tokens(bb.preprocess(region, side)[None].to(bb.device), {"d": (self.layer, "source")})["d"][0]
+                    .float().cpu().numpy() for side in dict.fromkeys(bb.view_size(s) for s in (first_side, *QUERY_SIZES))]
 
 
 # -- the FAISS index ---------------------------------------------------------------------------

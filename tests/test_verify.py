@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from simsearch.rerank.verify import (GeometricVerifier, PatchSet, cell_centres, ransac_similarity,
-                                     tentative_matches)
+from simsearch.rerank.verify import (GeometricVerifier, PatchSet, align_translation, cell_centres,
+                                     ransac_similarity, tentative_matches)
 
 
 def _similarity(xy: np.ndarray, scale: float, angle: float, shift, mirror: bool) -> np.ndarray:
@@ -100,3 +100,51 @@ def test_verifier_finds_a_half_size_crop_and_rejects_a_shuffle():
     # query pixel (x, y) -> candidate pixel (100 - x, y): a mirror at the same scale in pixels
     np.testing.assert_allclose(pairs[:, 2], 100 - pairs[:, 0], atol=1.0)
     np.testing.assert_allclose(pairs[:, 3], pairs[:, 1], atol=1.0)
+
+
+def _unit_grid(rng, h: int, w: int, c: int = 32) -> np.ndarray:
+    g = rng.normal(size=(h, w, c))
+    return g / np.linalg.norm(g, axis=-1, keepdims=True)
+
+
+def _best_offset(query: np.ndarray, cand: np.ndarray) -> tuple[float, int, int]:
+    """Brute force: mean cosine of the query's cells over the candidate cells under them (0 off the
+    grid), for every translation that overlaps by at least one cell."""
+    (hq, wq, _), (hc, wc, _) = query.shape, cand.shape
+    best = (-2.0, 0, 0)
+    for dy in range(-(hq - 1), hc):
+        for dx in range(-(wq - 1), wc):
+            total = sum(query[i, j] @ cand[i + dy, j + dx] for i in range(hq) for j in range(wq)
+                        if 0 <= i + dy < hc and 0 <= j + dx < wc)
+            best = max(best, (total / (hq * wq), dy, dx))
+    return best
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_alignment_finds_a_small_region_at_its_offset(mirror):
+    rng = np.random.default_rng(3)
+    cands = np.stack([_unit_grid(rng, 10, 12) for _ in range(3)])
+    region = cands[1, 5:9, 2:6]  # 4 x 4 cells of candidate 1 (1/7.5 of its cells)
+    query = region[:, ::-1] if mirror else region
+    noisy = query + rng.normal(0, 0.1, query.shape)
+    noisy /= np.linalg.norm(noisy, axis=-1, keepdims=True)
+
+    def patch_set(g: np.ndarray) -> PatchSet:
+        b, h, w, c = g.shape
+        return PatchSet.on_grid(torch.tensor(g.reshape(b, h * w, c), dtype=torch.float32), torch.ones(b, h * w), (h, w),
+                                [(w, h)] * b)
+
+    al = align_translation(patch_set(noisy[None]), patch_set(cands), mirror=True)
+    assert al.offset[1].tolist() == [5, 2, int(mirror)]
+    assert int(al.score.argmax()) == 1
+    for i in (0, 2):  # unrelated grids: the brute-force best over plain translations, at most
+        assert float(al.score[i]) == pytest.approx(max(_best_offset(noisy, cands[i])[0],
+                                                       _best_offset(noisy[:, ::-1], cands[i])[0]), abs=1e-5)
+    ver = GeometricVerifier(min_sim=0.8).align([patch_set(noisy[None])], patch_set(cands))
+    assert int(ver.inliers[1]) == 16 and int(ver.inliers[0]) == 0
+    # correspondences: each query cell centre against the candidate cell it came from (pixels)
+    q_xy, c_xy = ver.pairs[1][:, :2], ver.pairs[1][:, 2:]
+    qj = np.floor(q_xy[:, 0]).astype(int)
+    cj = np.floor(c_xy[:, 0]).astype(int)
+    assert (cj == (5 - qj if mirror else qj + 2)).all()
+    assert (np.floor(c_xy[:, 1]) == np.floor(q_xy[:, 1]) + 5).all()

@@ -25,6 +25,10 @@ FUSION = {
     "aas": {"aas": (0.25, 0.0)},
     "matches": {"matches": (0.25, 0.0)},
     "both": {"aas": (0.25, 0.0), "matches": (0.25, 0.0)},
+    # A region query's verification (RerankQuery.region): the aligned cells' mean cosine, fitted the same
+    # way on the proxy's 177 tuning regions (1/4, 1/9, 1/16 of an original); mean R@1 over the three
+    # areas 50.3 (MaxSim alone) -> 60.5 at weight 4, 64.4 at 16, 63.8 for the alignment alone.
+    "region": {"aligned": (16.0, 0.0)},
 }
 
 
@@ -36,6 +40,7 @@ class RerankQuery:
     dense: np.ndarray  # (T, C) source of dense_layer, as an index stores it
     size: tuple[int, int]  # (width, height) pixels
     views: list[np.ndarray] = field(default_factory=list)  # (T', C) each, from other input sizes
+    region: bool = False  # a region of a picture, looked for inside candidates (verified by alignment)
 
 
 def patch_keys(backbone, qkv: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -75,8 +80,8 @@ def rerank_scores(backbone, layer, query, cand_dense: np.ndarray, method: str = 
     (M, T, C): attention sources of `layer` as the index stores them; cand_sizes (M, 2) pixels;
     prior: `positional_prior` of the table (verification without it matches positions, not content).
 
-    -> {"aas" | "matches" | "verified" | "inliers": (M,), "pairs": per candidate (P, 4) query and
-    candidate pixels (verified only)}: what `method` needs, before fusion (see `fuse`).
+    -> {"aas" | "matches" | "verified" (or "aligned" for a region query) | "inliers": (M,), "pairs": per
+    candidate (P, 4) query and candidate pixels (verified only)}: what `method` needs, before fusion (see `fuse`).
     """
     if method not in RERANKERS:
         raise ValueError(f"unknown reranker '{method}' (choose from {', '.join(RERANKERS)})")
@@ -98,16 +103,23 @@ def rerank_scores(backbone, layer, query, cand_dense: np.ndarray, method: str = 
         views = [patch_set(backbone, qkv_a, [query.size], prior)]
         views += [patch_set(backbone, backbone.attention_inputs(layer, torch.as_tensor(v)[None]), [query.size],
                             _regrid(prior, v.shape[0] - backbone.prefix_tokens)) for v in query.views]
-        ver = (verifier or GeometricVerifier())(views, patch_set(backbone, qkv_b, sizes, prior))
-        out.update(verified=ver.score.numpy(), inliers=ver.inliers.numpy(), pairs=ver.pairs)
+        verifier, cands = verifier or GeometricVerifier(), patch_set(backbone, qkv_b, sizes, prior)
+        if query.region:
+            ver = verifier.align(views, cands)
+            out.update(aligned=ver.score.numpy(), inliers=ver.inliers.numpy(), pairs=ver.pairs)
+        else:
+            ver = verifier(views, cands)
+            out.update(verified=ver.score.numpy(), inliers=ver.inliers.numpy(), pairs=ver.pairs)
     return out
 
 
 def fuse(first_stage: np.ndarray, scores: dict, method: str, rule: dict | None = None) -> np.ndarray:
     """The final sort key: first-stage score plus each second-stage score above its floor, weighted
-    (FUSION[method] unless `rule` is given: {score name: (weight, floor)})."""
+    (FUSION[method], FUSION["region"] for a region's alignment, unless `rule` is given: {score name:
+    (weight, floor)})."""
+    rule = rule or FUSION["region" if "aligned" in scores else method]
     final = np.asarray(first_stage, dtype=np.float64).copy()
-    for name, (weight, floor) in (rule or FUSION[method]).items():
+    for name, (weight, floor) in rule.items():
         final += weight * np.maximum(0.0, np.asarray(scores[name], dtype=np.float64) - floor)
     return final
 

@@ -9,6 +9,9 @@ index already stores:
 2. RANSAC over 2-point similarity transforms (scale, rotation, translation; optionally mirrored) on
    the patch centres, every candidate at once, then a least-squares refit on the inliers;
 3. score = the saliency weight of the inliers.
+A region query (a few cells of its target) has too few tentative matches for RANSAC: it is verified by
+an exhaustive search over translations of its grid on the candidate's (`align_translation`, each view
+a scale), every cell voting.
 Scale-aware: the query is described on several grids ("views": a crop at half the input size meets
 its original's patches at their scale) and candidates on their stored grid and its 2 x 2 pooling (for
 a query that shows the candidate at half size, pasted into another picture); the best pair of views
@@ -153,6 +156,49 @@ def ransac_similarity(src: torch.Tensor, dst: torch.Tensor, weight: torch.Tensor
 
 
 @dataclass
+class Alignment:
+    """The best translation of a query grid over each of M candidate grids."""
+
+    score: torch.Tensor  # (M,) mean cosine of the query's cells and the candidate cells under them (0 off the grid)
+    offset: torch.Tensor  # (M, 3) long: (dy, dx) of the query's first cell on the candidate grid, mirrored (0/1)
+
+
+def align_translation(query: PatchSet, cand: PatchSet, mirror: bool = True) -> Alignment:
+    """Exhaustive search over every translation of the query's (hq, wq) grid on each candidate's
+    (hc, wc) grid, overlapping by at least one cell: a correlation of the descriptor maps (a conv2d
+    with the query grid as its kernel). Where RANSAC needs a few dozen tentative matches, this uses every
+    cell of the query: what a region of 4 x 4 cells has (a region at 1/16 of its target's area)."""
+    hq, wq = query.grid
+    m, _, c = cand.desc.shape
+    maps = cand.desc.transpose(1, 2).reshape(m, c, *cand.grid)  # (M, C, hc, wc)
+    kernel = query.desc[0].T.reshape(1, c, hq, wq)
+    best, offset = torch.full((m,), -2.0), torch.zeros(m, 3, dtype=torch.long)
+    for flip in (False, True) if mirror else (False,):
+        corr = F.conv2d(maps, kernel.flip(-1) if flip else kernel, padding=(hq - 1, wq - 1))[:, 0] / (hq * wq)
+        top, at = corr.flatten(1).max(-1)  # (M,): over the (hc + hq - 1, wc + wq - 1) offsets
+        better = top > best
+        width = corr.shape[-1]
+        chosen = torch.stack([at // width - (hq - 1), at % width - (wq - 1), torch.full_like(at, int(flip))], -1)
+        best, offset = torch.where(better, top, best), torch.where(better[:, None], chosen, offset)
+    return Alignment(best, offset)
+
+
+def aligned_cells(query: PatchSet, cand: PatchSet, i: int, offset, min_sim: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query cells and the cells of candidate i under them at `offset` (dy, dx, mirrored) whose cosine
+    reaches min_sim -> (P,) query cell and (P,) candidate cell indices, most similar first."""
+    (hq, wq), (hc, wc) = query.grid, cand.grid
+    dy, dx, flip = (int(v) for v in offset)
+    ys, xs = torch.meshgrid(torch.arange(hq), torch.arange(wq), indexing="ij")
+    ty, tx = ys + dy, (wq - 1 - xs if flip else xs) + dx  # a mirrored kernel reads the query's columns reversed
+    on = (ty >= 0) & (ty < hc) & (tx >= 0) & (tx < wc)
+    q_cells, c_cells = (ys * wq + xs)[on], (ty * wc + tx)[on]
+    sim = (query.desc[0, q_cells] * cand.desc[i, c_cells]).sum(-1)
+    keep = (sim >= min_sim).nonzero()[:, 0]
+    keep = keep[sim[keep].argsort(descending=True)]
+    return q_cells[keep], c_cells[keep]
+
+
+@dataclass
 class Verification:
     """The verdict on M candidates against one query."""
 
@@ -205,4 +251,25 @@ class GeometricVerifier:
                     slots = slots[tent.weight[i, slots].argsort(descending=True)][: c["max_pairs"]]
                     pairs[i] = torch.cat([src[i, slots] * qv.sizes[0].max(), dst[i, slots] * cv.sizes[i].max()],
                                          -1).numpy().astype("float32")
+        return Verification(best.clamp_min(0), count, pairs)
+
+    def align(self, query_views: list[PatchSet], cand: PatchSet) -> Verification:
+        """A region's verification: the best translation of any query view over each candidate's
+        stored grid (align_translation; the views give the scale). score: the aligned cells' mean
+        cosine; inliers: the aligned cells at min_sim or more, returned as the correspondences."""
+        c = self.conf
+        m = cand.desc.shape[0]
+        best, offsets, view = torch.full((m,), -2.0), torch.zeros(m, 3, dtype=torch.long), [0] * m
+        for v, qv in enumerate(query_views):
+            al = align_translation(qv, cand, c["mirror"])
+            for i in (al.score > best).nonzero()[:, 0].tolist():
+                best[i], offsets[i], view[i] = al.score[i], al.offset[i], v
+        count, pairs = torch.zeros(m, dtype=torch.long), []
+        for i in range(m):
+            qv = query_views[view[i]]
+            q_cells, c_cells = aligned_cells(qv, cand, i, offsets[i], c["min_sim"])
+            count[i] = len(q_cells)
+            q_cells, c_cells = q_cells[: c["max_pairs"]], c_cells[: c["max_pairs"]]
+            pairs.append(torch.cat([qv.xy[0, q_cells] * qv.sizes[0].max(), cand.xy[i, c_cells] * cand.sizes[i].max()],
+                                   -1).numpy().astype("float32"))
         return Verification(best.clamp_min(0), count, pairs)
