@@ -77,6 +77,23 @@ class DescriptorConfig:
         The one way a new configuration is made (Embedder, Index, the CLI, the benchmarks)."""
         return cls(model=model, **{**descriptor_defaults(model), **overrides})
 
+    @classmethod
+    def parse_variant(cls, text: str) -> tuple[str, dict]:
+        """`NAME` (the model's defaults) or `NAME:field=value,field=value` with fields of this class but
+        `model` -> (name, overrides); a value is an integer, `none`, several layers joined by `+`
+        (3+4+5), or text (parse_layer)."""
+        name, _, spec = text.partition(":")
+        known = {f.name for f in fields(cls)} - {"model"}
+        overrides = {}
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            key, eq, value = item.partition("=")
+            if not eq or key not in known:
+                raise SimsearchError(f"variant {text!r}: '{item}' is not field=value with a field of {', '.join(sorted(known))}")
+            overrides[key] = None if value.lower() == "none" else parse_layer(value)
+        if not name.strip():
+            raise SimsearchError(f"variant {text!r}: needs a name before the colon")
+        return name.strip(), overrides
+
     def backbone_options(self) -> dict:
         """What the backbone's loader takes from this configuration (noise and time for SD)."""
         return {"timestep": self.timestep, "noise_seed": self.noise_seed, "ip_adapter": self.ip_adapter}
@@ -93,6 +110,13 @@ class DescriptorConfig:
 
     def describe(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def parse_layer(text: str | None) -> Layer | tuple[Layer, ...] | None:
+    """A layer written as text: a block index for ViTs, a module path for the UNet; several joined by `+`."""
+    if text is not None and "+" in text:
+        return tuple(parse_layer(t) for t in text.split("+"))
+    return int(text) if text is not None and text.lstrip("-").isdigit() else text
 
 
 @dataclass

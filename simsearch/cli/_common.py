@@ -43,13 +43,6 @@ DinoOption = Annotated[Optional[str], typer.Option(help="The ViT fused with SD f
 DinoSizeOption = Annotated[Optional[int], typer.Option(help="Input side of the ViT in --features sd+dino (default 840).")]
 
 
-def parse_layer(text: str | None) -> int | str | tuple | None:
-    """A --layer value: a block index for ViTs, a module path for the UNet; several joined by `+`."""
-    if text is not None and "+" in text:
-        return tuple(parse_layer(t) for t in text.split("+"))
-    return int(text) if text is not None and text.lstrip("-").isdigit() else text
-
-
 def esc(value) -> str:
     """A user-controlled value made safe to embed in rich markup."""
     return escape(str(value))

@@ -12,7 +12,7 @@ from rich.table import Table
 from ._common import (CacheOption, DeviceOption, DinoOption, DinoSizeOption, FacetOption, ImageSizeOption, JsonOption,
                       LayerOption, LogBinOption,
                       IpAdapterOption, MetricsOption, ModelOption, OutOption, RuntimeOption, StrideOption, TimestepOption, cell, err, esc,
-                      out, parse_floats, parse_layer, parse_metrics, progress_callbacks, quiet_libraries, warn_failed)
+                      out, parse_floats, parse_metrics, progress_callbacks, quiet_libraries, warn_failed)
 
 app = typer.Typer(no_args_is_help=True, help="Benchmarks: keypoint PCK, grouped folders, Sref, IP, the proxy suite.")
 TripletsOption = Annotated[int, typer.Option(min=1, help="Seeded triplet sample size.")]
@@ -43,6 +43,7 @@ def pck(
     from rich.progress import Progress
 
     from ..api import make_matchers
+    from ..embedder import parse_layer
     from ..bench.pck import evaluate_pck, read_pairs
 
     quiet_libraries()
@@ -187,27 +188,6 @@ def ip(
     _run(evaluate_ip, root, as_json, out_file, metrics=parse_metrics(metric), model=model, cache=cache, device=device, runtime=runtime, timestep=timestep, ip_adapter=ip_adapter, image_size=image_size)
 
 
-def parse_variant(text: str) -> tuple[str, dict]:
-    """`NAME` (the model's defaults) or `NAME:field=value,field=value` with DescriptorConfig fields;
-    a value is an integer, `none`, several layers joined by `+` (3+4+5), or text."""
-    from dataclasses import fields
-
-    from ..embedder import DescriptorConfig
-    from ..errors import SimsearchError
-
-    name, _, spec = text.partition(":")
-    known = {f.name for f in fields(DescriptorConfig)} - {"model"}
-    overrides = {}
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq or key not in known:
-            raise SimsearchError(f"--variant {text!r}: '{item}' is not field=value with a field of {', '.join(sorted(known))}")
-        overrides[key] = None if value.lower() == "none" else parse_layer(value)
-    if not name.strip():
-        raise SimsearchError(f"--variant {text!r}: needs a name before the colon")
-    return name.strip(), overrides
-
-
 @app.command("suite")
 def suite(
     root: Annotated[Path, typer.Argument(help="A suite: ROOT/suite.json and ROOT/<set>/<group>/<image> (python benchmarks/data.py suite).")],
@@ -230,9 +210,10 @@ def suite(
     from rich.progress import Progress
 
     from ..bench.suites import evaluate_suite
+    from ..embedder import DescriptorConfig
 
     quiet_libraries()
-    variants = dict(parse_variant(v) for v in variant) if variant else None
+    variants = dict(DescriptorConfig.parse_variant(v) for v in variant) if variant else None
     with Progress(console=err, transient=True) as progress:
         task = progress.add_task("suite", total=None)
         result = evaluate_suite(root, variants, metrics=parse_metrics(metric), triplets=triplets, seed=seed,

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ._common import (DEFAULT_DB, DbOption, DeviceOption, IpAdapterOption, ModelOption, NoiseSeedOption, RuntimeOption,
-                      TimestepOption, cell, err, esc, note, out, parse_layer, quiet_libraries, warn_failed)
+                      TimestepOption, cell, err, esc, note, out, quiet_libraries, warn_failed)
 
 
 def index(
@@ -49,6 +49,7 @@ def index(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from ..index import Index
+    from ..embedder import parse_layer
 
     quiet_libraries()
     overrides = {k: v for k, v in dict(image_size=image_size, dense_dtype=dense_dtype, content_layer=parse_layer(content_layer),

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ._common import (DeviceOption, DinoOption, DinoSizeOption, FacetOption, FeaturesOption, ImageSizeOption, LayerOption,
-                      LogBinOption, ModelOption, StrideOption, err, esc, note, out, parse_layer, quiet_libraries)
+                      LogBinOption, ModelOption, StrideOption, err, esc, note, out, quiet_libraries)
 
 
 def parse_points(text: str) -> list[tuple[float, float]]:
@@ -51,6 +51,7 @@ def match(
     from rich.progress import Progress
 
     from ..api import match_images
+    from ..embedder import parse_layer
 
     quiet_libraries()
     pts = parse_points(points) if points else None
