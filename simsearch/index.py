@@ -141,7 +141,7 @@ class Index:
         if wanted != stored:
             raise ConfigMismatchError(
                 f"{self.root} was built with {stored.describe()}; requested {wanted.describe()}. "
-                f"Use another --db or the same configuration.")
+                f"Use another database or the same configuration.")
         return stored
 
     # -- model -------------------------------------------------------------------------------
@@ -160,7 +160,7 @@ class Index:
         if stored != emb.fingerprint:
             raise ConfigMismatchError(
                 f"{self.root} was built with weights {stored} of '{self.conf.model}', "
-                f"but those weights now fingerprint as {emb.fingerprint}; re-index into a new --db")
+                f"but those weights now fingerprint as {emb.fingerprint}; re-index into a new database")
 
     @property
     def dense_format(self) -> DenseFormat:
@@ -283,7 +283,7 @@ class Index:
             raise SimsearchError(f"unknown mode '{mode}' (choose from {', '.join(MODES)})")
         n = self.count()
         if n == 0:
-            raise EmptyIndexError(f"{self.root}: the index holds no images (run `simsearch index FOLDER --db {self.root}`)")
+            raise EmptyIndexError(f"{self.root}: the index holds no images", db=self.root)
         if k < 1:
             raise SimsearchError(f"k must be at least 1 (got {k})")
         if k > n:
@@ -473,7 +473,7 @@ class Index:
     def info(self) -> dict:
         """Rows, configuration, index state and storage per image. Does not load the model."""
         if not self.store.exists():
-            raise EmptyIndexError(f"{self.root}: no simsearch database here")
+            raise EmptyIndexError(f"{self.root}: no simsearch database here", db=self.root)
         meta = self.store.meta
         rows = self.count()
         tokens, dim = meta["dense_shape"]
