@@ -22,6 +22,7 @@ from .descriptors.codec import COMPACT_CODECS, DenseFormat
 from .embedder import DescriptorConfig, Embedder
 from .errors import ConfigMismatchError, EmptyIndexError, ImageError, SimsearchError
 from .images import _to_rgb, open_image, preshrink
+from .indexers import check_source
 from .rerank import DEFAULT_RERANKER, RERANKERS
 from .region import CANDIDATES as REGION_CANDIDATES
 from .store import KEEP_VERSIONS, VECTOR_COLUMNS, ImageStore
@@ -196,12 +197,11 @@ class Index:
     def add_folder(self, folder: str | Path, batch_size: int = 16, prune: bool = False, engine: str = "local", **kwargs):
         """Embed every image under `folder` (see indexers.local.index_folder for the options).
         engine="ray": on a Ray cluster, `folder` may be a URI (see indexers.distributed.index_with_ray)."""
+        check_source(folder, engine)
         if engine == "ray":
             from .indexers.distributed import index_with_ray
 
             return index_with_ray(self, folder, batch_size=batch_size, prune=prune, **kwargs)
-        if engine != "local":
-            raise SimsearchError(f"unknown engine '{engine}' (choose from local, ray)")
         from .indexers.local import index_folder
 
         report = index_folder(self, folder, batch_size=batch_size, prune=prune, **kwargs)

@@ -123,6 +123,16 @@ def test_index_errors(cli, db, tmp_path, photos):
     assert table_rows(db) == before
     one_line_error(*cli("index", photos, "--db", tmp_path / "new", "--model", str(tmp_path)), "config.json")
     one_line_error(*cli("index", photos, "--db", tmp_path / "new2", "--dense-dtype", "int3"), "dense dtype")
+    # the source and engine checks are the library's (Index.add_folder), spelled with the CLI's flags
+    from simsearch import Index, SimsearchError
+
+    one_line_error(*cli("index", "s3://bucket/photos", "--db", db), "s3://bucket/photos: URIs are read by --engine ray only")
+    one_line_error(*cli("index", photos, "--db", db, "--engine", "spark"), "unknown engine 'spark' (choose from local, ray)")
+    with pytest.raises(SimsearchError, match=r"^s3://bucket/photos: URIs are read by engine='ray' only$"):
+        Index(db).add_folder("s3://bucket/photos")
+    with pytest.raises(SimsearchError, match="no such file"):
+        Index(db).add_folder(tmp_path / "nowhere", engine="ray")  # before Ray starts
+    assert table_rows(db) == before
 
 
 # -- info, models -------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -36,16 +35,9 @@ def index(
     address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (auto, ray://host:10001); default: a local one.")] = None,
 ):
     """Embed every image under FOLDER into the database; incremental and resumable."""
-    from ..errors import ImageError
+    from ..indexers import check_source
 
-    from ..errors import SimsearchError
-
-    if engine not in ("local", "ray"):
-        raise SimsearchError(f"unknown engine '{engine}' (choose from local, ray)")
-    if "://" not in folder and not Path(folder).expanduser().exists():
-        raise ImageError(folder, "no such file or directory")
-    if "://" in folder and engine != "ray":
-        raise SimsearchError(f"{folder}: URIs are read by --engine ray only")
+    check_source(folder, engine)  # before the model and the table load
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from ..index import Index
