@@ -184,13 +184,14 @@ def sd_bf16(width: float, side: int, n: int) -> dict:
 
     from common import random_sd
     from simsearch.backbones import runtime
-    from simsearch.backbones.sd import DESCRIPTOR_DEFAULTS as SD
     from simsearch.descriptors.head import DescriptorHead
+    from simsearch.embedder import DescriptorConfig
 
     bb, _ = random_sd(width)
-    wanted = {"content": (SD["content_layer"], "features"), "dense": (SD["dense_layer"], "source"),
-              "style0": (SD["style_layer"], "features")}
-    head = DescriptorHead(bb, wanted, SD["content_pooling"], "meanstd").eval()
+    conf = DescriptorConfig.for_model("sd15")  # SD 1.5's defaults, on the random SD 1.x-shaped UNet
+    wanted = {"content": (conf.content_layer, "features"), "dense": (conf.dense_layer, "source"),
+              "style0": (conf.style_layer, "features")}
+    head = DescriptorHead(bb, wanted, conf.content_pooling, conf.style_pooling).eval()
     photos = sorted(EXAMPLES.glob("*.jpg"))[:n]
     pixels = np.stack([bb.preprocess(Image.open(p).convert("RGB"), side).numpy() for p in photos])
     out, seconds = {}, {}

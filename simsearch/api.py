@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from .backbones import DEFAULT_MODEL, load_backbone
-from .errors import ImageError, SimsearchError
+from .errors import NAME_ONLY, ImageError, SimsearchError
 from .images import open_image
 from .rerank.correspondence import DenseMatcher, Matcher, Matches
 
@@ -21,12 +21,15 @@ def dense_matcher(model: str | None = None, device: str = "auto", **conf) -> Den
     return DenseMatcher(load_backbone(model or DEFAULT_MODEL, device), **conf)
 
 
-def _sd_backbone(model: str | None, device: str, why: str):
+def _sd_backbone(model: str | None, device: str, **why):
+    """The Stable Diffusion backbone `model`; `why`, one {parameter: value}, is what needs it."""
+    (needs,) = why
     if model is None:
-        raise SimsearchError(f"{why} needs --model: a Stable Diffusion model (registry name such as sd15, folder or file)")
+        raise SimsearchError("{%s} needs {model}: a Stable Diffusion model (registry name such as sd15, folder or file)"
+                             % needs, model=NAME_ONLY, **why)
     sd = load_backbone(model, device)
     if sd.family != "sd":
-        raise SimsearchError(f"{model} is not a Stable Diffusion model ({why})")
+        raise SimsearchError("{model} is not a Stable Diffusion model ({%s})" % needs, model=model, **why)
     return sd
 
 
@@ -51,10 +54,11 @@ def make_matchers(features: list[str], model: str | None = None, dino: str | Non
     if bad:
         raise SimsearchError(f"unknown features '{bad[0]}' (choose from {', '.join(FEATURES)})")
     uses_sd = any(f != "dino" for f in features)
-    vit_only = [name for name, v in (("--layer", layer), ("--facet", facet), ("--stride", stride), ("--log-bin", log_bin)) if v is not None]
+    vit_only = {k: v for k, v in (("layer", layer), ("facet", facet), ("stride", stride), ("log_bin", log_bin)) if v is not None}
     if uses_sd and vit_only:
-        raise SimsearchError(f"{', '.join(vit_only)} apply to --features dino only (SD features are fixed: Zhang et al.'s layers)")
-    sd = _sd_backbone(model, device, f"--features {features[0] if len(features) == 1 else ','.join(features)}") if uses_sd else None
+        raise SimsearchError(", ".join(f"{{{k}}}" for k in vit_only) + " apply to {features} only (SD features are "
+                             "fixed: Zhang et al.'s layers)", **vit_only, features="dino")
+    sd = _sd_backbone(model, device, features=",".join(features)) if uses_sd else None
     vit_name = (dino or DEFAULT_MODEL) if uses_sd else (model or DEFAULT_MODEL)
     vit = load_backbone(vit_name, device) if "dino" in features or "sd+dino" in features else None
     matchers: dict[str, Matcher] = {}
@@ -90,8 +94,8 @@ def match_images(image_a: str | Path, image_b: str | Path, points=None, n: int =
         from .rerank.ldm import LDMCorrespondence
 
         if points is None:
-            raise SimsearchError("--method ldm transfers given points: pass --points 'x,y;...'")
-        result = LDMCorrespondence(_sd_backbone(model, device, "--method ldm"), **(ldm or {})).transfer(
+            raise SimsearchError("{method} transfers given {points}, and none were given", method="ldm", points=NAME_ONLY)
+        result = LDMCorrespondence(_sd_backbone(model, device, method="ldm"), **(ldm or {})).transfer(
             img_a, img_b, points, on_point=on_point)
     else:
         matcher = matcher or make_matcher(features, model, dino, device, **conf)

@@ -353,7 +353,7 @@ def scope_of(index, under: str | None) -> Scope:
     """The catalogued rows at or below folder `under` (all rows without), read through the path index;
     EmptyIndexError when there are none."""
     if not index.store.exists():
-        raise EmptyIndexError(f"{index.root}: no simsearch database here")
+        raise EmptyIndexError(f"{index.root}: no simsearch database here", db=index.root)
     under = normalize(under) if under is not None else None
     parts = list(index.store.scan(["key", "id"], under))
     t = pa.Table.from_batches(parts) if parts else pa.table({"key": pa.array([], pa.int64()), "id": pa.array([], pa.string())})

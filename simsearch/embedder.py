@@ -23,31 +23,36 @@ if TYPE_CHECKING:
     from .backbones import Layer
 
 
+# What a table recorded before a field existed means by its absence (`from_dict`): the final layer's
+# content tokens, mean/std style statistics, and no diffusion settings (only ViT tables predate them).
+# Never a model's default: new configurations come from `for_model`.
+UNRECORDED_FIELDS = {"content_layer": None, "style_pooling": "meanstd", "timestep": None, "noise_seed": None,
+                     "ip_adapter": None}
+
+
 @dataclass(frozen=True)
 class DescriptorConfig:
     """Everything that decides what a stored vector means. Recorded with the table.
 
-    Layers are block indices for ViTs and module paths for the Stable Diffusion UNet. A model starts
-    from its family's defaults and its preset's (`for_model`), measured per model.
+    Layers are block indices for ViTs and module paths for the Stable Diffusion UNet. Every field is
+    given: `for_model` fills a model's defaults (backbones.descriptor_defaults), `from_dict` a table's record.
     """
 
-    model: str = DEFAULT_MODEL
-    image_size: int = 224  # the whole image resized to a square (no crop)
-    content_pooling: str = "cls"  # see descriptors.pooling.CONTENT_POOLINGS
-    # Content tokens: the features of this layer; None = the backbone's final features. The embedded
-    # model's last block is its weakest for retrieval: CLS entering block 11 scores 33 mAP on tuxpaint
-    # categories vs 20 for the final CLS (its preset sets 11).
-    content_layer: Layer | None = None
+    model: str
+    image_size: int  # the whole image resized to a square (no crop)
+    content_pooling: str  # see descriptors.pooling.CONTENT_POOLINGS
+    # Content tokens: the features of this layer; None = the backbone's final features.
+    content_layer: Layer | None
     # Style statistics (`style_pooling`, descriptors.pooling.style_pooled) of this layer's features;
     # of several layers (a tuple): each layer's unit-norm vector, concatenated (concat_normalized).
-    style_layer: Layer | tuple[Layer, ...] = 4
-    style_pooling: str = "meanstd"
-    dense_layer: Layer = 9  # the source of this layer's attention is stored for reranking (AAS, matches)
-    dense_dtype: str = "float16"
+    style_layer: Layer | tuple[Layer, ...]
+    style_pooling: str
+    dense_layer: Layer  # the source of this layer's attention is stored for reranking (AAS, matches)
+    dense_dtype: str
     # diffusion backbones only: DDPM timestep, seed of the fixed noise, IP-Adapter Plus (DiffSim-C)
-    timestep: int | None = None
-    noise_seed: int | None = None
-    ip_adapter: str | None = None
+    timestep: int | None
+    noise_seed: int | None
+    ip_adapter: str | None
 
     def __post_init__(self):
         if isinstance(self.style_layer, (list, tuple)):  # JSON gives a list; one layer is stored as itself
@@ -68,8 +73,26 @@ class DescriptorConfig:
 
     @classmethod
     def for_model(cls, model: str = DEFAULT_MODEL, **overrides) -> "DescriptorConfig":
-        """The configuration for `model`: its family's and preset's descriptor defaults, then `overrides`."""
+        """The configuration for `model`: its descriptor defaults (shared, family, card), then `overrides`.
+        The one way a new configuration is made (Embedder, Index, the CLI, the benchmarks)."""
         return cls(model=model, **{**descriptor_defaults(model), **overrides})
+
+    @classmethod
+    def parse_variant(cls, text: str) -> tuple[str, dict]:
+        """`NAME` (the model's defaults) or `NAME:field=value,field=value` with fields of this class but
+        `model` -> (name, overrides); a value is an integer, `none`, several layers joined by `+`
+        (3+4+5), or text (parse_layer)."""
+        name, _, spec = text.partition(":")
+        known = {f.name for f in fields(cls)} - {"model"}
+        overrides = {}
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            key, eq, value = item.partition("=")
+            if not eq or key not in known:
+                raise SimsearchError(f"variant {text!r}: '{item}' is not field=value with a field of {', '.join(sorted(known))}")
+            overrides[key] = None if value.lower() == "none" else parse_layer(value)
+        if not name.strip():
+            raise SimsearchError(f"variant {text!r}: needs a name before the colon")
+        return name.strip(), overrides
 
     def backbone_options(self) -> dict:
         """What the backbone's loader takes from this configuration (noise and time for SD)."""
@@ -80,11 +103,20 @@ class DescriptorConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DescriptorConfig":
+        """A recorded configuration; fields it predates take UNRECORDED_FIELDS, fields it has that this
+        version lacks are dropped."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**{**UNRECORDED_FIELDS, **{k: v for k, v in d.items() if k in names}})
 
     def describe(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def parse_layer(text: str | None) -> Layer | tuple[Layer, ...] | None:
+    """A layer written as text: a block index for ViTs, a module path for the UNet; several joined by `+`."""
+    if text is not None and "+" in text:
+        return tuple(parse_layer(t) for t in text.split("+"))
+    return int(text) if text is not None and text.lstrip("-").isdigit() else text
 
 
 @dataclass
@@ -107,17 +139,17 @@ def weight_files(model: str) -> list[Path]:
 
 
 class Embedder:
-    """One backbone driven by one DescriptorConfig: images in, stored descriptors out, through one of
-    the inference runtimes of backbones.runtime.
+    """One backbone driven by one DescriptorConfig (default: the default model's, as a new Index makes
+    it): images in, stored descriptors out, through one of the inference runtimes of backbones.runtime.
 
     `runtime`: "auto" runs batches in the runtime measured fastest on this machine and single images
     (a query) through the configuration's cached ONNX graph when there is one; any other name runs
     everything in that runtime. `weights`: the fingerprint a database recorded; with it a cached graph
     answers without loading the model, so a cold query imports neither torch nor transformers."""
 
-    def __init__(self, conf: DescriptorConfig = DescriptorConfig(), device: str = "auto", runtime: str = "auto",
+    def __init__(self, conf: DescriptorConfig | None = None, device: str = "auto", runtime: str = "auto",
                  weights: str | None = None):
-        self.conf = conf
+        self.conf = conf or DescriptorConfig.for_model()
         self._device = device
         self.runtime = runtimes.check_runtime(runtime)
         if runtime == "onnx" and device not in ("auto", "cpu"):
@@ -127,7 +159,7 @@ class Embedder:
         self._runners: dict[str, object] = {}
         self._no_graph: set[str] = set()  # fingerprints whose graph is not cached
         self._auto: str | None = None
-        self.style_layers = conf.style_layer if isinstance(conf.style_layer, tuple) else (conf.style_layer,)
+        self.style_layers = self.conf.style_layer if isinstance(self.conf.style_layer, tuple) else (self.conf.style_layer,)
         self._shapes: tuple[tuple[int, int], dict[str, int]] | None = None
 
     # -- the model, loaded only when a runner needs it ------------------------------------------

@@ -22,6 +22,7 @@ from .descriptors.codec import COMPACT_CODECS, DenseFormat
 from .embedder import DescriptorConfig, Embedder
 from .errors import ConfigMismatchError, EmptyIndexError, ImageError, SimsearchError
 from .images import _to_rgb, open_image, preshrink
+from .indexers import check_source
 from .rerank import DEFAULT_RERANKER, RERANKERS
 from .region import CANDIDATES as REGION_CANDIDATES
 from .store import KEEP_VERSIONS, VECTOR_COLUMNS, ImageStore
@@ -141,7 +142,7 @@ class Index:
         if wanted != stored:
             raise ConfigMismatchError(
                 f"{self.root} was built with {stored.describe()}; requested {wanted.describe()}. "
-                f"Use another --db or the same configuration.")
+                f"Use another database or the same configuration.")
         return stored
 
     # -- model -------------------------------------------------------------------------------
@@ -160,7 +161,7 @@ class Index:
         if stored != emb.fingerprint:
             raise ConfigMismatchError(
                 f"{self.root} was built with weights {stored} of '{self.conf.model}', "
-                f"but those weights now fingerprint as {emb.fingerprint}; re-index into a new --db")
+                f"but those weights now fingerprint as {emb.fingerprint}; re-index into a new database")
 
     @property
     def dense_format(self) -> DenseFormat:
@@ -196,12 +197,11 @@ class Index:
     def add_folder(self, folder: str | Path, batch_size: int = 16, prune: bool = False, engine: str = "local", **kwargs):
         """Embed every image under `folder` (see indexers.local.index_folder for the options).
         engine="ray": on a Ray cluster, `folder` may be a URI (see indexers.distributed.index_with_ray)."""
+        check_source(folder, engine)
         if engine == "ray":
             from .indexers.distributed import index_with_ray
 
             return index_with_ray(self, folder, batch_size=batch_size, prune=prune, **kwargs)
-        if engine != "local":
-            raise SimsearchError(f"unknown engine '{engine}' (choose from local, ray)")
         from .indexers.local import index_folder
 
         report = index_folder(self, folder, batch_size=batch_size, prune=prune, **kwargs)
@@ -283,7 +283,7 @@ class Index:
             raise SimsearchError(f"unknown mode '{mode}' (choose from {', '.join(MODES)})")
         n = self.count()
         if n == 0:
-            raise EmptyIndexError(f"{self.root}: the index holds no images (run `simsearch index FOLDER --db {self.root}`)")
+            raise EmptyIndexError(f"{self.root}: the index holds no images", db=self.root)
         if k < 1:
             raise SimsearchError(f"k must be at least 1 (got {k})")
         if k > n:
@@ -474,7 +474,7 @@ class Index:
     def info(self) -> dict:
         """Rows, configuration, index state and storage per image. Does not load the model."""
         if not self.store.exists():
-            raise EmptyIndexError(f"{self.root}: no simsearch database here")
+            raise EmptyIndexError(f"{self.root}: no simsearch database here", db=self.root)
         meta = self.store.meta
         rows = self.count()
         tokens, dim = meta["dense_shape"]

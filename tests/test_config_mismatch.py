@@ -115,3 +115,36 @@ def test_dense_layer_must_be_a_block(tmp_path, tiny_model):
         Index(tmp_path / "a", dense_layer=4, **conf).ensure_table()
     assert not (tmp_path / "a" / "images.lance").exists()
     Index(tmp_path / "b", dense_layer=3, **conf).ensure_table()  # the last block is fine
+
+
+VIT = dict(image_size=224, content_pooling="cls", content_layer=None, style_layer=4, style_pooling="meanstd",
+           dense_layer=9, dense_dtype="float16", timestep=None, noise_seed=None, ip_adapter=None)
+SD_UNET_ATTN1 = "up_blocks.1.attentions.-1.transformer_blocks.-1.attn1"  # DiffSim-S's layer
+SD = dict(image_size=512, content_pooling="mean", content_layer="up_blocks.1", style_layer=SD_UNET_ATTN1,
+          style_pooling="meanstd", dense_layer=SD_UNET_ATTN1, dense_dtype="float16", timestep=101, noise_seed=42,
+          ip_adapter=None)
+
+
+@pytest.mark.parametrize("model, expected", [
+    # the embedded model's card: the choice measured on the proxy suite (benchmarks/results/quality_suite.md)
+    (DEFAULT_MODEL, dict(VIT, content_layer=11, style_layer=(6, 7, 8, 9), style_pooling="meanstd+cov32")),
+    ("dinov2-small", VIT),  # no card defaults: the ViT family's
+    ("sd15", SD),  # the SD family's: DIFT content, DiffSim-S style and dense attention at t=101
+    ("sd15-instance", dict(SD, timestep=251)),  # its card: DiffSim's instance setting
+    ("local-sd", SD),  # a local diffusers folder is detected as SD
+])
+def test_embedder_and_index_build_the_same_configuration(tmp_path, model, expected):
+    """One resolution path: a new Index, an Embedder and DescriptorConfig.for_model agree field by field
+    with the family and card tables (written out here), and none loads weights to do it."""
+    from simsearch import DescriptorConfig, Embedder
+
+    if model == "local-sd":
+        model = str(tmp_path / "sd")
+        (tmp_path / "sd").mkdir()
+        (tmp_path / "sd" / "model_index.json").write_text("{}")
+    conf = Index(tmp_path / "db", model=model).conf
+    assert conf.to_dict() == {"model": model, **expected}
+    assert Embedder(DescriptorConfig.for_model(model)).conf == conf
+    if model == DEFAULT_MODEL:
+        assert Embedder().conf == Index(tmp_path / "db2").conf == conf
+    assert not (tmp_path / "db").exists()

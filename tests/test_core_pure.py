@@ -168,3 +168,19 @@ def test_ordering_accuracy():
     assert e.n == 6 and e.value == pytest.approx(5 / 6)
     # equal weights are not compared
     assert ordering_accuracy(np.array([0.1, 0.9]), np.array([0.5, 0.5])).n == 0
+
+
+# -- descriptor variants ---------------------------------------------------------------------------
+def test_parse_variant_reads_fields_layers_and_none():
+    from simsearch.embedder import DescriptorConfig
+    from simsearch.errors import SimsearchError
+
+    assert DescriptorConfig.parse_variant("default") == ("default", {})
+    assert DescriptorConfig.parse_variant(" old : style_layer=3+4, content_layer=none,style_pooling=cov,"
+                                          "dense_layer=up_blocks.1,image_size=-7") == (
+        "old", {"style_layer": (3, 4), "content_layer": None, "style_pooling": "cov", "dense_layer": "up_blocks.1",
+                "image_size": -7})  # values are only parsed here; DescriptorConfig itself checks them
+    for bad, why in [("x:model=y", "'model=y' is not field=value"), ("x:style_layer", "'style_layer' is not"),
+                     (":image_size=3", "needs a name")]:
+        with pytest.raises(SimsearchError, match=why):
+            DescriptorConfig.parse_variant(bad)

@@ -117,7 +117,12 @@ def test_match_and_bench_pck_with_sd_features(cli, tiny_sd, tiny_dino, tmp_path)
     assert all(0 <= r["mean"]["pck@0.1"] <= 1 for r in results.values())
     line = [ln for ln in cli("match", EXAMPLES / "chelsea.jpg", EXAMPLES / "coffee.jpg", "--features", "sd",
                               "--stride", "7")[2].splitlines() if ln.strip()]
-    assert line == [line[0]] and "--stride apply to --features dino only" in line[0]
+    assert line == [line[0]] and "--stride 7 apply to --features dino only" in line[0]
+    from simsearch.api import make_matcher
+    from simsearch.errors import SimsearchError
+
+    with pytest.raises(SimsearchError, match=r"^stride=7 apply to features='dino' only"):  # the library's own words
+        make_matcher("sd", str(tiny_sd), stride=7)
 
 
 # -- LDM correspondences -------------------------------------------------------------------------------------
@@ -172,4 +177,4 @@ def test_ldm_match_through_the_cli(cli, tiny_sd):
     (m,) = json.loads(out)["matches"]
     assert m["a"] == [200.0, 150.0] and 0 <= m["b"][0] <= 400 and 0 <= m["b"][1] <= 400 and 0 < m["confidence"] <= 1
     one_line = [ln for ln in cli("match", EXAMPLES / "chelsea.jpg", EXAMPLES / "coffee.jpg", "--method", "ldm")[2].splitlines() if ln]
-    assert len(one_line) == 1 and "--points" in one_line[0]
+    assert len(one_line) == 1 and "--method ldm transfers given --points, and none were given" in one_line[0]

@@ -40,7 +40,7 @@ def synth(tmp_path, tiny_model):
     """An Index over a store of synthetic rows. -> (Index, put(names, vectors), threshold)"""
     db = tmp_path / "db"
     store = ImageStore(db)
-    conf = DescriptorConfig(model=str(tiny_model), **TINY)
+    conf = DescriptorConfig.for_model(str(tiny_model), **TINY)
     store.create({"config": conf.to_dict(), "weights": "synthetic", "dense_shape": [1, 1]}, D, 2 * D)
 
     def put(names, vecs):

@@ -154,7 +154,7 @@ def test_pairing_errors(named, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     photo("horse").save(other / "zebra.png")
-    with pytest.raises(SimsearchError, match="--all-pairs"):
+    with pytest.raises(SimsearchError, match=r"pass pairs \(a CSV of ref,gen\), or all_pairs=True$"):
         make_pairs(refs, other)
 
 
@@ -278,7 +278,7 @@ def test_score_cli_bad_input(cli, named, tmp_path, tiny12):
     other = tmp_path / "other"
     other.mkdir()
     photo("horse").save(other / "zebra.png")
-    bad("--ref", refs, "--gen", other, words=["--all-pairs"])
+    bad("--ref", refs, "--gen", other, words=["pass --pairs (a CSV of ref,gen), or --all-pairs"])
 
 
 @pytest.mark.slow

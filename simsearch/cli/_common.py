@@ -1,4 +1,4 @@
-"""What every command shares: the consoles, the option blocks, escaping and progress bars.
+"""What every command shares: the consoles, the options and option blocks, escaping and progress bars.
 
 Anything a user controls (paths, reasons, filters, error messages) reaches rich through `esc` or as a
 `Text`, never as markup: a file named `[bold]` must print as `[bold]`, and `[/b]` must not crash.
@@ -6,10 +6,13 @@ Anything a user controls (paths, reasons, filters, error messages) reaches rich 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import sys
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, get_type_hints
 
 import typer
 from rich.console import Console
@@ -43,11 +46,66 @@ DinoOption = Annotated[Optional[str], typer.Option(help="The ViT fused with SD f
 DinoSizeOption = Annotated[Optional[int], typer.Option(help="Input side of the ViT in --features sd+dino (default 840).")]
 
 
-def parse_layer(text: str | None) -> int | str | tuple | None:
-    """A --layer value: a block index for ViTs, a module path for the UNet; several joined by `+`."""
-    if text is not None and "+" in text:
-        return tuple(parse_layer(t) for t in text.split("+"))
-    return int(text) if text is not None and text.lstrip("-").isdigit() else text
+@dataclass(frozen=True)
+class EmbeddingOptions:
+    """Which model embeds the images and how (bench groups, sref, ip; score)."""
+
+    model: ModelOption = None
+    image_size: ImageSizeOption = None
+    timestep: TimestepOption = None
+    ip_adapter: IpAdapterOption = None
+    cache: CacheOption = None
+    device: DeviceOption = "auto"
+    runtime: RuntimeOption = "auto"
+
+    def kwargs(self) -> dict:
+        """The library's keywords (bench.suites.evaluate_*, scoring.score)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class MatcherOptions:
+    """The dense matcher's settings (match, bench pck); unset ones take the backbone's defaults."""
+
+    model: ModelOption = None
+    dino: DinoOption = None
+    stride: StrideOption = None
+    layer: LayerOption = None
+    facet: FacetOption = None
+    log_bin: LogBinOption = None
+    image_size: ImageSizeOption = None
+    dino_size: DinoSizeOption = None
+    device: DeviceOption = "auto"
+
+    def kwargs(self) -> dict:
+        """The library's keywords (api.make_matchers, api.match_images)."""
+        from ..embedder import parse_layer
+
+        return {**asdict(self), "layer": parse_layer(self.layer)}
+
+
+def with_option_blocks(command):
+    """`command` as Typer sees it: a parameter annotated with an option block (a dataclass of options,
+    e.g. EmbeddingOptions) stands for the block's options, declared once there; the command gets the block."""
+    signature = inspect.signature(command, eval_str=True)
+    blocks = {name: p.annotation for name, p in signature.parameters.items() if is_dataclass(p.annotation)}
+    params = []
+    for name, p in signature.parameters.items():
+        if name not in blocks:
+            params.append(p)
+            continue
+        hints = get_type_hints(blocks[name], include_extras=True)
+        params += [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f.default,
+                                     annotation=hints[f.name]) for f in fields(blocks[name])]
+
+    @functools.wraps(command)
+    def run(**options):
+        for name, block in blocks.items():
+            options[name] = block(**{f.name: options.pop(f.name) for f in fields(block)})
+        return command(**options)
+
+    run.__signature__ = signature.replace(parameters=params)
+    return run
 
 
 def esc(value) -> str:

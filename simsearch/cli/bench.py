@@ -9,10 +9,9 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import (CacheOption, DeviceOption, DinoOption, DinoSizeOption, FacetOption, ImageSizeOption, JsonOption,
-                      LayerOption, LogBinOption,
-                      IpAdapterOption, MetricsOption, ModelOption, OutOption, RuntimeOption, StrideOption, TimestepOption, cell, err, esc,
-                      out, parse_floats, parse_layer, parse_metrics, progress_callbacks, quiet_libraries, warn_failed)
+from ._common import (DeviceOption, EmbeddingOptions, ImageSizeOption, JsonOption, MatcherOptions, MetricsOption,
+                      ModelOption, OutOption, RuntimeOption, cell, err, esc, out, parse_floats, parse_metrics,
+                      progress_callbacks, quiet_libraries, warn_failed, with_option_blocks)
 
 app = typer.Typer(no_args_is_help=True, help="Benchmarks: keypoint PCK, grouped folders, Sref, IP, the proxy suite.")
 TripletsOption = Annotated[int, typer.Option(min=1, help="Seeded triplet sample size.")]
@@ -22,21 +21,14 @@ CandidatesOption = Annotated[Optional[int], typer.Option(
 
 
 @app.command("pck")
+@with_option_blocks
 def pck(
     root: Annotated[Path, typer.Argument(help="SPair-71k layout root.")],
     split: Annotated[str, typer.Option(help="trn, val or test.")] = "test",
     alpha: Annotated[list[str], typer.Option(help="PCK thresholds: --alpha 0.1,0.05 or repeated.")] = ["0.1"],
     categories: Annotated[Optional[list[str]], typer.Option("--category", help="Only these (repeatable).")] = None,
     features: Annotated[list[str], typer.Option(help="dino, sd, sd+dino: repeat or comma-separate to compare them on the same pairs.")] = ["dino"],
-    model: ModelOption = None,
-    dino: DinoOption = None,
-    stride: StrideOption = None,
-    layer: LayerOption = None,
-    facet_name: FacetOption = None,
-    log_bin: LogBinOption = None,
-    image_size: ImageSizeOption = None,
-    dino_size: DinoSizeOption = None,
-    device: DeviceOption = "auto",
+    matching: MatcherOptions = MatcherOptions(),
     as_json: JsonOption = False,
 ):
     """PCK@alpha of nearest-neighbour keypoint transfer, per category and mean, for each feature set."""
@@ -48,8 +40,7 @@ def pck(
     quiet_libraries()
     pairs = read_pairs(root, split, categories)
     names = [f.strip() for text in features for f in text.split(",") if f.strip()]
-    matchers = make_matchers(names, model, dino, device, layer=parse_layer(layer), facet=facet_name, stride=stride,
-                             log_bin=log_bin, image_size=image_size, dino_size=dino_size)
+    matchers = make_matchers(names, **matching.kwargs())
     alphas = parse_floats(alpha, "--alpha")
     results = {}
     with Progress(console=err, transient=True) as progress:
@@ -119,6 +110,7 @@ def _run(fn, root: Path, as_json: bool, out_file: Optional[Path], **kw):
 
 
 @app.command("groups")
+@with_option_blocks
 def groups(
     root: Annotated[Path, typer.Argument(help="ROOT/<group>/<image>.")],
     mode: Annotated[str, typer.Option(help="content or style.")] = "content",
@@ -126,13 +118,7 @@ def groups(
     triplets: TripletsOption = 2000,
     seed: int = 0,
     candidates: CandidatesOption = None,
-    model: ModelOption = None,
-    image_size: ImageSizeOption = None,
-    timestep: TimestepOption = None,
-    ip_adapter: IpAdapterOption = None,
-    cache: CacheOption = None,
-    device: DeviceOption = "auto",
-    runtime: RuntimeOption = "auto",
+    embedding: EmbeddingOptions = EmbeddingOptions(),
     as_json: JsonOption = False,
     out_file: OutOption = None,
 ):
@@ -140,23 +126,18 @@ def groups(
     from ..bench.suites import evaluate_groups
 
     _run(evaluate_groups, root, as_json, out_file, mode=mode, metrics=parse_metrics(metric), triplets=triplets,
-         seed=seed, **_given(candidates=candidates), model=model, cache=cache, device=device, runtime=runtime, timestep=timestep, ip_adapter=ip_adapter, image_size=image_size)
+         seed=seed, **_given(candidates=candidates), **embedding.kwargs())
 
 
 @app.command("sref")
+@with_option_blocks
 def sref(
     root: Annotated[Path, typer.Argument(help="ROOT/<style>/<image>.")],
     metric: MetricsOption = "all",
     triplets: TripletsOption = 2000,
     seed: int = 0,
     candidates: CandidatesOption = None,
-    model: ModelOption = None,
-    image_size: ImageSizeOption = None,
-    timestep: TimestepOption = None,
-    ip_adapter: IpAdapterOption = None,
-    cache: CacheOption = None,
-    device: DeviceOption = "auto",
-    runtime: RuntimeOption = "auto",
+    embedding: EmbeddingOptions = EmbeddingOptions(),
     as_json: JsonOption = False,
     out_file: OutOption = None,
 ):
@@ -164,48 +145,22 @@ def sref(
     from ..bench.suites import evaluate_sref
 
     _run(evaluate_sref, root, as_json, out_file, metrics=parse_metrics(metric), triplets=triplets, seed=seed,
-         **_given(candidates=candidates), model=model, cache=cache, device=device, runtime=runtime, timestep=timestep, ip_adapter=ip_adapter, image_size=image_size)
+         **_given(candidates=candidates), **embedding.kwargs())
 
 
 @app.command("ip")
+@with_option_blocks
 def ip(
     root: Annotated[Path, typer.Argument(help="ROOT/<ip>/reference.<ext> and <weight>.<ext>.")],
     metric: MetricsOption = "all",
-    model: ModelOption = None,
-    image_size: ImageSizeOption = None,
-    timestep: TimestepOption = None,
-    ip_adapter: IpAdapterOption = None,
-    cache: CacheOption = None,
-    device: DeviceOption = "auto",
-    runtime: RuntimeOption = "auto",
+    embedding: EmbeddingOptions = EmbeddingOptions(),
     as_json: JsonOption = False,
     out_file: OutOption = None,
 ):
     """The IP protocol: higher-weight variants must score closer to their reference."""
     from ..bench.suites import evaluate_ip
 
-    _run(evaluate_ip, root, as_json, out_file, metrics=parse_metrics(metric), model=model, cache=cache, device=device, runtime=runtime, timestep=timestep, ip_adapter=ip_adapter, image_size=image_size)
-
-
-def parse_variant(text: str) -> tuple[str, dict]:
-    """`NAME` (the model's defaults) or `NAME:field=value,field=value` with DescriptorConfig fields;
-    a value is an integer, `none`, several layers joined by `+` (3+4+5), or text."""
-    from dataclasses import fields
-
-    from ..embedder import DescriptorConfig
-    from ..errors import SimsearchError
-
-    name, _, spec = text.partition(":")
-    known = {f.name for f in fields(DescriptorConfig)} - {"model"}
-    overrides = {}
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq or key not in known:
-            raise SimsearchError(f"--variant {text!r}: '{item}' is not field=value with a field of {', '.join(sorted(known))}")
-        overrides[key] = None if value.lower() == "none" else parse_layer(value)
-    if not name.strip():
-        raise SimsearchError(f"--variant {text!r}: needs a name before the colon")
-    return name.strip(), overrides
+    _run(evaluate_ip, root, as_json, out_file, metrics=parse_metrics(metric), **embedding.kwargs())
 
 
 @app.command("suite")
@@ -230,9 +185,10 @@ def suite(
     from rich.progress import Progress
 
     from ..bench.suites import evaluate_suite
+    from ..embedder import DescriptorConfig
 
     quiet_libraries()
-    variants = dict(parse_variant(v) for v in variant) if variant else None
+    variants = dict(DescriptorConfig.parse_variant(v) for v in variant) if variant else None
     with Progress(console=err, transient=True) as progress:
         task = progress.add_task("suite", total=None)
         result = evaluate_suite(root, variants, metrics=parse_metrics(metric), triplets=triplets, seed=seed,

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
 from ._common import (DEFAULT_DB, DbOption, DeviceOption, IpAdapterOption, ModelOption, NoiseSeedOption, RuntimeOption,
-                      TimestepOption, cell, err, esc, note, out, parse_layer, quiet_libraries, warn_failed)
+                      TimestepOption, cell, err, esc, note, out, quiet_libraries, warn_failed)
 
 
 def index(
@@ -36,19 +35,13 @@ def index(
     address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (auto, ray://host:10001); default: a local one.")] = None,
 ):
     """Embed every image under FOLDER into the database; incremental and resumable."""
-    from ..errors import ImageError
+    from ..indexers import check_source
 
-    from ..errors import SimsearchError
-
-    if engine not in ("local", "ray"):
-        raise SimsearchError(f"unknown engine '{engine}' (choose from local, ray)")
-    if "://" not in folder and not Path(folder).expanduser().exists():
-        raise ImageError(folder, "no such file or directory")
-    if "://" in folder and engine != "ray":
-        raise SimsearchError(f"{folder}: URIs are read by --engine ray only")
+    check_source(folder, engine)  # before the model and the table load
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from ..index import Index
+    from ..embedder import parse_layer
 
     quiet_libraries()
     overrides = {k: v for k, v in dict(image_size=image_size, dense_dtype=dense_dtype, content_layer=parse_layer(content_layer),

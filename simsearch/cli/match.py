@@ -9,8 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import (DeviceOption, DinoOption, DinoSizeOption, FacetOption, FeaturesOption, ImageSizeOption, LayerOption,
-                      LogBinOption, ModelOption, StrideOption, err, esc, note, out, parse_layer, quiet_libraries)
+from ._common import FeaturesOption, MatcherOptions, err, esc, note, out, quiet_libraries, with_option_blocks
 
 
 def parse_points(text: str) -> list[tuple[float, float]]:
@@ -25,6 +24,7 @@ def parse_points(text: str) -> list[tuple[float, float]]:
     return pts
 
 
+@with_option_blocks
 def match(
     image_a: Annotated[Path, typer.Argument(help="Image A.")],
     image_b: Annotated[Path, typer.Argument(help="Image B.")],
@@ -32,19 +32,11 @@ def match(
     n: Annotated[int, typer.Option("-n", min=1, help="Number of best-buddy pairs.")] = 10,
     method: Annotated[str, typer.Option(help="nn or best-buddies (without --points), or ldm (Hedlin et al.; needs --points and an SD --model).")] = "best-buddies",
     features: FeaturesOption = "dino",
-    model: ModelOption = None,
-    dino: DinoOption = None,
-    stride: StrideOption = None,
-    layer: LayerOption = None,
-    facet_name: FacetOption = None,
-    log_bin: LogBinOption = None,
-    image_size: ImageSizeOption = None,
-    dino_size: DinoSizeOption = None,
+    matching: MatcherOptions = MatcherOptions(),
     steps: Annotated[Optional[int], typer.Option(min=1, help="ldm: optimisation steps per repeat (100).")] = None,
     repeats: Annotated[Optional[int], typer.Option(min=1, help="ldm: optimised prompts averaged per point (5).")] = None,
     seed: Annotated[int, typer.Option(help="ldm: seed of every random draw.")] = 0,
     out_png: Annotated[Optional[Path], typer.Option("--out", help="Side-by-side picture of the matches.")] = None,
-    device: DeviceOption = "auto",
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ):
     """Dense correspondences from A to B: given points, or the n best-buddy pairs."""
@@ -56,11 +48,9 @@ def match(
     pts = parse_points(points) if points else None
     with Progress(console=err, transient=True, disable=method != "ldm") as progress:
         task = progress.add_task("points", total=len(pts or []))
-        result = match_images(image_a, image_b, points=pts, n=n, method=method, model=model, device=device,
-                              features=features, dino=dino, layer=parse_layer(layer), facet=facet_name,
-                              log_bin=log_bin, image_size=image_size, dino_size=dino_size, stride=stride, out=out_png,
-                              on_point=lambda k: progress.advance(task, k),
-                              ldm={"steps": steps, "repeats": repeats, "seed": seed, "image_size": image_size})
+        result = match_images(image_a, image_b, points=pts, n=n, method=method, features=features, out=out_png,
+                              on_point=lambda k: progress.advance(task, k), **matching.kwargs(),
+                              ldm={"steps": steps, "repeats": repeats, "seed": seed, "image_size": matching.image_size})
     if as_json:
         print(json.dumps({"a": str(image_a), "b": str(image_b), "matches": result.to_dicts()}))
     else:

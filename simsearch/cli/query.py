@@ -43,7 +43,7 @@ def query(
     if not image.is_file():
         raise ImageError(image, "no such file" if not image.exists() else "not a file")
     if not database_exists(db):
-        raise EmptyIndexError(f"{db}: no simsearch database here (run `simsearch index FOLDER --db {db}`)")
+        raise EmptyIndexError(f"{db}: no simsearch database here", db=db)
     from ..index import Index
 
     quiet_libraries()

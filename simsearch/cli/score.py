@@ -9,10 +9,11 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import (CacheOption, DeviceOption, ImageSizeOption, IpAdapterOption, MetricsOption, ModelOption, RuntimeOption, TimestepOption, cell, err, note, out, parse_metrics,
-                      progress_callbacks, quiet_libraries, warn_failed)
+from ._common import (EmbeddingOptions, MetricsOption, cell, err, note, out, parse_metrics, progress_callbacks,
+                      quiet_libraries, warn_failed, with_option_blocks)
 
 
+@with_option_blocks
 def score(
     ref: Annotated[Path, typer.Option("--ref", help="Reference image or folder.")],
     gen: Annotated[Path, typer.Option("--gen", help="Folder (or image) of generated images.")],
@@ -21,13 +22,7 @@ def score(
     metric: MetricsOption = "all",
     out_file: Annotated[Optional[Path], typer.Option("--out", help="report.json, or .csv for per-pair rows.")] = None,
     html_out: Annotated[Optional[Path], typer.Option("--html", help="HTML report with thumbnails.")] = None,
-    model: ModelOption = None,
-    image_size: ImageSizeOption = None,
-    timestep: TimestepOption = None,
-    ip_adapter: IpAdapterOption = None,
-    cache: CacheOption = None,
-    device: DeviceOption = "auto",
-    runtime: RuntimeOption = "auto",
+    embedding: EmbeddingOptions = EmbeddingOptions(),
 ):
     """Score generated images against their references (content, style, AAS)."""
     from rich.progress import Progress
@@ -38,9 +33,8 @@ def score(
     quiet_libraries()
     with Progress(console=err, transient=True) as progress:
         on_total, on_advance = progress_callbacks(progress, "embedding")
-        report, fs = run_score(ref, gen, pairs, all_pairs, parse_metrics(metric), cache=cache, model=model,
-                               device=device, runtime=runtime, on_total=on_total, on_advance=on_advance, timestep=timestep,
-                               ip_adapter=ip_adapter, image_size=image_size)
+        report, fs = run_score(ref, gen, pairs, all_pairs, parse_metrics(metric), on_total=on_total,
+                               on_advance=on_advance, **embedding.kwargs())
     try:
         if out_file:
             note(f"wrote {report.write(out_file)}")

@@ -23,7 +23,7 @@ def serve(
     from ..paths import database_exists
 
     if not database_exists(db):
-        raise EmptyIndexError(f"{db}: no simsearch database here (run `simsearch index FOLDER --db {db}`)")
+        raise EmptyIndexError(f"{db}: no simsearch database here", db=db)
     import uvicorn
 
     from ..server import bind_warning, create_app

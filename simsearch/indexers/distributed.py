@@ -31,21 +31,16 @@ from ..errors import ImageError, SimsearchError
 from ..images import IMAGE_EXTENSIONS, iter_image_files
 from ..paths import normalize
 from ..store import row_schema
+from . import check_source, is_uri
 from .local import IndexReport, Stat, begin, embed_rows, finish, local_stat, prepare, writer
 
 STATUS = pa.schema([("status", pa.string()), ("reason", pa.string())])  # "row", "unchanged" or "failed"
 
 
-def is_uri(source: str) -> bool:
-    return "://" in str(source)
-
-
 def list_source(source: str) -> tuple[list[Stat | tuple[str, str]], str | None]:
     """-> (a Stat or (path, reason) per image file, the folder for the catalog read)."""
     if not is_uri(source):
-        root = Path(source).expanduser()
-        if not root.exists():
-            raise ImageError(root, "no such file or directory")
+        root = check_source(source, "ray")
         return [local_stat(normalize(p)) for p in iter_image_files(root)], normalize(root)
     from pyarrow import fs
 

@@ -32,6 +32,7 @@ from ..errors import ImageError
 from ..images import iter_image_files, open_image, thumbnail_jpeg
 from ..paths import is_under, normalize
 from ..store import make_rows, path_key, row_schema
+from . import check_source
 
 WIRE_DTYPE = "float16"  # how embedded rows carry dense tensors until `encode_rows` (and back from Ray workers)
 
@@ -122,9 +123,7 @@ class _Writer(threading.Thread):
 def index_folder(index, folder: str | Path, batch_size: int = 16, prune: bool = False, **kwargs) -> IndexReport:
     """Index every image under `folder` into `index` (a `simsearch.Index`). Incremental and resumable.
     `prune` removes rows of files under `folder` that no longer exist."""
-    root = Path(folder).expanduser()
-    if not root.exists():
-        raise ImageError(root, "no such file or directory")
+    root = check_source(folder)
     return index_files(index, iter_image_files(root), batch_size, under=root, prune=prune, **kwargs)
 
 
