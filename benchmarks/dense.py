@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+import debian_data
 from common import (EXAMPLES, RESULTS, command_line, data_root, loadavg, log, machine_info, machine_line, now,
                     parse_args, setup_logging, update_sections)
 from data import spread
@@ -283,11 +284,11 @@ def cmd_pck(args) -> None:
     from simsearch.bench.pck import evaluate_pck, read_pairs
 
     fixtures = {"translation": fx.build_translation(args.fixture / "translation", fx.example_offsets(EXAMPLES, args.photos))}
-    graf = fx.find_graf_data(extract_to=args.work / "opencv-doc") if args.graf else None
+    graf = debian_data.find_graf_data(extract_to=args.work / "opencv-doc") if args.graf else None
     if graf is not None:
         fixtures["graf"] = fx.build_graf(args.fixture / "graf", graf)
     elif args.graf:
-        log.info("pck: skipping graf: %s", fx.graf_missing_reason())
+        log.info("pck: skipping graf: %s", debian_data.graf_missing_reason())
     base = dense_matcher(args.model)
     out = {"alphas": [0.1, 0.05], "rows": [], "fixtures": {}}
     for name, root in fixtures.items():

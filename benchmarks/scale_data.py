@@ -26,7 +26,9 @@ import numpy as np
 from PIL import Image
 
 from data import _rsvg, fetch
-from simsearch.bench.fixtures import data_root as default_root, spread
+from debian_data import data_root as default_root
+from simsearch.backbones import DEFAULT_MODEL
+from simsearch.bench.fixtures import spread
 
 PNG_THEMES = ["oxygen-icon-theme", "elementary-xfce-icon-theme", "faenza-icon-theme", "moka-icon-theme",
               "tuxpaint-stamps-default"]
