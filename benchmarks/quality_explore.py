@@ -17,7 +17,8 @@ Candidates (l = block index; features of block l = its layer-normed input, l = 1
          wt-ms@l   PCA-whitened on the set's own images, unlabelled (transductive, as an index could)
   content cls@l, mean@l, gem@l, cls+mean@l (content_vector), cls@a-b concatenated, w-/wt- whitened
   both   aas@l     AAS of block l's self-attention (nocls: the CLS token dropped from queries and keys)
-         comb(w)   w z(aas) + (1 - w) z(vector): z-scores from 500 random pairs (labels unused)
+         comb(w)   w z(aas) + (1 - w) z(vector): z-scores from 500 random pairs (labels unused;
+                   simsearch.bench.suites.combine)
 Every set is scored by triplet accuracy on the same seeded triplets for every candidate (exact for
 AAS too), and by leave-one-out mAP for the vectors; candidates are ranked per set by triplet accuracy
 and the table is sorted by their mean rank over the sets of their mode (style sets for style
@@ -35,13 +36,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import RESULTS, command_line, data_root, log, machine_info, now, setup_logging, update_sections
+from common import RESULTS, command_line, data_root, log, machine_info, now, parse_args, setup_logging, update_sections
 from quality_suite import render
 
 from simsearch.backbones import DEFAULT_MODEL, load_backbone
 from simsearch.bench.features import aas_pairs
 from simsearch.bench.metrics import average_rank, leave_one_out, sample_triplets, triplet_accuracy
-from simsearch.bench.suites import read_groups, read_suite
+from simsearch.bench.suites import combine, read_groups, read_suite
 from simsearch.descriptors.pooling import (channel_projection, content_vector, covariance_vector, fit_whitening,
                                            style_vector, whiten)
 from simsearch.images import open_image
@@ -155,12 +156,11 @@ def random_pairs(n: int, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def aas_candidates(tok: Tokens, paths: list[str], trip: np.ndarray, layers: list[int], prefix: int,
-                   seed: int) -> tuple[dict, dict]:
-    """-> ({name: (N, N) similarity with only the triplet pairs filled}, {name: (mean, sd) on random pairs})."""
+                   calib: np.ndarray) -> dict:
+    """-> {name: (N, N) similarity with only the triplet and calibration pairs filled}."""
     n = len(paths)
-    ci, cj = random_pairs(n, CALIBRATION_PAIRS, seed + 1)
-    pairs = np.unique(np.sort(np.r_[trip[:, [0, 1]], trip[:, [0, 2]], np.c_[ci, cj]], axis=1), axis=0)
-    sims, calib = {}, {}
+    pairs = np.unique(np.sort(np.r_[trip[:, [0, 1]], trip[:, [0, 2]], calib], axis=1), axis=0)
+    sims = {}
     for spec in layers:
         l, nocls = int(spec.removesuffix("nocls")), spec.endswith("nocls")
         name = f"aas@{l}" + ("-nocls" if nocls else "")
@@ -177,16 +177,8 @@ def aas_candidates(tok: Tokens, paths: list[str], trip: np.ndarray, layers: list
         sim = np.full((n, n), np.nan, dtype=np.float32)
         sim[pairs[:, 0], pairs[:, 1]] = sim[pairs[:, 1], pairs[:, 0]] = vals
         sims[name] = sim
-        c = sim[ci, cj]
-        calib[name] = (float(c.mean()), float(c.std()))
         log.info("  %s: %d pairs in %.0f s", name, len(pairs), time.perf_counter() - t)
-    return sims, calib
-
-
-def calibrate(sim: np.ndarray, seed: int) -> tuple[float, float]:
-    ci, cj = random_pairs(len(sim), CALIBRATION_PAIRS, seed + 1)
-    c = sim[ci, cj]
-    return float(c.mean()), float(c.std())
+    return sims
 
 
 # -- main --------------------------------------------------------------------------------------------
@@ -252,17 +244,15 @@ def main(argv: list[str] | None = None) -> None:
     if aas_layers:
         for name, (mode, paths, labels) in data.items():
             log.info("AAS on %s", name)
-            sims, calib = aas_candidates(tok, paths, trips[name], aas_layers, bb.prefix_tokens, args.seed)
+            calib = np.c_[random_pairs(len(paths), CALIBRATION_PAIRS, args.seed + 1)]
+            sims = aas_candidates(tok, paths, trips[name], aas_layers, bb.prefix_tokens, calib)
             for key, sim in sims.items():
                 results[name][key] = score(sim, labels, trips[name], ranking=False)
-                m_a, s_a = calib[key]
                 for base in COMBINED_BASES:
                     if base not in per_set_sims[name]:
                         continue
-                    vec = per_set_sims[name][base]
-                    m_v, s_v = calibrate(vec, args.seed)
                     for w in COMBINED_WEIGHTS:
-                        comb = w * (sim - m_a) / s_a + (1 - w) * (vec - m_v) / s_v
+                        comb = combine(per_set_sims[name][base], sim, calib, w)
                         results[name][f"comb({w}):{key}+{base}"] = score(comb, labels, trips[name], ranking=False)
 
     ranks = rank_table(results, {n: m for n, (m, _, _) in data.items()})
