@@ -2,6 +2,7 @@
 
     python benchmarks/data.py suite                 # first: ROOT/suite/<set> + suite.json
     python benchmarks/quality_explore.py [--size 224] [--aas-layers 3,5,7,9,11] [--triplets 2000]
+    python benchmarks/quality_explore.py --quick --model DIR --suite DIR     # the smoke test's seconds-long run
 
 The hidden state entering every block (and the last block's output) of every suite image is computed
 once per input size and cached, fp16, outside the repository (ROOT/quality-tokens/<weights>-<size>/,
@@ -52,6 +53,7 @@ WINDOWS = [(a, a + w - 1) for w in (2, 3, 4, 5) for a in range(0, 13 - w + 1)]
 CALIBRATION_PAIRS = 500
 COMBINED_WEIGHTS = (0.25, 0.5, 0.75)
 KEEP_TOP = 60  # candidates per mode whose per-set numbers go into the results file
+QUICK = {"size": 56, "cache_layers": "2,3,4,5", "aas_layers": "3,3nocls", "sketch": "8", "triplets": 50}
 COMBINED_BASES = ("ms@4", "cov@6", "cls@11", "cls@12")  # the vectors `comb` mixes with AAS (those scored)
 
 
@@ -199,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sets", default="", help="comma-separated subset of the suite's sets")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
     ap.add_argument("--section", default=None, help="results section name (default: explore-<size>)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--quick", action="store_true", help=f"seconds, not minutes: {QUICK}")
+    args = parse_args(ap, argv, QUICK)
     setup_logging()
     torch.set_grad_enabled(False)
     suite = read_suite(args.suite)
