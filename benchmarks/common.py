@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from simsearch.bench.fixtures import data_root  # noqa: F401  (one definition of the data root, shared with the tests)
+from debian_data import data_root  # noqa: F401  (one definition of the data root, shared with the tests)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

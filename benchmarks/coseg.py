@@ -1,10 +1,12 @@
 """Co-segmentation quality and speed on composites with exact ground truth.
 
     python benchmarks/coseg.py [--per-category 6] [--image-size 392] [--categories food/fruit ...]
+    python benchmarks/coseg.py --quick --model DIR --stamps DIR --categories C   # the smoke test's seconds-long run
 
 Sets: for each of 10 tuxpaint categories of cut-out photos, n stamps pasted on crops of different
 example photos (simsearch.bench.fixtures.composite_set, seeded per category; the Debian package is
-unpacked under the data root: `make test-deps` or `python benchmarks/data.py tuxpaint-categories` fetch it).
+unpacked under the data root: `make test-deps` or `python benchmarks/data.py tuxpaint-categories` fetch it;
+--stamps names another folder of <category>/<cut-out>.png).
 Method: simsearch.coseg with its defaults on the embedded DINOv2-S/14 (CPU). Score: Jaccard of each
 mask against the stamp's alpha mask (>= 128), averaged per category, then over categories.
 Baseline: the same saliency maps, upsampled the same way, thresholded: at the method's 0.065, and at
@@ -23,19 +25,20 @@ from pathlib import Path
 import numpy as np
 
 import common
-from simsearch.bench.fixtures import COSEG_CATEGORIES, composite_set, stamps_dir
+from debian_data import stamps_dir
+from simsearch.bench.fixtures import composite_set
 
 THRESHOLDS = np.round(np.arange(0.02, 0.62, 0.02), 2)
+# Folders of cut-out photos (drawings live in `cartoon/` subfolders, which are not read).
+CATEGORIES = ["animals/birds", "animals/fish", "animals/insects", "animals/mammals", "animals/mammals/bovines",
+              "food/fruit", "food/vegetables", "household/tools", "plants/flowers", "space/planets"]
 
 
-def run(categories: list[str], n: int, conf, seed: int) -> dict:
+def run(stamps: Path, categories: list[str], n: int, conf, seed: int, model: str) -> dict:
     from simsearch import coseg as C
-    from simsearch.backbones import DEFAULT_MODEL, load_backbone
+    from simsearch.backbones import load_backbone
 
-    stamps = stamps_dir()
-    if stamps is None:
-        sys.exit("tuxpaint stamps missing: run `make test-deps` or `python benchmarks/data.py tuxpaint-categories` first")
-    backbone = load_backbone(DEFAULT_MODEL, "cpu")
+    backbone = load_backbone(model, "cpu")
     rows, baseline = {}, {}
     for i, category in enumerate(categories):
         images, truths = composite_set(stamps, category, n, common.EXAMPLES, seed=seed + i)
@@ -60,7 +63,7 @@ def run(categories: list[str], n: int, conf, seed: int) -> dict:
         rows[c]["saliency_oracle"] = float(baseline[c][best])
     keys = ("jaccard", "saliency_fixed", "saliency_oracle", "features_s_per_image", "clustering_s")
     mean = {k: float(np.mean([rows[c][k] for c in categories])) for k in keys}
-    return {"categories": rows, "config": asdict(conf), "per_category": n, "seed": seed, "model": DEFAULT_MODEL,
+    return {"categories": rows, "config": asdict(conf), "per_category": n, "seed": seed, "model": model,
             "oracle_threshold": float(THRESHOLDS[best]), "mean": mean,
             "machine": common.machine_info(), "date": common.now()}
 
@@ -81,7 +84,7 @@ def render(res: dict, command: str) -> str:
         f"Command: `{command}`", "",
         f"Machine: {common.machine_line(mach)}; no GPU used; {res['date']} (shared machine: 1-min load average "
         f"per category in the JSON).", "",
-        f"Model: {res['model']} (embedded DINOv2-S/14), key facet of block {layer}, {conf['image_size']} px, "
+        f"Model: {res['model']}, key facet of block {layer}, {conf['image_size']} px, "
         f"stride {conf['stride'] or 7}; elbow {conf['elbow']}, saliency threshold {conf['saliency_threshold']}, "
         f"votes {conf['votes']}. {res['per_category']} composites per category (seed {res['seed']}): each a stamp "
         f"of the category pasted on a crop of a different examples/images photo. Jaccard of the mask against the "
@@ -105,19 +108,26 @@ def render(res: dict, command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from simsearch.backbones import DEFAULT_MODEL
     from simsearch.coseg import CosegConfig
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--categories", nargs="*", default=COSEG_CATEGORIES)
+    ap.add_argument("--categories", nargs="*", default=CATEGORIES)
     ap.add_argument("--per-category", type=int, default=6)
     ap.add_argument("--image-size", type=int, default=CosegConfig.image_size)
     ap.add_argument("--layer", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--stamps", type=Path, default=None, help="folder of <category>/<cut-out>.png (default: the tuxpaint stamps)")
     ap.add_argument("--tag", default="", help="results go to coseg-TAG.* instead of coseg.*")
     ap.add_argument("--out-dir", type=Path, default=common.RESULTS)
-    args = ap.parse_args(argv)
+    ap.add_argument("--quick", action="store_true", help="seconds, not minutes: 3 images a category at 112 px")
+    args = common.parse_args(ap, argv, quick=dict(per_category=3, image_size=112))
+    stamps = args.stamps or stamps_dir()
+    if stamps is None:
+        sys.exit("tuxpaint stamps missing: run `make test-deps` or `python benchmarks/data.py tuxpaint-categories` first")
     conf = replace(CosegConfig(), image_size=args.image_size, layer=args.layer)
-    res = run(args.categories, args.per_category, conf, args.seed)
+    res = run(stamps, args.categories, args.per_category, conf, args.seed, args.model)
     common.write_results(f"coseg-{args.tag}" if args.tag else "coseg", res, render(res, common.command_line()), args.out_dir)
 
 

@@ -54,8 +54,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from common import data_root
-from simsearch.bench.fixtures import debian_package, spread  # noqa: F401 (spread: for the datasets)
+from debian_data import data_root, debian_package
+from simsearch.bench.fixtures import spread  # noqa: F401 (spread: for the datasets)
 
 MIN_GROUP = 5  # groups with fewer images are skipped
 CARD_HEIGHT = 200  # rendered card height in pixels

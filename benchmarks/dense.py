@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+import debian_data
 from common import (EXAMPLES, RESULTS, command_line, data_root, loadavg, log, machine_info, machine_line, now,
                     parse_args, setup_logging, update_sections)
 from data import spread
@@ -178,6 +179,7 @@ def pool_tokens(dense: np.ndarray, grid: int) -> np.ndarray:
 
 
 def cmd_compress(args) -> None:
+    from simsearch.bench.metrics import leave_one_out
     from simsearch.descriptors.codec import decode_dense, dense_nbytes, encode_dense
     from simsearch.rerank import rerank_scores
 
@@ -212,18 +214,13 @@ def cmd_compress(args) -> None:
     base = all_scores(ref)
     log.info(f"compress: fp32 reference in {time.perf_counter() - t0:.1f} s")
     others_idx = np.array([np.r_[0:i, i + 1:n] for i in range(n)])
-    same = labels[others_idx] == labels[:, None]  # (n, n-1) candidate in the query's group
 
     def quality(s: np.ndarray) -> dict:
-        top1 = s.argmax(1)
-        ap = []
-        for i in range(n):
-            order = np.argsort(-s[i], kind="stable")
-            rel = same[i][order]
-            if rel.any():
-                hits = np.cumsum(rel)
-                ap.append(float((hits[rel] / (np.flatnonzero(rel) + 1)).mean()))
-        return {"recall@1": float(same[np.arange(n), top1].mean()), "mAP": float(np.mean(ap))}
+        """Leave-one-out recall@1 and mAP of the (n, n-1) scores of each query against every other image."""
+        sim = np.full((n, n), -np.inf)
+        sim[np.arange(n)[:, None], others_idx] = s
+        found = leave_one_out(sim, labels, (1,))
+        return {"recall@1": found["recall@1"], "mAP": found["mAP"]}
 
     out = {"images": source, "pairs": int(n * (n - 1)), "dense_shape": [t, c],
            "storage": {}, "rows": []}
@@ -283,11 +280,11 @@ def cmd_pck(args) -> None:
     from simsearch.bench.pck import evaluate_pck, read_pairs
 
     fixtures = {"translation": fx.build_translation(args.fixture / "translation", fx.example_offsets(EXAMPLES, args.photos))}
-    graf = fx.find_graf_data(extract_to=args.work / "opencv-doc") if args.graf else None
+    graf = debian_data.find_graf_data(extract_to=args.work / "opencv-doc") if args.graf else None
     if graf is not None:
         fixtures["graf"] = fx.build_graf(args.fixture / "graf", graf)
     elif args.graf:
-        log.info("pck: skipping graf: %s", fx.graf_missing_reason())
+        log.info("pck: skipping graf: %s", debian_data.graf_missing_reason())
     base = dense_matcher(args.model)
     out = {"alphas": [0.1, 0.05], "rows": [], "fixtures": {}}
     for name, root in fixtures.items():

@@ -9,7 +9,7 @@ OUT (default /tmp/simsearch-spair) gets two SPair roots, each usable with `simse
     OUT/graf          opencv-doc's graf1 -> graf3 with the ground-truth homography H1to3p (1 pair)
 
 The graf pair needs the Debian package opencv-doc: if its files are not found (see
-simsearch.bench.fixtures.find_graf_data), it is fetched with `apt-get download opencv-doc` and
+benchmarks/debian_data.find_graf_data), it is fetched with `apt-get download opencv-doc` and
 unpacked with `dpkg -x` into <data root>/pkgs/opencv-doc (data root: $SIMSEARCH_DATA or
 ~/.cache/simsearch-data, the same cache as benchmarks/data.py), after which the tests find it too.
 """
@@ -22,8 +22,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import debian_data
 from common import EXAMPLES
-from data import fetch
 
 from simsearch.bench import fixtures as fx
 
@@ -41,12 +41,12 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(args.out / sub, ignore_errors=True)
     roots = {"translation": fx.build_translation(args.out / "translation", fx.example_offsets(EXAMPLES))}
     if not args.no_graf:
-        graf = fx.find_graf_data()
+        graf = debian_data.find_graf_data()
         if graf is None and not args.no_fetch:
-            fetch(fx.data_root(), "opencv-doc")  # apt-get download + dpkg -x into <data root>/pkgs
-            graf = fx.find_graf_data()
+            debian_data.debian_package("opencv-doc")  # apt-get download + dpkg -x into <data root>/pkgs
+            graf = debian_data.find_graf_data()
         if graf is None:
-            sys.exit(fx.graf_missing_reason())
+            sys.exit(debian_data.graf_missing_reason())
         roots["graf"] = fx.build_graf(args.out / "graf", graf)
     for name, root in roots.items():
         pairs = sorted((root / "PairAnnotation" / "test").glob("*.json"))

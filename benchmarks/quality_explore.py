@@ -2,6 +2,7 @@
 
     python benchmarks/data.py suite                 # first: ROOT/suite/<set> + suite.json
     python benchmarks/quality_explore.py [--size 224] [--aas-layers 3,5,7,9,11] [--triplets 2000]
+    python benchmarks/quality_explore.py --quick --model DIR --suite DIR     # the smoke test's seconds-long run
 
 The hidden state entering every block (and the last block's output) of every suite image is computed
 once per input size and cached, fp16, outside the repository (ROOT/quality-tokens/<weights>-<size>/,
@@ -17,7 +18,8 @@ Candidates (l = block index; features of block l = its layer-normed input, l = 1
          wt-ms@l   PCA-whitened on the set's own images, unlabelled (transductive, as an index could)
   content cls@l, mean@l, gem@l, cls+mean@l (content_vector), cls@a-b concatenated, w-/wt- whitened
   both   aas@l     AAS of block l's self-attention (nocls: the CLS token dropped from queries and keys)
-         comb(w)   w z(aas) + (1 - w) z(vector): z-scores from 500 random pairs (labels unused)
+         comb(w)   w z(aas) + (1 - w) z(vector): z-scores from 500 random pairs (labels unused;
+                   simsearch.bench.suites.combine)
 Every set is scored by triplet accuracy on the same seeded triplets for every candidate (exact for
 AAS too), and by leave-one-out mAP for the vectors; candidates are ranked per set by triplet accuracy
 and the table is sorted by their mean rank over the sets of their mode (style sets for style
@@ -35,13 +37,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import RESULTS, command_line, data_root, log, machine_info, now, setup_logging, update_sections
+from common import RESULTS, command_line, data_root, log, machine_info, now, parse_args, setup_logging, update_sections
 from quality_suite import render
 
 from simsearch.backbones import DEFAULT_MODEL, load_backbone
 from simsearch.bench.features import aas_pairs
 from simsearch.bench.metrics import average_rank, leave_one_out, sample_triplets, triplet_accuracy
-from simsearch.bench.suites import read_groups, read_suite
+from simsearch.bench.suites import combine, read_groups, read_suite
 from simsearch.descriptors.pooling import (channel_projection, content_vector, covariance_vector, fit_whitening,
                                            style_vector, whiten)
 from simsearch.images import open_image
@@ -51,6 +53,7 @@ WINDOWS = [(a, a + w - 1) for w in (2, 3, 4, 5) for a in range(0, 13 - w + 1)]
 CALIBRATION_PAIRS = 500
 COMBINED_WEIGHTS = (0.25, 0.5, 0.75)
 KEEP_TOP = 60  # candidates per mode whose per-set numbers go into the results file
+QUICK = {"size": 56, "cache_layers": "2,3,4,5", "aas_layers": "3,3nocls", "sketch": "8", "triplets": 50}
 COMBINED_BASES = ("ms@4", "cov@6", "cls@11", "cls@12")  # the vectors `comb` mixes with AAS (those scored)
 
 
@@ -155,12 +158,11 @@ def random_pairs(n: int, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def aas_candidates(tok: Tokens, paths: list[str], trip: np.ndarray, layers: list[int], prefix: int,
-                   seed: int) -> tuple[dict, dict]:
-    """-> ({name: (N, N) similarity with only the triplet pairs filled}, {name: (mean, sd) on random pairs})."""
+                   calib: np.ndarray) -> dict:
+    """-> {name: (N, N) similarity with only the triplet and calibration pairs filled}."""
     n = len(paths)
-    ci, cj = random_pairs(n, CALIBRATION_PAIRS, seed + 1)
-    pairs = np.unique(np.sort(np.r_[trip[:, [0, 1]], trip[:, [0, 2]], np.c_[ci, cj]], axis=1), axis=0)
-    sims, calib = {}, {}
+    pairs = np.unique(np.sort(np.r_[trip[:, [0, 1]], trip[:, [0, 2]], calib], axis=1), axis=0)
+    sims = {}
     for spec in layers:
         l, nocls = int(spec.removesuffix("nocls")), spec.endswith("nocls")
         name = f"aas@{l}" + ("-nocls" if nocls else "")
@@ -177,16 +179,8 @@ def aas_candidates(tok: Tokens, paths: list[str], trip: np.ndarray, layers: list
         sim = np.full((n, n), np.nan, dtype=np.float32)
         sim[pairs[:, 0], pairs[:, 1]] = sim[pairs[:, 1], pairs[:, 0]] = vals
         sims[name] = sim
-        c = sim[ci, cj]
-        calib[name] = (float(c.mean()), float(c.std()))
         log.info("  %s: %d pairs in %.0f s", name, len(pairs), time.perf_counter() - t)
-    return sims, calib
-
-
-def calibrate(sim: np.ndarray, seed: int) -> tuple[float, float]:
-    ci, cj = random_pairs(len(sim), CALIBRATION_PAIRS, seed + 1)
-    c = sim[ci, cj]
-    return float(c.mean()), float(c.std())
+    return sims
 
 
 # -- main --------------------------------------------------------------------------------------------
@@ -207,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sets", default="", help="comma-separated subset of the suite's sets")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
     ap.add_argument("--section", default=None, help="results section name (default: explore-<size>)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--quick", action="store_true", help=f"seconds, not minutes: {QUICK}")
+    args = parse_args(ap, argv, QUICK)
     setup_logging()
     torch.set_grad_enabled(False)
     suite = read_suite(args.suite)
@@ -252,17 +247,15 @@ def main(argv: list[str] | None = None) -> None:
     if aas_layers:
         for name, (mode, paths, labels) in data.items():
             log.info("AAS on %s", name)
-            sims, calib = aas_candidates(tok, paths, trips[name], aas_layers, bb.prefix_tokens, args.seed)
+            calib = np.c_[random_pairs(len(paths), CALIBRATION_PAIRS, args.seed + 1)]
+            sims = aas_candidates(tok, paths, trips[name], aas_layers, bb.prefix_tokens, calib)
             for key, sim in sims.items():
                 results[name][key] = score(sim, labels, trips[name], ranking=False)
-                m_a, s_a = calib[key]
                 for base in COMBINED_BASES:
                     if base not in per_set_sims[name]:
                         continue
-                    vec = per_set_sims[name][base]
-                    m_v, s_v = calibrate(vec, args.seed)
                     for w in COMBINED_WEIGHTS:
-                        comb = w * (sim - m_a) / s_a + (1 - w) * (vec - m_v) / s_v
+                        comb = combine(per_set_sims[name][base], sim, calib, w)
                         results[name][f"comb({w}):{key}+{base}"] = score(comb, labels, trips[name], ranking=False)
 
     ranks = rank_table(results, {n: m for n, (m, _, _) in data.items()})

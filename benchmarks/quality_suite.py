@@ -6,11 +6,12 @@
     python benchmarks/quality_explore.py --size 448 --cache-layers 2,3,4,5,6,11,12   # (section explore-448)
     python benchmarks/quality_suite.py compare       # `simsearch bench suite`: previous vs chosen defaults
     python benchmarks/quality_suite.py timing        # `simsearch bench groups` on 800 images, every metric
+    python benchmarks/quality_suite.py compare|timing --quick --model DIR --suite DIR   # the smoke test's run
 
 `compare` runs simsearch.bench.suites.evaluate_suite (what `simsearch bench suite` runs) with two
 variants: `previous` (the embedded model's defaults before this change, PREVIOUS) and `chosen` (its
 defaults now), triplet accuracy with 95% Wilson intervals and mAP with 95% bootstrap intervals over
-queries. `timing` builds an 800-image grouped folder (the style sets of the suite merged, group =
+queries. `timing` builds an 800-image grouped folder (the suite's style sets merged, group =
 set/style), runs the real `simsearch bench groups --mode style` on it with a fresh descriptor cache
 (embedding + scoring) and again with the cache warm (scoring only), and measures the previous
 protocol's cost (AAS for all N^2 pairs) from the per-pair time of a seeded sample of pairs.
@@ -27,16 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (RESULTS, command_line, data_root, log, machine_info, machine_line, measure, now, setup_logging,
-                    update_sections)
+from common import (RESULTS, command_line, data_root, log, machine_info, machine_line, measure, now, parse_args,
+                    setup_logging, update_sections)
 
 from simsearch.backbones import DEFAULT_MODEL, descriptor_defaults
 
 # The embedded model's descriptor defaults before issue 12 (chosen on card decks and tuxpaint categories).
 PREVIOUS = {"image_size": 224, "content_pooling": "cls", "content_layer": 11, "style_layer": 4,
             "style_pooling": "meanstd", "dense_layer": 9}
-TIMING_IMAGES = 800
-STYLE_SETS = ("font-styles", "icon-themes", "card-decks", "tuxpaint-style")
+QUICK = {"triplets": 50, "images": 12, "sample_pairs": 20}
 
 
 # -- compare -----------------------------------------------------------------------------------------
@@ -58,9 +58,12 @@ def compare(args) -> dict:
 def timing_folder(suite: Path, out: Path, n: int) -> Path:
     """The style sets of the suite merged into one grouped folder (group = <set>--<group>) and thinned
     evenly to n images (every k-th of the sorted list), as symlinks."""
+    from simsearch.bench.suites import read_suite
+
     if out.is_dir():
         return out
-    files = sorted((s, g.name, f) for s in STYLE_SETS for g in (suite / s).iterdir() if g.is_dir()
+    style_sets = [name for name, info in read_suite(suite).items() if info["mode"] == "style"]
+    files = sorted((s, g.name, f) for s in style_sets for g in (suite / s).iterdir() if g.is_dir()
                    for f in sorted(g.iterdir()))
     keep = [files[i * len(files) // n] for i in range(n)]
     tmp = out.with_name(out.name + ".part")
@@ -72,10 +75,10 @@ def timing_folder(suite: Path, out: Path, n: int) -> Path:
     return out
 
 
-def bench_groups(folder: Path, cache: Path, extra: list[str]) -> tuple[dict, dict]:
+def bench_groups(folder: Path, cache: Path, model: str) -> tuple[dict, dict]:
     """The real `simsearch bench groups --mode style --json` in a subprocess -> (its JSON, timing)."""
     cmd = [str(Path(sys.executable).with_name("simsearch")), "bench", "groups", str(folder), "--mode", "style",
-           "--json", "--cache", str(cache), *extra]
+           "--json", "--cache", str(cache), "--model", model]
     with measure() as m:
         p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
     if p.returncode:
@@ -88,14 +91,14 @@ def timing(args) -> dict:
     from simsearch.bench.features import FeatureSet
     from simsearch.bench.suites import read_groups
 
-    folder = timing_folder(args.suite, args.work / f"timing-{TIMING_IMAGES}", TIMING_IMAGES)
-    cache = args.work / f"timing-{TIMING_IMAGES}.db"
+    folder = timing_folder(args.suite, args.work / f"timing-{args.images}", args.images)
+    cache = args.work / f"timing-{args.images}.db"
     cold = None
     if not cache.exists():
         log.info("bench groups, cold cache (embedding + scoring)")
-        _, cold = bench_groups(folder, cache, [])
+        _, cold = bench_groups(folder, cache, args.model)
     log.info("bench groups, warm cache (scoring only)")
-    result, warm = bench_groups(folder, cache, [])
+    result, warm = bench_groups(folder, cache, args.model)
     # the previous protocol: AAS for all N(N-1)/2 pairs; its per-pair time from a seeded sample
     paths, _ = read_groups(folder)
     fs = FeatureSet(paths, cache=cache)
@@ -245,9 +248,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--triplets", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--images", type=int, default=800, help="timing: images of the merged style sets")
     ap.add_argument("--sample-pairs", type=int, default=2000)
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
-    args = ap.parse_args(argv)
+    ap.add_argument("--quick", action="store_true", help=f"seconds, not minutes: {QUICK}")
+    args = parse_args(ap, argv, QUICK)
     setup_logging()
     args.work.mkdir(parents=True, exist_ok=True)
     sections = {"compare": compare, "timing": timing}

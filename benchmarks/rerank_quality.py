@@ -10,9 +10,8 @@ Leave-one-out retrieval: each image queries all others. The first stage ranks th
 the dataset's mode vector (content for tuxpaint-categories, style for card-decks). The top
 `--candidates` are reranked by every reranker (simsearch.rerank.RERANKERS) from the stored dense
 tensors, their scores fused with the first stage as the library does (rerank.fuse); the rest keep
-their first-stage order below them. mAP (over the full list) and recall@1 come from
-simsearch.bench.metrics.leave_one_out on a per-query "reranked similarity" row: fused score lifted
-above every first-stage score for the candidates, first-stage score elsewhere.
+their first-stage order below them (simsearch.bench.metrics.reranked). mAP (over the full list) and
+recall@1 come from simsearch.bench.metrics.leave_one_out on that reranked similarity matrix.
 
 Triplet accuracy (card-decks, style groups): sample_triplets(labels, 2000, seed=0) scored by the AAS
 matrix (FeatureSet.matrix("aas"), every pair) vs cosine of the style vector (and of the content
@@ -34,22 +33,13 @@ from common import (RESULTS, command_line, data_root, loadavg, log, machine_info
                     parse_args, read_grouped, setup_logging, write_results)
 
 from simsearch.bench.features import FeatureSet
-from simsearch.bench.metrics import leave_one_out, sample_triplets, triplet_accuracy
+from simsearch.bench.metrics import leave_one_out, reranked, sample_triplets, top_candidates, triplet_accuracy
 from simsearch.rerank import RERANKERS, RerankQuery, fuse, rerank_scores
 from simsearch.store import path_key
 
 # dataset -> first-stage vector ("mode"); per-group cap applies to content datasets (None: all)
 DATASETS = {"card-decks": "style", "tuxpaint-categories": "content"}
 QUICK = {"per_group": 3, "deck_per_group": 3, "candidates": 4, "triplets": 50}
-
-
-def reranked_rows(first: np.ndarray, cands: np.ndarray, score: np.ndarray) -> np.ndarray:
-    """A similarity row whose descending order is: candidates by `score`, then the rest by `first`."""
-    row = first.copy()
-    finite = first[np.isfinite(first)]
-    lift = finite.max() + 1.0 - score.min()
-    row[cands] = score + lift
-    return row
 
 
 def rerank_eval(fs: FeatureSet, labels: np.ndarray, mode: str, n_cand: int) -> dict:
@@ -61,22 +51,19 @@ def rerank_eval(fs: FeatureSet, labels: np.ndarray, mode: str, n_cand: int) -> d
     dense = fs.index.dense(keys)
     sizes = np.array([(r["width"], r["height"]) for r in fs.index.store.rows(keys, ["width", "height"])])
     prior = fs.index.positional_prior()
-    mats = {m: np.array(first, dtype=np.float64) for m in RERANKERS}
+    fused = {m: np.full((n, n), np.nan) for m in RERANKERS}  # second-stage scores of each query's candidates
     t0 = time.perf_counter()
-    for i in range(n):
-        s = first[i].astype(np.float64).copy()
-        s[i] = -np.inf
-        cands = np.argsort(-s, kind="stable")[:n_cand]
+    for i, cands in enumerate(top_candidates(first, n_cand)):
         query = RerankQuery(dense[i], tuple(sizes[i]))
         for m in RERANKERS:
             out = rerank_scores(bb, layer, query, dense[cands], m, sizes[cands], prior=prior)
-            mats[m][i] = reranked_rows(s, cands, fuse(s[cands], out, m))
+            fused[m][i, cands] = fuse(first[i, cands].astype(np.float64), out, m)
         if (i + 1) % 25 == 0 or i + 1 == n:
             log.info("  reranked %d/%d queries, %.0f s", i + 1, n, time.perf_counter() - t0)
     rerank_s = time.perf_counter() - t0
     res = {"first stage": leave_one_out(first, labels)}
     for m in RERANKERS:
-        res[f"+{m}"] = leave_one_out(mats[m], labels)
+        res[f"+{m}"] = leave_one_out(reranked(first, fused[m], n_cand), labels)
     return {"results": res, "rerank_s": rerank_s, "rerank_ms_per_query": 1000 * rerank_s / n}
 
 

@@ -135,18 +135,13 @@ def stored(db: Path) -> tuple[list[str], dict[str, np.ndarray]]:
     return [r["path"] for r in rows], {m: np.asarray([r[m] for r in rows], np.float32) for m in ("content", "style")}
 
 
-def neighbours(v: np.ndarray, k: int) -> np.ndarray:
-    sim = v @ v.T
-    np.fill_diagonal(sim, -np.inf)
-    return np.argsort(-sim, axis=1, kind="stable")[:, :k]
-
-
 def agreement(want: dict[str, np.ndarray], got: dict[str, np.ndarray], k: int = 10) -> dict:
     from simsearch.backbones.runtime import cosines
+    from simsearch.bench.metrics import top_candidates
 
     out = {}
     for mode in ("content", "style"):
-        a, b = neighbours(want[mode], k), neighbours(got[mode], k)
+        a, b = (top_candidates(v @ v.T, k) for v in (want[mode], got[mode]))  # each image's k nearest others
         out[mode] = {"min_cosine": round(float(cosines(want[mode], got[mode]).min()), 6),
                      "same_top1": round(float((a[:, 0] == b[:, 0]).mean()), 4),
                      "top10_overlap": round(float(np.mean([len(set(x) & set(y)) / k for x, y in zip(a, b)])), 4)}

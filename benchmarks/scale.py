@@ -1,4 +1,4 @@
-"""Scale benchmarks: ANN kinds at 1M rows, incremental index updates, search with row fetch as the
+"""Scale benchmarks: ANN kinds at 1M rows (built and searched by ann.VectorIndex), incremental index updates, search with row fetch as the
 table grows, rerank on the compact dense format, bytes per image, Ray vs local ingestion.
 Results go to benchmarks/results/scale.json (each command updates its own section) and scale.md.
 
@@ -9,6 +9,9 @@ Results go to benchmarks/results/scale.json (each command updates its own sectio
     python benchmarks/scale.py rerank   [--images 300]   # query + rerank warm; bytes per image
     python benchmarks/scale.py ray      [--images 200]   # Ray Data vs local indexer, row by row
     python benchmarks/scale.py render
+
+The smoke test (tests/test_benchmarks.py) runs every command on small sizes, with the sources of
+`scale_data.py --images examples/images` and a tiny model.
 
 Synthetic rows (no model): row i = normalise(source[i mod S] + noise), S = the 10,000 real content
 vectors of scale_data.py and noise isotropic Gaussian whose expected norm is NOISE x the median
@@ -32,6 +35,9 @@ import numpy as np
 import common
 from common import loadavg, machine_info
 from common import percentile as pct
+from scale_data import load
+
+from simsearch.backbones import DEFAULT_MODEL
 
 RESULTS = common.RESULTS
 DEFAULT_WORK = Path(os.environ.get("SIMSEARCH_SCALE_WORK", "/tmp/simsearch-scale"))
@@ -48,8 +54,6 @@ class Synth:
 
     def __init__(self, noise: float = NOISE, source: dict | None = None):
         """source: {paths, content, style} of the real images (default: scale_data's cached embeddings)."""
-        from scale_data import load
-
         src = source if source is not None else load()
         self.paths = src["paths"]
         self.content, self.style = unit(src["content"]), unit(src["style"])
@@ -73,11 +77,9 @@ class Synth:
 
 
 def median_nn(x: np.ndarray) -> float:
-    import faiss
+    from simsearch.ann import VectorIndex
 
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
-    sims, _ = index.search(x, 2)
+    sims, _ = VectorIndex.build(np.arange(len(x)), x, ivf_threshold=len(x) + 1).search(x, 2)  # exact
     return float(np.median(np.sqrt(np.maximum(0, 2 - 2 * sims[:, 1]))))
 
 
@@ -90,15 +92,15 @@ def source_info(s: Synth) -> dict:
 
 
 # -- results ---------------------------------------------------------------------------------------
-def update(section: str, data: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "scale.json"
+def update(section: str, data: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "scale.json"
     allres = json.loads(path.read_text()) if path.exists() else {}
     allres[section] = {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                        "niceness": os.nice(0), "omp_threads": os.environ.get("OMP_NUM_THREADS"), **data}
     allres["machine"] = machine_info()
     path.write_text(json.dumps(allres, indent=2) + "\n")
-    render()
+    render(out_dir)
     print(f"[{section}] written to {path}", flush=True)
 
 
@@ -116,69 +118,59 @@ def timed_queries(search, queries, cpu: list | None = None) -> list[float]:
 
 # -- 1. ANN kinds ----------------------------------------------------------------------------------
 def bench_ann(args) -> None:
+    """Each kind built and searched as the library does (ann.VectorIndex.build and .search): recall@10 of
+    the whole query batch against the exact (flat) index; latency of lone queries, on one FAISS thread
+    and as the library runs them on two (an IVF query that scans ann.SPLIT_SCAN vectors or more splits
+    its lists over the threads)."""
     import faiss
 
+    from simsearch import ann
+
     faiss.omp_set_num_threads(2)
-    s = Synth()
+    s = Synth(source=load(args.data_root))
     n = args.rows
     t = time.perf_counter()
     xb = s.rows("content", 0, n)
     xq = s.queries("content", args.queries)
+    ids = np.arange(n)
     print(f"{n} rows ({time.perf_counter() - t:.0f} s)", flush=True)
-    flat = faiss.IndexFlatIP(xb.shape[1])
-    flat.add(xb)
+    flat = ann.VectorIndex.build(ids, xb, ivf_threshold=n + 1)
     t = time.perf_counter()
     _, truth = flat.search(xq, 10)
     print(f"ground truth {time.perf_counter() - t:.0f} s", flush=True)
     latency_q = xq[: args.latency_queries]
     results = []
 
-    def measure(name: str, index, build_s: float, param: str = "", mem: int | None = None):
-        _, got = index.search(xq, 10)
+    def measure(vi: ann.VectorIndex, name: str, build_s: float, nprobe: int | None, mem: int):
+        _, got = vi.search(xq, 10, nprobe=nprobe)
         recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, truth)]))
-        faiss.omp_set_num_threads(1)  # a small scan: one thread per single query, as the library (ann.PARALLEL_QUERIES)
-        ms = timed_queries(lambda q: index.search(q[None], 10), latency_q)
+        faiss.omp_set_num_threads(1)  # as OMP_NUM_THREADS=1 runs the library
+        ms = timed_queries(lambda q: vi.search(q[None], 10, nprobe=nprobe), latency_q)
         faiss.omp_set_num_threads(2)
-        row = {"kind": name, "param": param, "recall@10": round(recall, 4), "ms_p50": round(pct(ms, 50), 3),
-               "ms_p95": round(pct(ms, 95), 3), "build_s": round(build_s, 1), "memory_mb": mem, "load": loadavg()}
-        if "IVF" in name:  # a large scan: the probed lists split over both threads (ann.SPLIT_SCAN, as VectorIndex._split_view)
-            ivf = faiss.extract_index_ivf(index)
-            ivf.parallel_mode = 1
-            ms = timed_queries(lambda q: index.search(q[None], 10), latency_q)
-            ivf.parallel_mode = 0
+        row = {"kind": name, "param": f"nprobe={nprobe}" if nprobe else "", "recall@10": round(recall, 4),
+               "ms_p50": round(pct(ms, 50), 3), "ms_p95": round(pct(ms, 95), 3), "build_s": round(build_s, 1),
+               "memory_mb": mem, "load": loadavg()}
+        if vi.kind == "ivf" and vi.scan_size(vi.probes(nprobe)) >= ann.SPLIT_SCAN:  # the library splits this query
+            ms = timed_queries(lambda q: vi.search(q[None], 10, nprobe=nprobe), latency_q)
             row |= {"ms_p50_split": round(pct(ms, 50), 3), "ms_p95_split": round(pct(ms, 95), 3)}
         results.append(row)
         print(row, flush=True)
 
-    measure("flat", flat, 0.0, mem=xb.nbytes // 2**20)
+    measure(flat, "flat", 0.0, None, xb.nbytes // 2**20)
     del flat
-    for spec in args.ivf:
+    for spec in args.ivf:  # IVF<nlist>,<codec>
+        nlist, codec = spec.removeprefix("IVF").split(",")
         t = time.perf_counter()
-        index = faiss.index_factory(xb.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
-        nlist = faiss.extract_index_ivf(index).nlist
-        sample = xb[np.random.default_rng(0).choice(n, min(n, 64 * nlist), replace=False)]
-        index.train(sample)
-        index.add(xb)
+        vi = ann.VectorIndex.build(ids, xb, ivf_threshold=0, nlist=int(nlist), codec=codec)
         build = time.perf_counter() - t
-        mem = n * (faiss.extract_index_ivf(index).code_size + 8) // 2**20  # codes + ids
+        mem = n * (faiss.extract_index_ivf(vi.index).code_size + 8) // 2**20  # codes + ids
         for nprobe in args.nprobe:
-            faiss.extract_index_ivf(index).nprobe = nprobe
-            measure(spec, index, build, f"nprobe={nprobe}", mem)
-        del index
-    if args.hnsw:
-        t = time.perf_counter()
-        index = faiss.IndexHNSWFlat(xb.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = 40
-        index.add(xb[: args.hnsw])
-        build = time.perf_counter() - t
-        _, truth_h = faiss.knn(xq, xb[: args.hnsw], 10, metric=faiss.METRIC_INNER_PRODUCT)
-        truth_saved, truth = truth, truth_h
-        for ef in (32, 64, 128):
-            index.hnsw.efSearch = ef
-            measure(f"HNSW32 ({args.hnsw} rows)", index, build, f"efSearch={ef}")
-        truth = truth_saved
+            measure(vi, spec, build, nprobe, mem)
+        del vi
     update("ann", {"rows": n, "queries": args.queries, "latency_queries": args.latency_queries,
-                   "faiss_threads": "2 for the batched recall; per single query 1 thread, and for IVF also the probed lists split over 2 threads (FAISS parallel_mode 1, as the library does once a query scans ann.SPLIT_SCAN vectors)", "data": source_info(s), "results": results})
+                   "faiss_threads": "2 for the batched recall; per lone query 1 thread, and as the library runs it on 2 "
+                                    f"(probed lists split over the threads once a query scans ann.SPLIT_SCAN = {ann.SPLIT_SCAN} vectors)",
+                   "data": source_info(s), "results": results}, args.out_dir)
 
 
 # -- 2. growth: databases at 10k/100k/1M, row fetch, +1,000 rows -----------------------------------
@@ -210,7 +202,7 @@ def bench_growth(args) -> None:
     from simsearch.embedder import DescriptorConfig
     from simsearch.store import ImageStore
 
-    s = Synth()
+    s = Synth(source=load(args.data_root))
     conf = DescriptorConfig.for_model().to_dict()
     out = []
     xq = s.queries("content", args.queries)
@@ -257,7 +249,7 @@ def bench_growth(args) -> None:
         print(row, flush=True)
         out.append(row)
     update("growth", {"queries": len(xq), "ivf_threshold": ann.IVF_THRESHOLD, "nprobe": ann.NPROBE or f"max(16, nlist / {ann.PROBE_FRACTION})",
-                      "data": source_info(s), "results": out})
+                      "data": source_info(s), "results": out}, args.out_dir)
 
 
 # -- 3. compact dense codec: rank agreement on real hidden states -----------------------------------
@@ -266,6 +258,7 @@ def bench_codec(args) -> None:
 
     import torch
 
+    from simsearch.bench.metrics import top_candidates
     from simsearch.descriptors import quant
     from simsearch.descriptors.codec import decode_dense, encode_dense
     from simsearch.embedder import DescriptorConfig, Embedder
@@ -273,10 +266,10 @@ def bench_codec(args) -> None:
     from simsearch.rerank import rerank_scores
 
     torch.set_num_threads(1)
-    emb = Embedder(DescriptorConfig.for_model(), "cpu")
+    emb = Embedder(DescriptorConfig.for_model(args.model), "cpu")
     cache = args.work / f"dense-{args.images}.npz"
     if not cache.exists():  # the float32 hidden states of `images` tuxpaint stamps
-        paths = sorted(real_folder(args.work, args.images).iterdir())
+        paths = sorted(real_folder(args, args.images).iterdir())
         parts = [emb.embed(np.stack([emb.preprocess(open_image(p.read_bytes(), max_side=224, name=str(p)).image)
                                          for p in paths[i:i + 16]])).dense for i in range(0, len(paths), 16)]
         np.savez(cache, dense=np.concatenate(parts), paths=np.array([str(p) for p in paths]))
@@ -291,13 +284,13 @@ def bench_codec(args) -> None:
     pooled = ev[:, 1:].mean(1)
     pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
     queries = rng.choice(len(ev), min(args.queries, len(ev)), replace=False)
-    cands = {int(q): [i for i in np.argsort(-(pooled @ pooled[q])) if i != q][:50] for q in queries}
-    bb = emb.backbone
+    cands = top_candidates(pooled @ pooled.T, 50)
+    bb, layer = emb.backbone, emb.conf.dense_layer
 
     def scores(x):
         out = {"aas": [], "matches": []}
         for q in queries:
-            s = rerank_scores(bb, 9, ev[q], x[cands[int(q)]], "both")  # the query stays float32 (fresh from the model)
+            s = rerank_scores(bb, layer, ev[q], x[cands[q]], "both")  # the query stays float32 (fresh from the model)
             out["aas"].append(s["aas"])
             out["matches"].append(s["matches"])
         return out
@@ -307,16 +300,17 @@ def bench_codec(args) -> None:
                "int8 (raw)": (np.stack([decode_dense(encode_dense(x, "int8"), tokens, dim, "int8") for x in ev]), tokens * dim + 2 * tokens)}
     # each compact codec as tables fit it (errors weighed as the attention projections see them), and
     # without that metric, to show what it buys
-    variants = {kind: bb.dense_metric(9) for kind in quant.COMPACT_CODECS} | {"pca, plain squared error": None}
+    variants = {kind: bb.dense_metric(layer) for kind in quant.COMPACT_CODECS} | {"pca, plain squared error": None}
     for kind, metric in variants.items():
         t = time.perf_counter()
         codec = quant.fit(dense[fit_rows], metric=metric)
         fit_s = time.perf_counter() - t
         blobs = [codec.encode(x) for x in ev]
         t = time.perf_counter()
-        decoded = codec.decode(blobs[:50])
+        decoded = [codec.decode(blobs[:50])]
         decode_ms = 1000 * (time.perf_counter() - t)
-        formats[kind] = (np.concatenate([decoded, codec.decode(blobs[50:])]), codec.nbytes, fit_s, decode_ms)
+        decoded += [codec.decode(blobs[i:i + 50]) for i in range(50, len(blobs), 50)]
+        formats[kind] = (np.concatenate(decoded), codec.nbytes, fit_s, decode_ms)
     rows = []
     for name, (x, nbytes, *extra) in formats.items():
         got = scores(x)
@@ -330,7 +324,7 @@ def bench_codec(args) -> None:
                     f"{m}_same_top1": round(float(np.mean([np.argmax(a) == np.argmax(b) for a, b in zip(ref[m], got[m])])), 3)}
         rows.append(row)
         print(row, flush=True)
-    md = [f"## Compact dense format: rank agreement with float32 ({tokens}x{dim} hidden states entering block 9)", "",
+    md = [f"## Compact dense format: rank agreement with float32 ({tokens}x{dim} hidden states entering block {layer})", "",
           f"{n} tuxpaint stamps embedded with the embedded DINOv2-S/14; the codec fitted on {len(fit_rows)} of them, judged on "
           f"the other {len(held)}: {len(queries)} queries, each reranking its 50 nearest (mean-token cosine) with the stored "
           "format vs float32 (the query itself is always float32, as at search time). Spearman over the 50 scores, and whether "
@@ -340,21 +334,23 @@ def bench_codec(args) -> None:
     md += [f"| {r['format']} | {r['bytes_per_image']:,} | {r['rel_error']} | {r['aas_spearman_mean']} ({r['aas_spearman_min']}) | "
            f"{r['aas_same_top1']} | {r['matches_spearman_mean']} ({r['matches_spearman_min']}) | {r['matches_same_top1']} | "
            f"{r.get('fit_s', '')} | {r.get('decode_50_ms', '')} |" for r in rows]
-    update("codec", {"images": n, "held_out": len(held), "queries": len(queries), "results": rows, "markdown": md})
+    update("codec", {"images": n, "held_out": len(held), "queries": len(queries), "results": rows, "markdown": md}, args.out_dir)
 
 
 # -- 4. query + rerank warm, bytes per image -------------------------------------------------------
-def real_folder(work: Path, n: int) -> Path:
-    """n tuxpaint stamps from the scale sources, as symlinks in one folder."""
-    from scale_data import default_root
-
-    listing = (default_root() / "rendered" / "scale-icons" / "list.txt").read_text().splitlines()
-    stamps = [p for p in listing if "tuxpaint" in p][:n]
-    folder = work / f"real-{n}"
-    if not folder.is_dir() or len(list(folder.iterdir())) != len(stamps):
+def real_folder(args, n: int) -> Path:
+    """n real images as symlinks in one folder: the first n of --images-dir, else n tuxpaint stamps of the
+    scale sources (scale_data.py's list)."""
+    if args.images_dir:
+        images = sorted(str(p.resolve()) for p in args.images_dir.iterdir() if p.is_file())[:n]
+    else:
+        listing = (args.data_root / "rendered" / "scale-icons" / "list.txt").read_text().splitlines()
+        images = [p for p in listing if "tuxpaint" in p][:n]
+    folder = args.work / f"real-{n}"
+    if not folder.is_dir() or sorted(str(p.resolve()) for p in folder.iterdir()) != sorted(images):
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        for p in stamps:
+        for p in images:
             (folder / Path(p).name).symlink_to(p)
     return folder
 
@@ -396,13 +392,13 @@ def bench_rerank(args) -> None:
     from simsearch.indexers.local import index_files
 
     torch.set_num_threads(args.threads)
-    folder = real_folder(args.work, args.images)
+    folder = real_folder(args, args.images)
     queries = sorted(folder.iterdir())[: args.queries]
     rows = []
     for codec, keep in (("raw", timedelta(days=7)), ("pca", timedelta(hours=1))):
         db = args.work / f"rerank-{codec}-{args.images}"
         shutil.rmtree(db, ignore_errors=True)
-        idx = Index(db, dense_codec=codec, keep_versions=keep)
+        idx = Index(db, model=args.model, dense_codec=codec, keep_versions=keep)
         for part in range(4):  # four runs, as a collection grows: versions pile up unless cleaned
             files = sorted(folder.iterdir())[: (part + 1) * args.images // 4]
             index_files(idx, files, under=folder)
@@ -437,7 +433,7 @@ def bench_rerank(args) -> None:
     md += ["", "Where an `aas` query's time goes (p50 ms of each step, run one by one in the same process):", "",
            "| format | " + " | ".join(rows[0]["aas_steps_ms_p50"]) + " |", "|---" * (1 + len(rows[0]["aas_steps_ms_p50"])) + "|"]
     md += [f"| {r['format']} | " + " | ".join(str(v) for v in r["aas_steps_ms_p50"].values()) + " |" for r in rows]
-    update("rerank", {"images": args.images, "queries": len(queries), "threads": args.threads, "results": rows, "markdown": md})
+    update("rerank", {"images": args.images, "queries": len(queries), "threads": args.threads, "results": rows, "markdown": md}, args.out_dir)
 
 
 # -- 5. Ray vs local ------------------------------------------------------------------------------
@@ -447,12 +443,12 @@ def bench_ray(args) -> None:
 
     from simsearch import Index
 
-    folder = real_folder(args.work, args.images)
+    folder = real_folder(args, args.images)
     out = {}
     for engine in ("local", "ray"):
         db = args.work / f"ingest-{engine}-{args.images}"
         shutil.rmtree(db, ignore_errors=True)
-        idx = Index(db, dense_codec="pca")
+        idx = Index(db, model=args.model, dense_codec="pca")
         idx.ensure_table()  # model loaded before the clock starts, for both
         if engine == "ray":
             t = time.perf_counter()
@@ -474,7 +470,7 @@ def bench_ray(args) -> None:
           "| engine | seconds | images/s | load |", "|---|---|---|---|",
           *[f"| {e} | {out[e]['seconds']} | {out[e]['images_per_s']} | {out[e]['load']:.1f} |" for e in ("local", "ray")], "",
           f"Rows identical: {out['rows_identical']}."]
-    update("ray", {**out, "markdown": md})
+    update("ray", {**out, "markdown": md}, args.out_dir)
 
 
 # -- render ----------------------------------------------------------------------------------------
@@ -482,15 +478,14 @@ def _ms(x: float | None) -> str:
     return "" if x is None else f"{x:.2f}"
 
 
-def render() -> None:
-    path = RESULTS / "scale.json"
+def render(out_dir: Path) -> None:
+    path = out_dir / "scale.json"
     if not path.exists():
         return
     r = json.loads(path.read_text())
     m = r.get("machine", {})
     lines = ["# Scale benchmarks", "",
-             f"Machine: {m.get('cpu_model')}, {m.get('affinity')} cores, {m.get('mem_gib')} GiB, torch {m.get('torch')}. "
-             "Shared with other jobs: every timing lists the 1-minute load average.", "",
+             f"Machine: {common.machine_line(m)}. Shared with other jobs: every timing lists the 1-minute load average.", "",
              "Commands: `python benchmarks/scale_data.py` (once), then `python benchmarks/scale.py ann|growth|codec|rerank|ray` "
              "with `OMP_NUM_THREADS=2` (ann and growth also `OMP_WAIT_POLICY=PASSIVE`, as the CLI sets it, and no `nice`).", ""]
     if "ann" in r:
@@ -502,7 +497,7 @@ def render() -> None:
                   f"nearest-neighbour distance between sources ({d['median_nn_distance']['content']:.3f}). {a['queries']} queries "
                   f"(fresh noise), recall@10 against exact search; latency one query at a time over {a['latency_queries']} queries, "
                   f"FAISS threads: {a['faiss_threads']}.", "",
-                  "| index | parameter | recall@10 | 1 thread ms p50 | p95 | lists split over 2 threads ms p50 | p95 | build s | load |",
+                  "| index | parameter | recall@10 | 1 thread ms p50 | p95 | 2 threads, lists split (as the library runs it) ms p50 | p95 | build s | load |",
                   "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {x['kind']} | {x['param']} | {x['recall@10']:.4f} | {x['ms_p50']:.2f} | {x['ms_p95']:.2f} | "
                   f"{_ms(x.get('ms_p50_split'))} | {_ms(x.get('ms_p95_split'))} | {x['build_s']} | {x['load']:.1f} |"
@@ -525,7 +520,7 @@ def render() -> None:
         if section in r and "markdown" in r[section]:
             lines += r[section]["markdown"] + [""]
     lines += NOTES
-    (RESULTS / "scale.md").write_text("\n".join(lines))
+    (out_dir / "scale.md").write_text("\n".join(lines))
 
 
 NOTES = """## Reading these numbers
@@ -576,6 +571,11 @@ NOTES = """## Reading these numbers
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
+    ap.add_argument("--data-root", type=Path, default=common.data_root(), help="where scale_data.py cached the sources")
+    ap.add_argument("--images-dir", type=Path, default=None,
+                    help="codec, rerank, ray: real images from this folder (default: the tuxpaint stamps of the sources)")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="codec, rerank, ray")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("ann")
     p.add_argument("--rows", type=int, default=1_000_000)
@@ -583,7 +583,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--latency-queries", type=int, default=200)
     p.add_argument("--ivf", nargs="+", default=["IVF1024,Flat", "IVF1024,SQ8", "IVF4096,Flat"])
     p.add_argument("--nprobe", nargs="+", type=int, default=[8, 16, 32, 64])
-    p.add_argument("--hnsw", type=int, default=0, help="rows for an HNSW32 index (0: none)")
     p = sub.add_parser("growth")
     p.add_argument("--sizes", nargs="+", type=int, default=[10_000, 100_000, 1_000_000])
     p.add_argument("--queries", type=int, default=200)
@@ -601,7 +600,10 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("render")
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    {"ann": bench_ann, "growth": bench_growth, "render": lambda a: render()}.get(args.cmd, lambda a: globals()[f"bench_{a.cmd}"](a))(args)
+    if args.cmd == "render":
+        render(args.out_dir)
+    else:
+        globals()[f"bench_{args.cmd}"](args)
 
 
 if __name__ == "__main__":

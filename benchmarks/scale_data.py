@@ -2,6 +2,7 @@
 tuxpaint stamps, embedded once with the embedded DINOv2-S/14 and cached outside the repository.
 
     python benchmarks/scale_data.py [--root DIR] [--n 12000]
+    python benchmarks/scale_data.py --root DIR --images FOLDER --model M   # other sources (the smoke test)
 
 Steps (each skipped when its output exists; safe to interrupt and re-run):
   sources  `apt-get download` + `dpkg -x` the packages below into ROOT/pkgs; one file per icon name and
@@ -26,7 +27,9 @@ import numpy as np
 from PIL import Image
 
 from data import _rsvg, fetch
-from simsearch.bench.fixtures import data_root as default_root, spread
+from debian_data import data_root as default_root
+from simsearch.backbones import DEFAULT_MODEL
+from simsearch.bench.fixtures import spread
 
 PNG_THEMES = ["oxygen-icon-theme", "elementary-xfce-icon-theme", "faenza-icon-theme", "moka-icon-theme",
               "tuxpaint-stamps-default"]
@@ -99,15 +102,13 @@ def sources(root: Path, n: int) -> list[Path]:
     return paths[:n]
 
 
-def embed(root: Path, paths: list[Path]) -> Path:
-    import torch
-
+def embed(root: Path, paths: list[Path], model: str) -> Path:
     from simsearch.embedder import DescriptorConfig, Embedder
     from simsearch.images import open_image
 
     out = root / "scale-embeddings"
     out.mkdir(parents=True, exist_ok=True)
-    emb = Embedder(DescriptorConfig.for_model(), "cpu")
+    emb = Embedder(DescriptorConfig.for_model(model), "cpu")
     tux = [p for p in paths if "tuxpaint" in str(p)]
     dense_paths = set(spread(tux, DENSE_SAMPLE // 2) + spread([p for p in paths if p not in set(tux)], DENSE_SAMPLE // 2))
     dense: dict[str, np.ndarray] = {}
@@ -148,11 +149,13 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", type=Path, default=None)
     ap.add_argument("--n", type=int, default=12000)
+    ap.add_argument("--images", type=Path, default=None, help="the images of this folder as the sources")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     args = ap.parse_args(argv)
     root = args.root or default_root()
-    paths = sources(root, args.n)
+    paths = sorted(p for p in args.images.iterdir() if p.is_file())[:args.n] if args.images else sources(root, args.n)
     print(f"{len(paths)} distinct sources", file=sys.stderr)
-    print(embed(root, paths))
+    print(embed(root, paths, args.model))
 
 
 if __name__ == "__main__":

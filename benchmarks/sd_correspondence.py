@@ -7,7 +7,7 @@ The DINO part is the embedded DINOv2-S/14 (real weights). No real SD weights exi
 part is SD 1.x's architecture with random weights: its PCK measures the plumbing (the pair step, the
 grids and the fusion run end to end on real fixtures), not what SD features are worth. Fixtures:
 translation crops of examples/images and, when opencv-doc is present (`make test-deps`), the graf1 ->
-graf3 homography (simsearch.bench.fixtures).
+graf3 homography (simsearch.bench.fixtures, benchmarks/debian_data.py).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import common
+import debian_data
 from common import log, measure
 
 
@@ -99,15 +100,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ldm-size", type=int, default=256)
     ap.add_argument("--ldm-steps", type=int, default=10)
     ap.add_argument("--ldm-crops", type=int, default=8)
+    ap.add_argument("--photos", nargs="+", default=None, help="examples/images photos of the translation fixture (default all)")
+    ap.add_argument("--no-graf", dest="graf", action="store_false", help="without opencv-doc's graf pair")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out-dir", type=Path, default=common.RESULTS)
-    args = common.parse_args(ap, argv, quick=dict(sd_size=128, dino_size=112, ldm_size=128, ldm_steps=2, ldm_crops=4))
+    args = common.parse_args(ap, argv, quick=dict(sd_size=128, dino_size=112, ldm_size=128, ldm_steps=2, ldm_crops=4,
+                                                  photos=["chelsea"], graf=False))
     common.setup_logging()
     sd, _ = common.random_sd(args.sd_width)
     dino = load_backbone(args.model, "cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        roots = {"translation": fixtures.build_translation(Path(tmp) / "translation", fixtures.example_offsets(common.EXAMPLES))}
-        graf = fixtures.find_graf_data(extract_to=Path(tmp) / "opencv-doc")
+        roots = {"translation": fixtures.build_translation(Path(tmp) / "translation",
+                                                           fixtures.example_offsets(common.EXAMPLES, args.photos))}
+        graf = debian_data.find_graf_data(extract_to=Path(tmp) / "opencv-doc") if args.graf else None
         if graf is not None:
             roots["graf"] = fixtures.build_graf(Path(tmp) / "graf", graf)
         results = {"command": common.command_line(), "date": common.now(), "machine": common.machine_info(),

@@ -2,6 +2,8 @@
 
     python benchmarks/serve_latency.py [--sizes 1000 10000] [--queries 60] [--clients 4] [--per-client 15]
     python benchmarks/serve_latency.py render       # serve.md from serve.json only
+    python benchmarks/serve_latency.py --sizes 40 --queries 2 --rerank-queries 1 --clients 2 --per-client 2 \
+        --model DIR --work DIR --out-dir DIR --in-process     # the smoke test's run
 
 For each size a database is built once under --work: the 12 examples/images photos embedded with the
 embedded DINOv2-S/14, their rows replicated with small noise on the pooled vectors (dense tensors and
@@ -24,18 +26,16 @@ import threading
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-from common import loadavg, machine_info  # noqa: E402
-from common import percentile as pct  # noqa: E402
+from common import EXAMPLES, RESULTS, loadavg, machine_info, machine_line
+from common import percentile as pct
 
-RESULTS = HERE / "results"
+from simsearch.backbones import DEFAULT_MODEL
+
 NOISE = 0.02  # per-dimension noise on unit vectors of 384-768 dims: replicas stay near, never equal
-QUERY_FILES = sorted((REPO / "examples" / "images").glob("*.jpg")) + sorted((REPO / "examples" / "queries").glob("*.jpg"))
+QUERY_FILES = sorted(EXAMPLES.glob("*.jpg")) + sorted((EXAMPLES.parent / "queries").glob("*.jpg"))
 
 
-def build_db(work: Path, n: int) -> Path:
+def build_db(work: Path, n: int, model: str) -> Path:
     """A database of n rows made from the 12 photos' real rows (see the module docstring)."""
     import numpy as np
 
@@ -45,9 +45,9 @@ def build_db(work: Path, n: int) -> Path:
     base_db, db = work / "base", work / f"rows{n}"
     if db.exists() and Index(db).count() == n:
         return db
-    base = Index(base_db)
+    base = Index(base_db, model=model)
     if base.count() == 0:
-        base.add_folder(REPO / "examples" / "images")
+        base.add_folder(EXAMPLES)
     keys = base.store.vectors("content")[0]
     rows = base.store.rows(keys, ["path", "width", "height", "content", "style", "dense", "thumb"])
     target = Index(db, conf=base.conf)
@@ -73,17 +73,28 @@ def build_db(work: Path, n: int) -> Path:
 
 
 class Server:
-    """`simsearch serve` in a subprocess on a free loopback port."""
+    """`simsearch serve` in a subprocess on a free loopback port; `in_process`: the app it serves under
+    uvicorn in a thread of this process (the smoke test's run: no second Python start)."""
 
-    def __init__(self, db: Path):
+    def __init__(self, db: Path, in_process: bool = False):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = self.thread = None
+        if in_process:
+            import uvicorn
+
+            from simsearch.server import create_app
+
+            self.uvicorn = uvicorn.Server(uvicorn.Config(create_app(db), port=self.port, log_level="warning"))
+            self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
+            self.thread.start()
+            return
         env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
         self.proc = subprocess.Popen([sys.executable, "-c", "from simsearch.cli import main; main()", "serve",
                                       "--db", str(db), "--port", str(self.port)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-        self.url = f"http://127.0.0.1:{self.port}"
 
     def __enter__(self):
         import httpx
@@ -94,15 +105,21 @@ class Server:
                 self.info = httpx.get(self.url + "/api/info", timeout=5).raise_for_status().json()
                 break
             except httpx.TransportError:
-                if self.proc.poll() is not None:
+                if self.thread is not None and not self.thread.is_alive():
+                    raise RuntimeError("the in-process server stopped")
+                if self.proc is not None and self.proc.poll() is not None:
                     raise RuntimeError(self.proc.stderr.read())
                 time.sleep(0.2)
         self.startup_s = time.perf_counter() - t
         return self
 
     def __exit__(self, *exc):
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
+        if self.thread is not None:
+            self.uvicorn.should_exit = True
+            self.thread.join(timeout=60)
+        else:
+            self.proc.terminate()
+            self.proc.wait(timeout=60)
 
 
 def timed_queries(url: str, files: list[Path], count: int, offset: int = 0, **form) -> list[dict]:
@@ -134,8 +151,8 @@ def summary(samples: list[dict]) -> dict:
     return res
 
 
-def measure(db: Path, queries: int, clients: int, per_client: int, rerank_queries: int) -> dict:
-    with Server(db) as server:
+def measure(db: Path, queries: int, clients: int, per_client: int, rerank_queries: int, in_process: bool) -> dict:
+    with Server(db, in_process) as server:
         timed_queries(server.url, QUERY_FILES, 3)  # first requests: connections, allocator, caches
         load0 = loadavg()
         sequential = summary(timed_queries(server.url, QUERY_FILES, queries))
@@ -161,14 +178,14 @@ def measure(db: Path, queries: int, clients: int, per_client: int, rerank_querie
                 "rerank_both": reranked, "concurrent": concurrent}
 
 
-def render() -> None:
-    res = json.loads((RESULTS / "serve.json").read_text())
+def render(out_dir: Path) -> None:
+    res = json.loads((out_dir / "serve.json").read_text())
     m = res["machine"]
     lines = [
         "# simsearch serve: warm query latency through HTTP", "",
-        f"Measured {res['date']} on {m['nproc']} CPUs ({m['cpu_model']}), {m['mem_gib']} GiB RAM, no GPU; torch "
-        f"{m['torch']} ({res['server_torch_threads']} intra-op threads in the server), Python {m['python']}. The machine "
-        "is shared with other jobs: the 1-min load average before and after each measurement is given (2.0 = both cores busy).",
+        f"Measured {res['date']} on {machine_line(m)} (the server: {res['server_torch_threads']} intra-op threads). The "
+        "machine is shared with other jobs: the 1-min load average before and after each measurement is given (2.0 = both "
+        "cores busy).",
         "", f"Re-run: `{res['command']}`.", "",
         "Each database holds the 12 examples/images photos' real rows (embedded DINOv2-S/14, 224 px) replicated with "
         "small noise on the pooled vectors, written through the store API; FAISS is exact (flat) at these sizes. "
@@ -195,11 +212,11 @@ def render() -> None:
                      f"{c['p95_s']:.3f} | {c['forward_ms_p50']:.0f} | {c['queue_ms_p50']:.0f} | {c['load'][0]:.2f}→{c['load'][1]:.2f} |")
     lines += ["", "Server start to first answer (model, FAISS, one warm-up forward): "
               + ", ".join(f"{size} rows {r['startup_s']:.1f} s" for size, r in res["sizes"].items()) + ".", ""]
-    (RESULTS / "serve.md").write_text("\n".join(lines))
-    print(f"wrote {RESULTS / 'serve.md'}")
+    (out_dir / "serve.md").write_text("\n".join(lines))
+    print(f"wrote {out_dir / 'serve.md'}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", nargs="?", default="run", choices=["run", "render"])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
@@ -208,19 +225,23 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--per-client", type=int, default=15)
     ap.add_argument("--work", type=Path, default=Path("/tmp/simsearch-serve-bench"))
-    args = ap.parse_args()
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--out-dir", type=Path, default=RESULTS)
+    ap.add_argument("--in-process", action="store_true", help="the server in a thread of this process (smoke test)")
+    args = ap.parse_args(argv)
     if args.what == "render":
-        return render()
+        return render(args.out_dir)
     sizes = {}
     for n in args.sizes:
-        sizes[str(n)] = measure(build_db(args.work, n), args.queries, args.clients, args.per_client, args.rerank_queries)
+        sizes[str(n)] = measure(build_db(args.work, n, args.model), args.queries, args.clients, args.per_client,
+                                args.rerank_queries, args.in_process)
         print(json.dumps(sizes[str(n)]), flush=True)
     res = {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "niceness": os.nice(0),
            "command": "python benchmarks/serve_latency.py " + " ".join(sys.argv[1:]),
            "server_torch_threads": next(iter(sizes.values()))["torch_threads"], "machine": machine_info(), "sizes": sizes}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "serve.json").write_text(json.dumps(res, indent=2) + "\n")
-    render()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "serve.json").write_text(json.dumps(res, indent=2) + "\n")
+    render(args.out_dir)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,12 @@
-"""Deterministic synthetic image folders for the speed benchmarks.
+"""Deterministic synthetic image folders for the speed benchmarks (benchmarks/speed.py imports it).
 
 Images are random crops of the bundled samples (examples/images/*.jpg), flipped or not, resized so
 that the long side is in [min_side, max_side] and saved as JPEG (quality 85-95). Same seed, same
 bytes: a re-run indexes exactly the same files.
-
-    python benchmarks/synth.py OUT_DIR -n 512                        # "real-ish" 400-800 px
-    python benchmarks/synth.py OUT_DIR -n 10000 --min-side 160 --max-side 160 --square
 """
 
 from __future__ import annotations
 
-import argparse
 import random
 from pathlib import Path
 
@@ -58,20 +54,3 @@ def make_folder(out: str | Path, n: int, seed: int = 0, min_side: int = 400, max
         path.parent.mkdir(parents=True, exist_ok=True)
         img.save(path, format="JPEG", quality=quality)
     return paths
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out")
-    ap.add_argument("-n", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--min-side", type=int, default=400)
-    ap.add_argument("--max-side", type=int, default=800)
-    ap.add_argument("--square", action="store_true", help="exactly side x side instead of keeping the crop's aspect")
-    args = ap.parse_args(argv)
-    paths = make_folder(args.out, args.n, args.seed, args.min_side, args.max_side, args.square)
-    print(f"{len(paths)} images under {args.out}")
-
-
-if __name__ == "__main__":
-    main()

@@ -47,7 +47,7 @@ PARALLEL_QUERIES = 16
 # ...unless one IVF query scans at least this many vectors: then its lists are split over the threads
 # (FAISS parallel_mode 1), 5.8 -> 3.5 ms for 31k vectors of 384-d at 1M rows on 2 cores.
 SPLIT_SCAN = 20_000
-META = ("kind", "nlist", "trained_n", "train_error", "added_n", "added_error")  # what `meta` records besides sizes
+META = ("kind", "nlist", "codec", "trained_n", "train_error", "added_n", "added_error")  # what `meta` records besides sizes
 
 
 @contextmanager
@@ -85,6 +85,7 @@ class VectorIndex:
     index: faiss.Index  # CPU index; ids are the caller's (simsearch: row keys)
     kind: str  # "flat" | "ivf"
     nlist: int = 0
+    codec: str = "Flat"  # FAISS encoding of the vectors in the lists
     trained_n: int = 0  # vectors when the quantizer was trained
     train_error: float = 0.0  # their mean squared distance to the nearest centroid
     added_n: int = 0  # vectors added since training, and the sum of their squared distances
@@ -110,20 +111,23 @@ class VectorIndex:
         return self.index.d
 
     @classmethod
-    def build(cls, ids: np.ndarray, vectors: np.ndarray, ivf_threshold: int = IVF_THRESHOLD) -> "VectorIndex":
+    def build(cls, ids: np.ndarray, vectors: np.ndarray, ivf_threshold: int = IVF_THRESHOLD, nlist: int | None = None,
+              codec: str = IVF_CODEC) -> "VectorIndex":
+        """Flat below `ivf_threshold` vectors, else IVF with `nlist` lists (default nlist_for(n)) of `codec`
+        vectors (benchmarks/scale.py compares other lists and codecs through here)."""
         n, d = vectors.shape if vectors.size else (0, 1)
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if want_kind(n, ivf_threshold) == "flat":
             vi = cls(index=faiss.IndexIDMap2(faiss.IndexFlatIP(d)), kind="flat")
         else:
-            nlist = nlist_for(n)
-            index = faiss.index_factory(d, f"IVF{nlist},{IVF_CODEC}", faiss.METRIC_INNER_PRODUCT)
+            nlist = nlist or nlist_for(n)
+            index = faiss.index_factory(d, f"IVF{nlist},{codec}", faiss.METRIC_INNER_PRODUCT)
             rng = np.random.default_rng(0)  # training sample is seeded: rebuilds are reproducible
             sample = vectors[np.sort(rng.choice(n, size=min(n, TRAIN_PER_LIST * nlist), replace=False))]
             index.train(sample)
             index.set_direct_map_type(faiss.DirectMap.Hashtable)  # remove_ids by id without a scan
-            vi = cls(index=index, kind="ivf", nlist=nlist, trained_n=n)
+            vi = cls(index=index, kind="ivf", nlist=nlist, codec=codec, trained_n=n)
             vi.train_error = float(vi.quantisation_error(sample).mean())
         if n:
             vi.index.add_with_ids(vectors, ids)
@@ -226,8 +230,7 @@ class VectorIndex:
     # -- persistence -------------------------------------------------------------------------
     def meta(self) -> dict:
         """What `read` needs besides the FAISS file, and what describes the index."""
-        return {name: getattr(self, name) for name in META} | {
-            "codec": IVF_CODEC if self.kind == "ivf" else "Flat", "ntotal": self.ntotal, "d": self.d}
+        return {name: getattr(self, name) for name in META} | {"ntotal": self.ntotal, "d": self.d}
 
     def write(self, file: Path) -> None:
         faiss.write_index(self.index, str(file))

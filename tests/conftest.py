@@ -34,6 +34,8 @@ os.environ["SIMSEARCH_RUNTIME_CACHE"] = tempfile.mkdtemp(prefix="simsearch-runti
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parent.parent
+# benchmarks/debian_data.py (Debian packages as test data) serves the tests and the benchmarks alike
+sys.path.append(str(REPO / "benchmarks"))
 # `make test` (and so CI) sets this: a test that lacks a system dependency (Chromium, opencv-doc's
 # images) fails instead of skipping, so the README's command runs everything. Plain `pytest` skips
 # with the reason; `make test-deps` installs what is missing.

@@ -3,9 +3,11 @@ write their results (JSON + markdown, into a temporary --out-dir) with the expec
 
 All scripts run one after another in ONE subprocess (each as `__main__`, with its own argv, as
 `python benchmarks/<script>.py ...` would), so torch and transformers are imported once. The grouped
-datasets of benchmarks/data.py come from Debian packages; here a small stand-in with the same layout
-is made from examples/images. Not run: `speed.py cold` and `memory` (each starts fresh Python
-processes, tens of seconds) and data.py / verify_embedded.py (they need apt and onnxruntime).
+datasets of benchmarks/data.py (and the proxy suite made of them) come from Debian packages; here a
+small stand-in with the same layout is made from examples/images, and cut-outs with an alpha channel
+stand in for the tuxpaint stamps. Not run: data.py, copydetect_data.py's Debian build and scale_data.py's
+Debian sources (apt), `speed.py cold` and `memory`, `quality_suite.py timing` and `scale.py ray` (each
+starts fresh Python processes or a Ray cluster, tens of seconds).
 """
 
 from __future__ import annotations
@@ -47,7 +49,11 @@ DATASETS = {"tuxpaint-categories": ("animals", "food"), "card-ranks": ("1", "2")
             "tuxpaint-style": ("cartoon", "photo"), "card-decks": ("oxygen", "paris")}
 
 
+SUITE = {"tuxpaint-categories": "content", "card-ranks": "content", "tuxpaint-style": "style", "card-decks": "style"}
+
+
 def grouped_data(root):
+    """The stand-ins, and a proxy-suite manifest over them (as `data.py suite` writes)."""
     photos = sorted(EXAMPLES.glob("*.jpg"))
     for d, (name, groups) in enumerate(DATASETS.items()):
         for g, group in enumerate(groups):
@@ -55,6 +61,21 @@ def grouped_data(root):
             for k in range(3):
                 img = Image.open(photos[(3 * g + k + d) % len(photos)]).convert("RGB")
                 img.resize((80, 60)).save(root / name / group / f"{group}_{k}.png")
+    (root / "suite.json").write_text(json.dumps({"sets": {name: {"mode": mode} for name, mode in SUITE.items()}}))
+    return root
+
+
+def cutouts(root, n: int = 3):
+    """ROOT/cutouts/<k>.png: photos with an elliptical alpha mask, as coseg.py pastes the tuxpaint stamps."""
+    from PIL import ImageDraw
+
+    (root / "cutouts").mkdir(parents=True)
+    for k, photo in enumerate(sorted(EXAMPLES.glob("*.jpg"))[:n]):
+        img = Image.open(photo).convert("RGBA").resize((96, 72))
+        alpha = Image.new("L", img.size, 0)
+        ImageDraw.Draw(alpha).ellipse((8, 6, 88, 66), fill=255)
+        img.putalpha(alpha)
+        img.save(root / "cutouts" / f"cutout_{k}.png")
     return root
 
 
@@ -64,8 +85,12 @@ def runs(tmp_path_factory, tiny12):
     tmp = tmp_path_factory.mktemp("benchmarks")
     data = grouped_data(tmp / "data")
     out = {name: tmp / "out" / name for name in ("scoring", "speed", "dense", "rerank", "retrieval", "proxy",
-                                                  "rerank_device", "replace", "runtime", "copydetect", "dedup")}
+                                                  "rerank_device", "replace", "runtime", "copydetect", "dedup", "coseg",
+                                                  "quality", "scale", "sd_scoring", "sd_correspondence", "serve")}
     common = ["--quick", "--model", str(tiny12)]
+    scale = ["benchmarks/scale.py", "--work", str(tmp / "scale" / "work"), "--data-root", str(tmp / "scale"),
+             "--images-dir", str(EXAMPLES), "--model", str(tiny12), "--out-dir", str(out["scale"])]
+    quality = [*common, "--suite", str(data), "--out-dir", str(out["quality"])]
     plan = [
         ("scoring", "benchmarks/scoring.py", [*common, "--work", str(tmp / "scoring"), "--out-dir", str(out["scoring"])]),
         *[(f"speed {cmd}", "benchmarks/speed.py", [*common, "--work", str(tmp / "speed"), "--out-dir", str(out["speed"]), cmd])
@@ -84,6 +109,24 @@ def runs(tmp_path_factory, tiny12):
         ("copydetect", "benchmarks/copydetect.py", [*common, "--data-root", str(tmp / "copydetect"),
                                                     "--out-dir", str(out["copydetect"])]),
         ("dedup", "benchmarks/dedup.py", [*common, "--work", str(tmp / "dedup"), "--out-dir", str(out["dedup"])]),
+        ("coseg", "benchmarks/coseg.py", [*common, "--stamps", str(cutouts(tmp / "stamps")), "--categories", "cutouts",
+                                          "--out-dir", str(out["coseg"])]),
+        ("quality_suite compare", "benchmarks/quality_suite.py", ["compare", *quality, "--cache", str(tmp / "quality" / "cache"),
+                                                                  "--work", str(tmp / "quality" / "work")]),
+        ("quality_explore", "benchmarks/quality_explore.py", [*quality, "--cache", str(tmp / "quality" / "tokens")]),
+        ("scale_data", "benchmarks/scale_data.py", ["--root", str(tmp / "scale"), "--images", str(EXAMPLES),
+                                                    "--model", str(tiny12)]),
+        ("scale ann", scale[0], [*scale[1:], "ann", "--rows", "3000", "--queries", "40", "--latency-queries", "5",
+                                 "--ivf", "IVF16,Flat", "IVF16,SQ8", "--nprobe", "2", "16"]),
+        ("scale growth", scale[0], [*scale[1:], "growth", "--sizes", "300", "--queries", "5"]),
+        ("scale codec", scale[0], [*scale[1:], "codec", "--images", "12", "--fit", "8", "--queries", "4"]),
+        ("scale rerank", scale[0], [*scale[1:], "rerank", "--images", "12", "--queries", "2", "--threads", "1"]),
+        ("sd_scoring", "benchmarks/sd_scoring.py", ["--quick", "--out-dir", str(out["sd_scoring"])]),
+        ("sd_correspondence", "benchmarks/sd_correspondence.py", [*common, "--out-dir", str(out["sd_correspondence"])]),
+        ("serve_latency", "benchmarks/serve_latency.py", ["--sizes", "40", "--queries", "2", "--rerank-queries", "1",
+                                                          "--clients", "2", "--per-client", "2", "--model", str(tiny12),
+                                                          "--work", str(tmp / "serve"), "--out-dir", str(out["serve"]),
+                                                          "--in-process"]),
     ]
     env = {**os.environ, "SIMSEARCH_DATA": str(tmp / "no-debian-data")}
     proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(plan)], cwd=REPO, env=env,
@@ -254,3 +297,75 @@ def test_dedup(runs):
     assert [r["rows"] for r in rows] == [300, 3000] and all(r["ann_kind"] == "flat" for r in rows)
     assert [r["planted_pairs"] for r in rows] == [1, 3] and all(r["peak_rss_mib"] > 0 for r in rows)
     assert res["scale"]["baseline"]["rows"] == 300
+
+
+def test_coseg(runs, tiny12):
+    res = results(runs, "coseg", "coseg", "coseg")
+    (row,) = res["categories"].values()
+    assert set(res["categories"]) == {"cutouts"} and res["model"] == str(tiny12) and res["config"]["image_size"] == 112
+    assert row["images"] == len(row["per_image"]) == 3 and row["jaccard"] == pytest.approx(sum(row["per_image"]) / 3)
+    assert all(0 <= j <= 1 for j in row["per_image"]) and res["mean"]["jaccard"] == row["jaccard"]
+
+
+def test_quality_suite(runs, tiny12):
+    """compare: the previous and the model's own defaults on every set of the suite; explore: every kind
+    of candidate, ranked over the sets of its mode."""
+    from simsearch.backbones import descriptor_defaults
+
+    res = results(runs, "quality_suite compare", "quality", "quality_suite")
+    ran(runs, "quality_explore")
+    compare = res["compare"]
+    assert compare["chosen"] == json.loads(json.dumps(descriptor_defaults(str(tiny12))))
+    assert compare["suite"]["config"]["variants"]["previous"]["descriptors"]["style_layer"] == 4
+    rows = compare["suite"]["rows"]
+    assert set(rows) == {f"{v}: {m}" for v in ("previous", "chosen") for m in ("cosine", "style", "aas", "combined")}
+    for per_set in rows.values():
+        assert set(per_set) == set(SUITE) and all(s["triplet_accuracy"]["n"] == 50 for s in per_set.values())
+    explore = res["explore-56"]
+    assert {n: s["images"] for n, s in explore["sets"].items()} == dict.fromkeys(SUITE, 6)
+    assert set(explore["ranks"]) == {"style", "content"}
+    for name in ("ms@4", "cov@3", "cov8@5", "ms@2-5", "wt-ms@4", "w-cls@5", "aas@3", "aas@3-nocls", "comb(0.5):aas@3+ms@4"):
+        assert name in explore["ranks"]["style"], name
+
+
+def test_scale(runs):
+    """The sources scale_data.py embedded, and every command on rows made from them: an IVF index that
+    probes all its lists (flat codes) finds the exact top 10."""
+    import numpy as np
+
+    ran(runs, "scale_data")
+    (part,) = (runs[3] / "scale" / "scale-embeddings").glob("part-*.npz")
+    assert len(np.load(part)["paths"]) == 12
+    res = results(runs, "scale rerank", "scale", "scale")
+    for label in ("scale ann", "scale growth", "scale codec"):
+        ran(runs, label)
+    ann = {(r["kind"], r["param"]): r["recall@10"] for r in res["ann"]["results"]}
+    assert set(ann) == {("flat", ""), *((k, f"nprobe={p}") for k in ("IVF16,Flat", "IVF16,SQ8") for p in (2, 16))}
+    assert ann["flat", ""] == ann["IVF16,Flat", "nprobe=16"] == 1.0 and ann["IVF16,Flat", "nprobe=2"] < 1.0
+    (growth,) = res["growth"]["results"]
+    assert growth["rows"] == 300 and growth["kind"] == "flat" and growth["add_1000_found"] is True
+    assert {r["format"] for r in res["codec"]["results"]} == {"float16 (raw)", "int8 (raw)", "pca", "pca, plain squared error"}
+    assert [(r["format"], r["rows"]) for r in res["rerank"]["results"]] == [("raw", 12), ("pca", 12)]
+
+
+def test_sd_scoring(runs):
+    res = results(runs, "sd_scoring", "sd_scoring", "sd_scoring")
+    assert "full" not in res and res["tiny"]["size"] == 128
+    assert [(s["n"], s["pairs"]) for s in res["tiny"]["simsearch"]] == [(4, 6), (6, 15)]
+    assert [d["timed_pairs"] for d in res["tiny"]["diffsim"]] == [3, 3]
+
+
+def test_sd_correspondence(runs):
+    res = results(runs, "sd_correspondence", "sd_correspondence", "sd_correspondence")
+    assert set(res["pck"]) == {"translation"} and set(res["pck"]["translation"]) == {"dino", "sd", "sd+dino"}
+    for row in res["pck"]["translation"].values():
+        assert row["pairs"] == 2 and row["points"] == 2 * 25 and 0 <= row["pck@0.1"] <= 1
+    assert res["ldm"]["measured"]["steps"] == 2 and res["ldm"]["paper_point_s"] > 0
+
+
+def test_serve_latency(runs):
+    res = results(runs, "serve_latency", "serve", "serve")
+    (size,) = res["sizes"].values()
+    assert set(res["sizes"]) == {"40"} and size["rows"] == 40
+    assert size["sequential"]["n"] == 2 and size["rerank_both"]["n"] == 1
+    assert size["concurrent"]["requests"] == size["concurrent"]["n"] == 4

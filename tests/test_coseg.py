@@ -249,12 +249,12 @@ def test_cosegmentation_of_real_cutouts_beats_saliency_alone(embedded_model):
     """Five birds, each on a crop of another example photo: the masks must match the alpha masks better
     than the saliency map they vote with, thresholded alone (benchmarks/coseg.py measures ten
     categories)."""
+    import debian_data
+    from simsearch.backbones import load_backbone
     from simsearch.bench import fixtures
 
-    from simsearch.backbones import load_backbone
-
-    stamps = require(fixtures.stamps_dir(), "tuxpaint stamps not found (Debian package tuxpaint-stamps-default "
-                                                 "in the data root of benchmarks/data.py)")
+    stamps = require(debian_data.stamps_dir(), "tuxpaint stamps not found (Debian package tuxpaint-stamps-default "
+                                               "in the data root of benchmarks/debian_data.py)")
     images, truths = fixtures.composite_set(stamps, "animals/birds", 5, EXAMPLES, seed=0)
     result = C.cosegment(load_backbone(embedded_model, "cpu"), images)
     coseg = np.mean([C.jaccard(m, t) for m, t in zip(result.masks, truths)])

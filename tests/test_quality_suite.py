@@ -296,29 +296,43 @@ def test_multi_block_style_vector_is_stored_and_reopened(new_index, tiny_model, 
     assert np.allclose(again.embed_image(folder / "chelsea.png").style[0], expect, atol=1e-5)
 
 
-def test_registry_defaults_are_the_ones_measured_on_the_suite(embedded_db):
-    """The embedded model's defaults are the configuration the `chosen` variant of
-    benchmarks/results/quality_suite.json ran with: a change to the registry without a re-run of
-    `quality_suite.py compare` fails here. The database the defaults build holds their style vector:
-    mean/std (2C) + 32-direction covariance sketch, per block."""
-    from conftest import REPO
-
+def test_default_database_holds_the_registry_style_vector(embedded_db):
+    """An index on the embedded model with no descriptor options is built with the registry's defaults,
+    and its stored style vector is their definition written out in numpy from the backbone's tokens:
+    per listed block, mean/std (2C) and the covariance of the patches projected on 32 fixed orthonormal
+    directions, each part unit-norm, the blocks concatenated."""
     from simsearch import Index
     from simsearch.backbones import DEFAULT_MODEL, descriptor_defaults
-
-    measured = json.loads((REPO / "benchmarks/results/quality_suite.json").read_text())["compare"]
-    assert measured["model"] == DEFAULT_MODEL
-    defaults = json.loads(json.dumps(descriptor_defaults(DEFAULT_MODEL)))  # tuples as the JSON lists them
-    assert {"model": DEFAULT_MODEL, **defaults} == measured["suite"]["config"]["variants"]["chosen"]["descriptors"]
+    from simsearch.descriptors.pooling import channel_projection
+    from simsearch.images import open_image
     from simsearch.paths import normalize
     from simsearch.store import path_key
 
     db, photos = embedded_db
     index = Index(db)
-    assert index.conf.style_layer == tuple(measured["chosen"]["style_layer"])
-    assert index.conf.style_pooling == measured["chosen"]["style_pooling"] == "meanstd+cov32"
-    style = index.store.rows([path_key(normalize(photos / "chelsea.jpg"))], ["style"])[0]["style"]
-    assert len(style) == 4 * (2 * 384 + 32 * 33 // 2)
+    registry = descriptor_defaults(DEFAULT_MODEL)
+    assert {name: getattr(index.conf, name) for name in registry} == registry
+    assert index.conf.style_pooling == "meanstd+cov32" and len(index.conf.style_layer) == 4
+
+    path = photos / "chelsea.jpg"
+    pixels = torch.from_numpy(index.embedder.preprocess(open_image(path, max_side=index.conf.image_size).image))[None]
+    blocks = index.conf.style_layer
+    tok = index.embedder.backbone.tokens(pixels, {str(b): (b, "features") for b in blocks})
+    proj = channel_projection(384, 32).numpy().astype(np.float64)  # the fixed directions are an input here
+
+    def unit(v):
+        return v / np.linalg.norm(v)
+
+    def block_vector(x):  # one block's (N, C) patch tokens
+        x = x.astype(np.float64)
+        meanstd = unit(np.concatenate([unit(x.mean(0)), unit(x.std(0))]))
+        cov = np.cov((x @ proj).T, bias=True)[np.triu_indices(32)]
+        return unit(np.concatenate([meanstd, unit(np.sign(cov) * np.sqrt(np.abs(cov)))]))
+
+    expect = unit(np.concatenate([block_vector(tok[str(b)][0, 1:].numpy()) for b in blocks]))  # CLS dropped
+    stored = index.store.rows([path_key(normalize(path))], ["style"])[0]["style"]
+    assert len(stored) == 4 * (2 * 384 + 32 * 33 // 2)
+    assert np.allclose(stored, expect, atol=1e-5)
 
 
 def test_average_rank_shares_ties():

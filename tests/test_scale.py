@@ -125,6 +125,25 @@ def test_retrain_rule(synth):
     assert np.array_equal(top1(vi, far[:50]), [path_key(p) for p in names("d", 50)])
 
 
+def test_build_takes_other_lists_and_codes(tmp_path):
+    """benchmarks/scale.py's IVF variants: the lists and codes asked for, kept through write/read/restore;
+    probing every list of flat codes is the exact search, SQ8's one-byte codes only approximate it."""
+    import faiss
+
+    x, q = vectors(3000, seed=0), vectors(50, seed=9)
+    _, exact = ann.VectorIndex.build(np.arange(3000), x).search(q, 10)
+    for codec, code_bytes in (("Flat", 4 * D), ("SQ8", D)):
+        vi = ann.VectorIndex.build(np.arange(3000), x, ivf_threshold=0, nlist=8, codec=codec)
+        assert (vi.kind, vi.nlist, vi.codec, faiss.extract_index_ivf(vi.index).code_size) == ("ivf", 8, codec, code_bytes)
+        _, got = vi.search(q, 10, nprobe=8)
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, exact)])
+        assert recall == 1.0 if codec == "Flat" else 0.8 < recall < 1.0
+        vi.write(tmp_path / codec)
+        again = ann.VectorIndex.read(tmp_path / codec)
+        again.restore(vi.meta())
+        assert (again.nlist, again.codec) == (8, codec)
+
+
 def test_retrain_reason_by_error():
     vi = ann.VectorIndex.build(np.arange(3000), vectors(3000, seed=0), ivf_threshold=1000)
     assert catchup.retrain_reason(vi, 1000) is None

@@ -12,20 +12,20 @@ your own images, for `simsearch bench pck` (simsearch.bench.pck):
   examples/images photos.
 - `build_graf`: opencv-doc's graf1.png -> graf3.png (a planar graffiti wall seen from two viewpoints,
   about 40 degrees apart) with its ground-truth homography H1to3p.xml; keypoints on a grid in graf1
-  mapped by the homography into graf3. Needs the Debian package opencv-doc (`find_graf_data`).
+  mapped by the homography into graf3, from the folder that holds those files (the Debian package
+  opencv-doc: benchmarks/debian_data.find_graf_data finds or extracts them).
 
     from simsearch.bench.fixtures import build_translation
     build_translation("pck-fixture", {"photos/cat.jpg": [(40, 24), (-31, 45)]})   # then: simsearch bench pck pck-fixture
+
+Co-segmentation sets (`composite_set`): cut-out images with an alpha channel pasted on crops of photos,
+each with its exact mask.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -44,8 +44,6 @@ EXAMPLE_OFFSETS = {
     "coffee": [(52, 19), (-23, -29)],
     "horse": [(-41, 27), (29, 33)],
 }
-GRAF_FILES = ("graf1.png", "graf3.png", "H1to3p.xml")
-GRAF_SUBDIR = Path("usr/share/doc/opencv-doc/examples/data")  # inside the Debian package
 
 
 def example_offsets(folder: str | Path, names: Sequence[str] | None = None) -> dict[Path, list[tuple[int, int]]]:
@@ -122,88 +120,10 @@ def apply_homography(h: np.ndarray, xy: np.ndarray) -> np.ndarray:
     return p[:, :2] / p[:, 2:3]
 
 
-# -- where opencv-doc's graf files are -------------------------------------------------------------
-def data_root() -> Path:
-    """Where downloaded Debian packages are kept (benchmarks/data.py, `make test-deps`):
-    $SIMSEARCH_DATA, else ~/.cache/simsearch-data."""
-    return Path(os.environ.get("SIMSEARCH_DATA") or Path.home() / ".cache" / "simsearch-data")
-
-
-def _graf_dir_candidates() -> list[Path]:
-    env = os.environ.get("SIMSEARCH_GRAF_DIR")
-    return [*([Path(env)] if env else []), data_root() / "pkgs" / "opencv-doc" / GRAF_SUBDIR, Path("/") / GRAF_SUBDIR]
-
-
-def debian_package(package: str, root: str | Path | None = None, download: bool = True) -> Path:
-    """The unpacked tree of a Debian package under the data root (`pkgs/<package>`), unpacking
-    `debs/<package>_*.deb` with `dpkg -x` and, when allowed, downloading it first (`apt-get download`, no
-    install). SimsearchError when it cannot be had."""
-    root = Path(root) if root is not None else data_root()
-    tree, debs = root / "pkgs" / package, root / "debs"
-    if tree.is_dir():
-        return tree
-    debs.mkdir(parents=True, exist_ok=True)
-
-    def run(*cmd: str, cwd: Path | None = None) -> None:
-        subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=cwd)
-
-    if not list(debs.glob(f"{package}_*.deb")):
-        if not download:
-            raise SimsearchError(f"{debs}: no {package}_*.deb (apt-get download {package}, or `make test-deps`)")
-        try:
-            run("apt-get", "download", package, cwd=debs)
-        except (subprocess.CalledProcessError, FileNotFoundError):
-            try:  # stale or empty package lists: refresh once and retry
-                run("apt-get", "update")
-                run("apt-get", "download", package, cwd=debs)
-            except (subprocess.CalledProcessError, FileNotFoundError) as e:
-                raise SimsearchError(f"cannot fetch Debian package {package} ({getattr(e, 'stderr', e)}); "
-                                     f"put {package}_*.deb into {debs} by hand") from None
-    deb = sorted(debs.glob(f"{package}_*.deb"))[-1]
-    tree.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{package}.", dir=tree.parent))
-    run("dpkg", "-x", str(deb), str(tmp))
-    tmp.chmod(0o755)  # mkdtemp makes it private
-    tmp.rename(tree)  # appears whole or not at all
-    return tree
-
-
 def spread(items, cap: int) -> list:
     """A deterministic subset of at most `cap` items, evenly spaced over the sorted list."""
     items = sorted(items)
     return items if len(items) <= cap else [items[i * len(items) // cap] for i in range(cap)]
-
-
-def find_graf_data(extract_to: str | Path | None = None) -> Path | None:
-    """The folder holding graf1.png, graf3.png and H1to3p.xml, or None.
-
-    Looks in $SIMSEARCH_GRAF_DIR, the unpacked package under the data root
-    (<data root>/pkgs/opencv-doc/...) and an installed opencv-doc (/usr/share/doc/...). Failing
-    those, if `extract_to` is given and a downloaded opencv-doc_*.deb lies in <data root>/debs, only
-    the three files are extracted from it into `extract_to` (no network, a few seconds).
-    """
-    for d in _graf_dir_candidates():
-        if all((d / f).is_file() for f in GRAF_FILES):
-            return d
-    debs = sorted((data_root() / "debs").glob("opencv-doc_*.deb"))
-    if extract_to is None or not debs or not shutil.which("dpkg-deb") or not shutil.which("tar"):
-        return None
-    extract_to = Path(extract_to)
-    extract_to.mkdir(parents=True, exist_ok=True)
-    members = [f"./{GRAF_SUBDIR / f}" for f in GRAF_FILES]
-    deb = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(debs[-1])], stdout=subprocess.PIPE)
-    tar = subprocess.run(["tar", "-x", "-C", str(extract_to), *members], stdin=deb.stdout, capture_output=True)
-    deb.stdout.close()
-    deb.wait()
-    d = extract_to / GRAF_SUBDIR
-    return d if tar.returncode == 0 and all((d / f).is_file() for f in GRAF_FILES) else None
-
-
-def graf_missing_reason() -> str:
-    looked = ", ".join(str(d) for d in _graf_dir_candidates())
-    return (f"opencv-doc's graf1.png/graf3.png/H1to3p.xml not found (looked in {looked} and for "
-            f"{data_root() / 'debs'}/opencv-doc_*.deb): put the Debian package there "
-            f"(`apt-get download opencv-doc`; in the repository `make test-deps` does it) or set SIMSEARCH_GRAF_DIR")
 
 
 # -- writing the layout ------------------------------------------------------------------------------
@@ -233,24 +153,8 @@ def _write_pair(root: Path, split: str, pair_id: str, category: str, src: str, t
 
 
 # -- co-segmentation sets -------------------------------------------------------------------------------
-# Debian's tuxpaint stamps (cut-out photos with an alpha channel) pasted onto crops of real photos: exact
-# ground-truth masks. `make test-deps` downloads the package; nothing here downloads it.
-STAMPS_PACKAGE = "tuxpaint-stamps-default"
-STAMPS = Path("usr/share/tuxpaint/stamps")
-# Folders of cut-out photos (drawings live in `cartoon/` subfolders, which are not read).
-COSEG_CATEGORIES = ["animals/birds", "animals/fish", "animals/insects", "animals/mammals", "animals/mammals/bovines",
-              "food/fruit", "food/vegetables", "household/tools", "plants/flowers", "space/planets"]
-
-
-def stamps_dir() -> Path | None:
-    """The unpacked stamps folder, unpacking a downloaded .deb if that is all there is; None when
-    neither is there (this never downloads)."""
-    try:
-        return debian_package(STAMPS_PACKAGE, download=False) / STAMPS
-    except SimsearchError:
-        return None
-
-
+# Cut-out photos with an alpha channel (Debian's tuxpaint stamps, in the benchmarks and tests) pasted onto
+# crops of real photos: exact ground-truth masks.
 def stamp_paths(stamps: Path, category: str, n: int) -> list[Path]:
     """n stamps of a category folder, evenly spread over its sorted list (pre-mirrored copies skipped)."""
     paths = [p for p in (stamps / category).glob("*.png") if not p.stem.endswith("_mirror")]
