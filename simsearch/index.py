@@ -287,7 +287,7 @@ class Index:
         if k < 1:
             raise SimsearchError(f"k must be at least 1 (got {k})")
         if k > n:
-            raise SimsearchError(f"k={k} is larger than the {n} images in {self.root}; use -k {n} or less")
+            raise SimsearchError(f"k={k} is larger than the {n} images in {self.root}: ask for {n} or fewer")
         if rerank is not None:
             if rerank not in RERANKERS:
                 raise SimsearchError(f"unknown reranker '{rerank}' (choose from {', '.join(RERANKERS)})")
