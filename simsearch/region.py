@@ -8,7 +8,8 @@ lost a third of the hits at 1/4 of the target's area on the copy-detection proxy
 at several input sizes (QUERY_SIZES: at one of them its cells cover what a target's cells cover),
 every cell retrieves its nearest cells, and an image scores the mean over the region's cells of
 their best similarity in it (MaxSim, as ColBERT scores late interaction), the best size counting.
-The top images then go to the verified reranker with the region as the query.
+The top images then go to the verified reranker with the region as the query, which verifies a
+region by aligning its grid over each candidate's at each of those sizes (rerank.verify.align_translation).
 
 Ids: cell c of the row whose key is k has id (k with its low CELL_BITS bits replaced by c), so the
 rows of a set of ids are found again by key range (store.rows_by_prefix), and a changed row's stale
