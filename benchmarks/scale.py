@@ -5,6 +5,7 @@ Results go to benchmarks/results/scale.json (each command updates its own sectio
     python benchmarks/scale_data.py                 # once: 10,000 real sources, embedded and cached
     python benchmarks/scale.py ann      [--rows 1000000] [--queries 1000]
     python benchmarks/scale.py growth   [--sizes 10000 100000 1000000]   # DBs, row fetch p50, +1,000 rows
+    python benchmarks/scale.py indexes  [--sizes 100000 1000000]   # build/load peak RSS, plain vs compact style index
     python benchmarks/scale.py codec                 # rank agreement of the compact dense format
     python benchmarks/scale.py rerank   [--images 300]   # query + rerank warm; bytes per image
     python benchmarks/scale.py ray      [--images 200]   # Ray Data vs local indexer, row by row
@@ -27,6 +28,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -96,7 +98,7 @@ def update(section: str, data: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "scale.json"
     allres = json.loads(path.read_text()) if path.exists() else {}
-    allres[section] = {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+    allres[section] = {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine_info(),
                        "niceness": os.nice(0), "omp_threads": os.environ.get("OMP_NUM_THREADS"), **data}
     allres["machine"] = machine_info()
     path.write_text(json.dumps(allres, indent=2) + "\n")
@@ -250,6 +252,117 @@ def bench_growth(args) -> None:
         out.append(row)
     update("growth", {"queries": len(xq), "ivf_threshold": ann.IVF_THRESHOLD, "nprobe": ann.NPROBE or f"max(16, nlist / {ann.PROBE_FRACTION})",
                       "data": source_info(s), "results": out}, args.out_dir)
+
+
+# -- 2b. the indexes' memory: build and load peak RSS, plain vs compact -------------------------------
+def _index_source(column: str, variant: str, project_rows: int, project_dim: int):
+    from simsearch.catchup import Source
+    from simsearch.compact import CompactSource
+
+    return CompactSource(column, project_rows, project_dim) if variant == "compact" else Source(column)
+
+
+def _peak_rss_mib() -> float:
+    """This process image's peak RSS (VmHWM: unlike ru_maxrss, not inherited from the parent across exec)."""
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:", 1)[1].split()[0]) / 1024
+
+
+def _index_child(argv: list[str]) -> None:
+    """In a fresh process: build (`build`) or load and search (`load`) one column's index as the
+    library does (catchup.FollowedIndex); prints one JSON line with this process's peak RSS."""
+    from simsearch import catchup
+    from simsearch.store import ImageStore
+
+    db, column, variant, step, conf = argv[0], argv[1], argv[2], argv[3], json.loads(argv[4])
+    store = ImageStore(db)
+    store.count()  # Lance opened before the baseline
+    followed = catchup.FollowedIndex(store, _index_source(column, variant, conf["project_rows"], conf["project_dim"]),
+                                     conf["ivf_threshold"])
+    rss0 = _peak_rss_mib()
+    t = time.perf_counter()
+    out: dict = {}
+    if step == "build":
+        followed.catch_up(wait=True)
+    else:
+        followed.get(wait=True)
+        queries = np.load(conf["queries"])
+        found = [followed.search(q[None], 10)[1][0] for q in queries[:1]]  # warm
+        ms = timed_queries(lambda q: found.append(followed.search(q[None], 10)[1][0]), queries)
+        out |= {"ids": [f.tolist() for f in found[1:]], "ms_p50": round(pct(ms, 50), 2), "ms_p95": round(pct(ms, 95), 2)}
+    side = catchup.read_sidecar(followed.path)
+    out |= {"seconds": round(time.perf_counter() - t, 1), "rss_before_mib": round(rss0),
+            "peak_rss_mib": round(_peak_rss_mib()),
+            "file_mib": round(sum((followed.path.parent / f["file"]).stat().st_size for f in side["files"]) / 2**20, 1),
+            "kind": side["kind"], "nlist": side["nlist"], "codec": side["codec"], "project": side.get("project", 0)}
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def exact_top(store, column: str, queries: np.ndarray, k: int = 10) -> np.ndarray:
+    """The true top k keys of each query, streaming the column (bounded memory)."""
+    best_s = np.full((len(queries), k), -np.inf, np.float32)
+    best_k = np.full((len(queries), k), -1, np.int64)
+    for keys, vectors in store.vector_batches(column, 50_000):
+        s = np.concatenate([best_s, queries @ vectors.T], 1)
+        kk = np.concatenate([best_k, np.broadcast_to(keys, (len(queries), len(keys)))], 1)
+        top = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        best_s, best_k = np.take_along_axis(s, top, 1), np.take_along_axis(kk, top, 1)
+    return best_k
+
+
+def bench_indexes(args) -> None:
+    """Peak RSS (fresh process each) of building and of loading the content and style indexes, the
+    style index as it was (every float in FAISS, the column read whole) and compact (simsearch.compact),
+    with recall@10 against an exact search and ms per query as the library searches."""
+    import subprocess
+
+    from simsearch import ann, compact
+    from simsearch.embedder import DescriptorConfig
+    from simsearch.store import ImageStore
+
+    s = Synth(source=load(args.data_root))
+    conf = DescriptorConfig.for_model().to_dict()
+    mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    child_conf = {"ivf_threshold": args.ivf_threshold, "project_rows": args.project_rows, "project_dim": args.project_dim}
+    out = []
+    for n in args.sizes:
+        db = args.work / f"style-db-{n}"
+        if not (db / "images.lance").exists() or ImageStore(db).count() != n:
+            shutil.rmtree(db, ignore_errors=True)
+            build_db(s, db, n, conf)
+        store = ImageStore(db)
+        for column, variant in (("content", "plain"), ("style", "plain"), ("style", "compact")):
+            d = store.schema.field(column).type.list_size
+            row = {"rows": n, "column": column, "dims": d, "variant": variant}
+            need = 2 * n * d * 4  # the column read whole, and the index holding it
+            if variant == "plain" and need > 0.8 * mem_total:
+                row["skipped"] = f"needs about {need / 2**30:.0f} GiB (the column and the index), the machine has {mem_total / 2**30:.1f}"
+                out.append(row)
+                print(row, flush=True)
+                continue
+            queries = s.queries(column, args.queries)
+            qfile = args.work / f"queries-{column}.npy"
+            np.save(qfile, queries)
+            truth = exact_top(store, column, queries)
+            shutil.rmtree(db / "ann", ignore_errors=True)
+            for step in ("build", "load"):
+                proc = subprocess.run([sys.executable, __file__, "_index_child", str(db), column, variant, step,
+                                       json.dumps(child_conf | {"queries": str(qfile)})],
+                                      capture_output=True, text=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+                if proc.returncode:
+                    raise RuntimeError(f"{column} {variant} {step}: {proc.stderr[-2000:]}")
+                res = json.loads(proc.stdout.split("RESULT ", 1)[1])
+                ids = res.pop("ids", None)
+                row |= {f"{step}_{k}": v for k, v in res.items()}
+                if ids is not None:
+                    row["recall@10"] = round(float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth.tolist())])), 4)
+            row["load"] = loadavg()
+            out.append(row)
+            print(row, flush=True)
+    update("indexes", {"queries": args.queries, **child_conf, "compact_codec": compact.CODEC,
+                       "rescored": f"max({compact.RESCORE_MIN}, n / {compact.RESCORE_PER}) up to {compact.RESCORE_MAX}",
+                       "nprobe": ann.NPROBE or f"max(16, nlist / {ann.PROBE_FRACTION})", "data": source_info(s),
+                       "results": out}, args.out_dir)
 
 
 # -- 3. compact dense codec: rank agreement on real hidden states -----------------------------------
@@ -516,11 +629,37 @@ def render(out_dir: Path) -> None:
                   f"{x['add_1000_put_s']} | {x['add_1000_compact_s']} | {x['add_1000_ann_s']} | {x['add_1000_total_s']} | {x['full_rebuild_s']} | "
                   f"{x['disk_bytes_per_row']:,} | {x['load']:.1f} |" for x in g["results"]]
         lines.append("")
+    if "indexes" in r:
+        lines += _render_indexes(r["indexes"])
     for section in ("codec", "rerank", "ray"):
         if section in r and "markdown" in r[section]:
             lines += r[section]["markdown"] + [""]
     lines += NOTES
     (out_dir / "scale.md").write_text("\n".join(lines))
+
+
+def _render_indexes(x: dict) -> list[str]:
+    lines = ["## The content and style indexes' memory, plain and compact", "",
+             f"{x['date']}, {common.machine_line(x['machine'])}; `python benchmarks/scale.py indexes --sizes ...`.", "",
+             f"Synthetic databases (rows as above, from {x['data']['sources']:,} real sources); each index built in a fresh "
+             "process by `catchup.FollowedIndex.catch_up` (as `simsearch index` builds it), then loaded in another fresh "
+             f"process and searched by `FollowedIndex.search` ({x['queries']} queries, k = 10, recall@10 against an exact search "
+             f"streamed over the table). `compact`: simsearch.compact, uncentred PCA to {x['project_dim']} dims from "
+             f"{x['project_rows']:,} rows, {x['compact_codec']} codes in the IVF lists from {x['ivf_threshold']:,} rows, "
+             f"{x['rescored']} candidates re-scored exactly from the table; nprobe {x['nprobe']}. Peak RSS is the whole "
+             "process's (Python, Lance, FAISS), `before` the baseline with Lance opened.", "",
+             "| rows | column (dims) | index | build s | build peak RSS MiB (before) | file MiB | load peak RSS MiB | recall@10 | ms p50 | p95 | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in x["results"]:
+        head = f"| {r['rows']:,} | {r['column']} ({r['dims']:,}) | {r['variant']} |"
+        if "skipped" in r:
+            lines.append(f"{head} not run: {r['skipped']} | | | | | | | |")
+            continue
+        kind = f"{r['build_kind']} {r['build_nlist'] or ''} {r['build_codec']}" + (f", {r['build_project']} dims" if r["build_project"] else "")
+        lines.append(f"{head[:-1]}: {kind} | {r['build_seconds']} | {r['build_peak_rss_mib']:,} ({r['build_rss_before_mib']}) | "
+                     f"{r['build_file_mib']:,} | {r['load_peak_rss_mib']:,} | {r['recall@10']:.3f} | {r['load_ms_p50']} | "
+                     f"{r['load_ms_p95']} | {r['load']:.1f} |")
+    return lines + [""]
 
 
 NOTES = """## Reading these numbers
@@ -597,8 +736,22 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("ray")
     p.add_argument("--images", type=int, default=200)
     p.add_argument("--actors", type=int, default=2)
+    p = sub.add_parser("indexes")
+    p.add_argument("--sizes", nargs="+", type=int, default=[100_000, 1_000_000])
+    p.add_argument("--queries", type=int, default=100)
+    p.add_argument("--ivf-threshold", type=int, default=None, help="default: the library's")
+    p.add_argument("--project-rows", type=int, default=None, help="default: the library's")
+    p.add_argument("--project-dim", type=int, default=None, help="default: the library's")
     sub.add_parser("render")
+    if argv is None and sys.argv[1:2] == ["_index_child"]:
+        return _index_child(sys.argv[2:])
     args = ap.parse_args(argv)
+    if args.cmd == "indexes":
+        from simsearch import ann, compact
+
+        args.ivf_threshold = args.ivf_threshold or ann.IVF_THRESHOLD
+        args.project_rows = args.project_rows or compact.PROJECT_ROWS
+        args.project_dim = args.project_dim or compact.PROJECT_DIM
     args.work.mkdir(parents=True, exist_ok=True)
     if args.cmd == "render":
         render(args.out_dir)

@@ -9,6 +9,7 @@ Kinds, by size (chosen by measurement, benchmarks/results/scale.md):
   where 1,000 lists needed 13 ms for 0.975 on one), and a hash-table direct map so vectors are
   removed by id in O(removed). A single query that scans many lists splits them over the cores
   (SPLIT_SCAN).
+- either may store its vectors projected (`project` dims, a FAISS pre-transform: simsearch.compact).
 
 Threads: a search and a change (`apply`) of one index never overlap (a reader/writer lock, writers
 first), so a search sees the index before or after a change, whole. Nothing a search needs is
@@ -47,7 +48,7 @@ PARALLEL_QUERIES = 16
 # ...unless one IVF query scans at least this many vectors: then its lists are split over the threads
 # (FAISS parallel_mode 1), 5.8 -> 3.5 ms for 31k vectors of 384-d at 1M rows on 2 cores.
 SPLIT_SCAN = 20_000
-META = ("kind", "nlist", "codec", "trained_n", "train_error", "added_n", "added_error")  # what `meta` records besides sizes
+META = ("kind", "nlist", "codec", "project", "trained_n", "train_error", "added_n", "added_error")  # what `meta` records besides sizes
 
 
 @contextmanager
@@ -86,6 +87,7 @@ class VectorIndex:
     kind: str  # "flat" | "ivf"
     nlist: int = 0
     codec: str = "Flat"  # FAISS encoding of the vectors in the lists
+    project: int = 0  # dims the vectors are stored at, projected (a FAISS pre-transform); 0: as given
     trained_n: int = 0  # vectors when the quantizer was trained
     train_error: float = 0.0  # their mean squared distance to the nearest centroid
     added_n: int = 0  # vectors added since training, and the sum of their squared distances
@@ -111,31 +113,63 @@ class VectorIndex:
         return self.index.d
 
     @classmethod
+    def create(cls, d: int, n: int, ivf_threshold: int = IVF_THRESHOLD, nlist: int | None = None,
+               codec: str = IVF_CODEC, projection: np.ndarray | None = None) -> "VectorIndex":
+        """An empty index for about `n` vectors of `d` dims: flat below `ivf_threshold`, else IVF with
+        `nlist` lists (default nlist_for(n)) of `codec` vectors, to be `fit` before vectors are added.
+        With `projection` (P, d), each vector v is stored as projection @ v (P dims)."""
+        stored_d = d if projection is None else len(projection)
+        if want_kind(n, ivf_threshold) == "flat":
+            inner, kind, nlist, codec = faiss.IndexIDMap2(faiss.IndexFlatIP(stored_d)), "flat", 0, "Flat"
+        else:
+            kind, nlist = "ivf", nlist or nlist_for(n)
+            inner = faiss.index_factory(stored_d, f"IVF{nlist},{codec}", faiss.METRIC_INNER_PRODUCT)
+            inner.set_direct_map_type(faiss.DirectMap.Hashtable)  # remove_ids by id without a scan
+        if projection is None:
+            return cls(index=inner, kind=kind, nlist=nlist, codec=codec)
+        linear = faiss.LinearTransform(d, stored_d, False)
+        faiss.copy_array_to_vector(np.ascontiguousarray(projection, dtype=np.float32).ravel(), linear.A)
+        linear.is_trained = True
+        return cls(index=faiss.IndexPreTransform(linear, inner), kind=kind, nlist=nlist, codec=codec, project=stored_d)
+
+    @classmethod
     def build(cls, ids: np.ndarray, vectors: np.ndarray, ivf_threshold: int = IVF_THRESHOLD, nlist: int | None = None,
               codec: str = IVF_CODEC) -> "VectorIndex":
-        """Flat below `ivf_threshold` vectors, else IVF with `nlist` lists (default nlist_for(n)) of `codec`
-        vectors (benchmarks/scale.py compares other lists and codecs through here)."""
+        """`create`, `fit` and add, from vectors in memory (benchmarks/scale.py compares other lists and
+        codecs through here)."""
         n, d = vectors.shape if vectors.size else (0, 1)
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        if want_kind(n, ivf_threshold) == "flat":
-            vi = cls(index=faiss.IndexIDMap2(faiss.IndexFlatIP(d)), kind="flat")
-        else:
-            nlist = nlist or nlist_for(n)
-            index = faiss.index_factory(d, f"IVF{nlist},{codec}", faiss.METRIC_INNER_PRODUCT)
+        vi = cls.create(d, n, ivf_threshold, nlist, codec)
+        if vi.kind == "ivf":
             rng = np.random.default_rng(0)  # training sample is seeded: rebuilds are reproducible
-            sample = vectors[np.sort(rng.choice(n, size=min(n, TRAIN_PER_LIST * nlist), replace=False))]
-            index.train(sample)
-            index.set_direct_map_type(faiss.DirectMap.Hashtable)  # remove_ids by id without a scan
-            vi = cls(index=index, kind="ivf", nlist=nlist, codec=codec, trained_n=n)
-            vi.train_error = float(vi.quantisation_error(sample).mean())
+            vi.fit(vectors[np.sort(rng.choice(n, size=min(n, vi.train_size(n)), replace=False))], n)
         if n:
-            vi.index.add_with_ids(vectors, ids)
+            vi.index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
         return vi
+
+    def train_size(self, n: int) -> int:
+        """Vectors an IVF's k-means wants (TRAIN_PER_LIST per list), at most n."""
+        return min(n, TRAIN_PER_LIST * self.nlist)
+
+    def fit(self, sample: np.ndarray, n: int) -> None:
+        """Train an IVF's coarse quantizer (and codec) on `sample`, vectors as stored (`stored`), for
+        an index of about `n` vectors."""
+        sample = np.ascontiguousarray(sample, dtype=np.float32)
+        faiss.extract_index_ivf(self.index).train(sample)
+        self.index.is_trained = True  # a pre-transform's own flag is set when it is made, not by its parts
+        self.trained_n = n
+        self.train_error = float(self.quantisation_error(sample).mean())
+
+    def stored(self, vectors: np.ndarray) -> np.ndarray:
+        """Vectors as the index holds them: projected when it projects."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if not self.project:
+            return vectors
+        return faiss.downcast_VectorTransform(self.index.chain.at(0)).apply(vectors)
 
     # -- incremental -------------------------------------------------------------------------
     def quantisation_error(self, vectors: np.ndarray) -> np.ndarray:
-        """Squared distance of each vector to its nearest IVF centroid."""
+        """Squared distance of each vector (as stored) to its nearest IVF centroid."""
         ivf = faiss.extract_index_ivf(self.index)
         if self._centroids is None:
             self._centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
@@ -151,7 +185,8 @@ class VectorIndex:
         """`apply` each (removed, ids, vectors) in turn, all as one change."""
         changes = [(np.ascontiguousarray(removed, dtype=np.int64), np.ascontiguousarray(ids, dtype=np.int64),
                     np.ascontiguousarray(vectors, dtype=np.float32)) for removed, ids, vectors in changes]
-        errors = [float(self.quantisation_error(v).sum()) if self.kind == "ivf" and len(i) else 0.0 for _, i, v in changes]
+        errors = [float(self.quantisation_error(self.stored(v)).sum()) if self.kind == "ivf" and len(i) else 0.0
+                  for _, i, v in changes]
         with self._lock.gen_wlock():
             for (removed, ids, vectors), error in zip(changes, errors):
                 if len(removed):
@@ -240,7 +275,8 @@ class VectorIndex:
         """The index `write` wrote; its quantizer measurements come back with `restore`."""
         index = faiss.read_index(str(file))
         ivf = faiss.try_extract_index_ivf(index)
-        return cls(index=index, kind="flat" if ivf is None else "ivf", nlist=0 if ivf is None else ivf.nlist)
+        project = index.index.d if isinstance(index, faiss.IndexPreTransform) else 0
+        return cls(index=index, kind="flat" if ivf is None else "ivf", nlist=0 if ivf is None else ivf.nlist, project=project)
 
     def restore(self, meta: dict) -> None:
         """Take back the measurements `meta` recorded (when they describe an index of this size)."""
@@ -248,4 +284,4 @@ class VectorIndex:
             raise ValueError(f"a {meta['kind']} index of {meta['ntotal']} x {meta['d']} recorded, "
                              f"{self.kind} {self.ntotal} x {self.d} read")
         for name in META:
-            setattr(self, name, meta[name])
+            setattr(self, name, meta.get(name, 0) if name == "project" else meta[name])  # older sidecars: no projection

@@ -4,8 +4,9 @@ at the cost of what changed, not of the table. Never answers from a state that i
 What an index is derived from is a `Source`: a column of the payload table, read whole or by row key,
 and the ids its vectors carry. The pooled columns (content, style) give one vector per row with the
 row's key as id; a source with several vectors per row (patch tokens) gives each its own id and says
-which ids a changed row may have held (`stale_ids`). Everything else here is the same for every
-source.
+which ids a changed row may have held (`stale_ids`); a source may build its index in parts, keep it
+compact and re-rank its candidates exactly (simsearch.compact). Everything else here is the same for
+every source.
 
 Change log: the store logs every key whose payload row changes (store.changed_since). An index that
 reflects payload version V catches up by re-reading only those keys' rows: their stale ids removed,
@@ -21,7 +22,7 @@ files (keys changed, ids and vectors added) written by each catch-up; the sideca
 atomically) names each file with its blake2b digest (and the size and mtime it was written with)
 and the table version the whole chain reflects. An index is used only if every file is the one the
 sidecar vouches for: a file whose size and mtime are as written is trusted, any other re-hashed. The chain is folded into a
-new base when its rows exceed MERGE_FRACTION of the index or MAX_DELTAS files. Concurrent writers
+new base when its files exceed MERGE_FRACTION of the base's bytes or MAX_DELTAS files. Concurrent writers
 serialise on a file lock; every file has a unique name, so they never interleave.
 """
 
@@ -60,9 +61,9 @@ class Source:
     def dim(self, store: ImageStore) -> int:
         return store.schema.field(self.column).type.list_size
 
-    def read_all(self, store: ImageStore) -> tuple[np.ndarray, np.ndarray]:
-        """ids (N,) int64 and vectors (N, D) float32 of the whole table."""
-        return store.vectors(self.column)
+    def read_all(self, store: ImageStore, version: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """ids (N,) int64 and vectors (N, D) float32 of the whole table (at `version`)."""
+        return store.vectors(self.column, version=version)
 
     def read_keys(self, store: ImageStore, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """ids and vectors of those rows of `keys` still in the table."""
@@ -72,9 +73,22 @@ class Source:
         """Every id the rows of `keys` may have put in the index."""
         return keys
 
-    def build(self, store: ImageStore, ivf_threshold: int) -> VectorIndex:
-        """The whole index from the table (a source too large to read at once builds in parts)."""
-        return VectorIndex.build(*self.read_all(store), ivf_threshold)
+    def build(self, store: ImageStore, ivf_threshold: int, version: int | None = None) -> VectorIndex:
+        """The whole index from the table at `version` (a source too large to read at once builds in parts)."""
+        return VectorIndex.build(*self.read_all(store, version), ivf_threshold)
+
+    def retrain_reason(self, vi: VectorIndex, ivf_threshold: int, store: ImageStore) -> str | None:
+        """Why `vi` must be rebuilt from scratch, or None (module docstring)."""
+        return retrain_reason(vi, ivf_threshold)
+
+    def candidates(self, k: int, vi: VectorIndex) -> int:
+        """Nearest ids to take from `vi` for k results (more where `rescore` re-ranks them)."""
+        return k
+
+    def rescore(self, store: ImageStore, vi: VectorIndex, queries: np.ndarray, scores: np.ndarray, ids: np.ndarray,
+                version, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The final (Q, k) scores and ids from `vi`'s candidates; its scores are exact here."""
+        return scores[:, :k], ids[:, :k]
 
 
 def retrain_reason(vi: VectorIndex, ivf_threshold: int) -> str | None:
@@ -132,6 +146,14 @@ class FollowedIndex:
     def path(self) -> Path:
         return index_path(self.store, self.source.name)
 
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None,
+               nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray, object]:
+        """VectorIndex.search_at on the index at the table's version (`get`), its candidates ranked
+        as the source scores them (Source.rescore): (Q, k) scores, ids and the version searched."""
+        vi = self.get().vectors
+        scores, ids, version = vi.search_at(queries, self.source.candidates(k, vi), allowed, nprobe)
+        return (*self.source.rescore(self.store, vi, queries, scores, ids, version, k), version)
+
     def get(self, wait: bool = False) -> Derived:
         """The index at the table's version (while an index run holds the write lock and `wait` is
         false, the last consistent one: see `catch_up`)."""
@@ -176,10 +198,10 @@ class FollowedIndex:
                     ids, vectors = source.read_keys(store, changed)
                     derived.vectors.apply(source.stale_ids(changed), ids, vectors, version)
                     derived = replace(derived, table_version=version)
-                    if retrain_reason(derived.vectors, self.ivf_threshold) is None:
+                    if source.retrain_reason(derived.vectors, self.ivf_threshold, store) is None:
                         self.current = save_delta(path, derived, changed, ids, vectors)
                         return False
-                built = source.build(store, self.ivf_threshold)
+                built = source.build(store, self.ivf_threshold, version)
                 built.version = version
                 self.current = save(path, Derived(built, version, *identity(store, source)[:2]))
                 return True
@@ -205,9 +227,11 @@ def save(path: Path, derived: Derived) -> Derived:
 
 
 def save_delta(path: Path, derived: Derived, changed: np.ndarray, ids: np.ndarray, vectors: np.ndarray) -> Derived:
-    """Append one catch-up to the chain (or fold the chain into a new base when it is long)."""
-    delta_rows = sum(f["rows"] for f in derived.files[1:]) + len(changed) + len(ids)
-    if not derived.files or len(derived.files) > MAX_DELTAS or delta_rows > MERGE_FRACTION * max(derived.vectors.ntotal, 1):
+    """Append one catch-up to the chain, or fold the chain into a new base when it is long: when its
+    files hold more than MERGE_FRACTION of the base's bytes (deltas hold vectors as the table does, a
+    compact base far fewer bytes a row), or more than MAX_DELTAS files."""
+    delta_bytes = sum(f.get("size", 0) for f in derived.files[1:]) + 8 * (len(changed) + len(ids)) + np.asarray(vectors, np.float32).nbytes
+    if not derived.files or len(derived.files) > MAX_DELTAS or delta_bytes > MERGE_FRACTION * derived.files[0].get("size", 0):
         return save(path, derived)
     file = _unique(path, ".delta.npz")
     with open(file, "wb") as f:
@@ -297,6 +321,8 @@ def index_state(store: ImageStore, name: str) -> dict:
         store.version, store.meta["weights"], store.meta.get("uuid", ""))
     state = {"state": "fresh" if fresh else "stale (brought up to date on next query)", "kind": side.get("kind"),
              "ntotal": side.get("ntotal"), "table_version": side.get("table_version")}
+    if side.get("project"):
+        state["projected_to"] = side["project"]  # dims (simsearch.compact), exact scores re-read from the table
     if side.get("kind") == "ivf":
         state |= {"nlist": side["nlist"], "codec": side["codec"], "trained_n": side["trained_n"],
                   "deltas": len(side["files"]) - 1}

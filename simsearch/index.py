@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 
 from . import ann, catchup
 from .backbones.runtime import check_runtime, recorded_choice
+from .compact import CompactSource
 from .descriptors.codec import COMPACT_CODECS, DenseFormat
 from .embedder import DescriptorConfig, Embedder
 from .errors import ConfigMismatchError, EmptyIndexError, ImageError, SimsearchError
@@ -111,7 +112,8 @@ class Index:
         self.device = device
         self.runtime = check_runtime(runtime)
         self.nprobe = nprobe
-        self.ann_indexes = {c: catchup.FollowedIndex(self.store, catchup.Source(c), ivf_threshold) for c in VECTOR_COLUMNS}
+        sources = {"content": catchup.Source("content"), "style": CompactSource("style")}  # style: 5,184 floats a row
+        self.ann_indexes = {c: catchup.FollowedIndex(self.store, sources[c], ivf_threshold) for c in VECTOR_COLUMNS}
         if dense_codec is not None and dense_codec not in DENSE_CODECS:
             raise SimsearchError(f"unknown dense codec '{dense_codec}' (choose from {', '.join(DENSE_CODECS)})")
         self.dense_codec = dense_codec
@@ -460,7 +462,7 @@ class Index:
             top = np.argsort(-scores, kind="stable")[:k]
             scores, keys, version = scores[top][None], keys[top][None], None
         else:
-            scores, keys, version = index.search_at(vector[None], k, allowed, nprobe=self.nprobe)
+            scores, keys, version = self.ann_indexes[mode].search(vector[None], k, allowed, nprobe=self.nprobe)
         pairs = [(float(s), int(key)) for s, key in zip(scores[0], keys[0]) if key >= 0]
         rows = self.store.find([key for _, key in pairs], ["path", "id"], version=version)
         kept = [(s, key) for s, key in pairs if key in rows]

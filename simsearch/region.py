@@ -165,10 +165,10 @@ class RegionSource(Source):
     def stale_ids(self, keys: np.ndarray) -> np.ndarray:
         return cell_ids(keys, 1 << CELL_BITS)
 
-    def build(self, store, ivf_threshold: int) -> VectorIndex:
-        """Read, describe and add the table READ_ROWS rows at a time; train on the first rows' cells
-        (up to TRAIN_CELLS of them)."""
-        index, kind, nlist = empty_index(self.d, store.count() * (1 << CELL_BITS), ivf_threshold)
+    def build(self, store, ivf_threshold: int, version: int | None = None) -> VectorIndex:
+        """Read (at `version`), describe and add the table READ_ROWS rows at a time; train on the
+        first rows' cells (up to TRAIN_CELLS of them)."""
+        index, kind, nlist = empty_index(self.d, store.count(version) * (1 << CELL_BITS), ivf_threshold)
         vi = VectorIndex(index=index, kind=kind, nlist=nlist)
         pending: list[tuple[np.ndarray, np.ndarray]] = []
 
@@ -181,7 +181,7 @@ class RegionSource(Source):
                 index.add_with_ids(vectors, ids)
             pending.clear()
 
-        for batch in store.batches(["key", "dense", "width", "height"], READ_ROWS):
+        for batch in store.batches(["key", "dense", "width", "height"], READ_ROWS, version):
             ids, vectors = self._ids_vectors(batch.to_pylist())
             if index.is_trained:
                 index.add_with_ids(vectors, ids)

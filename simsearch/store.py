@@ -341,8 +341,8 @@ class ImageStore:
             self.refresh()
             return self.version
 
-    def count(self) -> int:
-        return self.reader().count_rows() if self.exists() else 0
+    def count(self, version: int | None = None) -> int:
+        return self.reader(version=version).count_rows() if self.exists() else 0
 
     def disk_bytes(self) -> int:
         """Bytes of every file of the database. Files are never rewritten in place (Lance's and the
@@ -391,13 +391,18 @@ class ImageStore:
         return iter(self.reader(CATALOG).to_batches(columns=columns, filter=under_filter(under) if under else None,
                                                     batch_size=batch_rows))
 
-    def vectors(self, column: str, where: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """keys (N,) int64 and vectors (N, D) float32 of one vector column."""
-        return _vectors(self._select(["key", column], where, user_filter=bool(where)), column)
+    def vectors(self, column: str, where: str | None = None, version: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """keys (N,) int64 and vectors (N, D) float32 of one vector column (at `version`, see `reader`)."""
+        return _vectors(self._select(["key", column], where, user_filter=bool(where), version=version), column)
 
-    def vectors_of(self, keys, column: str) -> tuple[np.ndarray, np.ndarray]:
-        """keys and vectors of those of `keys` in the table, read by key."""
-        parts = [self._select(["key", column], _in(chunk)) for chunk in _chunks([int(k) for k in keys])]
+    def vector_batches(self, column: str, rows: int, version: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """`vectors` of the whole column in batches of at most `rows` rows (bounded memory)."""
+        for batch in self.batches(["key", column], rows, version):
+            yield _vectors(batch, column)
+
+    def vectors_of(self, keys, column: str, version: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """keys and vectors of those of `keys` in the table (at `version`, see `reader`), read by key."""
+        parts = [self._select(["key", column], _in(chunk), version=version) for chunk in _chunks([int(k) for k in keys])]
         if not parts:
             return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
         return _vectors(pa.concat_tables(parts), column)
@@ -406,12 +411,17 @@ class ImageStore:
         """The first `n` rows of the payload (a sample whose cost is bounded by n, not the table)."""
         return self.reader(TABLE).to_table(columns=columns, limit=n).to_pylist()
 
-    def batches(self, columns: list[str], rows: int) -> Iterator[pa.Table]:
-        """The payload's `columns` in batches of at most `rows` rows: a whole-table pass whose memory is
-        bounded by the batch, not the table."""
-        for batch in self.reader(TABLE).to_batches(columns=columns, batch_size=rows):
+    def batches(self, columns: list[str], rows: int, version: int | None = None) -> Iterator[pa.Table]:
+        """The payload's `columns` (at `version`, see `reader`) in batches of at most `rows` rows: a
+        whole-table pass whose memory is bounded by the batch, not the table."""
+        for batch in self.reader(TABLE, version).to_batches(columns=columns, batch_size=rows):
             if batch.num_rows:
                 yield pa.Table.from_batches([batch])
+
+    def take(self, offsets, columns: list[str], version: int | None = None) -> pa.Table:
+        """The payload rows at these positions (0 .. count - 1, at `version`): a sample whose cost is
+        that of the rows read, not of the table."""
+        return self.reader(TABLE, version).take(np.asarray(offsets, np.int64), columns=columns)
 
     def rows_by_prefix(self, prefixes, bits: int, columns: list[str]) -> list[dict]:
         """Rows whose key >> `bits` is one of `prefixes`, read through the key index by range (ids that

@@ -119,6 +119,8 @@ def runs(tmp_path_factory, tiny12):
         ("scale ann", scale[0], [*scale[1:], "ann", "--rows", "3000", "--queries", "40", "--latency-queries", "5",
                                  "--ivf", "IVF16,Flat", "IVF16,SQ8", "--nprobe", "2", "16"]),
         ("scale growth", scale[0], [*scale[1:], "growth", "--sizes", "300", "--queries", "5"]),
+        ("scale indexes", scale[0], [*scale[1:], "indexes", "--sizes", "1500", "--queries", "5", "--ivf-threshold", "1000",
+                                     "--project-rows", "500", "--project-dim", "8"]),
         ("scale codec", scale[0], [*scale[1:], "codec", "--images", "12", "--fit", "8", "--queries", "4"]),
         ("scale rerank", scale[0], [*scale[1:], "rerank", "--images", "12", "--queries", "2", "--threads", "1"]),
         ("sd_scoring", "benchmarks/sd_scoring.py", ["--quick", "--out-dir", str(out["sd_scoring"])]),
@@ -337,13 +339,18 @@ def test_scale(runs):
     (part,) = (runs[3] / "scale" / "scale-embeddings").glob("part-*.npz")
     assert len(np.load(part)["paths"]) == 12
     res = results(runs, "scale rerank", "scale", "scale")
-    for label in ("scale ann", "scale growth", "scale codec"):
+    for label in ("scale ann", "scale growth", "scale indexes", "scale codec"):
         ran(runs, label)
     ann = {(r["kind"], r["param"]): r["recall@10"] for r in res["ann"]["results"]}
     assert set(ann) == {("flat", ""), *((k, f"nprobe={p}") for k in ("IVF16,Flat", "IVF16,SQ8") for p in (2, 16))}
     assert ann["flat", ""] == ann["IVF16,Flat", "nprobe=16"] == 1.0 and ann["IVF16,Flat", "nprobe=2"] < 1.0
     (growth,) = res["growth"]["results"]
     assert growth["rows"] == 300 and growth["kind"] == "flat" and growth["add_1000_found"] is True
+    indexes = {(r["column"], r["variant"]): r for r in res["indexes"]["results"]}
+    assert set(indexes) == {("content", "plain"), ("style", "plain"), ("style", "compact")}
+    plain, compact = indexes["style", "plain"], indexes["style", "compact"]
+    assert (plain["build_kind"], plain["build_project"], compact["build_kind"], compact["build_project"]) == ("ivf", 0, "ivf", 8)
+    assert compact["build_file_mib"] < plain["build_file_mib"] and all(0 <= r["recall@10"] <= 1 for r in indexes.values())
     assert {r["format"] for r in res["codec"]["results"]} == {"float16 (raw)", "int8 (raw)", "pca", "pca, plain squared error"}
     assert [(r["format"], r["rows"]) for r in res["rerank"]["results"]] == [("raw", 12), ("pca", 12)]
 
