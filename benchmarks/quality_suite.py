@@ -6,6 +6,7 @@
     python benchmarks/quality_explore.py --size 448 --cache-layers 2,3,4,5,6,11,12   # (section explore-448)
     python benchmarks/quality_suite.py compare       # `simsearch bench suite`: previous vs chosen defaults
     python benchmarks/quality_suite.py timing        # `simsearch bench groups` on 800 images, every metric
+    python benchmarks/quality_suite.py compact       # the style sets ranked through the compact style index's codes
     python benchmarks/quality_suite.py compare|timing --quick --model DIR --suite DIR   # the smoke test's run
 
 `compare` runs simsearch.bench.suites.evaluate_suite (what `simsearch bench suite` runs) with two
@@ -52,6 +53,66 @@ def compare(args) -> dict:
     return {"command": command_line(), "date": now(), "machine": machine_info(), "model": args.model,
             "previous": PREVIOUS, "chosen": chosen, "seconds": round(m.seconds), "load": [m.load_before, m.load_after],
             "suite": result.to_dict()}
+
+
+# -- compact: the style sets through the compact style index's codes ---------------------------------
+def compact(args) -> dict:
+    """Each style set ranked as simsearch.compact's index ranks a large table's rows: projected by a
+    PCA fitted on the OTHER style sets' vectors (rows outside the fit sample, as most of a large
+    table's are), held as 8-bit codes, and (a) the codes alone, no re-scoring: a lower bound; (b) the
+    top `compact.rescored(n)` re-scored exactly, as the library searches (at these sizes nearly
+    every row). Triplet accuracy (Wilson) and mAP (bootstrap over queries) against the exact style
+    vectors, same triplets."""
+    import faiss
+
+    from simsearch import compact as compact_index
+    from simsearch.bench.features import FeatureSet
+    from simsearch.bench.metrics import average_precisions, bootstrap_ci, reranked, sample_triplets, triplet_accuracy
+    from simsearch.bench.suites import read_groups, read_suite
+    from simsearch.paths import normalize
+
+    sets = {name: info for name, info in read_suite(args.suite).items() if info["mode"] == "style"}
+    vectors, labels = {}, {}
+    for name, info in sets.items():
+        paths, y = read_groups(info["root"])
+        fs = FeatureSet(paths, cache=args.cache / "compact" / f"{name}.db", model=args.model)
+        group = {normalize(p): g for p, g in zip(paths, y)}
+        vectors[name], labels[name] = fs.vectors["style"], np.asarray([group[p] for p in fs.paths])
+        fs.close()
+    out = {}
+    for name, v in vectors.items():
+        others = np.concatenate([x for other, x in vectors.items() if other != name])
+        proj = compact_index.fit_projection(others, min(compact_index.PROJECT_DIM, len(others)))
+        sq = faiss.ScalarQuantizer(len(proj), faiss.ScalarQuantizer.QT_8bit)
+        sq.train(np.ascontiguousarray(others @ proj.T))
+        codes = sq.decode(sq.compute_codes(np.ascontiguousarray(v @ proj.T)))  # what the IVF lists hold
+        exact, coded = v @ v.T, codes @ (v @ proj.T).T  # a query is projected, not coded (FAISS's SQ scoring)
+        variants = {"exact": exact, "codes alone": coded,
+                    "re-scored (library)": reranked(coded, exact, compact_index.rescored(len(v)))}
+        trip = sample_triplets(labels[name], args.triplets, args.seed)
+        row = {"images": len(v), "fit_rows": len(others), "dims": len(proj), "rescored": min(compact_index.rescored(len(v)), len(v) - 1)}
+        for variant, sim in variants.items():
+            ap_ = average_precisions(sim, labels[name])
+            row[variant] = {"triplet": triplet_accuracy(sim, trip).to_dict(),
+                            "mAP": {"value": float(ap_.mean()), "ci95": list(bootstrap_ci(ap_, seed=args.seed))}}
+        out[name] = row
+        log.info("%s: %s", name, {k: (round(x["triplet"]["value"], 4), round(x["mAP"]["value"], 4))
+                                  for k, x in row.items() if isinstance(x, dict)})
+    return {"command": command_line(), "date": now(), "machine": machine_info(), "model": args.model, "sets": out}
+
+
+def render_compact(c: dict) -> list[str]:
+    lines = ["## The style sets through the compact style index", "",
+             f"{c['date']}, {machine_line(c['machine'])}; `{c['command']}`. simsearch.compact's projection fitted on the "
+             "other style sets' vectors (rows outside the fit sample), 8-bit codes; `codes alone`: ranked by the codes "
+             "with no re-scoring (a lower bound); `re-scored`: the top max(256, n/1000) re-scored exactly, as the library "
+             "searches. Triplet accuracy % [Wilson 95 %] and mAP % [bootstrap 95 %].", "",
+             "| set | images | fit rows, dims | exact: triplet | mAP | codes alone: triplet | mAP | re-scored: triplet | mAP |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in c["sets"].items():
+        cells = " | ".join(f"{pct(r[v]['triplet'])} | {pct(r[v]['mAP'])}" for v in ("exact", "codes alone", "re-scored (library)"))
+        lines.append(f"| {name} | {r['images']} | {r['fit_rows']}, {r['dims']} | {cells} |")
+    return lines + [""]
 
 
 # -- timing ------------------------------------------------------------------------------------------
@@ -133,6 +194,8 @@ def render(res: dict) -> str:
         lines += render_compare(res["compare"])
     for key in [k for k in res if "ranks" in res[k]]:  # quality_explore.py sections, in the order they were made
         lines += render_explore(key, res[key])
+    if "compact" in res:
+        lines += render_compact(res["compact"])
     if "timing" in res:
         lines += render_timing(res["timing"])
     return "\n".join(lines) + "\n"
@@ -241,7 +304,7 @@ def render_timing(t: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("step", choices=("compare", "timing", "render"))
+    ap.add_argument("step", choices=("compare", "compact", "timing", "render"))
     ap.add_argument("--suite", type=Path, default=data_root() / "suite")
     ap.add_argument("--cache", type=Path, default=data_root() / "quality-cache")
     ap.add_argument("--work", type=Path, default=data_root() / "quality-work")
@@ -255,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(ap, argv, QUICK)
     setup_logging()
     args.work.mkdir(parents=True, exist_ok=True)
-    sections = {"compare": compare, "timing": timing}
+    sections = {"compare": compare, "compact": compact, "timing": timing}
     update_sections("quality_suite", {args.step: sections[args.step](args)} if args.step in sections else {},
                     render, args.out_dir)
 

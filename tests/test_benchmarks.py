@@ -113,6 +113,7 @@ def runs(tmp_path_factory, tiny12):
                                           "--out-dir", str(out["coseg"])]),
         ("quality_suite compare", "benchmarks/quality_suite.py", ["compare", *quality, "--cache", str(tmp / "quality" / "cache"),
                                                                   "--work", str(tmp / "quality" / "work")]),
+        ("quality_suite compact", "benchmarks/quality_suite.py", ["compact", *quality, "--cache", str(tmp / "quality" / "cache")]),
         ("quality_explore", "benchmarks/quality_explore.py", [*quality, "--cache", str(tmp / "quality" / "tokens")]),
         ("scale_data", "benchmarks/scale_data.py", ["--root", str(tmp / "scale"), "--images", str(EXAMPLES),
                                                     "--model", str(tiny12)]),
@@ -316,6 +317,12 @@ def test_quality_suite(runs, tiny12):
 
     res = results(runs, "quality_suite compare", "quality", "quality_suite")
     ran(runs, "quality_explore")
+    ran(runs, "quality_suite compact")
+    style_sets = {n for n, mode in SUITE.items() if mode == "style"}
+    compact = res["compact"]["sets"]
+    assert set(compact) == style_sets and all(r["images"] == 6 and r["fit_rows"] == 6 for r in compact.values())
+    for r in compact.values():  # every other image re-scored at this size: the library's ranking is the exact one
+        assert r["re-scored (library)"]["mAP"]["value"] == pytest.approx(r["exact"]["mAP"]["value"])
     compare = res["compare"]
     assert compare["chosen"] == json.loads(json.dumps(descriptor_defaults(str(tiny12))))
     assert compare["suite"]["config"]["variants"]["previous"]["descriptors"]["style_layer"] == 4
