@@ -4,7 +4,7 @@
     python benchmarks/copydetect.py [--data-root DIR] [--split tune|heldout|all] [--rerankers aas,matches,both]
                                     [--candidates 50] [--limit-originals N] [--model M] [--out-dir DIR] [--quick]
 
-Data: the copy-detection proxy of benchmarks/copydetect_data.py (DATA_ROOT/copydetect-v1; with --quick a tiny
+Data: the copy-detection proxy of benchmarks/copydetect_data.py (DATA_ROOT/copydetect-v2; with --quick a tiny
 one made from examples/images into DATA_ROOT/copydetect-quick, no apt). Its pool (originals, distractors,
 composites) and its dedup pool (originals, distractors, mild copies) are indexed once each with the library's
 indexer (`Index.add_folder`) into DATA/db/<model>/{pool,dedup}.db and reused (incremental: a re-run embeds

@@ -4,7 +4,7 @@ each original edited the ways copy-detection benchmarks edit, plus region querie
     python benchmarks/copydetect_data.py [--root DIR] [--originals 200] [--distractors 850] [--seed 0]
     python benchmarks/copydetect_data.py --from-folder examples/images --out DIR --originals 4 ...  # tiny, no apt
 
-Built once into ROOT/copydetect-v1 (ROOT: $SIMSEARCH_DATA or ~/.cache/simsearch-data), never committed;
+Built once into ROOT/copydetect-v2 (ROOT: $SIMSEARCH_DATA or ~/.cache/simsearch-data), never committed;
 the folder appears whole (built in a temporary folder, renamed at the end), so a re-run skips it.
 
     pool/originals/     the originals (indexed)               } pool: what the retrieval benchmark indexes
@@ -22,13 +22,14 @@ Sources (photos vs drawings; licenses in each package's copyright file): wallpap
 mate-backgrounds, ukui-wallpapers and plasma-workspace-wallpapers; the photos bundled with scikit-image
 (python3-skimage) and OpenCV's samples (opencv-doc examples/data); tuxpaint-stamps-default (photo stamps and
 cartoon/ drawings); openclipart-png drawings; distractors also from opencv-doc's documentation figures.
-Near-identical sources (same picture in two packages or resolutions) are dropped by a difference hash before
-anything is chosen, so no two pool members are copies unless the manifest says so.
+Near-identical sources (same picture in two packages or resolutions, or the same layout with other labels:
+grey 32 x 32 thumbnails correlated at LAYOUT_CORRELATION or more) are dropped by a difference hash and that
+correlation before anything is chosen, so no two pool members are copies unless the manifest says so.
 
 Originals are split by a seeded hash of their name: HELDOUT_PERCENT of them are held out (report them
 separately, never tune on them).
 
-    from copydetect_data import load_manifest; m = load_manifest(ROOT / "copydetect-v1")
+    from copydetect_data import load_manifest; m = load_manifest(ROOT / "copydetect-v2")
 """
 
 from __future__ import annotations
@@ -52,7 +53,11 @@ from common import EXAMPLES, data_root
 from data import fetch
 from simsearch.bench.fixtures import spread
 
-DATA_VERSION = "copydetect-v1"  # bump when the recipe changes: benchmarks key their cached databases by it
+# bump when the recipe changes: benchmarks key their cached databases by it. v2: near-identical layouts
+# (LAYOUT_CORRELATION) dropped as well; in v1, 276 pairs of templated documentation diagrams (Doxygen class
+# graphs: the same boxes and arrows, other labels) passed the difference hash and counted as false duplicates.
+DATA_VERSION = "copydetect-v2"
+LAYOUT_SIDE, LAYOUT_CORRELATION = 32, 0.9  # grey thumbnails this alike are one picture for the proxy
 HELDOUT_PERCENT = 40
 MAX_SIDE = 512  # stored pictures are at most this many pixels on their long side
 ORIGINAL_MIN_SIDE = 200  # originals and paste sources are real pictures, not icons
@@ -153,6 +158,14 @@ def dhash(img: Image.Image, side: int = 8) -> int:
     """Difference hash: signs of horizontal grey gradients on a (side+1) x side thumbnail."""
     a = np.asarray(img.convert("L").resize((side + 1, side), Image.Resampling.BILINEAR), dtype=np.int16)
     return int("".join("1" if b else "0" for b in (a[:, 1:] > a[:, :-1]).ravel()), 2)
+
+
+def layout(img: Image.Image, side: int = LAYOUT_SIDE) -> np.ndarray:
+    """A grey side x side thumbnail, zero mean and unit norm: its dot product with another's is their
+    correlation (1: the same layout of light and dark, whatever the labels or the compression)."""
+    a = np.asarray(img.convert("L").resize((side, side), Image.Resampling.BILINEAR), dtype=np.float32).ravel()
+    a -= a.mean()
+    return a / max(float(np.linalg.norm(a)), 1e-6)
 
 
 def _flat(img: Image.Image) -> bool:
@@ -276,6 +289,7 @@ def select(sources: list[Source], n_originals: int, n_paste: int, n_distractors:
     order = sorted(sources, key=lambda s: s.name)
     rng.shuffle(order)
     seen: list[int] = []
+    layouts = np.zeros((0, LAYOUT_SIDE * LAYOUT_SIDE), np.float32)
     kept: list[Source] = []
     pictures: dict[str, Image.Image] = {}
     for s in order:
@@ -289,10 +303,11 @@ def select(sources: list[Source], n_originals: int, n_paste: int, n_distractors:
         img = load(s)
         if _flat(img):
             continue
-        h = dhash(img)
-        if any(bin(h ^ o).count("1") <= 6 for o in seen):  # near-identical to a picture already kept
-            continue
+        h, lay = dhash(img), layout(img)
+        if any(bin(h ^ o).count("1") <= 6 for o in seen) or (layouts @ lay >= LAYOUT_CORRELATION).any():
+            continue  # near-identical to a picture already kept
         seen.append(h)
+        layouts = np.vstack([layouts, lay])
         kept.append(s)
         pictures[s.name] = img
     big = [s for s in kept if min(s.size) >= ORIGINAL_MIN_SIDE and s.kind != "figure"]

@@ -1,7 +1,7 @@
 """`simsearch dedup` measured: pair precision and recall on the copy-detection proxy (thresholds fitted
 on its tuning split, reported on the held-out one), and time and peak memory as the table grows.
 
-    python benchmarks/dedup.py proxy [--data DIR] [--work DIR]     # DIR: copydetect-v1 of copydetect_data.py
+    python benchmarks/dedup.py proxy [--data DIR] [--work DIR]     # DIR: copydetect_data.py's DATA_VERSION folder
     python benchmarks/dedup.py scale [--sizes 10000 1000000]       # synthetic rows, each size in a fresh process
     python benchmarks/dedup.py render
     python benchmarks/dedup.py --quick --model M                    # the smoke test: both, tiny
@@ -41,6 +41,7 @@ import numpy as np
 
 import common
 from common import command_line, data_root, loadavg, machine_info, machine_line, now
+from copydetect_data import DATA_VERSION
 
 PLANT_EVERY = 1000  # one planted copy pair per this many rows
 NOISE_NORM = 2.5  # norm of the noise added to a unit source vector for a synthetic row
@@ -58,7 +59,7 @@ def proxy_index(data: Path, work: Path, model: str | None):
     indexed here."""
     from simsearch import Index
 
-    db = work / "proxy-dedup.db"
+    db = work / f"proxy-dedup-{data.name}.db"  # one per data version
     if not (db / "images.lance").exists():
         cached = sorted((data / "db").glob("*/dedup.db"))
         if cached and model is None:
@@ -394,12 +395,17 @@ def pct(e: dict | None) -> str:
     return f"{e['value']:.3f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}]"
 
 
+def _provenance(section: dict) -> str:
+    data = f" Data: {section['data']}." if "data" in section else ""
+    return f"Machine: {machine_line(section['machine'])}. Command: `{section['command']}` ({section['date']}).{data}\n"
+
+
 def render(r: dict) -> str:
-    lines = ["# simsearch dedup", "", f"Machine: {machine_line(r['machine'])}.", f"Command: `{r['command']}` ({r['date']}).", ""]
+    lines = ["# simsearch dedup", ""]
     p = r.get("proxy")
     if isinstance(p, dict) and "splits" in p:
         f = p["fit"]
-        lines += ["## Copy-detection proxy: pair precision and recall", "",
+        lines += ["## Copy-detection proxy: pair precision and recall", "", _provenance(p),
                   f"{p['images']} images of the {p['pool']}-image pool (originals, distractors and the mild copies; sample: "
                   f"{p['sample']}), neighbours from the whole pool, k = {p['k']}, every candidate at "
                   f"cosine >= {min(p['floors'])} verified once ({p['verified_pairs']} pairs, {p['verify_seconds']} s, "
@@ -437,7 +443,7 @@ def render(r: dict) -> str:
         lines += ["## Copy-detection proxy", "", str(p), ""]
     s = r.get("scale")
     if s:
-        lines += ["## Time and peak memory as the table grows", "",
+        lines += ["## Time and peak memory as the table grows", "", _provenance(s) if "machine" in s else "",
                   f"Synthetic rows (real content vectors + noise, scale.py's Synth), one planted copy pair (real vectors and "
                   f"dense tensors of an original and a mild copy) per {s['plant_every']} rows; `find_duplicates` on the whole "
                   "table in a fresh process, the FAISS index built and the model loaded before it (not counted).", "",
@@ -464,7 +470,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("what", nargs="?", default="all", choices=["all", "proxy", "scale", "render"])
-    ap.add_argument("--data", type=Path, default=data_root() / "copydetect-v1")
+    ap.add_argument("--data", type=Path, default=data_root() / DATA_VERSION)
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--model", default=None)
     ap.add_argument("--sizes", nargs="+", type=int, default=[10_000, 1_000_000])
@@ -480,17 +486,17 @@ def main(argv: list[str] | None = None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / "dedup.json"
     r = json.loads(path.read_text()) if path.exists() else {}
-    r |= {"machine": machine_info(), "command": command_line(), "date": now()}
+    ran = {"machine": machine_info(), "command": command_line(), "date": now()}  # each section keeps its own
     has_proxy = (args.data / "manifest.json").exists() and not args.quick
     if args.what in ("all", "proxy"):
-        r["proxy"] = bench_proxy(args) if has_proxy else f"skipped: no proxy data at {args.data}"
+        r["proxy"] = bench_proxy(args) | ran | {"data": args.data.name} if has_proxy else f"skipped: no proxy data at {args.data}"
     if args.what in ("all", "scale"):
         if not has_proxy:
             args.data = None
         fresh = bench_scale(args)
         kept = [x for x in (r.get("scale") or {}).get("rows", []) if x["rows"] not in {y["rows"] for y in fresh["rows"]}]
         fresh["rows"] = sorted(kept + fresh["rows"], key=lambda x: x["rows"])  # sizes not re-run stay as measured
-        r["scale"] = fresh
+        r["scale"] = fresh | ran
     common.write_results("dedup", r, render(r), args.out_dir)
 
 

@@ -47,7 +47,7 @@ from .paths import database_exists, normalize
 
 # Candidate floor, neighbours per image and the verified-score threshold: fitted on the tuning split
 # of the copy-detection proxy (benchmarks/dedup.py, README "Duplicates").
-DEFAULT_CONF = dict(k=30, min_cosine=0.8, threshold=0.2)
+DEFAULT_CONF = dict(k=30, min_cosine=0.8, threshold=0.17)
 QUERY_BATCH = 1024  # FAISS queries per search call
 # IVF lists probed for candidates (an Index opened with nprobe=CANDIDATE_NPROBE): near copies sit in
 # their query's own list or next to it, and a fixed count keeps each query's scan ~ n / nlist * 16,
