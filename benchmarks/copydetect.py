@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from common import (RESULTS, command_line, cpu_facts, data_root, log, machine_info, machine_line, measure, now, parse_args,
-                    setup_logging, write_results)
+                    percentile, setup_logging, write_results)
 from copydetect_data import EXAMPLES_ARGS, build_from_folder, build_from_debian, load_manifest
 
 from simsearch import Index
@@ -57,7 +57,7 @@ from simsearch.rerank import RERANKERS
 
 K = 10
 THRESHOLDS = (0.80, 0.85, 0.90, 0.95, 0.97)
-QUICK = {"split": "all", "candidates": 4}
+QUICK = {"split": "all", "candidates": 4, "cost_queries": 2}
 FIRST = "first stage"
 
 
@@ -113,6 +113,23 @@ def plan_rerankers(idx: Index, vec, dense, rerankers: list[str], candidates: int
                 source[m] = other
                 break
     return source, check
+
+
+def query_cost(idx: Index, data: Path, queries: list[dict], rerankers: list[str], candidates: int, n: int) -> dict:
+    """p50 wall and CPU seconds of `Index.search(copy, k=K)` one query at a time, in process and warm
+    (the query forward included), without rerank and with each reranker, on n copies spread over the list."""
+    chosen = [queries[i] for i in np.linspace(0, len(queries) - 1, min(n, len(queries))).astype(int)]
+    out = {"queries": len(chosen), "candidates": candidates}
+    for method in [None, *rerankers]:
+        idx.search(data / chosen[0]["file"], k=K, rerank=method, candidates=candidates)  # warm
+        wall, cpu = [], []
+        for q in chosen:
+            with measure() as m:
+                idx.search(data / q["file"], k=K, rerank=method, candidates=candidates)
+            wall.append(m.seconds)
+            cpu.append(m.cpu_seconds)
+        out[method or FIRST] = {"wall_s_p50": round(percentile(wall, 50), 3), "cpu_s_p50": round(percentile(cpu, 50), 3)}
+    return out
 
 
 def run_copies(idx: Index, data: Path, queries: list[dict], rerankers: list[str], candidates: int) -> tuple[list, dict]:
@@ -312,6 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rerankers", default=",".join(RERANKERS), help="comma-separated names of simsearch.rerank.RERANKERS")
     ap.add_argument("--candidates", type=int, default=50)
     ap.add_argument("--model", default=None, help="default: the embedded model")
+    ap.add_argument("--cost-queries", type=int, default=11, help="copies timed one by one, in process and warm (0: none)")
     ap.add_argument("--limit-originals", type=int, default=0,
                     help="at most this many originals (and paste sources) per split, spread over their names; 0: all")
     ap.add_argument("--no-dedup", action="store_true")
@@ -340,6 +358,8 @@ def main(argv: list[str] | None = None) -> None:
         rows, plan = run_copies(pool, data, queries, rerankers, args.candidates)
         record["copies"] = {"queries": len(rows), "plan": plan, "per_query": rows}
         summarise(record, manifest["edits"])
+        if args.cost_queries:
+            record["cost"] = query_cost(pool, data, queries, rerankers, args.candidates, args.cost_queries)
         if not args.no_regions:
             regions = [r for r in manifest["regions"] if r["original"] in chosen]
             log.info("regions: %d queries", len(regions))
@@ -387,6 +407,12 @@ def markdown(r: dict) -> str:
     plan = r["copies"]["plan"]
     lines += [f"Reranker calls: {plan['source']} (a reranker read off another's hits was checked on the first query: "
               f"{plan['check']}). Copies took {plan['seconds']:.0f} s.", ""]
+    if "cost" in r:
+        c = r["cost"]
+        lines += [f"Cost: `Index.search(copy, k={r['k']})` one query at a time, in process and warm, the query forward "
+                  f"included, p50 over {c['queries']} copies: " + ", ".join(
+                      f"{m} {c[m]['wall_s_p50']} s ({c[m]['cpu_s_p50']} s CPU)" for m in c if m not in ("queries", "candidates"))
+                  + f"; {c['candidates']} candidates reranked.", ""]
     if "regions" in r:
         g = r["regions"]
         boxed = list(next(iter(g["box"].values()), {}))

@@ -6,6 +6,7 @@ Results go to benchmarks/results/scale.json (each command updates its own sectio
     python benchmarks/scale.py ann      [--rows 1000000] [--queries 1000]
     python benchmarks/scale.py growth   [--sizes 10000 100000 1000000]   # DBs, row fetch p50, +1,000 rows
     python benchmarks/scale.py indexes  [--sizes 100000 1000000]   # build/load peak RSS, plain vs compact style index
+    python benchmarks/scale.py region --region-db DB [--sizes 10000 30000]   # the region index's bytes and query time
     python benchmarks/scale.py codec                 # rank agreement of the compact dense format
     python benchmarks/scale.py rerank   [--images 300]   # query + rerank warm; bytes per image
     python benchmarks/scale.py ray      [--images 200]   # Ray Data vs local indexer, row by row
@@ -365,6 +366,89 @@ def bench_indexes(args) -> None:
                        "results": out}, args.out_dir)
 
 
+# -- 2c. the region index at scale ---------------------------------------------------------------------
+def bench_region(args) -> None:
+    """The region index (simsearch.region) over n synthetic images made of real region cells: every
+    image is one of S real images' cells (described by the library from a database's dense tensors)
+    plus Gaussian noise, built as RegionSource.build builds it (empty_index, trained on the first
+    TRAIN_CELLS cells, filled in chunks); its bytes per image, build time and RSS growth, and the time
+    and R@1 of a 1/16 region query (a 4 x 4 block of a source's 16 x 16 cells) scored as
+    Index.search_region scores it (Index._region_scores: CELL_K nearest cells, MaxSim)."""
+    import faiss
+
+    from simsearch import Index
+    from simsearch.region import CELL_BITS, IVF_CELLS, TRAIN_CELLS, cell_ids, empty_index
+
+    idx = Index(args.region_db)
+    _, followed = idx.region_index
+    keys = idx.store.vectors("content")[0][: args.sources]
+    rows = list(idx.store.find(keys, ["dense", "width", "height"]).values())
+    src = np.concatenate([followed.source.describe(rows[i:i + 64]) for i in range(0, len(rows), 64)])  # (S, P, C)
+    s_n, p_n, d = src.shape
+    side = round(p_n ** 0.5)
+    rng = np.random.default_rng(0)
+    queries = []
+    for q in rng.choice(s_n, size=min(args.queries, s_n), replace=False):
+        r, c = rng.integers(0, side - 3, 2)
+        queries.append((int(q), src[q].reshape(side, side, d)[r:r + 4, c:c + 4].reshape(-1, d)))
+
+    def images(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """ids and cells of synthetic images a..b: image i from source i mod S, noise seeded by i."""
+        noise = np.random.default_rng([1, a]).standard_normal((b - a, p_n, d), np.float32) * (args.noise / np.sqrt(d))
+        cells = src[np.arange(a, b) % s_n] + noise
+        cells /= np.linalg.norm(cells, axis=-1, keepdims=True)
+        return cell_ids((np.arange(a, b, dtype=np.int64) + 1) << CELL_BITS, p_n), cells.reshape(-1, d)
+
+    out = []
+    for n in args.sizes:
+        rss0, t = _peak_rss_mib(), time.perf_counter()
+        index, kind, nlist = empty_index(d, n * p_n, IVF_CELLS)
+        train_images = min(n, -(-TRAIN_CELLS // p_n))
+        index.train(images(0, train_images)[1])
+        train_s = time.perf_counter() - t
+        for a in range(0, n, 256):
+            index.add_with_ids(*reversed(images(a, min(n, a + 256))))
+        build_s = time.perf_counter() - t
+        file = args.work / f"region-{n}.faiss"
+        faiss.write_index(index, str(file))
+        from simsearch.ann import VectorIndex
+
+        vi = VectorIndex(index=index, kind=kind, nlist=nlist)
+        hits, ms = 0, []
+        for q, cells in queries:
+            t = time.perf_counter()
+            best = Index._region_scores(vi, [cells])
+            ms.append(1000 * (time.perf_counter() - t))
+            top = max(best, key=best.get) if best else 0
+            hits += int((top - 1) % s_n == q)
+        row = {"images": n, "cells": int(index.ntotal), "kind": kind, "nlist": nlist,
+               "codec": "PQ" if "PQ" in type(faiss.downcast_index(faiss.extract_index_ivf(index) if kind == "ivf" else index)).__name__ else "SQ8",
+               "bytes_per_image": file.stat().st_size // n, "train_s": round(train_s, 1), "build_s": round(build_s, 1),
+               "rss_growth_mib": round(_peak_rss_mib() - rss0), "query_ms_p50": round(pct(ms, 50), 1),
+               "query_ms_p95": round(pct(ms, 95), 1), "r_at_1": hits / len(queries), "queries": len(queries), "load": loadavg()}
+        file.unlink()
+        del index, vi
+        out.append(row)
+        print(row, flush=True)
+    update("region", {"sources": s_n, "source_db": str(args.region_db), "noise": args.noise, "cells_per_image": p_n,
+                      "results": out}, args.out_dir)
+
+
+def _render_region(x: dict) -> list[str]:
+    lines = ["## The region index as it grows", "",
+             f"{x['date']}, {common.machine_line(x['machine'])}; `python benchmarks/scale.py region --sizes ...`. Synthetic "
+             f"images: the {x['cells_per_image']} region cells of one of {x['sources']} real images (described by the library "
+             f"from {x['source_db']}) plus Gaussian noise of norm {x['noise']}; built as `RegionSource.build` builds it; a "
+             "1/16 region query (a 4 x 4 block of a source's cells) scored as `Index.search_region` scores it (before "
+             "verification); R@1: a copy of its source ranked first.", "",
+             "| images | cells | index | bytes/image | train s | build s | RSS growth MiB | query ms p50 | p95 | R@1 | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['images']:,} | {r['cells']:,} | {r['kind']} {r['nlist'] or ''} {r['codec']} | {r['bytes_per_image']:,} | "
+              f"{r['train_s']} | {r['build_s']} | {r['rss_growth_mib']:,} | {r['query_ms_p50']} | {r['query_ms_p95']} | "
+              f"{r['r_at_1']:.2f} ({r['queries']}) | {r['load']:.1f} |" for r in x["results"]]
+    return lines + [""]
+
+
 # -- 3. compact dense codec: rank agreement on real hidden states -----------------------------------
 def bench_codec(args) -> None:
     from scipy.stats import spearmanr
@@ -631,6 +715,8 @@ def render(out_dir: Path) -> None:
         lines.append("")
     if "indexes" in r:
         lines += _render_indexes(r["indexes"])
+    if "region" in r:
+        lines += _render_region(r["region"])
     for section in ("codec", "rerank", "ray"):
         if section in r and "markdown" in r[section]:
             lines += r[section]["markdown"] + [""]
@@ -742,6 +828,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ivf-threshold", type=int, default=None, help="default: the library's")
     p.add_argument("--project-rows", type=int, default=None, help="default: the library's")
     p.add_argument("--project-dim", type=int, default=None, help="default: the library's")
+    p = sub.add_parser("region")
+    p.add_argument("--region-db", type=Path, required=True, help="a database with dense tensors (its images are the sources)")
+    p.add_argument("--sizes", nargs="+", type=int, default=[10_000, 30_000])
+    p.add_argument("--sources", type=int, default=500)
+    p.add_argument("--queries", type=int, default=50)
+    p.add_argument("--noise", type=float, default=0.5, help="noise norm per unit cell")
     sub.add_parser("render")
     if argv is None and sys.argv[1:2] == ["_index_child"]:
         return _index_child(sys.argv[2:])

@@ -124,6 +124,8 @@ def runs(tmp_path_factory, tiny12):
                                      "--project-rows", "500", "--project-dim", "8"]),
         ("scale codec", scale[0], [*scale[1:], "codec", "--images", "12", "--fit", "8", "--queries", "4"]),
         ("scale rerank", scale[0], [*scale[1:], "rerank", "--images", "12", "--queries", "2", "--threads", "1"]),
+        ("scale region", scale[0], [*scale[1:], "region", "--region-db", str(tmp / "scale" / "work" / "rerank-raw-12"),
+                                    "--sizes", "40", "--sources", "6", "--queries", "4"]),
         ("sd_scoring", "benchmarks/sd_scoring.py", ["--quick", "--out-dir", str(out["sd_scoring"])]),
         ("sd_correspondence", "benchmarks/sd_correspondence.py", [*common, "--out-dir", str(out["sd_correspondence"])]),
         ("serve_latency", "benchmarks/serve_latency.py", ["--sizes", "40", "--queries", "2", "--rerank-queries", "1",
@@ -261,6 +263,7 @@ def test_copydetect(runs):
     files = {f["file"]: f for f in m["files"]}
     originals = {f["original"]: f for f in m["files"] if f["role"] == "original"}
     assert len(originals) == 4 and len(m["queries"]) == 4 * 7 == res["copies"]["queries"]
+    assert set(res["cost"]) >= {"queries", "first stage", *RERANKERS} and res["cost"]["first stage"]["wall_s_p50"] > 0
     for q in m["queries"]:  # every copy is a file, its target the original's file, its split the original's
         assert (data / q["file"]).is_file() and q["target"] == originals[q["original"]]["file"]
         assert q["split"] == originals[q["original"]]["split"]
@@ -346,8 +349,10 @@ def test_scale(runs):
     (part,) = (runs[3] / "scale" / "scale-embeddings").glob("part-*.npz")
     assert len(np.load(part)["paths"]) == 12
     res = results(runs, "scale rerank", "scale", "scale")
-    for label in ("scale ann", "scale growth", "scale indexes", "scale codec"):
+    for label in ("scale ann", "scale growth", "scale indexes", "scale codec", "scale region"):
         ran(runs, label)
+    (region,) = res["region"]["results"]
+    assert (region["images"], region["kind"], region["codec"]) == (40, "flat", "SQ8") and region["bytes_per_image"] > 0
     ann = {(r["kind"], r["param"]): r["recall@10"] for r in res["ann"]["results"]}
     assert set(ann) == {("flat", ""), *((k, f"nprobe={p}") for k in ("IVF16,Flat", "IVF16,SQ8") for p in (2, 16))}
     assert ann["flat", ""] == ann["IVF16,Flat", "nprobe=16"] == 1.0 and ann["IVF16,Flat", "nprobe=2"] < 1.0
