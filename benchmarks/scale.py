@@ -377,6 +377,7 @@ def bench_region(args) -> None:
     import faiss
 
     from simsearch import Index
+    from simsearch.ann import VectorIndex
     from simsearch.region import CELL_BITS, IVF_CELLS, TRAIN_CELLS, cell_ids, empty_index
 
     idx = Index(args.region_db)
@@ -411,8 +412,6 @@ def bench_region(args) -> None:
         build_s = time.perf_counter() - t
         file = args.work / f"region-{n}.faiss"
         faiss.write_index(index, str(file))
-        from simsearch.ann import VectorIndex
-
         vi = VectorIndex(index=index, kind=kind, nlist=nlist)
         hits, ms = 0, []
         for q, cells in queries:
@@ -422,7 +421,7 @@ def bench_region(args) -> None:
             top = max(best, key=best.get) if best else 0
             hits += int((top - 1) % s_n == q)
         row = {"images": n, "cells": int(index.ntotal), "kind": kind, "nlist": nlist,
-               "codec": "PQ" if "PQ" in type(faiss.downcast_index(faiss.extract_index_ivf(index) if kind == "ivf" else index)).__name__ else "SQ8",
+               "codec": "PQ" if kind == "ivf" and isinstance(faiss.extract_index_ivf(index), faiss.IndexIVFPQ) else "SQ8",
                "bytes_per_image": file.stat().st_size // n, "train_s": round(train_s, 1), "build_s": round(build_s, 1),
                "rss_growth_mib": round(_peak_rss_mib() - rss0), "query_ms_p50": round(pct(ms, 50), 1),
                "query_ms_p95": round(pct(ms, 95), 1), "r_at_1": hits / len(queries), "queries": len(queries), "load": loadavg()}
