@@ -127,8 +127,8 @@ def _patch_sets(index, keys: np.ndarray, model=None):
     model = model or index
     backbone = model.embedder.backbone
     with torch.inference_mode():
-        sets = patch_set(backbone, backbone.attention_inputs(model.conf.dense_layer, dense),
-                         [(r["width"], r["height"]) for r in rows], model.positional_prior())
+        sets = patch_set(backbone, model.conf.dense_layer, dense, [(r["width"], r["height"]) for r in rows],
+                         model.positional_prior())
     return {r["key"]: i for i, r in enumerate(rows)}, sets
 
 

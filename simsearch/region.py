@@ -84,8 +84,7 @@ class RegionDescriber:
         from .rerank.scores import patch_set
 
         with torch.inference_mode():
-            qkv = self.backbone.attention_inputs(self.layer, torch.as_tensor(dense))
-            ps = patch_set(self.backbone, qkv, np.ones((len(dense), 2)) if sizes is None else sizes, self.prior)
+            ps = patch_set(self.backbone, self.layer, dense, np.ones((len(dense), 2)) if sizes is None else sizes, self.prior)
             return ps.pooled(pool_factor(ps.grid)).desc.numpy()
 
     def cells_of_views(self, views: list[np.ndarray], size) -> list[np.ndarray]:
@@ -99,8 +98,7 @@ class RegionDescriber:
         with torch.inference_mode():
             for dense in views:
                 cells = dense.shape[0] - self.backbone.prefix_tokens
-                qkv = self.backbone.attention_inputs(self.layer, torch.as_tensor(dense)[None])
-                ps = patch_set(self.backbone, qkv, [size], _regrid(self.prior, cells))
+                ps = patch_set(self.backbone, self.layer, dense[None], [size], _regrid(self.prior, cells))
                 out.append((ps.pooled(factor) if min(ps.grid) >= 2 * factor else ps).desc[0].numpy())
         return out
 

@@ -17,7 +17,7 @@ from .viz import draw_matches, image_data_uri, table_html, write_page
 
 def _key_grid(backbone, layer, dense: np.ndarray, image_size: tuple[int, int], input_size: int) -> DenseDescriptors:
     """Key-facet descriptors of a stored attention source, placed on an image of `image_size`."""
-    keys = merge_heads(backbone.attention_inputs(layer, torch.as_tensor(dense)[None])[1])[0, backbone.prefix_tokens:]
+    keys = merge_heads(backbone.attention_keys(layer, torch.as_tensor(dense)[None])[0])[0, backbone.prefix_tokens:]
     h, w = backbone.patch_grid(len(keys) + backbone.prefix_tokens)
     cell = input_size // w
     return DenseDescriptors(desc=keys.float().cpu(), saliency=torch.ones(len(keys)), grid=(h, w), stride=cell,

@@ -217,6 +217,10 @@ def test_facets_match_the_models_own_computation(tiny_backbone):
                 got = facet(bb, 1, out.hidden[1], name)
                 assert got.shape == (1, 17, bb.dim)  # heads concatenated
                 torch.testing.assert_close(got, captured[short])
+            k, q_cls = bb.attention_keys(1, out.hidden[1])  # verification's keys and CLS query alone
+            assert k.shape == (1, bb.num_heads, 17, bb.dim // bb.num_heads) and q_cls.shape[2] == 1
+            torch.testing.assert_close(merge_heads(k), captured["k"])
+            torch.testing.assert_close(merge_heads(q_cls), captured["q"][:, :1])
             attn = facet(bb, 1, out.hidden[1], "attn")
             assert attn.shape == (1, bb.num_heads, 17, 17)
             torch.testing.assert_close(attn, ref.attentions[1])

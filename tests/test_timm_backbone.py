@@ -60,7 +60,9 @@ def test_attention_and_token_facets_are_timms(timm_pair):
     q_ref, k_ref, v_ref = seen["qkv"].reshape(b, t, 3, bb.num_heads, -1).permute(2, 0, 3, 1, 4)
     hidden = bb(x, keep={1}, last_block=1).hidden[1]
     q, k, v = bb.attention_inputs(1, hidden)
-    for ours, theirs in ((q, q_ref), (k, k_ref), (v, v_ref)):
+    k_only, q_prefix = bb.attention_keys(1, hidden)  # verification's keys and prefix queries alone
+    p = bb.prefix_tokens
+    for ours, theirs in ((q, q_ref), (k, k_ref), (v, v_ref), (k_only, k_ref), (q_prefix, q_ref[:, :, :p])):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     with torch.inference_mode():
         torch.testing.assert_close(bb.blocks[1](hidden), block_out["x"], atol=1e-5, rtol=1e-5)

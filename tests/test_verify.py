@@ -82,6 +82,37 @@ def test_tentative_matches_mutual_ratio_and_floor():
     assert t.weight[1, 2] == 0 and t.weight[1, 3] == 0  # best cosine 0.1 / 0.1: below the floor
 
 
+def test_ratio_test_takes_the_second_best_outside_the_best_cells_3x3():
+    """On a 5 x 6 grid, against a loop over every cell: a match passes when the best cosine's distance
+    is below ratio x that of the best cell more than one row or column away from it."""
+    torch.manual_seed(0)
+    q = PatchSet.on_grid(F.normalize(torch.randn(1, 12, 16), dim=-1), torch.ones(1, 12), (3, 4), [[4, 3]])
+    cand = PatchSet.on_grid(F.normalize(torch.randn(3, 30, 16), dim=-1), torch.ones(3, 30), (5, 6), [[6, 5]] * 3)
+    t = tentative_matches(q, cand, min_sim=-1.0, ratio=0.97)
+    sim = (q.desc[0] @ cand.desc.transpose(1, 2)).numpy()
+    for m in range(3):
+        for i in range(12):
+            best = int(sim[m, i].argmax())
+            far = [j for j in range(30) if abs(j // 6 - best // 6) > 1 or abs(j % 6 - best % 6) > 1]
+            d = lambda s: np.sqrt(max(2 - 2 * s, 0))  # noqa: E731
+            passes = d(sim[m, i, best]) < 0.97 * d(sim[m, i, far].max()) and int(sim[m, :, best].argmax()) == i
+            assert t.target[m, i] == best and bool(t.weight[m, i] > 0) == passes
+
+
+def test_ransac_scores_only_the_voting_slots_and_maps_inliers_back():
+    """12 true matches spread over 300 slots, the rest without a vote: the inliers are those 12 slots."""
+    rng = np.random.default_rng(1)
+    src = rng.uniform(0, 1, (1, 300, 2))
+    dst = _similarity(src[0], 0.7, -0.4, (0.1, 0.3), False)[None]
+    w = np.zeros((1, 300))
+    slots = rng.choice(300, 12, replace=False)
+    w[0, slots] = rng.uniform(0.5, 1, 12)
+    ver = ransac_similarity(torch.tensor(src, dtype=torch.float32), torch.tensor(dst, dtype=torch.float32),
+                            torch.tensor(w, dtype=torch.float32), tol=0.01, mirror=False)
+    assert sorted(ver.inliers[0].nonzero()[:, 0].tolist()) == sorted(slots.tolist())
+    assert ver.score[0] == pytest.approx(w[0, slots].sum(), rel=1e-5)
+
+
 def test_verifier_finds_a_half_size_crop_and_rejects_a_shuffle():
     """A candidate whose 16 x 16 grid holds the query's 8 x 8 grid (described at half size) in its
     top-left quarter, mirrored; another with the same descriptors shuffled over the grid."""

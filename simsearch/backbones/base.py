@@ -6,7 +6,8 @@ A backbone turns a batch of images into what the descriptors need:
   tokens (pooled into content and style vectors), kind "source" is what the layer's attention is
   computed from, which is what an index stores as its dense tensor.
 - `attention_inputs(layer, source)`: q, k, v (B, heads, T, d) of that attention from stored sources,
-  for the Aligned Attention Score and the `matches` reranker, without the image.
+  for the Aligned Attention Score and the `matches` reranker, without the image; `attention_keys`
+  the keys and the prefix tokens' queries alone, what verification needs.
 - `dense_descriptors(pixels, ...)`: a per-cell descriptor grid for correspondences (`match`, PCK).
 The first `prefix_tokens` tokens of every tensor are not on the patch grid (a ViT's CLS and register
 tokens; none for the UNet). Layers are family data: block indices for ViTs, module paths for the UNet.
@@ -79,6 +80,12 @@ class Backbone(nn.Module, ABC):
     @abstractmethod
     def attention_inputs(self, layer: Layer, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """source (B, T, C) as `tokens` gave it for (layer, "source") -> q, k, v (B, heads, T', d)."""
+
+    def attention_keys(self, layer: Layer, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> k (B, heads, T', d) of every token and q (B, heads, prefix_tokens, d) of the prefix tokens:
+        patch keys and CLS-attention saliency (verification, region cells) without the rest of q and v."""
+        q, k, _ = self.attention_inputs(layer, source)
+        return k, q[:, :, :self.prefix_tokens]
 
     @abstractmethod
     def dense_descriptors(self, pixels: torch.Tensor, layer: Layer | None = None, facet: str | None = None,

@@ -60,6 +60,12 @@ class HFViT(ViTBackbone):
         return tuple(proj(x).view(b, t, self.num_heads, -1).transpose(1, 2)
                      for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
 
+    def qk(self, layer: int, hidden: torch.Tensor, query_tokens: int):
+        attn = getattr(self.blocks[layer], self.kind.attention)
+        x = self.prenorm(layer, hidden.to(attn.q_proj.weight.dtype))
+        heads = lambda y: y.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # noqa: E731  (B, T, C) -> (B, H, T, d)
+        return heads(attn.k_proj(x)), heads(attn.q_proj(x[:, :query_tokens]))
+
     def qkv_linear(self, layer: int):
         attn = getattr(self.blocks[layer], self.kind.attention)
         return getattr(self.blocks[layer], self.kind.prenorm).weight, [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]

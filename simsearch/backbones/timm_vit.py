@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import WeightsNotFoundError
@@ -52,6 +53,14 @@ class TimmViT(ViTBackbone):
         b, t, _ = x.shape
         q, k, v = attn.qkv(x).reshape(b, t, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         return attn.q_norm(q), attn.k_norm(k), v
+
+    def qk(self, layer: int, hidden: torch.Tensor, query_tokens: int):
+        attn = self.blocks[layer].attn
+        x = self.prenorm(layer, hidden.to(attn.qkv.weight.dtype))
+        (wq, wk, _), bias = attn.qkv.weight.chunk(3), attn.qkv.bias  # the fused projection's q, k, v rows
+        bq, bk = (None, None) if bias is None else bias.chunk(3)[:2]
+        heads = lambda y: y.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # noqa: E731  (B, T, C) -> (B, H, T, d)
+        return attn.k_norm(heads(F.linear(x, wk, bk))), attn.q_norm(heads(F.linear(x[:, :query_tokens], wq, bq)))
 
     def qkv_linear(self, layer: int):
         return self.blocks[layer].norm1.weight, [self.blocks[layer].attn.qkv.weight]

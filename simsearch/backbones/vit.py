@@ -75,6 +75,11 @@ class ViTBackbone(Backbone):
         hidden (B, T, C) -> q, k, v each (B, heads, T, C/heads)."""
 
     @abstractmethod
+    def qk(self, layer: int, hidden: torch.Tensor, query_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """k of every token and q of the first `query_tokens` tokens, as `qkv` computes them:
+        hidden (B, T, C) -> k (B, heads, T, C/heads), q (B, heads, query_tokens, C/heads)."""
+
+    @abstractmethod
     def qkv_linear(self, layer: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Block `layer`'s prenorm weight (C,) and the weights (out, C) of its q, k, v projections."""
 
@@ -149,6 +154,10 @@ class ViTBackbone(Backbone):
     @torch.inference_mode()
     def attention_inputs(self, layer: Layer, source: torch.Tensor):
         return self.qkv(layer, source.to(self.device))
+
+    @torch.inference_mode()
+    def attention_keys(self, layer: Layer, source: torch.Tensor):
+        return self.qk(layer, source.to(self.device), self.prefix_tokens)
 
     def dense_metric(self, layer: Layer):
         # LayerNorm(u) = gain * u + bias for a standardised token u, so q, k, v are linear in u

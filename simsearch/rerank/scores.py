@@ -43,9 +43,9 @@ class RerankQuery:
     region: bool = False  # a region of a picture, looked for inside candidates (verified by alignment)
 
 
-def patch_keys(backbone, qkv: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Unit-normalised patch keys (B, N, C) of attention inputs (B, H, T, d), prefix tokens dropped."""
-    return F.normalize(merge_heads(qkv[1])[:, backbone.prefix_tokens:].float(), dim=-1)
+def patch_keys(backbone, keys: torch.Tensor) -> torch.Tensor:
+    """Unit-normalised patch keys (B, N, C) of attention keys (B, H, T, d), prefix tokens dropped."""
+    return F.normalize(merge_heads(keys)[:, backbone.prefix_tokens:].float(), dim=-1)
 
 
 def positional_prior(backbone, layer, sample: np.ndarray) -> torch.Tensor:
@@ -54,20 +54,19 @@ def positional_prior(backbone, layer, sample: np.ndarray) -> torch.Tensor:
     A ViT's mid-level keys carry their position: unrelated images' patches at the same cell are each
     other's mutual nearest neighbours, and the identity transform verifies. Subtracting this mean
     leaves what the patch shows."""
-    return patch_keys(backbone, backbone.attention_inputs(layer, torch.as_tensor(sample))).mean(0)
+    return patch_keys(backbone, backbone.attention_keys(layer, torch.as_tensor(sample))[0]).mean(0)
 
 
-def patch_set(backbone, qkv: tuple[torch.Tensor, ...], sizes, prior: torch.Tensor | None = None) -> PatchSet:
+def patch_set(backbone, layer, source: torch.Tensor, sizes, prior: torch.Tensor | None = None) -> PatchSet:
     """Patch keys less the positional prior (when given), and CLS-attention saliency (uniform for
-    families without a CLS token), of a batch of attention inputs (B, H, T, d)."""
-    q, k, _ = qkv
-    p = backbone.prefix_tokens
-    keys = patch_keys(backbone, qkv)  # (B, N, C)
+    families without a CLS token), of stored sources (B, T, C) of `layer` of images of `sizes` (B, 2)."""
+    k, q_prefix = backbone.attention_keys(layer, torch.as_tensor(source))  # (B, H, T, d), (B, H, P, d)
+    keys = patch_keys(backbone, k)  # (B, N, C)
     if prior is not None:
         keys = keys - prior
-    if p:
-        attn = attention_probs(q[:, :, :1].float(), k.float())  # (B, H, 1, T): the CLS row only
-        weight = cls_saliency(attn[..., [0, *range(p, k.shape[2])]])
+    if backbone.prefix_tokens:
+        attn = attention_probs(q_prefix[:, :, :1].float(), k.float())  # (B, H, 1, T): the CLS row only
+        weight = cls_saliency(attn[..., [0, *range(backbone.prefix_tokens, k.shape[2])]])
     else:
         weight = torch.ones(keys.shape[:2])
     return PatchSet.on_grid(keys, weight, backbone.patch_grid(k.shape[2]), sizes)
@@ -88,9 +87,22 @@ def rerank_scores(backbone, layer, query, cand_dense: np.ndarray, method: str = 
     if not isinstance(query, RerankQuery):
         query = RerankQuery(np.asarray(query), (1, 1))
     m = len(cand_dense)
+    out: dict = {}
+    if method == "verified":
+        sizes = np.ones((m, 2)) if cand_sizes is None else np.asarray(cand_sizes, dtype=np.float32)
+        views = [patch_set(backbone, layer, query.dense[None], [query.size], prior)]
+        views += [patch_set(backbone, layer, v[None], [query.size], _regrid(prior, v.shape[0] - backbone.prefix_tokens))
+                  for v in query.views]
+        verifier, cands = verifier or GeometricVerifier(), patch_set(backbone, layer, cand_dense, sizes, prior)
+        if query.region:
+            ver = verifier.align(views, cands)
+            out.update(aligned=ver.score.numpy(), inliers=ver.inliers.numpy(), pairs=ver.pairs)
+        else:
+            ver = verifier(views, cands)
+            out.update(verified=ver.score.numpy(), inliers=ver.inliers.numpy(), pairs=ver.pairs)
+        return out
     qkv_a = backbone.attention_inputs(layer, torch.as_tensor(query.dense)[None])
     qkv_b = backbone.attention_inputs(layer, torch.as_tensor(cand_dense))
-    out: dict = {}
     if method in ("aas", "both"):
         out["aas"] = aligned_attention_score(qkv_a, qkv_b).float().cpu().numpy()
     if method in ("matches", "both"):
@@ -98,18 +110,6 @@ def rerank_scores(backbone, layer, query, cand_dense: np.ndarray, method: str = 
         keys_a = merge_heads(qkv_a[1])[0, p:]  # (N, C) patch keys, CLS and registers dropped
         keys_b = merge_heads(qkv_b[1])[:, p:]  # (M, N, C)
         out["matches"] = mutual_nn_share(keys_a.float(), keys_b.float()).cpu().numpy()
-    if method == "verified":
-        sizes = np.ones((m, 2)) if cand_sizes is None else np.asarray(cand_sizes, dtype=np.float32)
-        views = [patch_set(backbone, qkv_a, [query.size], prior)]
-        views += [patch_set(backbone, backbone.attention_inputs(layer, torch.as_tensor(v)[None]), [query.size],
-                            _regrid(prior, v.shape[0] - backbone.prefix_tokens)) for v in query.views]
-        verifier, cands = verifier or GeometricVerifier(), patch_set(backbone, qkv_b, sizes, prior)
-        if query.region:
-            ver = verifier.align(views, cands)
-            out.update(aligned=ver.score.numpy(), inliers=ver.inliers.numpy(), pairs=ver.pairs)
-        else:
-            ver = verifier(views, cands)
-            out.update(verified=ver.score.numpy(), inliers=ver.inliers.numpy(), pairs=ver.pairs)
     return out
 
 

@@ -83,13 +83,14 @@ def tentative_matches(query: PatchSet, cand: PatchSet, min_sim: float = 0.3, rat
     """Mutual nearest neighbours of query (1 image) in each of cand's M images that pass the
     similarity floor and the ratio test, voting sqrt(saliency_q * saliency_c)."""
     sim = query.desc[0] @ cand.desc.transpose(1, 2)  # (M, Nq, Nc)
-    top, idx = sim.topk(min(10, sim.shape[-1]), dim=-1)  # (M, Nq, 10): the 3 x 3 cells of the best and one more
-    best, target = top[..., 0], idx[..., 0]  # (M, Nq)
-    mutual = sim.argmax(1).gather(1, target) == torch.arange(sim.shape[1])  # (M, Nq)
-    # second best outside the 3 x 3 neighbourhood of the best cell: the first of the top 10 that is
-    w = cand.grid[1]
-    near = ((idx // w - target[..., None] // w).abs() <= 1) & ((idx % w - target[..., None] % w).abs() <= 1)
-    second = top.masked_fill(near, -1.0).amax(-1)
+    best, target = sim.max(-1)  # (M, Nq)
+    mutual = sim.max(1).indices.gather(1, target) == torch.arange(sim.shape[1])  # (M, Nq)
+    # second best outside the 3 x 3 cells around the best (a token's neighbours look alike): mask them
+    h, w = cand.grid
+    step = torch.arange(-1, 2)
+    around = ((target // w)[..., None, None] + step[:, None]).clamp(0, h - 1) * w + \
+        ((target % w)[..., None, None] + step).clamp(0, w - 1)  # (M, Nq, 3, 3) cell indices
+    second = sim.scatter(-1, around.flatten(-2), -1.0).amax(-1)  # (M, Nq)
     dist = lambda s: (2 - 2 * s).clamp_min(0).sqrt()  # noqa: E731  (unit vectors)
     ok = mutual & (best >= min_sim) & (dist(best) < ratio * dist(second))
     vote = (query.weight[0] * cand.weight.gather(1, target)).clamp_min(0).sqrt()
@@ -118,6 +119,18 @@ def ransac_similarity(src: torch.Tensor, dst: torch.Tensor, weight: torch.Tensor
     """Best similarity transform per row. src (M, P, 2), dst (M, P, 2) matched points, weight (M, P)
     >= 0 (0: no match). A point is an inlier within `tol` of its prediction. Rows with fewer than 3
     voting matches score 0."""
+    m, p, _ = src.shape
+    live = max(int((weight > 0).sum(-1).max()), 2)
+    if live >= p:
+        return _ransac(src, dst, weight, tol, hypotheses, mirror, scale_range, refits, seed)
+    # the cost is M x H x P: score only the slots that vote (the ratio test leaves a few dozen of Nq)
+    slots = weight.topk(live, dim=-1).indices  # (M, P')
+    pick = lambda x: x.gather(1, slots[..., None].expand(-1, -1, 2))  # noqa: E731
+    ver = _ransac(pick(src), pick(dst), weight.gather(1, slots), tol, hypotheses, mirror, scale_range, refits, seed)
+    return Verified(ver.score, torch.zeros(m, p, dtype=torch.bool).scatter_(1, slots, ver.inliers), ver.transform)
+
+
+def _ransac(src, dst, weight, tol, hypotheses, mirror, scale_range, refits, seed) -> Verified:
     m, p, _ = src.shape
     z = torch.complex(src[..., 0], src[..., 1])  # (M, P)
     t = torch.complex(dst[..., 0], dst[..., 1])
