@@ -615,7 +615,7 @@ def bench_rerank(args) -> None:
         rows.append(row)
         print(row, flush=True)
     md = [f"## Query + rerank of 50 candidates (warm, in-process) and bytes per image, {args.images} real images", "",
-          f"Tuxpaint stamps, embedded DINOv2-S/14, torch {args.threads} thread(s); {len(queries)} queries from the table, p50 over them, "
+          f"{f'The first {args.images} files of {args.images_dir}' if args.images_dir else 'Tuxpaint stamps'}, embedded DINOv2-S/14, torch {args.threads} thread(s); {len(queries)} queries from the table, p50 over them, "
           "wall ms and (in brackets) CPU ms of the process, which other jobs on the machine barely change. "
           "Each database was indexed in four runs (a growing folder). `raw, 7 days` is how main stores it (float16 dense tensors, "
           "Lance's default 7-day version retention); `pca, 1 hour` is the compact codec with this branch's cleanup window. "
