@@ -333,7 +333,7 @@ class Index:
             chunk = [h for h in hits[start:start + RERANK_CHUNK] if h.key in found]
             if chunk:
                 rows = [found[h.key] for h in chunk]
-                parts.append(rerank_scores(self.embedder.backbone, self.conf.dense_layer, query, self._decode_dense(rows),
+                parts.append(rerank_scores(self.embedder.backbone, self.conf.dense_layer, query, self._decode_dense(rows, as_stored=True),
                                            method, [(r["width"], r["height"]) for r in rows], prior=prior))
                 kept += chunk
         hits = kept
@@ -496,5 +496,5 @@ class Index:
         if a key is not in the table)."""
         return self._decode_dense(self.store.rows(keys, ["dense"]))
 
-    def _decode_dense(self, rows: list[dict]) -> np.ndarray:
-        return self.dense_format.decode([r["dense"] for r in rows])
+    def _decode_dense(self, rows: list[dict], as_stored: bool = False) -> np.ndarray:
+        return self.dense_format.decode([r["dense"] for r in rows], as_stored)

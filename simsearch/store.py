@@ -89,6 +89,12 @@ def path_key(path: str) -> int:
     return int.from_bytes(hashlib.blake2b(path.encode(), digest_size=8).digest(), "little") >> 1
 
 
+# Blobs Lance should store as they are: float16 tokens and JPEG bytes barely compress, and zstd on
+# them made a rerank's read of 50 dense tensors 3x slower (20 -> 6.6 ms, +9 % on disk). Lance reads a
+# column's encoding from its field metadata, kept in the table's schema for later appends.
+UNCOMPRESSED = {"lance-encoding:compression": "none"}
+
+
 def row_schema(content_dim: int, style_dim: int) -> pa.Schema:
     """The rows `put` takes: the payload's columns and the catalog's size and mtime_ns."""
     return pa.schema([
@@ -101,8 +107,8 @@ def row_schema(content_dim: int, style_dim: int) -> pa.Schema:
         pa.field("height", pa.int32()),
         pa.field("content", pa.list_(pa.float32(), content_dim)),
         pa.field("style", pa.list_(pa.float32(), style_dim)),
-        pa.field("dense", pa.binary()),  # in the table's format (descriptors.codec.DenseFormat)
-        pa.field("thumb", pa.binary()),  # small JPEG
+        pa.field("dense", pa.binary(), metadata=UNCOMPRESSED),  # in the table's format (descriptors.codec.DenseFormat)
+        pa.field("thumb", pa.binary(), metadata=UNCOMPRESSED),  # small JPEG
     ])
 
 

@@ -253,3 +253,24 @@ def test_sd_dense_metric_is_the_projections_sensitivity(tiny_sd):
     bb = load_backbone(str(tiny_sd), "cpu", timestep=101)
     module = module_at(bb.unet, DIFFSIM_LAYER)[1]
     _metric_matches_projections(bb, DIFFSIM_LAYER, module.to_q.in_features)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_raw_batch_decode_matches_each_blob(dtype):
+    """A batch decodes as its blobs do one by one (encode_dense's inverse); float16 `as_stored` keeps
+    the stored values; a blob of the wrong size names both sizes."""
+    from simsearch.descriptors.codec import DenseFormat, decode_dense, encode_dense
+
+    x = hidden_like(5, 17, 32)
+    fmt = DenseFormat("raw", 17, 32, dtype)
+    blobs = fmt.encode(x)
+    want = np.stack([decode_dense(b, 17, 32, dtype) for b in blobs])
+    np.testing.assert_array_equal(fmt.decode(blobs), want)
+    assert fmt.decode(blobs).dtype == np.float32
+    if dtype == "float16":
+        stored = fmt.decode(blobs, as_stored=True)
+        assert stored.dtype == np.float16 and stored.flags.writeable
+        np.testing.assert_array_equal(stored, x.astype(np.float16))
+        assert blobs[0] == encode_dense(x[0], dtype)
+    with pytest.raises(ValueError, match=f"{len(blobs[0]) - 1} bytes, expected {len(blobs[0])}"):
+        fmt.decode([blobs[0], blobs[1][:-1]])

@@ -36,6 +36,38 @@ def test_rows_in_key_order_or_missing_named(idx, photos):
     assert set(idx.store.find([path_key(paths[0]), gone], ["path"])) == {path_key(paths[0])}
 
 
+def test_blob_columns_are_stored_uncompressed(tmp_path):
+    """Dense tensors and JPEG thumbnails are written as they are: zstd on float16 tokens cost reads,
+    not space (store.UNCOMPRESSED). Checked in the data files' page encodings, on blobs of
+    a real table's size (257 x 384 float16), where Lance's default does compress (the control)."""
+    import glob
+
+    import lance
+    from lance.file import LanceFileReader
+
+    from simsearch.store import ImageStore, make_rows
+
+    rng = np.random.default_rng(0)
+    blobs = [rng.standard_normal((257, 384)).astype(np.float16).tobytes() for _ in range(8)]
+    names = [f"/x/{i}.jpg" for i in range(8)]
+    store = ImageStore(tmp_path / "db")
+    store.create({"config": {}, "weights": "synthetic", "dense_shape": [257, 384]}, 4, 4)
+    store.put(make_rows(names, rng.random((8, 4)), rng.random((8, 4)), blobs, thumbs=blobs))
+
+    def compressed(dataset: str, column: str) -> bool:
+        pages = [p for f in glob.glob(f"{dataset}/data/*.lance")
+                 for meta in [LanceFileReader(f).metadata()]
+                 for p in meta.columns[[c.name for c in meta.schema].index(column)].pages]
+        assert pages
+        return any("Zstd" in str(p.encoding) or "Lz4" in str(p.encoding) for p in pages)
+
+    assert not compressed(str(store.root / "images.lance"), "dense")
+    assert not compressed(str(store.root / "images.lance"), "thumb")
+    assert store.find([path_key(names[3])], ["dense"])[path_key(names[3])]["dense"] == blobs[3]
+    lance.write_dataset(pa.table({"dense": pa.array(blobs, pa.binary())}), str(tmp_path / "control.lance"))
+    assert compressed(str(tmp_path / "control.lance"), "dense")
+
+
 def test_rerank_after_rows_were_deleted(idx, photos):
     """Rows deleted between the first stage and the rerank, and the version the hits were read at
     cleaned up (keep_versions 0): their hits drop out, every other hit keeps its own score (scores

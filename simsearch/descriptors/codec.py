@@ -85,8 +85,17 @@ class DenseFormat:
             return [encode_dense(t, self.dtype) for t in x]
         return [self.codec.encode(t) for t in x]
 
-    def decode(self, blobs: list[bytes]) -> np.ndarray:
-        """Stored blobs -> (N, T, C) float32."""
+    def decode(self, blobs: list[bytes], as_stored: bool = False) -> np.ndarray:
+        """Stored blobs -> (N, T, C) float32 (`as_stored`: float16 blobs as float16, for a caller that
+        converts faster itself; numpy's float16 conversion is scalar code)."""
         if self.kind != "raw":
             return self.codec.decode(blobs)
-        return np.stack([decode_dense(b, self.tokens, self.dim, self.dtype) for b in blobs])
+        if self.dtype != "float16":
+            return np.stack([decode_dense(b, self.tokens, self.dim, self.dtype) for b in blobs])
+        size = dense_nbytes(self.tokens, self.dim, self.dtype)
+        bad = next((len(b) for b in blobs if len(b) != size), None)
+        if bad is not None:
+            raise ValueError(f"dense blob has {bad} bytes, expected {size}")
+        # one buffer, writable: torch takes it as it is
+        x = np.frombuffer(bytearray().join(blobs), dtype=np.float16).reshape(len(blobs), self.tokens, self.dim)
+        return x if as_stored else x.astype(np.float32)

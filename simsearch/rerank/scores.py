@@ -86,6 +86,7 @@ def rerank_scores(backbone, layer, query, cand_dense: np.ndarray, method: str = 
         raise ValueError(f"unknown reranker '{method}' (choose from {', '.join(RERANKERS)})")
     if not isinstance(query, RerankQuery):
         query = RerankQuery(np.asarray(query), (1, 1))
+    cand_dense = torch.as_tensor(cand_dense).float()  # (M, T, C): float16 as stored converts faster here
     m = len(cand_dense)
     out: dict = {}
     if method == "verified":
@@ -102,7 +103,7 @@ def rerank_scores(backbone, layer, query, cand_dense: np.ndarray, method: str = 
             out.update(verified=ver.score.numpy(), inliers=ver.inliers.numpy(), pairs=ver.pairs)
         return out
     qkv_a = backbone.attention_inputs(layer, torch.as_tensor(query.dense)[None])
-    qkv_b = backbone.attention_inputs(layer, torch.as_tensor(cand_dense))
+    qkv_b = backbone.attention_inputs(layer, cand_dense)
     if method in ("aas", "both"):
         out["aas"] = aligned_attention_score(qkv_a, qkv_b).float().cpu().numpy()
     if method in ("matches", "both"):

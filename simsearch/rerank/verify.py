@@ -248,7 +248,8 @@ class GeometricVerifier:
         cand_views = [cand, cand.pooled(2)] if c["pool_candidates"] and min(cand.grid) >= 4 else [cand]
         best = torch.full((m,), -1.0)
         count = torch.zeros(m, dtype=torch.long)
-        pairs: list = [None] * m
+        pairs = torch.zeros(m, c["max_pairs"], 4)  # (M, K, 4) the best view pair's inliers, most voting first
+        shown = torch.zeros(m, dtype=torch.long)  # (M,) how many of them are real
         for qv in query_views:
             mass = qv.weight[0].sum().clamp_min(1e-9)
             for cv in cand_views:
@@ -258,13 +259,17 @@ class GeometricVerifier:
                 ver = ransac_similarity(src, dst, tent.weight, c["tol_cells"] / max(cv.grid), c["hypotheses"],
                                         c["mirror"], seed=c["seed"])
                 score = ver.score / mass
-                for i in (score > best).nonzero()[:, 0].tolist():
-                    best[i], count[i] = score[i], int(ver.inliers[i].sum())
-                    slots = ver.inliers[i].nonzero()[:, 0]
-                    slots = slots[tent.weight[i, slots].argsort(descending=True)][: c["max_pairs"]]
-                    pairs[i] = torch.cat([src[i, slots] * qv.sizes[0].max(), dst[i, slots] * cv.sizes[i].max()],
-                                         -1).numpy().astype("float32")
-        return Verification(best.clamp_min(0), count, pairs)
+                better = score > best  # (M,)
+                n = ver.inliers.sum(-1)  # (M,)
+                k = min(c["max_pairs"], ver.inliers.shape[1])
+                slots = torch.where(ver.inliers, tent.weight, -1.0).topk(k, dim=-1).indices  # (M, K')
+                at = lambda xy: xy.gather(1, slots[..., None].expand(-1, -1, 2))  # noqa: E731  (M, K', 2)
+                found = torch.cat([at(src) * qv.sizes[0].max(), at(dst) * cv.sizes.max(-1).values[:, None, None]], -1)
+                best, count = torch.where(better, score, best), torch.where(better, n, count)
+                pairs[:, :k] = torch.where(better[:, None, None], found, pairs[:, :k])
+                shown = torch.where(better, n.clamp_max(k), shown)
+        pairs_np = pairs.numpy()
+        return Verification(best.clamp_min(0), count, [pairs_np[i, :s] for i, s in enumerate(shown.tolist())])
 
     def align(self, query_views: list[PatchSet], cand: PatchSet) -> Verification:
         """A region's verification: the best translation of any query view over each candidate's
