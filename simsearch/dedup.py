@@ -47,7 +47,7 @@ from .paths import database_exists, normalize
 
 # Candidate floor, neighbours per image and the verified-score threshold: fitted on the tuning split
 # of the copy-detection proxy (benchmarks/dedup.py, README "Duplicates").
-DEFAULT_CONF = dict(k=30, min_cosine=0.8, threshold=0.17)
+DEFAULT_CONF = dict(k=30, min_cosine=0.8, threshold=0.16)
 QUERY_BATCH = 1024  # FAISS queries per search call
 # IVF lists probed for candidates (an Index opened with nprobe=CANDIDATE_NPROBE): near copies sit in
 # their query's own list or next to it, and a fixed count keeps each query's scan ~ n / nlist * 16,
@@ -117,9 +117,10 @@ def _patch_sets(index, keys: np.ndarray, model=None):
     Index of the same configuration and weights)."""
     import torch
 
-    from .rerank.scores import patch_set
+    from .images import grey_thumbnail
+    from .rerank.scores import patch_set, without_flat
 
-    found = index.store.find(keys.tolist(), ["dense", "width", "height"])
+    found = index.store.find(keys.tolist(), ["dense", "width", "height", "thumb"])
     if not found:
         return {}, None
     rows = list(found.values())
@@ -129,6 +130,7 @@ def _patch_sets(index, keys: np.ndarray, model=None):
     with torch.inference_mode():
         sets = patch_set(backbone, model.conf.dense_layer, dense, [(r["width"], r["height"]) for r in rows],
                          model.positional_prior())
+    sets = without_flat(sets, [grey_thumbnail(r["thumb"]) for r in rows])
     return {r["key"]: i for i, r in enumerate(rows)}, sets
 
 
@@ -139,7 +141,8 @@ def _take(sets, positions: list[int]):
     from .rerank.verify import PatchSet
 
     idx = torch.as_tensor(positions, dtype=torch.long)
-    return PatchSet(sets.desc[idx], sets.weight[idx], sets.xy[idx], sets.grid, sets.sizes[idx])
+    return PatchSet(sets.desc[idx], sets.weight[idx], sets.xy[idx], sets.grid, sets.sizes[idx],
+                    None if sets.mass is None else sets.mass[idx])
 
 
 # -- candidates ----------------------------------------------------------------------------------------

@@ -130,6 +130,31 @@ def _is_empty(source) -> bool:
         return False
 
 
+# Grey levels (0-255) below which a cell shows no texture: blank canvas (a rotated copy's black
+# corners), sky, an empty page. JPEG's noise on such areas of a thumbnail stays under 1.
+FLAT_STD = 3.0
+FLAT_CELL_PX = 8  # pixels per cell side at which flatness is judged
+
+
+def grey_thumbnail(img: Image.Image | bytes) -> np.ndarray | None:
+    """The stored thumbnail's grey pixels (H, W) uint8, of an image or of a thumbnail's JPEG bytes
+    (None for none: rows written without one). One source for queries and stored rows alike."""
+    data = thumbnail_jpeg(img) if isinstance(img, Image.Image) else img
+    if not data:
+        return None
+    with Image.open(io.BytesIO(data)) as thumb:
+        return np.asarray(thumb.convert("L"))
+
+
+def flat_cells(grey: np.ndarray, grid: tuple[int, int], max_std: float = FLAT_STD) -> np.ndarray:
+    """Cells of a (h, w) grid over a grey image (H, W), resized whole onto it as the model sees it,
+    whose pixels are all but constant (standard deviation under `max_std`) -> (h * w,) bool."""
+    h, w = grid
+    s = FLAT_CELL_PX
+    x = np.asarray(Image.fromarray(grey).resize((w * s, h * s), Image.Resampling.BOX), np.float32)
+    return (x.reshape(h, s, w, s).std(axis=(1, 3)) < max_std).reshape(-1)
+
+
 def thumbnail_jpeg(img: Image.Image, size: int = THUMB_SIZE) -> bytes:
     thumb = img.copy()
     thumb.thumbnail((size, size), Image.Resampling.LANCZOS)

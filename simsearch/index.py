@@ -22,7 +22,7 @@ from .compact import CompactSource
 from .descriptors.codec import COMPACT_CODECS, DenseFormat
 from .embedder import DescriptorConfig, Embedder
 from .errors import ConfigMismatchError, EmptyIndexError, ImageError, SimsearchError
-from .images import _to_rgb, open_image, preshrink
+from .images import _to_rgb, grey_thumbnail, open_image, preshrink
 from .indexers import check_source
 from .rerank import DEFAULT_RERANKER, RERANKERS
 from .region import CANDIDATES as REGION_CANDIDATES
@@ -267,16 +267,16 @@ class Index:
     def rerank_query(self, img: Image.Image, dense: np.ndarray, method: str = DEFAULT_RERANKER):
         """What the second stage needs of a query image whose dense tensor is `dense`: for
         verification also its dense tensors at VIEW_SCALES of the input size (a crop meets its
-        original's patches at their scale)."""
+        original's patches at their scale) and its grey thumbnail (flat cells do not vote)."""
         from .rerank import RerankQuery
 
-        views = []
-        if method == "verified":
-            bb = self.embedder.backbone
-            for scale in VIEW_SCALES:
-                pixels = bb.preprocess(img, bb.view_size(round(self.conf.image_size * scale)))[None]
-                views.append(bb.tokens(pixels, {"dense": (self.conf.dense_layer, "source")})["dense"][0].float().cpu().numpy())
-        return RerankQuery(np.asarray(dense, np.float32), img.size, views)
+        if method != "verified":
+            return RerankQuery(np.asarray(dense, np.float32), img.size)
+        bb, views = self.embedder.backbone, []
+        for scale in VIEW_SCALES:
+            pixels = bb.preprocess(img, bb.view_size(round(self.conf.image_size * scale)))[None]
+            views.append(bb.tokens(pixels, {"dense": (self.conf.dense_layer, "source")})["dense"][0].float().cpu().numpy())
+        return RerankQuery(np.asarray(dense, np.float32), img.size, views, grey=grey_thumbnail(img))
 
     def check_query(self, k: int, mode: str = "content", rerank: str | None = None, candidates: int = 1) -> None:
         """Refuse a query before any forward: unknown mode or reranker, k outside 1..rows, more
@@ -312,8 +312,8 @@ class Index:
         image without its file (MissingRowsError when the row is gone)."""
         from .rerank import RerankQuery
 
-        row = self.store.rows([key], [mode, "dense", "width", "height"])[0]
-        query = RerankQuery(self._decode_dense([row])[0], (row["width"], row["height"]))
+        row = self.store.rows([key], [mode, "dense", "width", "height", "thumb"])[0]
+        query = RerankQuery(self._decode_dense([row])[0], (row["width"], row["height"]), grey=grey_thumbnail(row["thumb"]))
         return np.asarray(row[mode], dtype=np.float32), query
 
     def rerank(self, query, hits: list[Hit], method: str = DEFAULT_RERANKER) -> list[Hit]:

@@ -179,3 +179,47 @@ def test_alignment_finds_a_small_region_at_its_offset(mirror):
     cj = np.floor(c_xy[:, 0]).astype(int)
     assert (cj == (5 - qj if mirror else qj + 2)).all()
     assert (np.floor(c_xy[:, 1]) == np.floor(q_xy[:, 1]) + 5).all()
+
+
+def test_flat_cells_are_the_untextured_ones():
+    """A 128 px black canvas with noise in rows and columns 32..95: on a 16 x 16 grid (8 px cells)
+    exactly cells 4..11 of each axis are textured; on an 8 x 8 grid, cells 2..5."""
+    from simsearch.images import flat_cells
+
+    grey = np.zeros((128, 128), np.uint8)
+    grey[32:96, 32:96] = np.random.default_rng(0).integers(0, 256, (64, 64))
+    for side, lo, hi in ((16, 4, 12), (8, 2, 6)):
+        want = np.ones((side, side), bool)
+        want[lo:hi, lo:hi] = False
+        np.testing.assert_array_equal(flat_cells(grey, (side, side)), want.reshape(-1))
+    # a wide image resized whole onto a square grid: columns are judged on its own width
+    wide = np.zeros((64, 128), np.uint8)
+    wide[:, 64:] = np.random.default_rng(1).integers(0, 256, (64, 64))
+    assert flat_cells(wide, (4, 4)).reshape(4, 4)[:, :2].all() and not flat_cells(wide, (4, 4)).reshape(4, 4)[:, 2:].any()
+
+
+def test_a_shared_blank_canvas_does_not_verify():
+    """Two unrelated pictures on one black canvas (their corners, say): the canvas cells have the same
+    keys at the same places, so they verify as a copy unless flat cells lose their vote
+    (rerank.scores.without_flat)."""
+    from simsearch.rerank.scores import without_flat
+
+    torch.manual_seed(0)
+    canvas = F.normalize(torch.randn(32), dim=0)
+    grid = torch.arange(256).reshape(16, 16)
+    blank = torch.zeros(16, 16, dtype=torch.bool)
+    blank[:5, :5] = blank[:5, -5:] = blank[-5:, :5] = blank[-5:, -5:] = True  # four corners
+    desc = F.normalize(torch.randn(2, 256, 32), dim=-1)
+    where = 0.7 * F.normalize(torch.randn(int(blank.sum()), 32), dim=-1)  # what a cell's key keeps of its position
+    desc[:, grid[blank]] = F.normalize(canvas + where + 0.02 * torch.randn(2, int(blank.sum()), 32), dim=-1)
+    inner = np.kron(~blank.numpy(), np.ones((8, 8), bool))
+    greys = [np.where(inner, np.random.default_rng(i).integers(0, 256, (128, 128)), 0).astype(np.uint8) for i in (0, 1)]
+    query = PatchSet.on_grid(desc[:1], torch.ones(1, 256), (16, 16), [[128, 128]])
+    cand = PatchSet.on_grid(desc[1:], torch.ones(1, 256), (16, 16), [[128, 128]])
+    verifier = GeometricVerifier(pool_candidates=False)
+    unmasked = float(verifier([query], cand).score[0])
+    assert unmasked > 0.3, unmasked  # the corners verify each other
+    masked = without_flat(query, [greys[0]])
+    assert (masked.weight[0] == 0).sum() == blank.sum() and masked.weight[0, grid[~blank]].eq(1).all()
+    assert float(verifier([masked], without_flat(cand, [greys[1]])).score[0]) < 0.1  # chance inliers at most
+    assert without_flat(query, [None]).weight.eq(1).all()  # no thumbnail: every cell votes

@@ -5,7 +5,8 @@ index already stores:
 1. tentative matches: mutual nearest neighbours of unit-normalised patch descriptors that pass a
    similarity floor and Lowe's ratio test (the second-best match is taken outside the best one's
    3 x 3 neighbourhood, since a token's neighbours look alike), weighted by CLS-attention saliency so
-   that flat background (white, sky) cannot vote;
+   that background (white, sky) hardly votes, and with no vote at all from cells whose pixels are flat
+   in the query's thumbnail (rerank.scores.without_flat: a blank canvas matches any other);
 2. RANSAC over 2-point similarity transforms (scale, rotation, translation; optionally mirrored) on
    the patch centres, every candidate at once, then a least-squares refit on the inliers;
 3. score = the saliency weight of the inliers.
@@ -39,6 +40,11 @@ class PatchSet:
     xy: torch.Tensor  # (B, N, 2) patch centres (x, y) in units of the image's longer side
     grid: tuple[int, int]  # (h, w), N = h * w
     sizes: torch.Tensor  # (B, 2) image (width, height) in pixels
+    mass: torch.Tensor | None = None  # (B,) the saliency a score is a share of; None: weight's sum
+
+    def total(self) -> torch.Tensor:
+        """(B,) the saliency mass a verification score is a share of."""
+        return self.weight.sum(-1) if self.mass is None else self.mass
 
     @classmethod
     def on_grid(cls, desc: torch.Tensor, weight: torch.Tensor, grid: tuple[int, int], sizes) -> "PatchSet":
@@ -57,7 +63,7 @@ class PatchSet:
 
         grid = (-(-h // factor), -(-w // factor))
         return PatchSet(F.normalize(pool(self.desc), dim=-1), pool(self.weight[..., None])[..., 0],
-                        pool(self.xy), grid, self.sizes)
+                        pool(self.xy), grid, self.sizes, self.mass)
 
 
 def cell_centres(grid: tuple[int, int], sizes: torch.Tensor) -> torch.Tensor:
@@ -251,7 +257,7 @@ class GeometricVerifier:
         pairs = torch.zeros(m, c["max_pairs"], 4)  # (M, K, 4) the best view pair's inliers, most voting first
         shown = torch.zeros(m, dtype=torch.long)  # (M,) how many of them are real
         for qv in query_views:
-            mass = qv.weight[0].sum().clamp_min(1e-9)
+            mass = qv.total()[0].clamp_min(1e-9)
             for cv in cand_views:
                 tent = tentative_matches(qv, cv, c["min_sim"], c["ratio"])
                 src = qv.xy.expand(m, -1, -1)  # (M, Nq, 2)
