@@ -25,7 +25,6 @@ from .errors import ConfigMismatchError, EmptyIndexError, ImageError, SimsearchE
 from .images import _to_rgb, grey_thumbnail, open_image, preshrink
 from .indexers import check_source
 from .rerank import DEFAULT_RERANKER, RERANKERS
-from .region import CANDIDATES as REGION_CANDIDATES
 from .store import KEEP_VERSIONS, VECTOR_COLUMNS, ImageStore
 
 MODES = VECTOR_COLUMNS  # "content", "style"
@@ -386,23 +385,6 @@ class Index:
             for row, score in maxsim(scores, ids).items():
                 best[row] = max(score, best.get(row, 0.0))
         return best
-
-    def region_candidates(self, query, vector: np.ndarray, n: int, where: str | None, exclude: set[int]) -> list[Hit]:
-        """Up to `n` rows whose regions match a whole-image query's cells (at its input size and its
-        views): what the pooled vector misses (a copy with text over it, a tight crop, a picture
-        pasted into another). Scored by their own first-stage cosine, which ranked them below the
-        pooled vector's candidates."""
-        from .region import CELL_BITS, prefix_of
-
-        describer, followed = self.region_index
-        best = self._region_scores(followed.get().vectors, describer.cells_of_views([query.dense, *query.views], query.size))
-        prefixes = [p for p in sorted(best, key=lambda p: -best[p]) if p not in {int(prefix_of(k)) for k in exclude}][:n]
-        rows = self.store.rows_by_prefix(prefixes, CELL_BITS, ["path", "id", "content"])
-        if where and rows:
-            allowed = set(self.store.keys_where(where).tolist())
-            rows = [r for r in rows if r["key"] in allowed]
-        cos = np.asarray([r["content"] for r in rows], np.float32).reshape(len(rows), -1) @ vector if rows else []
-        return [Hit(rank=0, score=float(c), path=r["path"], id=r["id"], key=r["key"]) for r, c in zip(rows, cos)]
 
     @property
     def region_index(self):

@@ -30,7 +30,6 @@ CELL_BITS = 8
 REGION_GRID = 16  # cells per side at most: 256 per image (1 << CELL_BITS); a 224 px ViT-S/14 grid as it is
 QUERY_SIZES = (56, 84, 112, 168, 224)  # input sides a query region is described at
 CELL_K = 64  # nearest cells each query cell retrieves
-CANDIDATES = 50  # rows a whole-image query adds to the verified reranker's candidates
 READ_ROWS = 256  # rows read (and projected) at a time when the index is built: bounds the memory
 TRAIN_CELLS = 256 * 1024  # cells the quantisers are trained on (the first rows')
 
