@@ -263,10 +263,18 @@ def _index_source(column: str, variant: str, project_rows: int, project_dim: int
     return CompactSource(column, project_rows, project_dim) if variant == "compact" else Source(column)
 
 
-def _peak_rss_mib() -> float:
-    """This process image's peak RSS (VmHWM: unlike ru_maxrss, not inherited from the parent across exec)."""
+def _peak_rss_mib(field: str = "VmHWM") -> float:
+    """This process image's peak RSS (VmHWM: unlike ru_maxrss, not inherited from the parent across exec);
+    field="VmRSS": the current one."""
     status = Path("/proc/self/status").read_text()
-    return int(status.split("VmHWM:", 1)[1].split()[0]) / 1024
+    return int(status.split(f"{field}:", 1)[1].split()[0]) / 1024
+
+
+def _restart_peak_rss() -> float:
+    """Start VmHWM again from the current RSS (Linux: 5 > /proc/self/clear_refs), so one process can
+    measure several sizes in turn -> the current RSS in MiB."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _peak_rss_mib("VmRSS")
 
 
 def _index_child(argv: list[str]) -> None:
@@ -371,14 +379,14 @@ def bench_region(args) -> None:
     """The region index (simsearch.region) over n synthetic images made of real region cells: every
     image is one of S real images' cells (described by the library from a database's dense tensors)
     plus Gaussian noise, built as RegionSource.build builds it (empty_index, trained on the first
-    TRAIN_CELLS cells, filled in chunks); its bytes per image, build time and RSS growth, and the time
+    train_cells, filled in chunks); its bytes per image, build time and RSS growth, and the time
     and R@1 of a 1/16 region query (a 4 x 4 block of a source's 16 x 16 cells) scored as
     Index.search_region scores it (Index._region_scores: CELL_K nearest cells, MaxSim)."""
     import faiss
 
     from simsearch import Index
     from simsearch.ann import VectorIndex
-    from simsearch.region import CELL_BITS, IVF_CELLS, TRAIN_CELLS, cell_ids, empty_index
+    from simsearch.region import CELL_BITS, IVF_CELLS, cell_ids, empty_index, train_cells
 
     idx = Index(args.region_db)
     _, followed = idx.region_index
@@ -402,9 +410,9 @@ def bench_region(args) -> None:
 
     out = []
     for n in args.sizes:
-        rss0, t = _peak_rss_mib(), time.perf_counter()
+        rss0, t = _restart_peak_rss(), time.perf_counter()
         index, kind, nlist = empty_index(d, n * p_n, IVF_CELLS)
-        train_images = min(n, -(-TRAIN_CELLS // p_n))
+        train_images = min(n, -(-train_cells(n * p_n) // p_n))
         index.train(images(0, train_images)[1])
         train_s = time.perf_counter() - t
         for a in range(0, n, 256):
@@ -421,7 +429,7 @@ def bench_region(args) -> None:
             top = max(best, key=best.get) if best else 0
             hits += int((top - 1) % s_n == q)
         row = {"images": n, "cells": int(index.ntotal), "kind": kind, "nlist": nlist,
-               "codec": "PQ" if kind == "ivf" and isinstance(faiss.extract_index_ivf(index), faiss.IndexIVFPQ) else "SQ8",
+               "codec": "PQ" if kind == "ivf" and isinstance(faiss.downcast_index(faiss.extract_index_ivf(index)), faiss.IndexIVFPQ) else "SQ8",
                "bytes_per_image": file.stat().st_size // n, "train_s": round(train_s, 1), "build_s": round(build_s, 1),
                "rss_growth_mib": round(_peak_rss_mib() - rss0), "query_ms_p50": round(pct(ms, 50), 1),
                "query_ms_p95": round(pct(ms, 95), 1), "r_at_1": hits / len(queries), "queries": len(queries), "load": loadavg()}

@@ -377,11 +377,11 @@ class Index:
     @staticmethod
     def _region_scores(vi, cell_sets: list[np.ndarray]) -> dict[int, float]:
         """Row prefix -> best MaxSim over the query's cell sets (simsearch.region)."""
-        from .region import CELL_K, maxsim
+        from .region import CELL_K, PROBES, maxsim
 
         best: dict[int, float] = {}
         for cells in cell_sets:
-            scores, ids = vi.search(cells, CELL_K)
+            scores, ids = vi.search(cells, CELL_K, nprobe=PROBES)
             for row, score in maxsim(scores, ids).items():
                 best[row] = max(score, best.get(row, 0.0))
         return best

@@ -117,19 +117,36 @@ class RegionDescriber:
 IVF_CELLS = 50_000  # below: exact over 8-bit codes (384 B a cell); above: an inverted file
 PQ_CELLS = 256 * 20_000  # above ~20k images the lists hold product-quantised cells (PQ_BYTES a cell)
 PQ_BYTES = 48
+# An image has 256 cells, so the lists are fewer than the vector indexes' 4 x sqrt(n): building costs
+# cells x lists (k-means, then assigning every cell), and with 4 x sqrt(n) a 10,000-image index
+# (2.56M cells, 6,400 lists) did not finish in 15 minutes on 2 cores.
+NLIST_PER_SQRT = 1.0
+HNSW_LISTS = 1024  # from this many lists on, cells find their list through an HNSW graph of the centroids
+PROBES = 32  # lists a query cell scans: its cost grows with sqrt(cells), not with the table
+TRAIN_PER_LIST = 64  # k-means sample per list, at most TRAIN_CELLS (FAISS wants >= 39)
+
+
+def region_nlist(n_vectors: int) -> int:
+    return max(1, min(int(NLIST_PER_SQRT * np.sqrt(n_vectors)), n_vectors // 39))
+
+
+def train_cells(n_vectors: int) -> int:
+    """Cells the quantisers of an index for about `n_vectors` cells are trained on."""
+    return min(TRAIN_CELLS, TRAIN_PER_LIST * region_nlist(n_vectors))
 
 
 def empty_index(d: int, n_vectors: int, ivf_threshold: int = IVF_CELLS):
     """An untrained FAISS index for about `n_vectors` region cells -> (faiss index, kind, nlist)."""
     import faiss
 
-    from .ann import nlist_for, want_kind
+    from .ann import want_kind
 
     if want_kind(n_vectors, ivf_threshold) == "flat":
         return faiss.IndexIDMap2(faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)), "flat", 0
-    nlist = nlist_for(n_vectors)
+    nlist = region_nlist(n_vectors)
     codec = f"PQ{PQ_BYTES}" if n_vectors >= PQ_CELLS else "SQ8"
-    index = faiss.index_factory(d, f"IVF{nlist},{codec}", faiss.METRIC_INNER_PRODUCT)
+    coarse = f"IVF{nlist}_HNSW32" if nlist >= HNSW_LISTS else f"IVF{nlist}"
+    index = faiss.index_factory(d, f"{coarse},{codec}", faiss.METRIC_INNER_PRODUCT)
     index.set_direct_map_type(faiss.DirectMap.Hashtable)  # stale cells removed by id without a scan
     return index, "ivf", nlist
 
@@ -164,8 +181,9 @@ class RegionSource(Source):
 
     def build(self, store, ivf_threshold: int, version: int | None = None) -> VectorIndex:
         """Read (at `version`), describe and add the table READ_ROWS rows at a time; train on the
-        first rows' cells (up to TRAIN_CELLS of them)."""
-        index, kind, nlist = empty_index(self.d, store.count(version) * (1 << CELL_BITS), ivf_threshold)
+        first rows' cells (train_cells of them)."""
+        n_vectors = store.count(version) * (1 << CELL_BITS)
+        index, kind, nlist = empty_index(self.d, n_vectors, ivf_threshold)
         vi = VectorIndex(index=index, kind=kind, nlist=nlist)
         pending: list[tuple[np.ndarray, np.ndarray]] = []
 
@@ -184,7 +202,7 @@ class RegionSource(Source):
                 index.add_with_ids(vectors, ids)
                 continue
             pending.append((ids, vectors))
-            if sum(len(i) for i, _ in pending) >= TRAIN_CELLS:
+            if sum(len(i) for i, _ in pending) >= train_cells(n_vectors):
                 train()
         if pending:  # a table smaller than the training sample
             train()

@@ -112,6 +112,50 @@ def test_region_index_follows_the_table(region_db, monkeypatch):
     assert not any(h.path.endswith("horse.jpg") for h in idx.search(horse, k=12, box=(0, 0, 200, 200)))
 
 
+def test_the_inverted_file_ranks_a_region_as_the_exact_index_does(region_db):
+    """The region index of a large table (an inverted file of region_nlist lists, PROBES of them
+    scanned per cell), built by RegionSource.build on this table with the threshold lowered: a region
+    of chelsea scores the rows as the exact 8-bit index does, chelsea first."""
+    from simsearch import Index
+    from simsearch.region import region_nlist
+
+    idx, photos = region_db
+    describer, followed = idx.region_index
+    exact = followed.get().vectors
+    ivf = followed.source.build(idx.store, ivf_threshold=1000)
+    assert (exact.kind, ivf.kind) == ("flat", "ivf") and ivf.nlist == region_nlist(exact.ntotal) < 64
+    cat = Image.open(photos / "chelsea.jpg").convert("RGB")
+    region = cat.crop((130, 60, 130 + cat.width // 4, 60 + cat.height // 4))
+    cells = describer.cells_of_views(describer.query_views(region, idx.conf.image_size), region.size)
+    by_exact, by_ivf = Index._region_scores(exact, cells), Index._region_scores(ivf, cells)
+    rows = {int(r["key"]) >> CELL_BITS: r["path"].rsplit("/", 1)[1] for r in idx.store.head(["key", "path"], 100)}
+    assert rows[max(by_ivf, key=by_ivf.get)] == rows[max(by_exact, key=by_exact.get)] == "chelsea.jpg"
+    top = sorted(by_exact, key=by_exact.get)[-3:]
+    np.testing.assert_allclose([by_ivf.get(p, 0) for p in top], [by_exact[p] for p in top], atol=0.02)
+
+
+def test_a_large_region_index_assigns_cells_through_a_graph():
+    """Above HNSW_LISTS lists the cells find their list through an HNSW graph of the centroids
+    (assigning 2.56M cells to 6,400 lists one by one was what made a 10k-image build slow): trained
+    on train_cells, every cell still finds itself first."""
+    import faiss
+
+    from simsearch.ann import VectorIndex
+    from simsearch.region import HNSW_LISTS, PROBES, empty_index, region_nlist, train_cells
+
+    n = 2_000_000  # the size the index is made for; it holds a sample
+    index, kind, nlist = empty_index(32, n)
+    assert kind == "ivf" and nlist == region_nlist(n) >= HNSW_LISTS
+    assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(index).quantizer), faiss.IndexHNSW)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((train_cells(n), 32), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index.train(x)
+    index.add_with_ids(x, np.arange(len(x)))
+    _, ids = VectorIndex(index=index, kind=kind, nlist=nlist).search(x[:500], 1, nprobe=PROBES)
+    assert (ids[:, 0] == np.arange(500)).mean() >= 0.99
+
+
 def test_query_box_cli_json_and_bad_boxes(region_db, cli):
     idx, photos = region_db
     w, h = Image.open(photos / "chelsea.jpg").size
