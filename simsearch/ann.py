@@ -77,8 +77,9 @@ def want_kind(n: int, ivf_threshold: int, current: str | None = None) -> str:
     return "ivf" if n >= ivf_threshold else "flat"
 
 
-def nlist_for(n: int) -> int:
-    return max(1, min(int(NLIST_PER_SQRT * np.sqrt(n)), n // 39))
+def nlist_for(n: int, per_sqrt: float = NLIST_PER_SQRT) -> int:
+    """Lists for n vectors: per_sqrt * sqrt(n), with at least 39 vectors a list (what FAISS wants)."""
+    return max(1, min(int(per_sqrt * np.sqrt(n)), n // 39))
 
 
 @dataclass

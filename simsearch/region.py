@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from .ann import VectorIndex
+from .ann import TRAIN_PER_LIST, VectorIndex, nlist_for, want_kind
 from .catchup import Source
 
 CELL_BITS = 8
@@ -123,23 +123,21 @@ PQ_BYTES = 48
 NLIST_PER_SQRT = 1.0
 HNSW_LISTS = 1024  # from this many lists on, cells find their list through an HNSW graph of the centroids
 PROBES = 32  # lists a query cell scans: its cost grows with sqrt(cells), not with the table
-TRAIN_PER_LIST = 64  # k-means sample per list, at most TRAIN_CELLS (FAISS wants >= 39)
 
 
 def region_nlist(n_vectors: int) -> int:
-    return max(1, min(int(NLIST_PER_SQRT * np.sqrt(n_vectors)), n_vectors // 39))
+    return nlist_for(n_vectors, NLIST_PER_SQRT)
 
 
 def train_cells(n_vectors: int) -> int:
-    """Cells the quantisers of an index for about `n_vectors` cells are trained on."""
+    """Cells the quantisers of an index for about `n_vectors` cells are trained on: the vector
+    indexes' sample per list, at most TRAIN_CELLS."""
     return min(TRAIN_CELLS, TRAIN_PER_LIST * region_nlist(n_vectors))
 
 
 def empty_index(d: int, n_vectors: int, ivf_threshold: int = IVF_CELLS):
     """An untrained FAISS index for about `n_vectors` region cells -> (faiss index, kind, nlist)."""
     import faiss
-
-    from .ann import want_kind
 
     if want_kind(n_vectors, ivf_threshold) == "flat":
         return faiss.IndexIDMap2(faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)), "flat", 0
@@ -184,6 +182,7 @@ class RegionSource(Source):
         first rows' cells (train_cells of them)."""
         n_vectors = store.count(version) * (1 << CELL_BITS)
         index, kind, nlist = empty_index(self.d, n_vectors, ivf_threshold)
+        sample = train_cells(n_vectors)
         vi = VectorIndex(index=index, kind=kind, nlist=nlist)
         pending: list[tuple[np.ndarray, np.ndarray]] = []
 
@@ -202,7 +201,7 @@ class RegionSource(Source):
                 index.add_with_ids(vectors, ids)
                 continue
             pending.append((ids, vectors))
-            if sum(len(i) for i, _ in pending) >= train_cells(n_vectors):
+            if sum(len(i) for i, _ in pending) >= sample:
                 train()
         if pending:  # a table smaller than the training sample
             train()
