@@ -48,7 +48,8 @@ NOISE_NORM = 2.5  # norm of the noise added to a unit source vector for a synthe
 # the tiny model's 32-d vectors meet by chance far more often than 384-d ones: a higher floor there
 QUICK = dict(sizes=[300, 3000], work=Path("/tmp/simsearch-dedup-quick"), scale_min_cosine=0.95)
 DEFAULT_WORK = Path(os.environ.get("SIMSEARCH_DEDUP_WORK", "/tmp/simsearch-dedup"))
-THRESHOLDS = np.round(np.arange(0.02, 0.61, 0.01), 3)
+THRESHOLDS = np.round(np.arange(0.10, 0.41, 0.02), 3)  # verified score (AGREEMENT_FROM and up)
+AGREEMENTS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # the thumbnails' agreement (rerank.photometric); 0: not used
 FLOORS = (0.8, 0.85, 0.9)  # this model's content cosines: nearly every 10-NN pair of the proxy is above 0.8
 TARGET_PRECISION, TARGET_RECALL = 0.99, 0.90
 
@@ -130,6 +131,7 @@ def bench_proxy(args) -> dict:
            "splits": {}}
     a_all, b_all = pairs.column("a").to_numpy(), pairs.column("b").to_numpy()
     cos_all, score_all = pairs.column("cosine").to_numpy(), pairs.column("score").to_numpy()
+    agree_all = pairs.column("agreement").to_numpy()
     for split in ("tune", "heldout", "heldout-no-figures"):
         # the last: a diagnostic without the documentation figures (near-identical diagram renderings)
         keys = np.sort(np.array([key for key in full.keys.tolist() if (label[key][0] is None or label[key][1] == split.split("-")[0])
@@ -141,19 +143,21 @@ def bench_proxy(args) -> dict:
                 per_original[label[key][0]] = per_original.get(label[key][0], 0) + 1
         total = sum(c * (c - 1) // 2 for c in per_original.values())
         inside = np.isin(a_all, keys) & np.isin(b_all, keys)
-        a, b, cos, score = a_all[inside], b_all[inside], cos_all[inside], score_all[inside]
+        a, b, cos, score, agree = a_all[inside], b_all[inside], cos_all[inside], score_all[inside], agree_all[inside]
         true = np.array([label[x][0] is not None and label[x][0] == label[y][0] for x, y in zip(a.tolist(), b.tolist())], bool)
         res = {"images": len(keys), "true_pairs": total, "candidate_recall": {}, "verified": {}, "groups": {}, "cosine_only": {}}
         for f in FLOORS:
             res["candidate_recall"][f"{f:.2f}"] = wilson(int((true & (cos >= f)).sum()), total).to_dict()
             sweep_v, sweep_g = {}, {}
+            keep = pairs.filter(np.isin(a_all, keys) & np.isin(b_all, keys) & (cos_all >= f))
             for t in THRESHOLDS:
-                edge = (cos >= f) & (score >= t)
-                sweep_v[f"{t:.2f}"] = {"pairs": int(edge.sum()), "precision": wilson(int((true & edge).sum()), int(edge.sum())).to_dict(),
-                                       "recall": wilson(int((true & edge).sum()), total).to_dict()}
-                if args.groups or t == THRESHOLDS[0]:
-                    keep = pairs.filter(np.isin(a_all, keys) & np.isin(b_all, keys) & (cos_all >= f))
-                    sweep_g[f"{t:.2f}"] = scored(implied_pairs(build_groups(idx, sub, keep, float(t))), label, total)
+                for g in AGREEMENTS:
+                    edge = (cos >= f) & (score >= t) & (agree >= g)
+                    rule = f"{t:.2f}@{g:.2f}"
+                    sweep_v[rule] = {"pairs": int(edge.sum()), "precision": wilson(int((true & edge).sum()), int(edge.sum())).to_dict(),
+                                     "recall": wilson(int((true & edge).sum()), total).to_dict()}
+                    if args.groups or t == THRESHOLDS[0]:
+                        sweep_g[rule] = scored(implied_pairs(build_groups(idx, sub, keep, float(t), float(g))), label, total)
             res["verified"][f"{f:.2f}"], res["groups"][f"{f:.2f}"] = sweep_v, sweep_g
         for c in np.round(np.arange(0.80, 1.0, 0.01), 2):
             edge = cos >= c
@@ -161,7 +165,7 @@ def bench_proxy(args) -> dict:
                 "edges": {"pairs": int(edge.sum()), "precision": wilson(int((true & edge).sum()), int(edge.sum())).to_dict(),
                           "recall": wilson(int((true & edge).sum()), total).to_dict()},
                 "single_linkage": scored(single_linkage(a[edge], b[edge]), label, total)}
-        res["per_edit_pairs"] = _per_edit(a, b, cos, score, label)
+        res["per_edit_pairs"] = _per_edit(a, b, cos, score, agree, label)
         out["splits"][split] = res
     out["fit"] = fit(out)
     for res in out["splits"].values():
@@ -181,42 +185,40 @@ def sample(label: dict, originals: int | None, distractors: int | None) -> np.nd
     return np.sort(np.array([key for key, v in label.items() if v[0] in keep or key in others], np.int64))
 
 
-def _per_edit(a, b, cos, score, label) -> dict:
+def _per_edit(a, b, cos, score, agree, label) -> dict:
     """For pairs (original, copy), the copy's edit -> arrays kept for the fitted rule's per-edit recall."""
     rows: dict[str, list] = {}
-    for x, y, c, s in zip(a.tolist(), b.tolist(), cos.tolist(), score.tolist()):
+    for x, y, c, s, g in zip(a.tolist(), b.tolist(), cos.tolist(), score.tolist(), agree.tolist()):
         lx, ly = label[x], label[y]
         if lx[0] is None or lx[0] != ly[0] or "original" not in (lx[2], ly[2]):
             continue
         edit = ly[2] if lx[2] == "original" else lx[2]
-        rows.setdefault(edit, []).append([round(c, 4), round(s, 4)])
+        rows.setdefault(edit, []).append([round(c, 4), round(s, 4), round(g, 4)])
     return rows
 
 
 def fit(out: dict) -> dict:
-    """On the tuning split: per floor, the lowest threshold whose GROUP pair precision reaches the target
-    (Wilson point estimate); the floor with the highest recall at it. Then the held-out split there."""
+    """On the tuning split: among the rules (floor, threshold @ agreement) whose GROUP pair precision
+    reaches the target (Wilson point estimate), the one of the highest recall; when none does, the
+    one of the best F1. Then the held-out split at that rule."""
     tune, held = out["splits"]["tune"], out["splits"]["heldout"]
-    best = None
-    for f, sweep in tune["groups"].items():
-        for t, r in sorted(sweep.items()):
-            if r["precision"]["value"] >= TARGET_PRECISION and (best is None or r["recall"]["value"] > best[2]):
-                best = (f, t, r["recall"]["value"])
-                break
-    reached = best is not None
-    if best is None:  # the target is out of reach: the rule with the best F1 of the group pairs on the tuning split
-        f1 = lambda r: 2 * r["precision"]["value"] * r["recall"]["value"] / max(r["precision"]["value"] + r["recall"]["value"], 1e-9)  # noqa: E731
-        best = max(((f, t, f1(r)) for f, sweep in tune["groups"].items() for t, r in sweep.items() if r["pairs"]), key=lambda x: x[2])
-    f, t, _ = best
+    rules = [(f, rule, r) for f, sweep in tune["groups"].items() for rule, r in sorted(sweep.items()) if r["pairs"]]
+    reaching = [x for x in rules if x[2]["precision"]["value"] >= TARGET_PRECISION]
+    reached = bool(reaching)
+    f1 = lambda r: 2 * r["precision"]["value"] * r["recall"]["value"] / max(r["precision"]["value"] + r["recall"]["value"], 1e-9)  # noqa: E731
+    f, rule, _ = max(reaching, key=lambda x: x[2]["recall"]["value"]) if reached else max(rules, key=lambda x: f1(x[2]))
+    t, g = (float(v) for v in rule.split("@"))
     per_edit = {}
     for split in ("tune", "heldout"):
-        per_edit[split] = {e: round(float(np.mean([(c >= float(f)) and (s >= float(t)) for c, s in v])), 3)
+        per_edit[split] = {e: round(float(np.mean([(c >= float(f)) and (s >= t) and (a >= g) for c, s, a in v])), 3)
                            for e, v in out["splits"][split]["per_edit_pairs"].items()}
     nofig = out["splits"]["heldout-no-figures"]
-    return {"found": True, "target_reached_on_tune": reached, "rule": "lowest threshold at the target precision" if reached
-            else "best F1 (target precision not reached)", "min_cosine": float(f), "threshold": float(t),
-            "tune": tune["groups"][f][t], "heldout": held["groups"][f].get(t), "heldout_verified_edges": held["verified"][f][t],
-            "heldout_no_figures": nofig["groups"][f].get(t),
+    no_agreement = max(((r, rr) for r, rr in tune["groups"][f].items() if r.endswith("@0.00") and rr["pairs"]), key=lambda x: f1(x[1]))[0]
+    return {"found": True, "target_reached_on_tune": reached, "rule": "highest recall at the target precision" if reached
+            else "best F1 (target precision not reached)", "min_cosine": float(f), "threshold": t, "min_agreement": g,
+            "tune": tune["groups"][f][rule], "heldout": held["groups"][f].get(rule), "heldout_verified_edges": held["verified"][f][rule],
+            "heldout_no_figures": nofig["groups"][f].get(rule),
+            "without_agreement": {"rule": no_agreement, "tune": tune["groups"][f][no_agreement], "heldout": held["groups"][f][no_agreement]},
             "per_edit_original_copy_recall": per_edit}
 
 
@@ -412,12 +414,16 @@ def render(r: dict) -> str:
                   f"load {p['load'][0]:.1f}-{p['load'][1]:.1f}). Intervals: 95 % Wilson.", ""]
         if f.get("found"):
             nf = f["heldout_no_figures"]
+            wa = f["without_agreement"]
             lines += [f"Fitted on the tuning split: candidate floor {f['min_cosine']}, verified-score threshold "
-                      f"{f['threshold']} ({f['rule']}; target: precision {TARGET_PRECISION} at recall {TARGET_RECALL}).", "",
+                      f"{f['threshold']}, thumbnails' agreement {f['min_agreement']} ({f['rule']}; target: precision "
+                      f"{TARGET_PRECISION} at recall {TARGET_RECALL}).", "",
                       "| split | group pairs | precision | recall |", "|---|---|---|---|",
                       f"| tune | {f['tune']['pairs']} | {pct(f['tune']['precision'])} | {pct(f['tune']['recall'])} |",
                       f"| held-out | {f['heldout']['pairs']} | {pct(f['heldout']['precision'])} | {pct(f['heldout']['recall'])} |",
                       f"| held-out without documentation figures (diagnostic) | {nf['pairs']} | {pct(nf['precision'])} | {pct(nf['recall'])} |",
+                      f"| held-out, best F1 on tune without the agreement ({wa['rule']}) | {wa['heldout']['pairs']} | "
+                      f"{pct(wa['heldout']['precision'])} | {pct(wa['heldout']['recall'])} |",
                       "", "Recall of (original, copy) pairs per edit at the fitted rule (verified edges):", "",
                       "| edit | tune | held-out |", "|---|---|---|"]
             pe = f["per_edit_original_copy_recall"]
@@ -436,7 +442,7 @@ def render(r: dict) -> str:
                           f"{pct(cc['single_linkage']['recall'])} |"]
         if f.get("found"):
             e = f["heldout_verified_edges"]
-            lines += [f"| verified >= {f['threshold']} (edges) | {e['pairs']} | {pct(e['precision'])} | {pct(e['recall'])} |"]
+            lines += [f"| verified >= {f['threshold']}, agreement >= {f['min_agreement']} (edges) | {e['pairs']} | {pct(e['precision'])} | {pct(e['recall'])} |"]
         lines += ["", "Candidate recall ceiling (true pairs among the k-NN candidates above the floor), held-out: " +
                   ", ".join(f"{fl}: {pct(v)}" for fl, v in held["candidate_recall"].items()), ""]
     elif p:

@@ -14,13 +14,20 @@ Steps (hloc's shape: retrieval, then matching and verification, then grouping):
 3. verification: `verify_pairs` runs the reranker's geometric check (rerank.verify, on the patch
    sets of rerank.scores) on the stored dense tensors, the image of fewer pixels as the query: the
    pair's score is the share of its salient patches that maps onto the other (a crop, or a small copy,
-   is covered by its original; the reverse share is at most the crop's part). Pairs are taken anchor by
-   anchor, in chunks whose dense tensors are read once per chunk (CHUNK_ROWS bounds the memory);
-4. groups around representatives, never chains. The KEEP RULE orders images: larger resolution
-   (width x height) first, then a lossless format (PNG, TIFF, BMP, lossless WebP) before a lossy one,
-   then the larger file, then the oldest (mtime), then the path. Walking images in that order, each
-   image not yet in a group becomes a representative and takes every image not yet grouped whose pair
-   with IT verified at >= threshold. A~B and B~C with A and C unmatched: A takes B, C stays alone.
+   is covered by its original; the reverse share is at most the crop's part). Then its stored grey
+   thumbnail is warped onto the other's by the verified similarity and compared block by block
+   (rerank.photometric): diagrams from one template or cards of one deck verify like copies, but
+   their pixels disagree. A pair is a copy at score >= threshold and agreement >= min_agreement.
+   Pairs are taken anchor by anchor, in chunks whose dense tensors are read once per chunk
+   (CHUNK_ROWS bounds the memory);
+4. groups around representatives, never chains. The KEEP RULE orders images: the larger resolution
+   of what they show, then a lossless format (PNG, TIFF, BMP, lossless WebP) before a lossy one, then
+   the larger file, then the oldest (mtime), then the path. Resolution is read from the verified
+   transforms (content_tiers): a copy at half size shows the content at half the linear resolution,
+   a rotated copy on a larger canvas, or a copy with a border, at the same one, however many pixels
+   it has; within RESOLUTION_TOLERANCE it is a tie. Walking images in that order, each image not yet
+   in a group becomes a representative and takes every image not yet grouped whose pair with IT is a
+   copy. A~B and B~C with A and C unmatched: A takes B, C stays alone.
 
 Stored pair scores (`PairCache`, ROOT/dedup/): every verified pair with the table version it
 reflects, so another threshold re-groups without a model, and a later run verifies only the pairs
@@ -45,9 +52,11 @@ import pyarrow.parquet as pq
 from .errors import ConfigMismatchError, EmptyIndexError, SimsearchError
 from .paths import database_exists, normalize
 
-# Candidate floor, neighbours per image and the verified-score threshold: fitted on the tuning split
+# Candidate floor, neighbours per image, the verified-score threshold and the thumbnails' agreement: fitted on the tuning split
 # of the copy-detection proxy (benchmarks/dedup.py, README "Duplicates").
-DEFAULT_CONF = dict(k=30, min_cosine=0.8, threshold=0.16)
+DEFAULT_CONF = dict(k=30, min_cosine=0.8, threshold=0.1, min_agreement=0.7)
+AGREEMENT_FROM = 0.1  # verified score from which a pair's thumbnails are compared (below: agreement 0)
+RESOLUTION_TOLERANCE = 1.15  # content shown within 15 % of the same linear scale counts as the same resolution
 QUERY_BATCH = 1024  # FAISS queries per search call
 # IVF lists probed for candidates (an Index opened with nprobe=CANDIDATE_NPROBE): near copies sit in
 # their query's own list or next to it, and a fixed count keeps each query's scan ~ n / nlist * 16,
@@ -60,27 +69,32 @@ CACHE_DIR = "dedup"
 
 # -- verification of stored pairs --------------------------------------------------------------------
 def verify_pairs(index, anchors: np.ndarray, partners: np.ndarray, other=None, chunk_rows: int = CHUNK_ROWS,
-                 on_advance: Callable[[int], None] | None = None, model=None) -> tuple[np.ndarray, np.ndarray]:
-    """Geometric verification of stored rows by key: anchor (a row of `index`) as the query, partner
-    (a row of `other`, default `index`, of the same configuration) as the candidate, with the verifier
-    and patch sets the reranker uses (rerank.scores.patch_set, rerank.verify.GeometricVerifier).
-    Pairs are taken anchor by anchor (one verifier call per anchor and all its partners), chunk by
-    chunk: every dense tensor a chunk needs is read, decoded and made a patch set once, about
-    `chunk_rows` at a time. `model`: the Index whose backbone and positional prior describe both
-    (default `index`).
+                 on_advance: Callable[[int], None] | None = None, model=None) -> dict[str, np.ndarray]:
+    """Geometric and photometric verification of stored rows by key: anchor (a row of `index`) as the
+    query, partner (a row of `other`, default `index`, of the same configuration) as the candidate,
+    with the verifier and patch sets the reranker uses (rerank.scores.patch_set,
+    rerank.verify.GeometricVerifier), then the anchor's stored thumbnail warped onto the partner's by
+    the verified transform (rerank.photometric). Pairs are taken anchor by anchor (one verifier call per
+    anchor and all its partners), chunk by chunk: every dense tensor a chunk needs is read, decoded
+    and made a patch set once, about `chunk_rows` at a time. `model`: the Index whose backbone and
+    positional prior describe both (default `index`).
 
-    -> verified score (P,) float32 (share of the anchor's salient patches that map onto the partner;
-    NaN where a row has gone) and inlier count (P,) int32, in the order of the pairs."""
+    -> per pair, in the order given: "score" (P,) float32, the share of the anchor's salient patches
+    that map onto the partner (NaN where a row has gone); "inliers" (P,) int32; "agreement" (P,)
+    float32, the thumbnails' block correlation under the transform (rerank.photometric; 0 for pairs
+    that verified below AGREEMENT_FROM, which no threshold makes a copy); "scale" (P,) float32, partner
+    pixels per anchor pixel of what they share (the transform's scale)."""
     import torch
 
+    from .rerank.photometric import photometric_agreement
     from .rerank.verify import GeometricVerifier
 
     other = other or index
     anchors, partners = np.asarray(anchors, np.int64), np.asarray(partners, np.int64)
-    score = np.full(len(anchors), np.nan, np.float32)
-    inliers = np.zeros(len(anchors), np.int32)
+    out = {"score": np.full(len(anchors), np.nan, np.float32), "inliers": np.zeros(len(anchors), np.int32),
+           "agreement": np.zeros(len(anchors), np.float32), "scale": np.full(len(anchors), np.nan, np.float32)}
     if not len(anchors):
-        return score, inliers
+        return out
     verifier = GeometricVerifier()
     order = np.argsort(anchors, kind="stable")
     starts = np.flatnonzero(np.r_[True, anchors[order][1:] != anchors[order][:-1]])
@@ -99,22 +113,38 @@ def verify_pairs(index, anchors: np.ndarray, partners: np.ndarray, other=None, c
             mine = _patch_sets(index, np.unique(anchors[slots]), model)
             theirs = _patch_sets(other, np.unique(partners[slots]), model)
         for a, b in chunk:
-            group = [s for s in order[a:b] if int(partners[s]) in theirs[0]]
-            anchor = mine[0].get(int(anchors[order[a]]))
+            group = [s for s in order[a:b] if int(partners[s]) in theirs.at]
+            anchor = mine.at.get(int(anchors[order[a]]))
             if anchor is None or not group:
                 continue
+            at = [theirs.at[int(partners[s])] for s in group]
             with torch.inference_mode():
-                ver = verifier([_take(mine[1], [anchor])], _take(theirs[1], [theirs[0][int(partners[s])] for s in group]))
-            score[group], inliers[group] = ver.score.numpy(), ver.inliers.numpy()
+                ver = verifier([_take(mine.sets, [anchor])], _take(theirs.sets, at))
+                # the thumbnails' check costs ~30 warps a pair: only for pairs that verified like a copy may
+                live = [j for j, (s, p) in enumerate(zip(ver.score.tolist(), at)) if s >= AGREEMENT_FROM and theirs.greys[p] is not None]
+                if live and mine.greys[anchor] is not None:
+                    found = photometric_agreement(mine.greys[anchor], [theirs.greys[at[j]] for j in live], ver.transform[live])
+                    out["agreement"][[group[j] for j in live]] = found.numpy()
+            longer = lambda sizes: sizes.max(-1).values  # noqa: E731  pixels of the longer side
+            scale = ver.transform[:, 0].abs() * longer(theirs.sets.sizes[at]) / longer(mine.sets.sizes[anchor])
+            out["scale"][group] = torch.where(ver.score > 0, scale, torch.nan).numpy()  # no transform without a score
+            out["score"][group], out["inliers"][group] = ver.score.numpy(), ver.inliers.numpy()
         if on_advance:
             on_advance(len(slots))
-    return score, inliers
+    return out
+
+
+@dataclass
+class _Described:
+    """Stored rows as the verifiers see them: patch sets, grey thumbnails, and each key's position."""
+    at: dict  # key -> position
+    sets: object  # rerank.verify.PatchSet of the rows, or None when none is left
+    greys: list  # (H, W) uint8 grey thumbnail per position (None: no thumbnail)
 
 
 def _patch_sets(index, keys: np.ndarray, model=None):
-    """({key: position}, PatchSet of those of `keys` still in the table): the verifier's view of
-    stored rows, through the backbone and positional prior of `model` (default `index`; another
-    Index of the same configuration and weights)."""
+    """The verifiers' view (_Described) of those of `keys` still in the table, through the backbone and
+    positional prior of `model` (default `index`; another Index of the same configuration and weights)."""
     import torch
 
     from .images import grey_thumbnail
@@ -122,7 +152,7 @@ def _patch_sets(index, keys: np.ndarray, model=None):
 
     found = index.store.find(keys.tolist(), ["dense", "width", "height", "thumb"])
     if not found:
-        return {}, None
+        return _Described({}, None, [])
     rows = list(found.values())
     dense = torch.as_tensor(index._decode_dense(rows))
     model = model or index
@@ -130,8 +160,8 @@ def _patch_sets(index, keys: np.ndarray, model=None):
     with torch.inference_mode():
         sets = patch_set(backbone, model.conf.dense_layer, dense, [(r["width"], r["height"]) for r in rows],
                          model.positional_prior())
-    sets = without_flat(sets, [grey_thumbnail(r["thumb"]) for r in rows])
-    return {r["key"]: i for i, r in enumerate(rows)}, sets
+    greys = [grey_thumbnail(r["thumb"]) for r in rows]
+    return _Described({r["key"]: i for i, r in enumerate(rows)}, without_flat(sets, greys), greys)
 
 
 def _take(sets, positions: list[int]):
@@ -165,31 +195,37 @@ def candidate_pairs(vector_index, keys: np.ndarray, vectors: Iterator[tuple[np.n
     return _pair_table(cat(a_parts, np.int64), cat(b_parts, np.int64), cat(c_parts, np.float32))
 
 
-def _pair_table(a, b, cosine, score=None, inliers=None) -> pa.Table:
+PAIR_COLUMNS = ("score", "inliers", "agreement", "scale")  # what verification adds to a candidate (a, b, cosine)
+
+
+def _pair_table(a, b, cosine, score=None, inliers=None, agreement=None, scale=None) -> pa.Table:
+    """Pairs (a, b) with what their verification found (verify_pairs; unverified: NaN score)."""
     n = len(a)
-    return pa.table({"a": pa.array(np.asarray(a, np.int64)), "b": pa.array(np.asarray(b, np.int64)),
-                     "cosine": pa.array(np.asarray(cosine, np.float32)),
-                     "score": pa.array(np.full(n, np.nan, np.float32) if score is None else np.asarray(score, np.float32)),
-                     "inliers": pa.array(np.zeros(n, np.int32) if inliers is None else np.asarray(inliers, np.int32))})
+    col = lambda x, fill, dtype: pa.array(np.full(n, fill, dtype) if x is None else np.asarray(x, dtype))  # noqa: E731
+    return pa.table({"a": col(a, 0, np.int64), "b": col(b, 0, np.int64), "cosine": col(cosine, 0, np.float32),
+                     "score": col(score, np.nan, np.float32), "inliers": col(inliers, 0, np.int32),
+                     "agreement": col(agreement, 0, np.float32), "scale": col(scale, np.nan, np.float32)})
 
 
 def verify_smaller_first(index, pairs: pa.Table, other=None, on_advance=None) -> pa.Table:
-    """`pairs` (a, b) with their verified score and inliers, the image of fewer pixels as the anchor:
-    the share of ITS salient patches that maps onto the other (a crop or a small copy is covered by
-    its original, not the other way round; ties: a). a and b are rows of `index`, or a of `index` and
-    b of `other`. Pairs with a row gone are dropped."""
+    """`pairs` (a, b) with what verify_pairs finds, the image of fewer pixels as the anchor: the share
+    of ITS salient patches that maps onto the other (a crop or a small copy is covered by its original,
+    not the other way round; ties: a); scale as b pixels per a pixel whichever was the anchor. a and b
+    are rows of `index`, or a of `index` and b of `other`. Pairs with a row gone are dropped."""
     a, b = pairs.column("a").to_numpy(), pairs.column("b").to_numpy()
-    score, inliers = np.full(len(a), np.nan, np.float32), np.zeros(len(a), np.int32)
+    found = {name: np.zeros(len(a), np.float32) for name in PAIR_COLUMNS}
     if len(a):
         pixels = _pixels(index, a)
         flip = _pixels(other or index, b) < pixels  # b smaller: b is the anchor
-        score[~flip], inliers[~flip] = verify_pairs(index, a[~flip], b[~flip], other, on_advance=on_advance)
-        if other is None:
-            score[flip], inliers[flip] = verify_pairs(index, b[flip], a[flip], on_advance=on_advance)
-        else:
-            score[flip], inliers[flip] = verify_pairs(other, b[flip], a[flip], index, on_advance=on_advance, model=index)
-    kept = ~np.isnan(score)
-    return _pair_table(a, b, pairs.column("cosine").to_numpy(), score, inliers).filter(pa.array(kept))
+        parts = [(~flip, verify_pairs(index, a[~flip], b[~flip], other, on_advance=on_advance)),
+                 (flip, verify_pairs(index, b[flip], a[flip], on_advance=on_advance) if other is None
+                  else verify_pairs(other, b[flip], a[flip], index, on_advance=on_advance, model=index))]
+        for where, part in parts:
+            for name in PAIR_COLUMNS:
+                found[name][where] = part[name]
+        found["scale"][flip] = np.reciprocal(found["scale"][flip], where=found["scale"][flip] != 0, out=np.full(flip.sum(), np.inf, np.float32))
+    kept = ~np.isnan(found["score"]) if len(a) else np.zeros(0, bool)
+    return _pair_table(a, b, pairs.column("cosine").to_numpy(), **found).filter(pa.array(kept))
 
 
 def _pixels(index, keys: np.ndarray) -> np.ndarray:
@@ -264,10 +300,11 @@ class Member:
     inliers: int  # inlier correspondences of that pair (0 for exact copies: nothing to verify)
     bytes: int  # reclaimable: the file's size, 0 for the one to keep
     set: str = "self"  # against another set: "self" (this database) or "ref"
+    agreement: float = 1.0  # the thumbnails' agreement of that pair (rerank.photometric; 1.0 for exact copies and the keep)
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["key"], d["score"] = str(self.key), round(float(self.score), 4)  # 63-bit keys: strings stay exact in JS
+        d["key"], d["score"], d["agreement"] = str(self.key), round(float(self.score), 4), round(float(self.agreement), 4)  # 63-bit keys: strings stay exact in JS
         return d
 
 
@@ -294,6 +331,7 @@ class DedupResult:
     table_version: int
     threshold: float
     images: int  # images in scope
+    min_agreement: float = 0.0  # the thumbnails' agreement a pair needed beside the threshold
     failed: list[tuple[str, str]] = field(default_factory=list)  # files the indexing step could not read
 
     @property
@@ -305,7 +343,7 @@ class DedupResult:
         return {"groups": [g.to_dict() for g in groups], "total_groups": len(self.groups),
                 "reclaimable_bytes": self.reclaimable_bytes, "pairs_verified": self.pairs_verified,
                 "new_pairs_verified": self.new_pairs_verified, "table_version": self.table_version,
-                "threshold": self.threshold, "images": self.images,
+                "threshold": self.threshold, "min_agreement": self.min_agreement, "images": self.images,
                 "failed": [{"path": p, "reason": r} for p, r in self.failed]}
 
     def rows(self) -> Iterator[dict]:
@@ -313,10 +351,10 @@ class DedupResult:
         for g in self.groups:
             for m in g.members:
                 yield {"group": g.group, "member": m.path, "role": m.role, "score": round(float(m.score), 4),
-                       "inliers": m.inliers, "bytes_reclaimable": m.bytes}
+                       "inliers": m.inliers, "agreement": round(float(m.agreement), 4), "bytes_reclaimable": m.bytes}
 
 
-CSV_COLUMNS = ("group", "member", "role", "score", "inliers", "bytes_reclaimable")
+CSV_COLUMNS = ("group", "member", "role", "score", "inliers", "agreement", "bytes_reclaimable")
 
 
 # -- the scope -----------------------------------------------------------------------------------------
@@ -346,9 +384,10 @@ class Scope:
         return np.where(self.keys[pos] == keys, self.node[pos], keys)
 
 
-def settings(k: int | None, min_cosine: float | None, threshold: float | None) -> tuple[int, float, float]:
+def settings(k: int | None, min_cosine: float | None, threshold: float | None,
+             min_agreement: float | None) -> tuple[int, float, float, float]:
     """The given candidate and grouping settings, DEFAULT_CONF for those not given."""
-    given = dict(k=k, min_cosine=min_cosine, threshold=threshold)
+    given = dict(k=k, min_cosine=min_cosine, threshold=threshold, min_agreement=min_agreement)
     return tuple(DEFAULT_CONF[name] if value is None else value for name, value in given.items())
 
 
@@ -375,8 +414,12 @@ def _scope_vectors(index, keys: np.ndarray) -> Iterator[tuple[np.ndarray, np.nda
 def identity(index, k: int, min_cosine: float, other=None) -> dict:
     from .rerank.verify import GeometricVerifier
 
+    from .rerank import photometric
+
     ident = {"uuid": index.store.meta.get("uuid", ""), "weights": index.store.meta["weights"], "k": k,
-             "min_cosine": min_cosine, "verifier": GeometricVerifier.default_conf}
+             "min_cosine": min_cosine, "verifier": GeometricVerifier.default_conf,
+             "photometric": {"block": photometric.BLOCK, "min_std": photometric.MIN_STD, "from": AGREEMENT_FROM,
+                             "refine": [photometric.REFINE_STEPS, photometric.REFINE_LR]}}
     if other is not None:
         ident["ref"] = {"root": str(other.root.resolve()), "uuid": other.store.meta.get("uuid", "")}
     return ident
@@ -384,15 +427,20 @@ def identity(index, k: int, min_cosine: float, other=None) -> dict:
 
 def as_nodes(pairs: pa.Table, scope: Scope) -> pa.Table:
     """`pairs` between the scope's contents: each end replaced by its content's node, pairs with an end
-    outside the scope or within one content dropped, each unordered pair once (its best score)."""
+    outside the scope or within one content dropped, each unordered pair once (its best score; a pair
+    turned round has its scale inverted)."""
     a, b = scope.node_of(pairs.column("a").to_numpy()), scope.node_of(pairs.column("b").to_numpy())
     inside = scope.contains(a) & scope.contains(b) & (a != b)
+    scale = pairs.column("scale").to_numpy()
     t = pa.table({"a": np.minimum(a, b)[inside], "b": np.maximum(a, b)[inside],
-                  "cosine": pairs.column("cosine").to_numpy()[inside], "score": pairs.column("score").to_numpy()[inside],
-                  "inliers": pairs.column("inliers").to_numpy()[inside]})
+                  "cosine": pairs.column("cosine").to_numpy()[inside],
+                  **{name: pairs.column(name).to_numpy()[inside] for name in PAIR_COLUMNS if name != "scale"},
+                  "scale": np.where(a > b, np.reciprocal(scale, where=scale != 0, out=np.full_like(scale, np.inf)), scale)[inside]})
     t = t.sort_by([("score", "descending")])
-    first = t.group_by(["a", "b"], use_threads=False).aggregate([("cosine", "first"), ("score", "first"), ("inliers", "first")])
-    return _pair_table(*(first.column(c).to_numpy() for c in ("a", "b", "cosine_first", "score_first", "inliers_first")))
+    rest = ("cosine", *PAIR_COLUMNS)
+    first = t.group_by(["a", "b"], use_threads=False).aggregate([(name, "first") for name in rest])
+    return _pair_table(first.column("a").to_numpy(), first.column("b").to_numpy(),
+                       **{name: first.column(f"{name}_first").to_numpy() for name in rest})
 
 
 def stored_pairs(index, scope: Scope, k: int, min_cosine: float, on_advance=None) -> tuple[pa.Table, int]:
@@ -432,36 +480,77 @@ def stored_pairs(index, scope: Scope, k: int, min_cosine: float, on_advance=None
 
 
 def find_duplicates(index, under: str | None = None, threshold: float | None = None, k: int | None = None,
-                    min_cosine: float | None = None, on_advance=None) -> DedupResult:
+                    min_cosine: float | None = None, min_agreement: float | None = None, on_advance=None) -> DedupResult:
     """Exact and verified near-duplicate groups among the rows of `index` at or below folder `under`
     (all rows when None), grouped around representatives by the keep rule (module docstring).
-    `threshold` applies to stored verified scores: changing it alone verifies nothing."""
-    k, min_cosine, threshold = settings(k, min_cosine, threshold)
+    `threshold` and `min_agreement` apply to stored pair scores: changing them verifies nothing."""
+    k, min_cosine, threshold, min_agreement = settings(k, min_cosine, threshold, min_agreement)
     scope = scope_of(index, under)
     pairs, verified_now = stored_pairs(index, scope, k, min_cosine, on_advance)
-    groups = build_groups(index, scope, pairs, threshold)
-    return DedupResult(groups, pairs.num_rows, verified_now, index.store.version, threshold, len(scope.keys))
+    groups = build_groups(index, scope, pairs, threshold, min_agreement)
+    return DedupResult(groups, pairs.num_rows, verified_now, index.store.version, threshold, len(scope.keys), min_agreement)
 
 
-def build_groups(index, scope: Scope, pairs: pa.Table, threshold: float) -> list[Group]:
+def strong_pairs(pairs: pa.Table, threshold: float, min_agreement: float) -> pa.Table:
+    """The pairs that count as copies: verified score >= threshold and thumbnails agreeing >= min_agreement."""
+    return pairs.filter(pc.and_(pc.greater_equal(pairs.column("score"), threshold),
+                                pc.greater_equal(pairs.column("agreement"), min_agreement)))
+
+
+def content_tiers(a: np.ndarray, b: np.ndarray, scale: np.ndarray, fallback: np.ndarray) -> dict[int, int]:
+    """Node -> its tier of content resolution among the nodes it is connected to by pairs (a, b) whose
+    shared content b shows at `scale` times a's pixels (linear; where not finite: `fallback`, the
+    ratio of their longer sides). Within a connected set each node gets the log scale its path from
+    the set's first node (breadth first, pairs in the given order) adds up to; walking those from the
+    finest, a new tier starts where one falls more than RESOLUTION_TOLERANCE below its tier's finest.
+    Tier 0 is the finest: the keep rule's resolution."""
+    step = np.log(np.where(np.isfinite(scale) & (scale > 0), scale, fallback))
+    nbrs: dict[int, list[tuple[int, float]]] = {}
+    for x, y, d in zip(a.tolist(), b.tolist(), step.tolist()):
+        nbrs.setdefault(x, []).append((y, d))
+        nbrs.setdefault(y, []).append((x, -d))
+    level: dict[int, float] = {}
+    tiers: dict[int, int] = {}
+    for root in nbrs:
+        if root in level:
+            continue
+        level[root], queue = 0.0, [root]
+        for x in queue:  # grows while it is walked: breadth first
+            for y, d in nbrs[x]:
+                if y not in level:
+                    level[y] = level[x] + d
+                    queue.append(y)
+        tier, top = 0, None
+        for x in sorted(queue, key=lambda n: -level[n]):
+            if top is not None and level[x] < top - np.log(RESOLUTION_TOLERANCE):
+                tier, top = tier + 1, level[x]
+            top = level[x] if top is None else top
+            tiers[x] = tier
+    return tiers
+
+
+def build_groups(index, scope: Scope, pairs: pa.Table, threshold: float, min_agreement: float) -> list[Group]:
     """Groups around representatives (module docstring) from verified `pairs` between scope nodes."""
-    strong = pairs.filter(pc.greater_equal(pairs.column("score"), threshold))
+    strong = strong_pairs(pairs, threshold, min_agreement)
     a, b = strong.column("a").to_numpy(), strong.column("b").to_numpy()
-    score, inl = strong.column("score").to_numpy(), strong.column("inliers").to_numpy()
-    edges: dict[int, dict[int, tuple[float, int]]] = {}
-    for x, y, s, n in zip(a.tolist(), b.tolist(), score.tolist(), inl.tolist()):
-        edges.setdefault(x, {})[y] = (s, n)
-        edges.setdefault(y, {})[x] = (s, n)
+    score, inl, agree = (strong.column(c).to_numpy() for c in ("score", "inliers", "agreement"))
+    edges: dict[int, dict[int, tuple[float, int, float]]] = {}
+    for x, y, s, n, g in zip(a.tolist(), b.tolist(), score.tolist(), inl.tolist(), agree.tolist()):
+        edges.setdefault(x, {})[y] = (s, n, g)
+        edges.setdefault(y, {})[x] = (s, n, g)
     copied = set(scope.node[scope.copies].tolist())  # nodes with exact copies
     involved = sorted(set(edges) | copied)
     members_of: dict[int, list[int]] = {}
     for key, node in zip(scope.keys[np.isin(scope.node, involved)].tolist(), scope.node[np.isin(scope.node, involved)].tolist()):
         members_of.setdefault(node, []).append(key)
     info = _file_info(index, [key for keys in members_of.values() for key in keys])
-    # every content: its copies in keep order; contents ordered by their best copy
+    # every content: its copies in keep order; contents ordered by their tier, then their best copy
     copies = {n: keep_order([info[key] for key in keys if key in info]) for n, keys in members_of.items()}
     copies = {n: c for n, c in copies.items() if c}
-    walk = [n for n, _ in sorted(((n, c[0]) for n, c in copies.items()), key=lambda nc: _rank(nc[1]))]
+    side = lambda n: max(copies[n][0]["width"], copies[n][0]["height"]) if n in copies else 1  # noqa: E731
+    tiers = content_tiers(a, b, strong.column("scale").to_numpy(),
+                          np.array([side(y) / side(x) for x, y in zip(a.tolist(), b.tolist())], np.float64))
+    walk = sorted(copies, key=lambda n: (tiers.get(n, 0), *_rank(copies[n][0])[1:]))
     grouped: set[int] = set()
     groups: list[Group] = []
     for rep in walk:
@@ -475,13 +564,14 @@ def build_groups(index, scope: Scope, pairs: pa.Table, threshold: float) -> list
         members = [Member(keep["key"], keep["path"], "keep", 1.0, 0, 0)]
         members += [Member(r["key"], r["path"], "exact", 1.0, 0, r["size"]) for r in same]
         for n in sorted(takes, key=lambda n: -edges[rep][n][0]):
-            s, count = edges[rep][n]
-            members += [Member(r["key"], r["path"], "duplicate", s, count, r["size"]) for r in copies[n]]
+            s, count, g = edges[rep][n]
+            members += [Member(r["key"], r["path"], "duplicate", s, count, r["size"], agreement=g) for r in copies[n]]
         groups.append(Group(len(groups) + 1, keep["key"], members))
     return groups
 
 
 def _rank(row: dict) -> tuple:
+    """The keep rule's order of one image on its own: pixels, lossless, file size, oldest, path."""
     return (-(row["width"] * row["height"]), not is_lossless(row["path"]), -row["size"], row["mtime_ns"], row["path"])
 
 
@@ -523,27 +613,27 @@ def open_reference(index, ref: str | Path, on_total=None, on_advance=None):
 
 
 def find_copies_in(index, other, under: str | None = None, threshold: float | None = None, k: int | None = None,
-                   min_cosine: float | None = None, on_advance=None) -> DedupResult:
+                   min_cosine: float | None = None, min_agreement: float | None = None, on_advance=None) -> DedupResult:
     """Which images of `index` (at or below folder `under`) have a copy in `other` (an Index of the
     same configuration): train/test leakage, "was this image already used". Each image of this set
     goes to its best-verified copy in `other` (an equal content id is an exact copy); the groups are
     those copies (role keep, set "ref") with the images of this set that copy them (duplicate or
     exact, set "self", bytes: their size)."""
-    k, min_cosine, threshold = settings(k, min_cosine, threshold)
+    k, min_cosine, threshold, min_agreement = settings(k, min_cosine, threshold, min_agreement)
     scope = scope_of(index, under)
     pairs, verified_now = _cross_pairs(index, other, scope, k, min_cosine, on_advance)
-    strong = pairs.filter(pc.greater_equal(pairs.column("score"), threshold)).sort_by([("score", "descending")])
-    best: dict[int, tuple[int, float, int]] = {}  # this node -> (ref key, score, inliers)
-    for a, b, s, n in zip(*(strong.column(c).to_pylist() for c in ("a", "b", "score", "inliers"))):
-        best.setdefault(a, (b, s, n))
+    strong = strong_pairs(pairs, threshold, min_agreement).sort_by([("score", "descending")])
+    best: dict[int, tuple[int, float, int, float]] = {}  # this node -> (ref key, score, inliers, agreement)
+    for a, b, s, n, g in zip(*(strong.column(c).to_pylist() for c in ("a", "b", "score", "inliers", "agreement"))):
+        best.setdefault(a, (b, s, n, g))
     mine = {n: [] for n in best}
     for key, node in zip(scope.keys.tolist(), scope.node.tolist()):
         if node in mine:
             mine[node].append(key)
     info = _file_info(index, [key for keys in mine.values() for key in keys])
-    ref_info = _file_info(other, sorted({b for b, _, _ in best.values()}))
+    ref_info = _file_info(other, sorted({b for b, *_ in best.values()}))
     by_ref: dict[int, list[int]] = {}
-    for node, (b, _, _) in best.items():
+    for node, (b, *_) in best.items():
         if b in ref_info:
             by_ref.setdefault(b, []).append(node)
     groups = []
@@ -551,12 +641,12 @@ def find_copies_in(index, other, under: str | None = None, threshold: float | No
         r = ref_info[b]
         members = [Member(b, r["path"], "keep", 1.0, 0, 0, set="ref")]
         for node in sorted(nodes, key=lambda n: -best[n][1]):
-            _, s, n = best[node]
+            _, s, n, g = best[node]
             role = "exact" if s >= EXACT_SCORE else "duplicate"
-            members += [Member(row["key"], row["path"], role, min(s, 1.0), n, row["size"], set="self")
+            members += [Member(row["key"], row["path"], role, min(s, 1.0), n, row["size"], set="self", agreement=g)
                         for row in keep_order([info[key] for key in mine[node] if key in info])]
         groups.append(Group(len(groups) + 1, b, members))
-    return DedupResult(groups, pairs.num_rows, verified_now, index.store.version, threshold, len(scope.keys))
+    return DedupResult(groups, pairs.num_rows, verified_now, index.store.version, threshold, len(scope.keys), min_agreement)
 
 
 EXACT_SCORE = 2.0  # stored for a pair of equal content ids: above any verified share, never re-verified
@@ -593,7 +683,8 @@ def _cross_pairs(index, other, scope: Scope, k: int, min_cosine: float, on_advan
         ref_ids = {r["key"]: r["id"] for r in other.store.find(np.unique(b).tolist(), ["id"]).values()}
         exact = np.array([ids.get(x) is not None and ids.get(x) == ref_ids.get(y) for x, y in zip(a.tolist(), b.tolist())], bool)
         cos = new.column("cosine").to_numpy()
-        same = _pair_table(a[exact], b[exact], cos[exact], np.full(exact.sum(), EXACT_SCORE), np.zeros(exact.sum()))
+        same = _pair_table(a[exact], b[exact], cos[exact], np.full(exact.sum(), EXACT_SCORE), np.zeros(exact.sum()),
+                           np.ones(exact.sum()), np.ones(exact.sum()))
         checked = verify_smaller_first(index, _pair_table(a[~exact], b[~exact], cos[~exact]), other, on_advance)
         verified_now = int((~exact).sum())
         pairs = pa.concat_tables([pairs, same, checked])

@@ -18,18 +18,19 @@ def dedup(
     folder: Annotated[Optional[Path], typer.Argument(help="Index this folder first (incrementally), then look only at the images under it. Default: the whole database.")] = None,
     db: DbOption = DEFAULT_DB,
     threshold: Annotated[Optional[float], typer.Option(help="Verified score a near-duplicate pair needs; re-groups from the stored pair scores (nothing is embedded or verified again).")] = None,
+    min_agreement: Annotated[Optional[float], typer.Option(help="Block correlation of the two thumbnails, aligned by the verified transform, a near-duplicate pair needs beside --threshold; re-groups from the stored pair scores.")] = None,
     min_cosine: Annotated[Optional[float], typer.Option(help="Content cosine a candidate pair needs before it is verified.")] = None,
     k: Annotated[Optional[int], typer.Option("-k", min=1, help="Nearest neighbours searched per image.")] = None,
     against: Annotated[Optional[Path], typer.Option(help="A folder or database: list the images of this set that have a copy there (train/test leakage).")] = None,
     model: ModelOption = None,
     device: DeviceOption = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV: group, member, role, score, inliers, bytes_reclaimable.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV: group, member, role, score, inliers, agreement, bytes_reclaimable.")] = False,
     html_out: Annotated[Optional[Path], typer.Option("--html", help="Write a self-contained gallery of the groups.")] = None,
 ):
-    """Exact duplicates (same content hash) and near-duplicate groups verified by geometric matching,
-    each around the image to keep: the largest resolution, then a lossless format, then the larger
-    file, then the oldest. Read-only: never deletes or moves a file."""
+    """Exact duplicates (same content hash) and near-duplicate groups verified by geometric matching and
+    by their pixels, each around the image to keep: the largest resolution of what the copies share,
+    then a lossless format, then the larger file, then the oldest. Read-only: never deletes or moves a file."""
     from ..errors import EmptyIndexError, ImageError
     from ..paths import database_exists
 
@@ -60,7 +61,7 @@ def dedup(
             failed += ref_report.failed if ref_report else []
         _, advance = progress_callbacks(progress, "verifying pairs")
         options = dict(under=str(folder) if folder is not None else None, threshold=threshold, k=k,
-                       min_cosine=min_cosine, on_advance=advance)
+                       min_cosine=min_cosine, min_agreement=min_agreement, on_advance=advance)
         result = lib.find_copies_in(idx, other, **options) if other is not None else lib.find_duplicates(idx, **options)
     result.failed = failed
     warn_failed(failed)
@@ -79,14 +80,14 @@ def dedup(
     what = f"copies in {esc(against)}" if against is not None else "duplicates"
     table = Table(title=f"{what} among {result.images} images of {esc(db)}", title_justify="left")
     for name, justify in (("group", "right"), ("role", "left"), ("score", "right"), ("inliers", "right"),
-                          ("bytes", "right"), ("path", "left")):
+                          ("agreement", "right"), ("bytes", "right"), ("path", "left")):
         table.add_column(name, justify=justify, overflow="fold" if name == "path" else None)
     for g in result.groups:
         for m in g.members:
             table.add_row(str(g.group), m.role + (" (ref)" if m.set == "ref" else ""), f"{m.score:.3f}",
-                          str(m.inliers), f"{m.bytes:,}", cell(m.path), end_section=m is g.members[-1])
+                          str(m.inliers), f"{m.agreement:.2f}", f"{m.bytes:,}", cell(m.path), end_section=m is g.members[-1])
     if result.groups:
         out.print(table)
     out.print(f"{len(result.groups)} groups · {result.reclaimable_bytes:,} bytes reclaimable · "
               f"{result.pairs_verified} verified pairs ({result.new_pairs_verified} verified now) · "
-              f"threshold {result.threshold:g} · nothing was deleted or moved", highlight=False, soft_wrap=True)
+              f"threshold {result.threshold:g}, agreement {result.min_agreement:g} · nothing was deleted or moved", highlight=False, soft_wrap=True)

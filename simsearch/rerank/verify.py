@@ -224,6 +224,7 @@ class Verification:
     score: torch.Tensor  # (M,) share of the query's saliency mass that the inliers cover, in [0, 1]
     inliers: torch.Tensor  # (M,) number of inlier correspondences
     pairs: list  # per candidate: (P, 4) float32 numpy, query (x, y) and candidate (x, y) in pixels, best first
+    transform: torch.Tensor | None = None  # (M, 3) complex, the best view pair's similarity (Verified.transform)
 
 
 class GeometricVerifier:
@@ -256,6 +257,7 @@ class GeometricVerifier:
         count = torch.zeros(m, dtype=torch.long)
         pairs = torch.zeros(m, c["max_pairs"], 4)  # (M, K, 4) the best view pair's inliers, most voting first
         shown = torch.zeros(m, dtype=torch.long)  # (M,) how many of them are real
+        transform = torch.zeros(m, 3, dtype=torch.complex64)
         for qv in query_views:
             mass = qv.total()[0].clamp_min(1e-9)
             for cv in cand_views:
@@ -274,8 +276,9 @@ class GeometricVerifier:
                 best, count = torch.where(better, score, best), torch.where(better, n, count)
                 pairs[:, :k] = torch.where(better[:, None, None], found, pairs[:, :k])
                 shown = torch.where(better, n.clamp_max(k), shown)
+                transform = torch.where(better[:, None], ver.transform, transform)
         pairs_np = pairs.numpy()
-        return Verification(best.clamp_min(0), count, [pairs_np[i, :s] for i, s in enumerate(shown.tolist())])
+        return Verification(best.clamp_min(0), count, [pairs_np[i, :s] for i, s in enumerate(shown.tolist())], transform)
 
     def align(self, query_views: list[PatchSet], cand: PatchSet) -> Verification:
         """A region's verification: the best translation of any query view over each candidate's

@@ -416,7 +416,7 @@ function showDedup(result) {
           element("span", { class: `role ${role}`, text: role }),
           element("p", { class: "path", title: m.path, text: basename(m.path) }),
           element("p", { class: "facts muted", text: keep ? formatBytes(m.bytes) :
-            `score ${Number(m.score).toFixed(3)} · ${m.inliers} inliers · ${formatBytes(m.bytes)}` }),
+            `score ${Number(m.score).toFixed(3)} · ${m.inliers} inliers · agreement ${Number(m.agreement).toFixed(2)} · ${formatBytes(m.bytes)}` }),
           element("button", { type: "button", class: "similar", text: "search from this",
                               onclick: () => useKey(m.key, m.path, null) }),
         ]);

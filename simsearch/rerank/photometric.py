@@ -1,0 +1,133 @@
+"""Photometric agreement: do two images' pixels agree under the transform their patches verified?
+
+Geometric verification (rerank.verify) says that a layout of patch keys maps onto another one; keys
+at 16 x 16 cells do not see what a 32-pixel thumbnail still shows. Two diagrams drawn from one
+template, two card faces of one deck or two stamps of one set verify like copies, yet their pixels
+differ box by box. So the query's grey thumbnail is warped onto each candidate's by the verified
+similarity, refined first (`refine`: REFINE_STEPS gradient steps on the thumbnails' correlation at half
+size, since the patch grid fixes a transform only to a fraction of a cell), and compared block by block:
+- both thumbnails are smoothed with a 3 x 3 binomial kernel (JPEG blocking, and the transform is only
+  known to a fraction of a patch);
+- the query thumbnail is cut into BLOCK x BLOCK pixel blocks; a block counts when it lies wholly inside
+  the candidate under the transform and its pixels are not flat (std >= MIN_STD grey levels): flat
+  blocks agree with anything, and an edited copy's padding or a crop's outside say nothing;
+- each block scores the zero-mean normalised correlation of its pixels with the warped candidate's
+  (0 where those are flat: a block with detail over a blank area disagrees);
+- agreement = the median over the counted blocks, so text stamped over part of a copy or a local colour
+  change moves it little, while a different drawing on the same layout disagrees in most blocks.
+Correlation is invariant to gain and offset of the grey levels (colour edits, greyscale copies). Pure
+tensor code, batched over the candidates of one query.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+BLOCK = 16  # pixels of a 128-pixel thumbnail (images.THUMB_SIZE): an 8 x 8 grid on a square image
+MIN_STD = 4.0  # grey levels: a block flatter than this carries no evidence
+REFINE_STEPS, REFINE_LR = 30, 6e-3  # gradient steps on the transform; the first step's size (units of the longer side), decaying to 0
+
+
+def smooth(grey: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) -> the same smoothed by a 3 x 3 binomial kernel, edges replicated."""
+    k = torch.tensor([1.0, 2.0, 1.0])
+    kernel = (k[:, None] * k[None]) / 16
+    return F.conv2d(F.pad(grey, (1, 1, 1, 1), mode="replicate"), kernel[None, None])
+
+
+def warp_onto(query_hw: tuple[int, int], cands: torch.Tensor, cand_hw: torch.Tensor,
+              transform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The candidates' pixels under each pixel of a (h, w) query thumbnail.
+
+    cands (M, 1, H, W) candidate thumbnails padded to one size, cand_hw (M, 2) their true (h, w);
+    transform (M, 3) complex (a, b, mirrored) as rerank.verify returns it: a query point z in units of
+    its image's longer side lands at a * (conj(z) if mirrored else z) + b in the candidate's units.
+    -> warped (M, h, w) bilinear samples, inside (M, h, w) bool: the point lands within the candidate."""
+    return _warp(query_hw, cands, cand_hw, _real(transform), transform[:, 2].real > 0.5)
+
+
+def _real(transform: torch.Tensor) -> torch.Tensor:
+    """(M, 3) complex -> (M, 4) real: a.re, a.im, b.re, b.im (autograd on real numbers is the cheap one)."""
+    return torch.view_as_real(transform[:, :2]).flatten(1).clone()
+
+
+def _warp(query_hw, cands, cand_hw, ab: torch.Tensor, mirrored: torch.Tensor):
+    h, w = query_hw
+    side = max(h, w)
+    ys, xs = torch.meshgrid((torch.arange(h) + 0.5) / side, (torch.arange(w) + 0.5) / side, indexing="ij")
+    ys = torch.where(mirrored[:, None, None], -ys, ys)  # conj(z): (M, h, w)
+    ar, ai, br, bi = (ab[:, i, None, None] for i in range(4))
+    scale = cand_hw.max(-1).values.to(ab.dtype)[:, None, None]  # candidate pixels per unit
+    tx, ty = (ar * xs - ai * ys + br) * scale, (ai * xs + ar * ys + bi) * scale  # (M, h, w) candidate pixels
+    hh, ww = cands.shape[-2:]
+    grid = torch.stack([tx / ww * 2 - 1, ty / hh * 2 - 1], -1)  # (M, h, w, 2), align_corners=False
+    warped = F.grid_sample(cands, grid, mode="bilinear", align_corners=False)[:, 0]
+    inside = (tx >= 0) & (ty >= 0) & (tx <= cand_hw[:, 1, None, None]) & (ty <= cand_hw[:, 0, None, None])
+    return warped, inside
+
+
+def refine(query: torch.Tensor, cands: torch.Tensor, cand_hw: torch.Tensor, transform: torch.Tensor,
+           steps: int = REFINE_STEPS, lr: float | None = None) -> torch.Tensor:
+    """The similarities `transform` (M, 3) complex moved to where the warped candidates (M, 1, H, W)
+    correlate best with the query (h, w) over their overlap: gradient ascent (Adam) on a and b, on both
+    thumbnails at half size (a quarter of the pixels; the blocks then read them at full size). The patch
+    grid fixes a transform to a fraction of a cell; a thumbnail's blocks need it to a pixel or two."""
+    mirrored = transform[:, 2].real > 0.5
+    with torch.inference_mode(False), torch.enable_grad():  # callers score under inference mode
+        q = F.avg_pool2d(query.clone()[None, None], 2)[0, 0]
+        c, hw = F.avg_pool2d(cands.clone(), 2), cand_hw.clone().float() / 2
+        ab = _real(transform).requires_grad_(True)
+        opt = torch.optim.Adam([ab], lr=lr or REFINE_LR)
+        decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / steps)  # settle instead of oscillating
+        for _ in range(steps):
+            warped, inside = _warp(tuple(q.shape), c, hw, ab, mirrored)
+            w = inside.float()
+            n = w.sum((-2, -1), keepdim=True).clamp_min(1.0)
+            mean = lambda x: (x * w).sum((-2, -1), keepdim=True) / n  # noqa: E731  over the overlap
+            dq, dc = q - mean(q), warped - mean(warped)
+            corr = mean(dq * dc) / (mean(dq * dq) * mean(dc * dc)).clamp_min(1e-6).sqrt()  # (M, 1, 1)
+            opt.zero_grad()
+            (-corr.sum()).backward()
+            opt.step()
+            decay.step()
+        a_b = torch.view_as_complex(ab.detach().view(-1, 2, 2))  # (M, 2): a, b
+    return torch.cat([a_b.to(transform.dtype), transform[:, 2:]], 1)
+
+
+def photometric_agreement(query: np.ndarray, cands: list[np.ndarray], transform: torch.Tensor,
+                          block: int = BLOCK, min_std: float = MIN_STD, steps: int = REFINE_STEPS) -> torch.Tensor:
+    """Median block correlation (module docstring) of a query's grey thumbnail (h, w) uint8 with each of
+    M candidates' (their own sizes) under `transform` (M, 3) complex. -> (M,) in [-1, 1]; 0 where no
+    block counts."""
+    m = len(cands)
+    if not m:
+        return torch.zeros(0)
+    hw = torch.tensor([c.shape for c in cands])
+    pad = torch.zeros(m, 1, int(hw[:, 0].max()), int(hw[:, 1].max()))
+    for i, c in enumerate(cands):
+        pad[i, 0, :c.shape[0], :c.shape[1]] = torch.from_numpy(np.asarray(c, np.float32))
+    # smooth each candidate within its own size (the padding must not bleed in), then sample it
+    pad = torch.stack([F.pad(smooth(pad[i:i + 1, :, :h, :w]), (0, pad.shape[-1] - w, 0, pad.shape[-2] - h))[0]
+                       for i, (h, w) in enumerate(hw.tolist())])
+    q = smooth(torch.from_numpy(np.asarray(query, np.float32))[None, None])[0, 0]  # (h, w)
+    if steps:
+        transform = refine(q, pad, hw, transform, steps)
+    warped, inside = warp_onto(tuple(q.shape), pad, hw, transform)
+    hb, wb = q.shape[0] // block, q.shape[1] // block
+    if not hb or not wb:
+        return torch.zeros(m)
+
+    def blocks(x: torch.Tensor) -> torch.Tensor:  # (..., h, w) -> (..., hb * wb, block * block)
+        x = x[..., :hb * block, :wb * block].unflatten(-2, (hb, block)).unflatten(-1, (wb, block))
+        return x.transpose(-3, -2).flatten(-4, -3).flatten(-2)
+
+    qb, cb = blocks(q), blocks(warped)  # (K, P), (M, K, P)
+    qb, cb = qb - qb.mean(-1, keepdim=True), cb - cb.mean(-1, keepdim=True)
+    q_std, c_std = qb.pow(2).mean(-1).sqrt(), cb.pow(2).mean(-1).sqrt()  # (K,), (M, K)
+    corr = (qb * cb).mean(-1) / (q_std * c_std).clamp_min(1e-6)  # (M, K)
+    corr = torch.where(c_std < 1.0, torch.zeros_like(corr), corr)
+    counts = blocks(inside.float()).amin(-1).bool() & (q_std >= min_std)  # (M, K)
+    med = torch.where(counts, corr, torch.nan).nanmedian(-1).values  # the lower middle of the counted blocks
+    return torch.nan_to_num(med, nan=0.0)

@@ -1,0 +1,87 @@
+"""rerank.photometric: the thumbnails' block agreement under a verified similarity, and its refinement."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from conftest import EXAMPLES
+from simsearch.dedup import content_tiers
+from simsearch.images import grey_thumbnail
+from simsearch.rerank.photometric import BLOCK, MIN_STD, photometric_agreement
+
+
+def _smooth(x: np.ndarray) -> np.ndarray:
+    """[1 2 1] / 4 along each axis, edges repeated: written out, not through torch."""
+    p = np.pad(x.astype(np.float64), 1, mode="edge")
+    rows = (p[:-2] + 2 * p[1:-1] + p[2:]) / 4
+    return (rows[:, :-2] + 2 * rows[:, 1:-1] + rows[:, 2:]) / 4
+
+
+def _block_median(q: np.ndarray, c: np.ndarray) -> float:
+    """Median over the BLOCK x BLOCK blocks of q that are not flat of their correlation with c's."""
+    vals = []
+    for y in range(0, q.shape[0] - BLOCK + 1, BLOCK):
+        for x in range(0, q.shape[1] - BLOCK + 1, BLOCK):
+            a, b = q[y:y + BLOCK, x:x + BLOCK].ravel(), c[y:y + BLOCK, x:x + BLOCK].ravel()
+            if a.std() < MIN_STD:
+                continue
+            vals.append(0.0 if b.std() < 1 else np.corrcoef(a, b)[0, 1])
+    vals = np.sort(vals)
+    return float(vals[(len(vals) - 1) // 2])  # the lower middle, as torch.median
+
+
+def _photo(name: str) -> Image.Image:
+    return Image.open(EXAMPLES / name).convert("RGB")
+
+
+def test_a_translated_copy_scores_what_the_blocks_correlate_to():
+    """A query placed at an integer offset inside a larger canvas: under the exact transform each query
+    pixel lands on a candidate pixel centre, so the warped candidate is a slice of the smoothed canvas."""
+    rng = np.random.default_rng(0)
+    query = (rng.random((64, 96)) * 255).astype(np.uint8)
+    canvas = rng.integers(0, 255, (100, 128)).astype(np.uint8)
+    canvas[20:84, 16:112] = query
+    canvas[40:60, 30:60] = 128  # part of the copy painted over: those blocks disagree
+    # z (units of the query's 96 px) -> (16 + 96 z, 20 + ...) pixels of the candidate, units of its 128 px
+    transform = torch.tensor([[96 / 128, (16 + 20j) / 128, 0]], dtype=torch.complex64)
+    got = photometric_agreement(query, [canvas], transform, steps=0)
+    expected = _block_median(_smooth(query), _smooth(canvas)[20:84, 16:112])
+    assert got.item() == pytest.approx(expected, abs=1e-4)
+    assert 0.5 < expected < 1.0  # the painted blocks pull the median down, not to zero
+
+
+def test_refinement_brings_a_rough_transform_onto_the_copy():
+    """A mirrored crop of a photo against the photo, from the transform the patch grid gave (8 % off in
+    scale, 5 % of the image in place): the refined agreement is that of the true transform; an unrelated
+    photo under the same transform stays low."""
+    img = _photo("chelsea.jpg")
+    w, h = img.size
+    crop = ImageOps.mirror(img.crop((w // 8, h // 8, w - w // 8, h - h // 8)))
+    q, c, other = grey_thumbnail(crop), grey_thumbnail(img), grey_thumbnail(_photo("coffee.jpg"))
+    a = -max(crop.size) / w  # mirrored: x' = a conj(z) + b, units of each longer side
+    true = torch.tensor([[a, (w - w // 8) / w + 1j * (h // 8) / w, 1]], dtype=torch.complex64)
+    rough = torch.tensor([[-0.8285 + 0.0498j, 0.9003 + 0.0097j, 1]], dtype=torch.complex64)  # the verifier's, measured
+    exact = photometric_agreement(q, [c], true, steps=0).item()
+    assert exact > 0.95
+    assert photometric_agreement(q, [c], rough, steps=0).item() < 0.5
+    refined = photometric_agreement(q, [c, other], rough.expand(2, -1))
+    assert refined[0].item() > 0.9 and refined[1].item() < 0.3
+
+
+def test_flat_or_tiny_thumbnails_agree_with_nothing():
+    flat = np.full((64, 64), 200, np.uint8)
+    transform = torch.tensor([[1, 0, 0]], dtype=torch.complex64)
+    assert photometric_agreement(flat, [flat], transform).item() == 0.0
+    tiny = np.arange(100, dtype=np.uint8).reshape(10, 10)
+    assert photometric_agreement(tiny, [tiny], transform).item() == 0.0
+    assert photometric_agreement(flat, [], transform[:0]).shape == (0,)
+
+
+def test_content_tiers_follow_the_transforms_not_the_pixels():
+    """1 -> 2 at the same scale (a rotated copy on a larger canvas), 1 -> 3 at half size, 3 -> 4 at 1.1x
+    of 3 (within the tolerance of 3, so one tier); 5 -> 6 a separate set."""
+    a, b = np.array([1, 1, 3, 5]), np.array([2, 3, 4, 6])
+    scale = np.array([1.0, 0.5, 1.1, np.nan])
+    tiers = content_tiers(a, b, scale, fallback=np.array([1.0, 1.0, 1.0, 2.0]))
+    assert tiers == {1: 0, 2: 0, 3: 1, 4: 1, 5: 1, 6: 0}
