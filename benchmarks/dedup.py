@@ -240,7 +240,7 @@ def real_source(work: Path, data: Path | None, model: str | None):
             by_original.setdefault(orig, {})[edit] = key
     couples = [(v["original"], key) for v in by_original.values() if "original" in v
                for e, key in sorted(v.items()) if e != "original"]
-    rows = idx.store.find(sorted({x for c in couples for x in c}), ["content", "dense", "width", "height"])
+    rows = idx.store.find(sorted({x for c in couples for x in c}), ["content", "dense", "width", "height", "thumb"])
     planted = [(rows[a], rows[b]) for a, b in couples if a in rows and b in rows]
     source = {"paths": keys.astype(str), "content": content, "style": content[:, :16]}
     return source, planted, idx.store.meta
@@ -270,7 +270,7 @@ def quick_source(work: Path, model: str | None):
 
 def build_synthetic(db: Path, n: int, source: dict, planted: list, meta: dict) -> dict:
     """n rows of scale.Synth (scale.rows_table) in which rows 0 and 1 of every PLANT_EVERY are a
-    planted copy pair: real content vectors (with 1e-3 noise) and dense tensors. Other rows carry no
+    planted copy pair: real content vectors (with 1e-3 noise), dense tensors and thumbnails. Other rows carry no
     dense tensor (none is read unless a row is a candidate), but for the first PRIOR_ROWS, which the
     verifier's positional prior samples. -> the planted keys"""
     import pyarrow as pa
@@ -294,6 +294,7 @@ def build_synthetic(db: Path, n: int, source: dict, planted: list, meta: dict) -
         t = rows_table(s, a, b)
         content = t.column("content").combine_chunks().values.to_numpy().reshape(b - a, -1).copy()
         dense, width, height = [b""] * (b - a), [224] * (b - a), [224] * (b - a)
+        thumb = t.column("thumb").to_pylist()
         keys = t.column("key").to_numpy()
         for i in range(a, min(b, PRIOR_ROWS)):  # the positional prior's sample (Index.positional_prior): real tokens
             dense[i - a] = encode_dense(decode_dense(planted[i % len(planted)][i % 2]["dense"], tokens, dim, dtype), WIRE_DTYPE)
@@ -303,11 +304,12 @@ def build_synthetic(db: Path, n: int, source: dict, planted: list, meta: dict) -
                 x = np.asarray(row["content"], np.float32)[None]
                 content[i] = unit(x + 1e-3 * rng.standard_normal(x.shape, np.float32))[0]
                 dense[i] = encode_dense(decode_dense(row["dense"], tokens, dim, dtype), WIRE_DTYPE)
-                width[i], height[i] = row["width"], row["height"]
+                width[i], height[i], thumb[i] = row["width"], row["height"], row["thumb"]
             truth.append([int(keys[start - a]), int(keys[start + 1 - a])])
         t = t.set_column(t.schema.get_field_index("content"), "content",
                          pa.FixedSizeListArray.from_arrays(pa.array(content.reshape(-1)), content.shape[1]))
-        for name, values, kind in (("dense", dense, pa.binary()), ("width", width, pa.int32()), ("height", height, pa.int32())):
+        for name, values, kind in (("dense", dense, pa.binary()), ("width", width, pa.int32()), ("height", height, pa.int32()),
+                                   ("thumb", thumb, t.schema.field("thumb").type)):
             t = t.set_column(t.schema.get_field_index(name), name, pa.array(values, kind))
         store.put(t)
         if b % 200_000 == 0 or b == n:
