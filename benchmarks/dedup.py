@@ -416,7 +416,7 @@ def render(r: dict) -> str:
                   f"load {p['load'][0]:.1f}-{p['load'][1]:.1f}). Intervals: 95 % Wilson.", ""]
         if f.get("found"):
             nf = f["heldout_no_figures"]
-            wa = f["without_agreement"]
+            wa = f.get("without_agreement") or {"rule": "not measured", "heldout": {"pairs": "-", "precision": None, "recall": None}}
             lines += [f"Fitted on the tuning split: candidate floor {f['min_cosine']}, verified-score threshold "
                       f"{f['threshold']}, thumbnails' agreement {f['min_agreement']} ({f['rule']}; target: precision "
                       f"{TARGET_PRECISION} at recall {TARGET_RECALL}).", "",
