@@ -102,22 +102,17 @@ def photometric_agreement(query: np.ndarray, cands: list[np.ndarray], transform:
     M candidates' (their own sizes) under `transform` (M, 3) complex. -> (M,) in [-1, 1]; 0 where no
     block counts."""
     m = len(cands)
-    if not m:
-        return torch.zeros(0)
+    q = smooth(torch.from_numpy(np.asarray(query, np.float32))[None, None])[0, 0]  # (h, w)
+    hb, wb = q.shape[0] // block, q.shape[1] // block
+    if not m or not hb or not wb:  # nothing to compare, or a thumbnail smaller than one block
+        return torch.zeros(m)
     hw = torch.tensor([c.shape for c in cands])
     pad = torch.zeros(m, 1, int(hw[:, 0].max()), int(hw[:, 1].max()))
-    for i, c in enumerate(cands):
-        pad[i, 0, :c.shape[0], :c.shape[1]] = torch.from_numpy(np.asarray(c, np.float32))
-    # smooth each candidate within its own size (the padding must not bleed in), then sample it
-    pad = torch.stack([F.pad(smooth(pad[i:i + 1, :, :h, :w]), (0, pad.shape[-1] - w, 0, pad.shape[-2] - h))[0]
-                       for i, (h, w) in enumerate(hw.tolist())])
-    q = smooth(torch.from_numpy(np.asarray(query, np.float32))[None, None])[0, 0]  # (h, w)
+    for i, c in enumerate(cands):  # each smoothed within its own size: the padding must not bleed in
+        pad[i, :, :c.shape[0], :c.shape[1]] = smooth(torch.from_numpy(np.asarray(c, np.float32))[None, None])[0]
     if steps:
         transform = refine(q, pad, hw, transform, steps)
     warped, inside = warp_onto(tuple(q.shape), pad, hw, transform)
-    hb, wb = q.shape[0] // block, q.shape[1] // block
-    if not hb or not wb:
-        return torch.zeros(m)
 
     def blocks(x: torch.Tensor) -> torch.Tensor:  # (..., h, w) -> (..., hb * wb, block * block)
         x = x[..., :hb * block, :wb * block].unflatten(-2, (hb, block)).unflatten(-1, (wb, block))
