@@ -341,7 +341,7 @@ def test_dedup_view_renders_groups(page, server, embedded_db):
     listed = httpx.get(f"{server}/api/images", params={"limit": 3}).json()["images"]
     evil = '<img src=x onerror=window.pwned=1>.jpg'
     members = [{"key": listed[0]["key"], "path": listed[0]["path"], "role": "keep", "score": 1.0, "inliers": 0, "bytes": 5000},
-               {"key": listed[1]["key"], "path": f"/x/{evil}", "role": "duplicate", "score": 0.9712, "inliers": 41, "bytes": 4000},
+               {"key": listed[1]["key"], "path": f"/x/{evil}", "role": "duplicate", "score": 0.9712, "inliers": 41, "agreement": 0.834, "bytes": 4000},
                {"key": listed[2]["key"], "path": listed[2]["path"], "role": "exact", "score": 1.0, "inliers": 64, "bytes": 3000}]
     answer = {**DEDUP_STUB, "groups": [{"group": 1, "representative": listed[0]["key"], "members": members}]}
     requests = []
@@ -358,7 +358,7 @@ def test_dedup_view_renders_groups(page, server, embedded_db):
     expect(group.locator("h3")).to_have_text("group 1 · 3 images · 7.0 KB reclaimable")
     assert group.locator(".member").evaluate_all("els => els.map(e => e.dataset.role)") == ["keep", "duplicate", "exact"]
     expect(group.locator(".member.representative .role")).to_have_text("keep")
-    expect(group.locator(".member").nth(1).locator(".facts")).to_have_text("score 0.971 · 41 inliers · 4.0 KB")
+    expect(group.locator(".member").nth(1).locator(".facts")).to_have_text("score 0.971 · 41 inliers · agreement 0.83 · 4.0 KB")
     expect(group.locator(".member").nth(1).locator(".path")).to_have_text(evil)
     assert page.evaluate("() => window.pwned") is None and group.locator(".path *").count() == 0
     offered = page.locator("#dedup-view button, #dedup-view a").evaluate_all("els => els.map(e => e.textContent)")

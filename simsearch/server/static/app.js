@@ -396,6 +396,12 @@ async function loadDedup() {
   }
 }
 
+// A copy's line: its verified score, inliers and (when the server measured it) the pixels' agreement.
+function memberFacts(m) {
+  const agreement = Number.isFinite(m.agreement) ? [`agreement ${m.agreement.toFixed(2)}`] : [];
+  return [`score ${Number(m.score).toFixed(3)}`, `${m.inliers} inliers`, ...agreement, formatBytes(m.bytes)].join(" · ");
+}
+
 function showDedup(result) {
   // A server that does not know `key` returns every group: keep the one that holds it.
   const groups = state.dedupKey ? result.groups.filter((g) => g.members.some((m) => m.key === state.dedupKey)) : result.groups;
@@ -416,7 +422,7 @@ function showDedup(result) {
           element("span", { class: `role ${role}`, text: role }),
           element("p", { class: "path", title: m.path, text: basename(m.path) }),
           element("p", { class: "facts muted", text: keep ? formatBytes(m.bytes) :
-            `score ${Number(m.score).toFixed(3)} · ${m.inliers} inliers · agreement ${Number(m.agreement).toFixed(2)} · ${formatBytes(m.bytes)}` }),
+            memberFacts(m) }),
           element("button", { type: "button", class: "similar", text: "search from this",
                               onclick: () => useKey(m.key, m.path, null) }),
         ]);
