@@ -69,7 +69,7 @@ def write_results_html(index, query: str | Path, hits, path: str | Path, mode: s
 
 def write_dedup_html(index, result, path: str | Path, other=None, title: str | None = None) -> Path:
     """Duplicate groups as a gallery: per group its members' stored thumbnails, the one to keep
-    first, each with its role, verified score, inliers, reclaimable bytes and path. `other`: the
+    first, each with its role, verified score, inliers, the thumbnails' agreement, reclaimable bytes and path. `other`: the
     reference Index of a set-against-set result (members of set "ref")."""
     stores = {"self": index.store, "ref": (other or index).store}
     thumbs: dict[tuple[str, int], bytes] = {}
@@ -77,7 +77,8 @@ def write_dedup_html(index, result, path: str | Path, other=None, title: str | N
         keys = [m.key for g in result.groups for m in g.members if m.set == name]
         thumbs |= {(name, k): r["thumb"] for k, r in store.find(keys, ["thumb"]).items()} if keys else {}
     sections = [f"<p>{len(result.groups)} groups, {result.reclaimable_bytes:,} bytes reclaimable, "
-                f"{result.pairs_verified} verified pairs, threshold {result.threshold:g}, table version "
+                f"{result.pairs_verified} verified pairs, threshold {result.threshold:g}, agreement from "
+                f"{result.min_agreement:g}, table version "
                 f"{result.table_version}. Nothing was deleted or moved.</p>"]
     for g in result.groups:
         cells = []
@@ -86,7 +87,7 @@ def write_dedup_html(index, result, path: str | Path, other=None, title: str | N
             img = f'<img alt="{html.escape(m.role)}" src="{image_data_uri(data)}">' if data else "(no thumbnail)"
             where = " (reference)" if m.set == "ref" else ""
             cells.append(f'<figure class="{html.escape(m.role)}">{img}<figcaption><b>{html.escape(m.role)}</b>{where}'
-                         f"<br>score {m.score:.3f} · {m.inliers} inliers · {m.bytes:,} B<br>"
+                         f"<br>score {m.score:.3f} · {m.inliers} inliers · agreement {m.agreement:.2f} · {m.bytes:,} B<br>"
                          f'<span class="path">{html.escape(m.path)}</span></figcaption></figure>')
         sections.append(f'<section><h2>group {g.group} · {g.reclaimable_bytes:,} B reclaimable</h2>'
                         f'<div class="group">{"".join(cells)}</div></section>')

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -175,6 +176,8 @@ def test_folder_run_indexes_reports_failures_and_touches_no_file(cli, tmp_path, 
     assert "nothing was deleted or moved" in out
     page = (tmp_path / "g.html").read_text()
     assert "data:image/jpeg;base64," in page and str(work / "chelsea_crop_mirror.jpg") in page
+    facts = re.findall(r"score ([0-9.]+) · (\d+) inliers · agreement ([0-9.]+) · ", page)
+    assert facts and all(0 <= float(a) <= 1 for _, _, a in facts), facts
     assert _files(work) == before
     assert "never deletes or moves a file" in " ".join(cli("dedup", "--help")[1].split()).lower()
 
