@@ -412,8 +412,10 @@ def render(r: dict) -> str:
         lines += ["## Copy-detection proxy: pair precision and recall", "", _provenance(p),
                   f"{p['images']} images of the {p['pool']}-image pool (originals, distractors and the mild copies; sample: "
                   f"{p['sample']}), neighbours from the whole pool, k = {p['k']}, every candidate at "
-                  f"cosine >= {min(p['floors'])} verified once ({p['verified_pairs']} pairs, {p['verify_seconds']} s, "
-                  f"load {p['load'][0]:.1f}-{p['load'][1]:.1f}). Intervals: 95 % Wilson.", ""]
+                  f"cosine >= {min(p['floors'])} verified once ({p['verified_pairs']} pairs, " + (
+                      f"{p['verify_seconds']} s, load {p['load'][0]:.1f}-{p['load'][1]:.1f})" if p.get("verified_now", 1) else
+                      "all read from the pair cache of an earlier run with the same verifier: its time is not this run's)") +
+                  ". Intervals: 95 % Wilson.", ""]
         if f.get("found"):
             nf = f["heldout_no_figures"]
             wa = f.get("without_agreement") or {"rule": "not measured", "heldout": {"pairs": "-", "precision": None, "recall": None}}

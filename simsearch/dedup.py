@@ -21,13 +21,19 @@ Steps (hloc's shape: retrieval, then matching and verification, then grouping):
    Pairs are taken anchor by anchor, in chunks whose dense tensors are read once per chunk
    (CHUNK_ROWS bounds the memory);
 4. groups around representatives, never chains. The KEEP RULE orders images: the larger resolution
-   of what they show, then a lossless format (PNG, TIFF, BMP, lossless WebP) before a lossy one, then
-   the larger file, then the oldest (mtime), then the path. Resolution is read from the verified
-   transforms (content_tiers): a copy at half size shows the content at half the linear resolution,
-   a rotated copy on a larger canvas, or a copy with a border, at the same one, however many pixels
-   it has; within RESOLUTION_TOLERANCE it is a tie. Walking images in that order, each image not yet
-   in a group becomes a representative and takes every image not yet grouped whose pair with IT is a
-   copy. A~B and B~C with A and C unmatched: A takes B, C stays alone.
+   of what they show, then the more verified copies, then a lossless format (PNG, TIFF, BMP, lossless
+   WebP) before a lossy one, then the larger file, then the oldest (mtime), then the path. Resolution
+   is read from the verified transforms (content_tiers): a copy at half size shows the content at half
+   the linear resolution, a rotated copy on a larger canvas, or a copy with a border, at the same one,
+   however many pixels it has; within RESOLUTION_TOLERANCE it is a tie. The count of verified copies
+   comes before the file's format and size because an edited copy (text stamped over it, colours
+   changed) is often the larger file, or a PNG, yet verifies against fewer of the others than the
+   original does: kept first, it split the others into a second group (held-out proxy, group recall
+   0.40 with the edited copy kept in most groups, 0.60 with this order; benchmarks/dedup.py). Walking
+   images in that order, each image not yet in a group becomes a representative and takes every image
+   not yet grouped whose pair with IT is a copy. A~B and B~C with A and C unmatched: when A comes first,
+   A takes B and C stays alone (single linkage would join A and C through B); when B comes first, A and C
+   are each a copy of the one kept.
 
 Stored pair scores (`PairCache`, ROOT/dedup/): every verified pair with the table version it
 reflects, so another threshold re-groups without a model, and a later run verifies only the pairs
@@ -544,13 +550,13 @@ def build_groups(index, scope: Scope, pairs: pa.Table, threshold: float, min_agr
     for key, node in zip(scope.keys[np.isin(scope.node, involved)].tolist(), scope.node[np.isin(scope.node, involved)].tolist()):
         members_of.setdefault(node, []).append(key)
     info = _file_info(index, [key for keys in members_of.values() for key in keys])
-    # every content: its copies in keep order; contents ordered by their tier, then their best copy
+    # every content: its copies in keep order; contents in the keep rule's order (tier, verified copies, best file)
     copies = {n: keep_order([info[key] for key in keys if key in info]) for n, keys in members_of.items()}
     copies = {n: c for n, c in copies.items() if c}
     side = lambda n: max(copies[n][0]["width"], copies[n][0]["height"]) if n in copies else 1  # noqa: E731
     tiers = content_tiers(a, b, strong.column("scale").to_numpy(),
                           np.array([side(y) / side(x) for x, y in zip(a.tolist(), b.tolist())], np.float64))
-    walk = sorted(copies, key=lambda n: (tiers.get(n, 0), *_rank(copies[n][0])[1:]))
+    walk = sorted(copies, key=lambda n: (tiers.get(n, 0), -len(edges.get(n, ())), *_rank(copies[n][0])[1:]))
     grouped: set[int] = set()
     groups: list[Group] = []
     for rep in walk:

@@ -17,12 +17,13 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
 from conftest import EXAMPLES, one_line_error
 from simsearch import Index
-from simsearch.dedup import CSV_COLUMNS, DEFAULT_CONF, PairCache, find_duplicates, identity
+from simsearch.dedup import CSV_COLUMNS, DEFAULT_CONF, PairCache, _pair_table, build_groups, find_duplicates, identity, scope_of
 from simsearch.index import Hit
 from simsearch.store import path_key
 
@@ -124,6 +125,31 @@ def test_a_chain_is_not_merged(collection):
     g = _group_of(res, paths["chain_a.jpg"])
     assert {m.path: m.role for m in g.members} == {paths["chain_a.jpg"]: "keep", paths["chain_b.jpg"]: "duplicate"}
     assert _group_of(res, paths["chain_c.jpg"]) is None  # single linkage would have put C with A
+
+
+def test_the_image_most_others_copy_is_kept_before_a_larger_edited_file(collection):
+    """Same resolution everywhere (scale 1): among equals the content with the most verified copies
+    comes before the file rule (an edited copy is often the larger or lossless file yet verifies against
+    fewer of the others); with one copy each, the file rule decides. Pairs given, the real files and store."""
+    db, _, paths = collection
+    idx = Index(db)
+    scope = scope_of(idx, None)
+    node = {n: int(scope.node_of(np.array([path_key(paths[n])]))[0]) for n in
+            ("chelsea.png", "chelsea.jpg", "chelsea_crop_mirror.jpg", "chelsea_rotated.jpg")}
+    png, jpg, crop, rot = node.values()
+
+    def groups(edges):
+        a, b = (np.array([min(x, y) for x, y in edges]), np.array([max(x, y) for x, y in edges]))
+        n = len(edges)
+        return build_groups(idx, scope, _pair_table(a, b, np.full(n, 0.9), np.full(n, 0.5), np.full(n, 20),
+                                                    np.full(n, 0.9), np.ones(n)), 0.1, 0.7)
+
+    (g,) = groups([(png, jpg), (jpg, crop), (jpg, rot)])  # the JPEG content verified against all three
+    roles = {m.path: m.role for m in g.members}
+    assert roles[paths["chelsea.jpg"]] == "keep" and roles[paths["chelsea_copy.jpg"]] == "exact"
+    assert {roles[paths[n]] for n in ("chelsea.png", "chelsea_crop_mirror.jpg", "chelsea_rotated.jpg")} == {"duplicate"}
+    (g,) = groups([(png, jpg)])  # one copy each: lossless before lossy
+    assert g.representative == path_key(paths["chelsea.png"])
 
 
 def test_threshold_regroups_from_stored_scores_without_the_model(cli, collection, result, monkeypatch):
