@@ -30,7 +30,7 @@ def dedup(
 ):
     """Exact duplicates (same content hash) and near-duplicate groups verified by geometric matching and
     by their pixels, each around the image to keep: the largest resolution of what the copies share,
-    then a lossless format, then the larger file, then the oldest. Read-only: never deletes or moves a file."""
+    then the most verified copies, then a lossless format, then the larger file, then the oldest. Read-only: never deletes or moves a file."""
     from ..errors import EmptyIndexError, ImageError
     from ..paths import database_exists
 
