@@ -15,7 +15,7 @@ Threads: a search and a change (`apply`) of one index never overlap (a reader/wr
 first), so a search sees the index before or after a change, whole. Nothing a search needs is
 written into the shared FAISS object: nprobe goes with each call (SearchParametersIVF); a query
 whose lists are split over the threads runs on a second IVF object over the same inverted lists
-(`_split_view`, FAISS's parallel_mode being a property of the object); and a single query's
+(`_make_split_view`, FAISS's parallel_mode being a property of the object); and a single query's
 one-thread limit is the calling thread's own OpenMP setting (nthreads-var is per task), so
 concurrent queries cannot change each other's.
 
@@ -98,8 +98,7 @@ class VectorIndex:
     _centroids: np.ndarray | None = None
     _lock: rwlock.RWLockWrite = field(default_factory=rwlock.RWLockWrite, repr=False)  # searches | one change
     _gpu_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # a GPU index serves one call at a time
-    _split: faiss.Index | None = None  # `_split_view`
-    _split_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _split: faiss.Index | None = None  # `_make_split_view`
 
     @property
     def ntotal(self) -> int:
@@ -217,6 +216,8 @@ class VectorIndex:
         """`search`, and the `version` the vectors it searched were labelled with."""
         q, probes = np.ascontiguousarray(queries, dtype=np.float32), self.probes(nprobe)
         split = self.kind == "ivf" and len(q) < PARALLEL_QUERIES and self.scan_size(probes) >= SPLIT_SCAN
+        if split and self._split is None:
+            self._make_split_view()
         with _omp_threads(None if split or len(q) >= PARALLEL_QUERIES else 1), self._lock.gen_rlock():
             return (*self._search(q, k, allowed, probes, split), self.version)
 
@@ -224,22 +225,35 @@ class VectorIndex:
         """Vectors one query compares against: all of them, or the probed lists' share."""
         return self.ntotal if self.kind == "flat" else self.ntotal * (probes or self.probes()) // max(self.nlist, 1)
 
-    def _split_view(self) -> faiss.Index:
+    def _make_split_view(self) -> None:
         """This IVF index's quantizer (a copy) over its own inverted lists (shared, not copied), with
-        each query's lists searched in parallel: made once, kept in step by `apply`."""
-        with self._split_lock:
-            if self._split is None:
+        each query's lists searched in parallel: made once, kept in step by `apply`.
+
+        FAISS cannot serialise an IVF index without its lists (IO_FLAG_SKIP_IVF_DATA is ignored on
+        write), and a whole copy of a 1M-row index put three more copies' worth in memory for a moment
+        (load peak 6.2 GB for a 1.5 GB index). So the lists are taken out for the serialisation, under
+        the write lock: no search runs on the index while it has none."""
+        with self._lock.gen_wlock():
+            if self._split is not None:
+                return
+            ivf = faiss.extract_index_ivf(self.index)
+            lists, owned = ivf.invlists, ivf.own_invlists
+            ivf.own_invlists = False  # replace_invlists deletes the lists it replaces when the index owns them
+            empty = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+            ivf.replace_invlists(empty, False)
+            try:
                 data = faiss.VectorIOWriter()
-                faiss.write_index(self.index, data, faiss.IO_FLAG_SKIP_IVF_DATA)
-                reader = faiss.VectorIOReader()
-                reader.data = data.data
-                view = faiss.read_index(reader)
-                ivf = faiss.extract_index_ivf(view)
-                ivf.set_direct_map_type(faiss.DirectMap.NoMap)  # searches need no map from ids
-                ivf.replace_invlists(faiss.extract_index_ivf(self.index).invlists, False)
-                ivf.ntotal, ivf.parallel_mode = self.index.ntotal, 1
-                self._split = view
-            return self._split
+                faiss.write_index(self.index, data)
+            finally:
+                ivf.replace_invlists(lists, owned)
+            reader = faiss.VectorIOReader()
+            reader.data = data.data
+            view = faiss.read_index(reader)
+            view_ivf = faiss.extract_index_ivf(view)
+            view_ivf.set_direct_map_type(faiss.DirectMap.NoMap)  # searches need no map from ids
+            view_ivf.replace_invlists(lists, False)
+            view_ivf.ntotal, view_ivf.parallel_mode = self.index.ntotal, 1
+            self._split = view
 
     def _search(self, q: np.ndarray, k: int, allowed: np.ndarray | None, probes: int,
                 split: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -256,7 +270,7 @@ class VectorIndex:
                 nprobe = min(self.nlist, 4 * nprobe)
         params = faiss.SearchParametersIVF(nprobe=probes) if self.kind == "ivf" else None
         if not gpu_available():
-            return (self._split_view() if split else self.index).search(q, k, params=params)
+            return (self._split if split else self.index).search(q, k, params=params)
         with self._gpu_lock:
             if self._gpu is None:
                 self._res = faiss.StandardGpuResources()
