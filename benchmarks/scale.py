@@ -107,6 +107,11 @@ def update(section: str, data: dict, out_dir: Path) -> None:
     print(f"[{section}] written to {path}", flush=True)
 
 
+def _read_section(section: str, out_dir: Path) -> dict | None:
+    path = out_dir / "scale.json"
+    return json.loads(path.read_text()).get(section) if path.exists() else None
+
+
 def timed_queries(search, queries, cpu: list | None = None) -> list[float]:
     """Wall ms per query; `cpu` collects the process CPU ms too (less sensitive to other jobs)."""
     out = []
@@ -340,7 +345,7 @@ def bench_indexes(args) -> None:
             shutil.rmtree(db, ignore_errors=True)
             build_db(s, db, n, conf)
         store = ImageStore(db)
-        for column, variant in (("content", "plain"), ("style", "plain"), ("style", "compact")):
+        for column, variant in (v.split(":") for v in args.variants):
             d = store.schema.field(column).type.list_size
             row = {"rows": n, "column": column, "dims": d, "variant": variant}
             need = 2 * n * d * 4  # the column read whole, and the index holding it
@@ -368,6 +373,10 @@ def bench_indexes(args) -> None:
             row["load"] = loadavg()
             out.append(row)
             print(row, flush=True)
+    fresh = {(r["rows"], r["column"], r["variant"]) for r in out}
+    before = (_read_section("indexes", args.out_dir) or {}).get("results", [])
+    out = sorted([r for r in before if (r["rows"], r["column"], r["variant"]) not in fresh] + out,
+                 key=lambda r: (r["rows"], r["column"], r["variant"] != "plain"))  # what was not re-run stays as measured
     update("indexes", {"queries": args.queries, **child_conf, "compact_codec": compact.CODEC,
                        "rescored": f"max({compact.RESCORE_MIN}, n / {compact.RESCORE_PER}) up to {compact.RESCORE_MAX}",
                        "nprobe": ann.NPROBE or f"max(16, nlist / {ann.PROBE_FRACTION})", "data": source_info(s),
@@ -831,6 +840,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--actors", type=int, default=2)
     p = sub.add_parser("indexes")
     p.add_argument("--sizes", nargs="+", type=int, default=[100_000, 1_000_000])
+    p.add_argument("--variants", nargs="+", default=["content:plain", "style:plain", "style:compact"],
+                   choices=["content:plain", "style:plain", "style:compact"], help="column:index pairs to measure")
     p.add_argument("--queries", type=int, default=100)
     p.add_argument("--ivf-threshold", type=int, default=None, help="default: the library's")
     p.add_argument("--project-rows", type=int, default=None, help="default: the library's")

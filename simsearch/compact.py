@@ -9,7 +9,7 @@ The PCA is uncentred (the leading eigenvectors of the vectors' second moment, no
 the search ranks inner products, and a centred projection changes each row's inner product with a
 query by a term of its own (its product with the mean), which changes the ranking.
 
-Built in chunks of READ_ROWS rows read at one table version, never the whole column: the projection
+Built in chunks of catchup.READ_ROWS rows read at one table version, never the whole column: the projection
 is fitted on FIT_ROWS rows and the IVF's quantizer on its training sample (projected as it is read).
 Refitted by the rule that retrains an IVF (catchup.retrain_reason: 2x or 1/4 the rows it was fitted
 on, or drift), which a projected flat index follows as well.
@@ -22,13 +22,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from .ann import VectorIndex
-from .catchup import Source
+from .catchup import Source, sample_rows
 
 PROJECT_ROWS = 8192  # below: the vectors as they are (170 MB of style vectors at most)
 PROJECT_DIM = 768  # dims kept: 1/6.75 of the style vector
 FIT_ROWS = 8192  # rows the projection is fitted on
 CODEC = "SQ8"  # an IVF's lists hold 8-bit codes of the projected vectors
-READ_ROWS = 1024  # rows read (and projected) at a time
 # Candidates re-scored exactly: max(RESCORE_MIN, n / RESCORE_PER) up to RESCORE_MAX. At 1M rows of
 # the style set, 1,000 found the exact top 10 (benchmarks/results/style_index.md).
 RESCORE_MIN, RESCORE_PER, RESCORE_MAX = 256, 1000, 4096
@@ -61,30 +60,14 @@ class CompactSource(Source):
         floor = self.project_rows // 2 if current is not None and current.project else self.project_rows
         return self.dim(store) > self.project_dim and n >= floor
 
-    def build(self, store, ivf_threshold: int, version: int | None = None) -> VectorIndex:
-        n, d = store.count(version), self.dim(store)
+    def create_index(self, store, n: int, ivf_threshold: int, rng: np.random.Generator, version: int | None) -> VectorIndex:
+        """Projected from PROJECT_ROWS rows on (the projection fitted on FIT_ROWS of them), SQ8 codes in an IVF."""
         if not self.projects(store, n):
-            return super().build(store, ivf_threshold, version)
-        rng = np.random.default_rng(0)  # samples are seeded: rebuilds are reproducible
-        fit = self._take(store, _sample(rng, n, FIT_ROWS), version)
-        vi = VectorIndex.create(d, n, ivf_threshold, codec=CODEC, projection=fit_projection(fit, self.project_dim))
-        del fit
+            return super().create_index(store, n, ivf_threshold, rng, version)
+        fit = self.take(store, sample_rows(rng, n, FIT_ROWS), version)
+        vi = VectorIndex.create(self.dim(store), n, ivf_threshold, codec=CODEC, projection=fit_projection(fit, self.project_dim))
         vi.trained_n = n
-        if vi.kind == "ivf":
-            vi.fit(self._take(store, _sample(rng, n, vi.train_size(n)), version, vi.stored), n)
-        for ids, vectors in store.vector_batches(self.column, READ_ROWS, version):
-            vi.index.add_with_ids(vectors, ids)
         return vi
-
-    def _take(self, store, offsets: np.ndarray, version: int | None, transform=None) -> np.ndarray:
-        """The vectors of the rows at `offsets`, read READ_ROWS at a time (each `transform`ed as read)."""
-        parts = []
-        for start in range(0, len(offsets), READ_ROWS):
-            table = store.take(offsets[start:start + READ_ROWS], [self.column], version)
-            part = table.column(self.column).combine_chunks().values.to_numpy(zero_copy_only=False)
-            part = part.reshape(table.num_rows, -1).astype(np.float32, copy=False)
-            parts.append(part if transform is None else transform(part))
-        return np.concatenate(parts)
 
     def retrain_reason(self, vi: VectorIndex, ivf_threshold: int, store) -> str | None:
         n = vi.ntotal
@@ -112,8 +95,3 @@ class CompactSource(Source):
             top = np.argsort(-exact, kind="stable")[:k]
             out_scores[q, :len(top)], out_ids[q, :len(top)] = exact[top], keys[top]
         return out_scores, out_ids
-
-
-def _sample(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
-    """`size` distinct row positions of n, sorted (reads in table order)."""
-    return np.sort(rng.choice(n, size=min(n, size), replace=False))

@@ -38,7 +38,7 @@ def names(prefix: str, n: int, start: int = 0) -> list[str]:
 def table(tmp_path, tiny_model, monkeypatch):
     """An Index whose style index is compact from PROJECT_ROWS rows, read in chunks of 64 rows.
     -> (Index, put(names, style vectors))"""
-    monkeypatch.setattr(compact, "READ_ROWS", 64)
+    monkeypatch.setattr(catchup, "READ_ROWS", 64)
     monkeypatch.setattr(compact, "FIT_ROWS", 256)
     db = tmp_path / "db"
     store = ImageStore(db)
