@@ -90,13 +90,13 @@ class Source:
 
     def take(self, store: ImageStore, offsets: np.ndarray, version: int | None, transform=None) -> np.ndarray:
         """The vectors of the rows at `offsets`, read READ_ROWS at a time (each `transform`ed as read)."""
-        parts = [np.zeros((0, self.dim(store)), np.float32)]
+        parts = []
         for start in range(0, len(offsets), READ_ROWS):
             table = store.take(offsets[start:start + READ_ROWS], [self.column], version)
             part = table.column(self.column).combine_chunks().values.to_numpy(zero_copy_only=False)
             part = part.reshape(table.num_rows, -1).astype(np.float32, copy=False)
             parts.append(part if transform is None else transform(part))
-        return np.concatenate(parts[1:] or parts)
+        return np.concatenate(parts)  # offsets are never empty: build takes them only from rows it has
 
     def retrain_reason(self, vi: VectorIndex, ivf_threshold: int, store: ImageStore) -> str | None:
         """Why `vi` must be rebuilt from scratch, or None (module docstring)."""

@@ -29,7 +29,7 @@ Steps (hloc's shape: retrieval, then matching and verification, then grouping):
    comes before the file's format and size because an edited copy (text stamped over it, colours
    changed) is often the larger file, or a PNG, yet verifies against fewer of the others than the
    original does: kept first, it split the others into a second group (held-out proxy, group recall
-   0.40 with the edited copy kept in most groups, 0.60 with this order; benchmarks/dedup.py). Walking
+   0.40 with the edited copy kept in most groups, 0.63 with this order; benchmarks/dedup.py). Walking
    images in that order, each image not yet in a group becomes a representative and takes every image
    not yet grouped whose pair with IT is a copy. A~B and B~C with A and C unmatched: when A comes first,
    A takes B and C stays alone (single linkage would join A and C through B); when B comes first, A and C
@@ -198,13 +198,13 @@ def candidate_pairs(vector_index, keys: np.ndarray, vectors: Iterator[tuple[np.n
             b_parts.append(b[keep])
             c_parts.append(c[keep])
     cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
-    return _pair_table(cat(a_parts, np.int64), cat(b_parts, np.int64), cat(c_parts, np.float32))
+    return pair_table(cat(a_parts, np.int64), cat(b_parts, np.int64), cat(c_parts, np.float32))
 
 
 PAIR_COLUMNS = ("score", "inliers", "agreement", "scale")  # what verification adds to a candidate (a, b, cosine)
 
 
-def _pair_table(a, b, cosine, score=None, inliers=None, agreement=None, scale=None) -> pa.Table:
+def pair_table(a, b, cosine, score=None, inliers=None, agreement=None, scale=None) -> pa.Table:
     """Pairs (a, b) with what their verification found (verify_pairs; unverified: NaN score)."""
     n = len(a)
     col = lambda x, fill, dtype: pa.array(np.full(n, fill, dtype) if x is None else np.asarray(x, dtype))  # noqa: E731
@@ -231,7 +231,7 @@ def verify_smaller_first(index, pairs: pa.Table, other=None, on_advance=None) ->
                 found[name][where] = part[name]
         found["scale"][flip] = np.reciprocal(found["scale"][flip], where=found["scale"][flip] != 0, out=np.full(flip.sum(), np.inf, np.float32))
     kept = ~np.isnan(found["score"]) if len(a) else np.zeros(0, bool)
-    return _pair_table(a, b, pairs.column("cosine").to_numpy(), **found).filter(pa.array(kept))
+    return pair_table(a, b, pairs.column("cosine").to_numpy(), **found).filter(pa.array(kept))
 
 
 def _pixels(index, keys: np.ndarray) -> np.ndarray:
@@ -445,7 +445,7 @@ def as_nodes(pairs: pa.Table, scope: Scope) -> pa.Table:
     t = t.sort_by([("score", "descending")])
     rest = ("cosine", *PAIR_COLUMNS)
     first = t.group_by(["a", "b"], use_threads=False).aggregate([(name, "first") for name in rest])
-    return _pair_table(first.column("a").to_numpy(), first.column("b").to_numpy(),
+    return pair_table(first.column("a").to_numpy(), first.column("b").to_numpy(),
                        **{name: first.column(f"{name}_first").to_numpy() for name in rest})
 
 
@@ -458,11 +458,11 @@ def stored_pairs(index, scope: Scope, k: int, min_cosine: float, on_advance=None
     version = store.stable_version()
     cache = PairCache(index.root, "pairs", identity(index, k, min_cosine))
     loaded = cache.load()
-    pairs, queried = (loaded[0], loaded[1]) if loaded else (_pair_table([], [], []), np.zeros(0, np.int64))
+    pairs, queried = (loaded[0], loaded[1]) if loaded else (pair_table([], [], []), np.zeros(0, np.int64))
     if loaded:
         changed = store.changed_since(loaded[2]["self"])
         if changed is None:  # the change log does not reach back: start over
-            pairs, queried = _pair_table([], [], []), np.zeros(0, np.int64)
+            pairs, queried = pair_table([], [], []), np.zeros(0, np.int64)
         elif len(changed):
             touched = pa.array(changed)
             pairs = pairs.filter(pc.invert(pc.or_(pc.is_in(pairs.column("a"), touched), pc.is_in(pairs.column("b"), touched))))
@@ -476,7 +476,7 @@ def stored_pairs(index, scope: Scope, k: int, min_cosine: float, on_advance=None
         new = as_nodes(found, scope)
         seen = pa.table({"a": known.column("a"), "b": known.column("b"), "seen": pa.array(np.ones(known.num_rows, bool))})
         new = new.join(seen, ["a", "b"], join_type="left outer").filter(pc.is_null(pc.field("seen")))
-        new = _pair_table(new.column("a").to_numpy(), new.column("b").to_numpy(), new.column("cosine").to_numpy())
+        new = pair_table(new.column("a").to_numpy(), new.column("b").to_numpy(), new.column("cosine").to_numpy())
         checked = verify_smaller_first(index, new, on_advance=on_advance)
         verified_now = new.num_rows
         pairs = pa.concat_tables([pairs, checked])
@@ -668,11 +668,11 @@ def _cross_pairs(index, other, scope: Scope, k: int, min_cosine: float, on_advan
     name = "against-" + hashlib.blake2b(json.dumps(ident["ref"]).encode(), digest_size=8).hexdigest()
     cache = PairCache(index.root, name, ident)
     loaded = cache.load()
-    pairs, queried = (loaded[0], loaded[1]) if loaded else (_pair_table([], [], []), np.zeros(0, np.int64))
+    pairs, queried = (loaded[0], loaded[1]) if loaded else (pair_table([], [], []), np.zeros(0, np.int64))
     if loaded:
         changed, changed_ref = index.store.changed_since(loaded[2]["self"]), other.store.changed_since(loaded[2]["ref"])
         if changed is None or changed_ref is None:
-            pairs, queried = _pair_table([], [], []), np.zeros(0, np.int64)
+            pairs, queried = pair_table([], [], []), np.zeros(0, np.int64)
         else:
             drop = pc.or_(pc.is_in(pairs.column("a"), pa.array(changed)), pc.is_in(pairs.column("b"), pa.array(changed_ref)))
             pairs = pairs.filter(pc.invert(drop))
@@ -689,9 +689,9 @@ def _cross_pairs(index, other, scope: Scope, k: int, min_cosine: float, on_advan
         ref_ids = {r["key"]: r["id"] for r in other.store.find(np.unique(b).tolist(), ["id"]).values()}
         exact = np.array([ids.get(x) is not None and ids.get(x) == ref_ids.get(y) for x, y in zip(a.tolist(), b.tolist())], bool)
         cos = new.column("cosine").to_numpy()
-        same = _pair_table(a[exact], b[exact], cos[exact], np.full(exact.sum(), EXACT_SCORE), np.zeros(exact.sum()),
+        same = pair_table(a[exact], b[exact], cos[exact], np.full(exact.sum(), EXACT_SCORE), np.zeros(exact.sum()),
                            np.ones(exact.sum()), np.ones(exact.sum()))
-        checked = verify_smaller_first(index, _pair_table(a[~exact], b[~exact], cos[~exact]), other, on_advance)
+        checked = verify_smaller_first(index, pair_table(a[~exact], b[~exact], cos[~exact]), other, on_advance)
         verified_now = int((~exact).sum())
         pairs = pa.concat_tables([pairs, same, checked])
         with index.store.lock:

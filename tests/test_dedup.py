@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 
 from conftest import EXAMPLES, one_line_error
 from simsearch import Index
-from simsearch.dedup import CSV_COLUMNS, DEFAULT_CONF, PairCache, _pair_table, build_groups, find_duplicates, identity, scope_of
+from simsearch.dedup import CSV_COLUMNS, DEFAULT_CONF, PairCache, pair_table, build_groups, find_duplicates, identity, scope_of
 from simsearch.index import Hit
 from simsearch.store import path_key
 
@@ -141,7 +141,7 @@ def test_the_image_most_others_copy_is_kept_before_a_larger_edited_file(collecti
     def groups(edges):
         a, b = (np.array([min(x, y) for x, y in edges]), np.array([max(x, y) for x, y in edges]))
         n = len(edges)
-        return build_groups(idx, scope, _pair_table(a, b, np.full(n, 0.9), np.full(n, 0.5), np.full(n, 20),
+        return build_groups(idx, scope, pair_table(a, b, np.full(n, 0.9), np.full(n, 0.5), np.full(n, 20),
                                                     np.full(n, 0.9), np.ones(n)), 0.1, 0.7)
 
     (g,) = groups([(png, jpg), (jpg, crop), (jpg, rot)])  # the JPEG content verified against all three
