@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import save_tiny_vit
-from simsearch.descriptors.facets import attention_probs, facet, merge_heads
+from simsearch.descriptors.facets import attention_probs, cls_attention, facet, merge_heads
 from simsearch.descriptors.logbin import BINS, log_bin, log_bin_tokens
 from simsearch.descriptors.saliency import cls_saliency
 
@@ -92,6 +92,17 @@ def test_log_bin_tokens_layout():
 
 
 # -- saliency and attention ----------------------------------------------------------------------
+def test_cls_attention_is_the_first_row_of_attention():
+    """The CLS row from merged keys, against softmax(q k^T / sqrt(d)) written out per head."""
+    torch.manual_seed(0)
+    b, h, t, d = 2, 3, 5, 4
+    q, k = torch.randn(b, h, t, d), torch.randn(b, h, t, d)
+    want = torch.stack([torch.stack([torch.softmax(k[i, j] @ q[i, j, 0] / d ** 0.5, 0) for j in range(h)])
+                        for i in range(b)])  # (B, H, T)
+    torch.testing.assert_close(cls_attention(q[:, :, 0], merge_heads(k)), want)
+    torch.testing.assert_close(attention_probs(q, k)[:, :, 0], want)
+
+
 def test_cls_saliency_is_min_max_normalised():
     torch.manual_seed(0)
     attn = torch.softmax(torch.randn(3, 4, 10, 10), dim=-1)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from simsearch.rerank.verify import (GeometricVerifier, PatchSet, align_translation, cell_centres,
-                                     ransac_similarity, tentative_matches)
+                                     ransac_similarity, squared_residuals, tentative_matches)
 
 
 def _similarity(xy: np.ndarray, scale: float, angle: float, shift, mirror: bool) -> np.ndarray:
@@ -97,6 +97,17 @@ def test_ratio_test_takes_the_second_best_outside_the_best_cells_3x3():
             d = lambda s: np.sqrt(max(2 - 2 * s, 0))  # noqa: E731
             passes = d(sim[m, i, best]) < 0.97 * d(sim[m, i, far].max()) and int(sim[m, :, best].argmax()) == i
             assert t.target[m, i] == best and bool(t.weight[m, i] > 0) == passes
+
+
+def test_squared_residuals_are_those_of_each_hypothesis_at_each_point():
+    """The nine-term expansion RANSAC counts inliers with, against |a z + b - t|^2 in float64 complex."""
+    rng = np.random.default_rng(3)
+    c = lambda *shape: rng.normal(size=shape) + 1j * rng.normal(size=shape)  # noqa: E731
+    a, b, z, t = c(2, 5), c(2, 5), c(2, 7), c(2, 7)
+    want = np.abs(a[:, :, None] * z[:, None] + b[:, :, None] - t[:, None]) ** 2
+    got = squared_residuals(*(torch.tensor(x, dtype=torch.complex64) for x in (a, b, z, t)))
+    assert got.shape == (2, 5, 7)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_ransac_scores_only_the_voting_slots_and_maps_inliers_back():

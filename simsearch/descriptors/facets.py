@@ -22,6 +22,16 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
 
 
+def cls_attention(q_cls: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The CLS row of attention_probs: q_cls (B, H, d), keys (B, T, H*d) heads merged -> (B, H, T).
+
+    One batched matmul of the keys as they are with q laid out block-diagonally (B, H*d, H): the
+    (B, H, T, d) head view that q k^T takes would be copied whole, for a single query row."""
+    b, h, d = q_cls.shape
+    blocks = (q_cls[..., None] * torch.eye(h, dtype=q_cls.dtype)[:, None]).reshape(b, h * d, h)  # (B, H*d, H)
+    return torch.softmax(torch.bmm(keys, blocks).transpose(1, 2) * d ** -0.5, dim=-1)
+
+
 @torch.inference_mode()
 def facet(backbone, layer: int, hidden: torch.Tensor, name: str) -> torch.Tensor:
     """Facet `name` of block `layer` from the hidden state entering it, hidden (B, T, C).

