@@ -162,7 +162,7 @@ def int8_candidate(paths: list[str], db: Path, work: Path) -> dict[str, np.ndarr
     source = runtime.graph_path(idx.conf.to_dict(), fp32.fingerprint)
     quantised = work / "int8.onnx"
     quantize_dynamic(str(source), str(quantised), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
-    graph = runtime.OnnxGraph(runtime._session(quantised), fp32.size, fp32.fingerprint, [], 0.0, "onnx-int8")
+    graph = runtime.OnnxGraph(quantised, fp32.size, fp32.fingerprint, [], 0.0, "onnx-int8")
     out = {"content": [], "style": []}
     for i in range(0, len(paths), 16):
         pixels = np.stack([idx.embedder.preprocess(open_image(Path(p), max_side=fp32.size).image) for p in paths[i:i + 16]])

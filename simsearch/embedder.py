@@ -158,6 +158,7 @@ class Embedder:
         self._backbone = None
         self._runners: dict[str, object] = {}
         self._no_graph: set[str] = set()  # fingerprints whose graph is not cached
+        self._views: dict[int, object] = {}  # input side -> the runner of the dense view there
         self._auto: str | None = None
         self.style_layers = self.conf.style_layer if isinstance(self.conf.style_layer, tuple) else (self.conf.style_layer,)
         self._shapes: tuple[tuple[int, int], dict[str, int]] | None = None
@@ -254,6 +255,36 @@ class Embedder:
             else:
                 self._runners[name] = runtimes.TorchRunner(self.head, bf16=name == "torch-bf16")
         return self._runners[name]
+
+    # -- verification views -----------------------------------------------------------------------
+    def dense_view(self, img: Image.Image, side: int) -> np.ndarray:
+        """The dense tap (T', C) float32 of `img` resized whole to `side` pixels: a query seen at another
+        scale than the stored grid's (rerank.verify's views, region queries)."""
+        return self.view_runner(side).run(np.asarray(self.backbone.preprocess(img, side), np.float32)[None])["dense"][0]
+
+    def view_runner(self, side: int):
+        """The runner of the dense view at input side `side`, in the runtime a single image runs in
+        (`runtime_for(1)`): on ONNX that side's own graph (a DenseHead, exported and verified once like
+        the descriptor graph; torch where the export is refused under "auto"), else eager torch."""
+        if side not in self._views:
+            from .descriptors.head import DenseHead
+
+            name, bb = self.runtime_for(1), self.backbone
+            head = DenseHead(bb, self.conf.dense_layer).eval()
+            runner = None
+            if name == "onnx" and bb.family in runtimes.ONNX_FAMILIES and bb.device.type == "cpu":
+                path = runtimes.graph_path({**self.conf.to_dict(), "dense_view": side}, bb.fingerprint)
+                runner = runtimes.OnnxGraph.load(path)
+                if runner is None or runner.fingerprint != bb.fingerprint or runner.size != side:
+                    try:
+                        runner = runtimes.export_graph(head, side, path, bb.fingerprint, weight_files(self.conf.model),
+                                                       DenseHead.outputs)
+                    except runtimes.RuntimeRefusedError:
+                        if self.runtime == "onnx":
+                            raise
+                        runner = None
+            self._views[side] = runner or runtimes.TorchRunner(head, bf16=name == "torch-bf16", outputs=DenseHead.outputs)
+        return self._views[side]
 
     # -- what the stored rows hold ----------------------------------------------------------------
     def _probe(self) -> tuple[tuple[int, int], dict[str, int]]:

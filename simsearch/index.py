@@ -211,9 +211,14 @@ class Index:
 
     def compile_for_queries(self) -> bool:
         """Cache this configuration's ONNX graph so later cold queries load neither torch nor the model's
-        library (backbones.runtime); a no-op once it exists, on CUDA, or for models it does not cover."""
+        library (backbones.runtime), and the graphs of a reranked query's views; a no-op once they exist,
+        on CUDA, or for models it does not cover."""
         try:
-            return self.embedder.export_graph() is not None
+            if self.embedder.export_graph() is None:
+                return False
+            for side in self.view_sides():  # and a reranked query's views (Embedder.view_runner)
+                self.embedder.view_runner(side)
+            return True
         except (SimsearchError, RuntimeError, OSError) as e:  # a cache that cannot be written costs speed, not the index run
             import logging
 
@@ -271,11 +276,13 @@ class Index:
 
         if method != "verified":
             return RerankQuery(np.asarray(dense, np.float32), img.size)
-        bb, views = self.embedder.backbone, []
-        for scale in VIEW_SCALES:
-            pixels = bb.preprocess(img, bb.view_size(round(self.conf.image_size * scale)))[None]
-            views.append(bb.tokens(pixels, {"dense": (self.conf.dense_layer, "source")})["dense"][0].float().cpu().numpy())
+        views = [self.embedder.dense_view(img, side) for side in self.view_sides()]
         return RerankQuery(np.asarray(dense, np.float32), img.size, views, grey=grey_thumbnail(img))
+
+    def view_sides(self) -> list[int]:
+        """Input sides of a query's verification views (VIEW_SCALES of the index's input size)."""
+        bb = self.embedder.backbone
+        return [bb.view_size(round(self.conf.image_size * scale)) for scale in VIEW_SCALES]
 
     def check_query(self, k: int, mode: str = "content", rerank: str | None = None, candidates: int = 1) -> None:
         """Refuse a query before any forward: unknown mode or reranker, k outside 1..rows, more
@@ -398,6 +405,11 @@ class Index:
             self._region = (describer, catchup.FollowedIndex(self.store, source, IVF_CELLS))
         return self._region
 
+    def region_views(self, region: Image.Image) -> list[np.ndarray]:
+        """A query region's dense tensors [(T_i, C)] at each side it is described at
+        (region.RegionDescriber.query_sides), the index's input size first."""
+        return [self.embedder.dense_view(region, side) for side in self.region_index[0].query_sides(self.conf.image_size)]
+
     def search_region(self, image: str | Path | Image.Image, box: tuple[int, int, int, int], k: int = 10,
                       where: str | None = None, rerank: str | None = DEFAULT_RERANKER,
                       candidates: int = 50) -> list[Hit]:
@@ -414,7 +426,7 @@ class Index:
         region = img.crop(box)
         describer, followed = self.region_index
         vi = followed.get().vectors
-        views = describer.query_views(region, self.conf.image_size)
+        views = self.region_views(region)
         best = self._region_scores(vi, describer.cells_of_views(views, region.size))
         allowed = set(prefix_of(self.store.keys_where(where))) if where else None
         ranked = sorted((p for p in best if allowed is None or p in allowed), key=lambda p: -best[p])

@@ -101,16 +101,11 @@ class RegionDescriber:
                 out.append((ps.pooled(factor) if min(ps.grid) >= 2 * factor else ps).desc[0].numpy())
         return out
 
-    def query_views(self, region, first_side: int) -> list[np.ndarray]:
-        """A query region (PIL image) described at `first_side` and every QUERY_SIZES side ->
-        [(T_i, C) dense tensors], first_side's first: the cells meet stored grids at the region's
-        scale, and verification gets the same tensors as its scale views (one forward per side)."""
-        import torch
-
-        bb = self.backbone
-        with torch.inference_mode():
-            return [bb.tokens(bb.preprocess(region, side)[None].to(bb.device), {"d": (self.layer, "source")})["d"][0]
-                    .float().cpu().numpy() for side in dict.fromkeys(bb.view_size(s) for s in (first_side, *QUERY_SIZES))]
+    def query_sides(self, first_side: int) -> list[int]:
+        """Input sides a query region is described at (Embedder.dense_view), `first_side` first, then
+        every QUERY_SIZES side: the cells meet stored grids at the region's scale, and verification
+        gets the same tensors as its scale views."""
+        return list(dict.fromkeys(self.backbone.view_size(s) for s in (first_side, *QUERY_SIZES)))
 
 
 # -- the FAISS index ---------------------------------------------------------------------------

@@ -126,7 +126,7 @@ def test_the_inverted_file_ranks_a_region_as_the_exact_index_does(region_db):
     assert (exact.kind, ivf.kind) == ("flat", "ivf") and ivf.nlist == region_nlist(exact.ntotal) < 64
     cat = Image.open(photos / "chelsea.jpg").convert("RGB")
     region = cat.crop((130, 60, 130 + cat.width // 4, 60 + cat.height // 4))
-    cells = describer.cells_of_views(describer.query_views(region, idx.conf.image_size), region.size)
+    cells = describer.cells_of_views(idx.region_views(region), region.size)
     by_exact, by_ivf = Index._region_scores(exact, cells), Index._region_scores(ivf, cells)
     rows = {int(r["key"]) >> CELL_BITS: r["path"].rsplit("/", 1)[1] for r in idx.store.head(["key", "path"], 100)}
     assert rows[max(by_ivf, key=by_ivf.get)] == rows[max(by_exact, key=by_exact.get)] == "chelsea.jpg"

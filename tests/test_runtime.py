@@ -68,6 +68,29 @@ def test_each_runtime_holds_its_tolerance(vit_conf):
         assert_within(name, eager, Embedder(vit_conf, "cpu", runtime=name).embed(pixels))
 
 
+def test_verification_views_hold_the_tolerance_and_single_images_run_as_batches_do(vit_conf):
+    """A query's dense view at another input size (Embedder.dense_view: its own DenseHead graph on
+    ONNX) against the eager module's tokens; and a single image through the graph's batch-1
+    session against the same image in a batch."""
+    import torch
+
+    img, side = Image.open(PHOTOS[0]).convert("RGB"), vit_conf.image_size // 2
+    onnx = Embedder(vit_conf, "cpu", runtime="onnx")
+    bb = onnx.backbone
+    if side % bb.size_multiple:
+        side = bb.view_size(side)
+    with torch.inference_mode():
+        want = bb.tokens(bb.preprocess(img, side)[None], {"d": (vit_conf.dense_layer, "source")})["d"][0].numpy()
+    got = onnx.dense_view(img, side)
+    assert isinstance(onnx.view_runner(side), runtime.OnnxGraph) and got.shape == want.shape
+    assert runtime.cosines(want, got).min() >= runtime.MIN_COSINE["onnx"]
+    np.testing.assert_allclose(Embedder(vit_conf, "cpu", runtime="torch").dense_view(img, side), want, rtol=1e-5, atol=1e-5)
+    pixels = photo_pixels(vit_conf.image_size)
+    batch, single = onnx.embed(pixels), onnx.embed(pixels[1:2])
+    for field in ("content", "style", "dense"):
+        assert runtime.cosines(getattr(batch, field)[1:2], getattr(single, field)).min() >= 0.99999
+
+
 def test_stable_diffusion_in_bf16_holds_its_tolerance(tiny_sd):
     """The UNet's DiffSim and DIFT taps run in bf16 through the same runner (ONNX covers ViTs only)."""
     conf = DescriptorConfig.for_model(str(tiny_sd), image_size=128)

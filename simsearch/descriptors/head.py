@@ -32,3 +32,17 @@ class DescriptorHead(nn.Module):
             style = [style_pooled(tokens[n][:, p:].float(), self.style_pooling) for n in self.style_names]
             content = content_vector(tokens["content"].float(), self.content_pooling, prefix=p)
             return content, style[0] if len(style) == 1 else concat_normalized(style), tokens["dense"].float()
+
+
+class DenseHead(nn.Module):
+    """pixels (B, 3, S, S) -> (dense (B, T, C),) float32: the dense tap alone (no block after it runs),
+    what verification takes of a query at another input size than the stored grid's (Embedder.dense_view)."""
+
+    outputs = ("dense",)
+
+    def __init__(self, backbone: nn.Module, layer):
+        super().__init__()
+        self.backbone, self.layer = backbone, layer
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.backbone.tokens(pixels, {"dense": (self.layer, "source")})["dense"].float(),)
