@@ -198,16 +198,24 @@ class Alignment:
 
 def align_translation(query: PatchSet, cand: PatchSet, mirror: bool = True) -> Alignment:
     """Exhaustive search over every translation of the query's (hq, wq) grid on each candidate's
-    (hc, wc) grid, overlapping by at least one cell: a correlation of the descriptor maps (a conv2d
-    with the query grid as its kernel). Where RANSAC needs a few dozen tentative matches, this uses every
-    cell of the query: what a region of 4 x 4 cells has (a region at 1/16 of its target's area)."""
-    hq, wq = query.grid
-    m, _, c = cand.desc.shape
-    maps = cand.desc.transpose(1, 2).reshape(m, c, *cand.grid)  # (M, C, hc, wc)
-    kernel = query.desc[0].T.reshape(1, c, hq, wq)
+    (hc, wc) grid, overlapping by at least one cell: a correlation of the descriptor maps (what a
+    conv2d with the query grid as its kernel computes). Where RANSAC needs a few dozen tentative
+    matches, this uses every cell of the query: what a region of 4 x 4 cells has (a region at 1/16
+    of its target's area).
+
+    Computed from the cell similarities (one matmul), each query cell's map of them summed in at
+    its shift (F.fold: blocks of the candidate's size laid on the query's grid, reversed): the
+    channels are reduced once instead of at every offset, and the mirrored query is the same
+    similarities with its columns read backwards."""
+    (hq, wq), (hc, wc) = query.grid, cand.grid
+    m = cand.desc.shape[0]
+    sim = (cand.desc @ query.desc[0].T).view(m, hc * wc, hq, wq)  # (M, Nc, hq, wq)
     best, offset = torch.full((m,), -2.0), torch.zeros(m, 3, dtype=torch.long)
     for flip in (False, True) if mirror else (False,):
-        corr = F.conv2d(maps, kernel.flip(-1) if flip else kernel, padding=(hq - 1, wq - 1))[:, 0] / (hq * wq)
+        # a block at (ly, lx) of the query grid is query cell (hq - 1 - ly, wq - 1 - lx): offset (dy, dx) lands
+        # at (dy + hq - 1, dx + wq - 1); mirrored, the query's columns are reversed, which cancels the x flip
+        blocks = sim.flip(-2) if flip else sim.flip(-2, -1)
+        corr = F.fold(blocks.flatten(2), (hc + hq - 1, wc + wq - 1), (hc, wc))[:, 0] / (hq * wq)
         top, at = corr.flatten(1).max(-1)  # (M,): over the (hc + hq - 1, wc + wq - 1) offsets
         better = top > best
         width = corr.shape[-1]
