@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, fields
 from functools import cached_property
 from pathlib import Path
@@ -265,7 +266,8 @@ class Embedder:
     def view_runner(self, side: int):
         """The runner of the dense view at input side `side`, in the runtime a single image runs in
         (`runtime_for(1)`): on ONNX that side's own graph (a DenseHead, exported and verified once like
-        the descriptor graph; torch where the export is refused under "auto"), else eager torch."""
+        the descriptor graph), else eager torch. Under "auto" a graph that cannot be had (refused, or a
+        cache that cannot be written) leaves the view in torch: it costs speed, never the query."""
         if side not in self._views:
             from .descriptors.head import DenseHead
 
@@ -279,9 +281,10 @@ class Embedder:
                     try:
                         runner = runtimes.export_graph(head, side, path, bb.fingerprint, weight_files(self.conf.model),
                                                        DenseHead.outputs)
-                    except runtimes.RuntimeRefusedError:
+                    except (runtimes.RuntimeRefusedError, OSError, RuntimeError) as e:
                         if self.runtime == "onnx":
                             raise
+                        logging.getLogger(__name__).warning("view at %d px stays in torch: %s", side, e)
                         runner = None
             self._views[side] = runner or runtimes.TorchRunner(head, bf16=name == "torch-bf16", outputs=DenseHead.outputs)
         return self._views[side]

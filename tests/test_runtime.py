@@ -91,6 +91,25 @@ def test_verification_views_hold_the_tolerance_and_single_images_run_as_batches_
         assert runtime.cosines(getattr(batch, field)[1:2], getattr(single, field)).min() >= 0.99999
 
 
+def test_a_view_graph_that_cannot_be_written_leaves_the_view_in_torch(tiny_model, tmp_path, monkeypatch):
+    """Under auto, a cache that cannot take the view's graph costs speed, not the query: the view runs
+    in torch with the same tokens; an explicit onnx runtime says why it cannot."""
+    model = shutil.copytree(tiny_model, tmp_path / "model")  # a configuration no other test has exported
+    conf = DescriptorConfig.for_model(str(model), **TINY)
+    Embedder(conf, "cpu", runtime="onnx").export_graph()  # the descriptor graph is there: auto runs a query on it
+
+    def unwritable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(runtime.cache_dir()))
+
+    monkeypatch.setattr(runtime, "export_graph", unwritable)
+    auto = Embedder(conf, "cpu", runtime="auto", weights=Embedder(conf, "cpu").fingerprint)  # as a database's Index makes it
+    img = Image.open(PHOTOS[0]).convert("RGB")
+    assert auto.runtime_for(1) == "onnx" and isinstance(auto.view_runner(28), runtime.TorchRunner)
+    np.testing.assert_allclose(auto.dense_view(img, 28), Embedder(conf, "cpu", runtime="torch").dense_view(img, 28), atol=1e-6)
+    with pytest.raises(PermissionError):
+        Embedder(conf, "cpu", runtime="onnx").view_runner(28)
+
+
 def test_stable_diffusion_in_bf16_holds_its_tolerance(tiny_sd):
     """The UNet's DiffSim and DIFT taps run in bf16 through the same runner (ONNX covers ViTs only)."""
     conf = DescriptorConfig.for_model(str(tiny_sd), image_size=128)
