@@ -159,7 +159,7 @@ class Embedder:
         self._backbone = None
         self._runners: dict[str, object] = {}
         self._no_graph: set[str] = set()  # fingerprints whose graph is not cached
-        self._views: dict[int, object] = {}  # input side -> the runner of the dense view there
+        self._views: dict[tuple, object] = {}  # (input side, runtime) -> the runner of the dense view there
         self._auto: str | None = None
         self.style_layers = self.conf.style_layer if isinstance(self.conf.style_layer, tuple) else (self.conf.style_layer,)
         self._shapes: tuple[tuple[int, int], dict[str, int]] | None = None
@@ -258,36 +258,46 @@ class Embedder:
         return self._runners[name]
 
     # -- verification views -----------------------------------------------------------------------
-    def dense_view(self, img: Image.Image, side: int) -> np.ndarray:
+    def dense_view(self, img: Image.Image, side: int, compiled: bool = True) -> np.ndarray:
         """The dense tap (T', C) float32 of `img` resized whole to `side` pixels: a query seen at another
-        scale than the stored grid's (rerank.verify's views, region queries)."""
-        return self.view_runner(side).run(np.asarray(self.backbone.preprocess(img, side), np.float32)[None])["dense"][0]
+        scale than the stored grid's (rerank.verify's views, region queries). `compiled`: on that side's
+        ONNX graph where single images run on ONNX (`view_runner`); each such graph is a session holding
+        the weights up to the dense layer, so callers compile a few fixed sides, not every size they ask for."""
+        runner = self.view_runner(side) if compiled else self._torch_view(self.runtime_for(1))
+        return runner.run(np.asarray(self.backbone.preprocess(img, side), np.float32)[None])["dense"][0]
 
     def view_runner(self, side: int):
         """The runner of the dense view at input side `side`, in the runtime a single image runs in
         (`runtime_for(1)`): on ONNX that side's own graph (a DenseHead, exported and verified once like
-        the descriptor graph), else eager torch. Under "auto" a graph that cannot be had (refused, or a
-        cache that cannot be written) leaves the view in torch: it costs speed, never the query."""
-        if side not in self._views:
-            from .descriptors.head import DenseHead
-
-            name, bb = self.runtime_for(1), self.backbone
-            head = DenseHead(bb, self.conf.dense_layer).eval()
-            runner = None
+        the descriptor graph), else eager torch. A graph that cannot be had (refused, a cache that cannot
+        be written, an ONNX Runtime failure) leaves the view in torch, with a warning: it costs speed,
+        never the query."""
+        name = self.runtime_for(1)
+        if (side, name) not in self._views:
+            bb, runner = self.backbone, None
             if name == "onnx" and bb.family in runtimes.ONNX_FAMILIES and bb.device.type == "cpu":
+                from .descriptors.head import DenseHead
+
                 path = runtimes.graph_path({**self.conf.to_dict(), "dense_view": side}, bb.fingerprint)
                 runner = runtimes.OnnxGraph.load(path)
                 if runner is None or runner.fingerprint != bb.fingerprint or runner.size != side:
                     try:
-                        runner = runtimes.export_graph(head, side, path, bb.fingerprint, weight_files(self.conf.model),
-                                                       DenseHead.outputs)
-                    except (runtimes.RuntimeRefusedError, OSError, RuntimeError) as e:
-                        if self.runtime == "onnx":
-                            raise
-                        logging.getLogger(__name__).warning("view at %d px stays in torch: %s", side, e)
+                        runner = runtimes.export_graph(DenseHead(bb, self.conf.dense_layer).eval(), side, path, bb.fingerprint,
+                                                       weight_files(self.conf.model), DenseHead.outputs)
+                    except Exception as e:  # noqa: BLE001 - tracer, disk and onnxruntime errors alike: torch serves
+                        logging.getLogger(__name__).warning("the %d px view runs in torch (no ONNX graph: %s)", side, e)
                         runner = None
-            self._views[side] = runner or runtimes.TorchRunner(head, bf16=name == "torch-bf16", outputs=DenseHead.outputs)
-        return self._views[side]
+            self._views[side, name] = runner or self._torch_view(name)
+        return self._views[side, name]
+
+    def _torch_view(self, name: str):
+        """The eager DenseHead runner (bf16 under torch-bf16), shared by every side."""
+        if ("torch", name) not in self._views:
+            from .descriptors.head import DenseHead
+
+            self._views["torch", name] = runtimes.TorchRunner(DenseHead(self.backbone, self.conf.dense_layer).eval(),
+                                                              bf16=name == "torch-bf16", outputs=DenseHead.outputs)
+        return self._views["torch", name]
 
     # -- what the stored rows hold ----------------------------------------------------------------
     def _probe(self) -> tuple[tuple[int, int], dict[str, int]]:

@@ -407,8 +407,10 @@ class Index:
 
     def region_views(self, region: Image.Image) -> list[np.ndarray]:
         """A query region's dense tensors [(T_i, C)] at each side it is described at
-        (region.RegionDescriber.query_sides), the index's input size first."""
-        return [self.embedder.dense_view(region, side) for side in self.region_index[0].query_sides(self.conf.image_size)]
+        (region.RegionDescriber.query_sides), the index's input size first. In torch: compiled, its five
+        sides would hold five sessions of the weights (~120 ms faster a query for DINOv2-S/14 at 224 px)."""
+        return [self.embedder.dense_view(region, side, compiled=False)
+                for side in self.region_index[0].query_sides(self.conf.image_size)]
 
     def search_region(self, image: str | Path | Image.Image, box: tuple[int, int, int, int], k: int = 10,
                       where: str | None = None, rerank: str | None = DEFAULT_RERANKER,

@@ -74,17 +74,15 @@ def test_verification_views_hold_the_tolerance_and_single_images_run_as_batches_
     session against the same image in a batch."""
     import torch
 
-    img, side = Image.open(PHOTOS[0]).convert("RGB"), vit_conf.image_size // 2
+    img = Image.open(PHOTOS[0]).convert("RGB")
     onnx = Embedder(vit_conf, "cpu", runtime="onnx")
     bb = onnx.backbone
-    if side % bb.size_multiple:
-        side = bb.view_size(side)
+    side = bb.view_size(vit_conf.image_size // 2)
     with torch.inference_mode():
         want = bb.tokens(bb.preprocess(img, side)[None], {"d": (vit_conf.dense_layer, "source")})["d"][0].numpy()
     got = onnx.dense_view(img, side)
     assert isinstance(onnx.view_runner(side), runtime.OnnxGraph) and got.shape == want.shape
     assert runtime.cosines(want, got).min() >= runtime.MIN_COSINE["onnx"]
-    np.testing.assert_allclose(Embedder(vit_conf, "cpu", runtime="torch").dense_view(img, side), want, rtol=1e-5, atol=1e-5)
     pixels = photo_pixels(vit_conf.image_size)
     batch, single = onnx.embed(pixels), onnx.embed(pixels[1:2])
     for field in ("content", "style", "dense"):
@@ -92,22 +90,43 @@ def test_verification_views_hold_the_tolerance_and_single_images_run_as_batches_
 
 
 def test_a_view_graph_that_cannot_be_written_leaves_the_view_in_torch(tiny_model, tmp_path, monkeypatch):
-    """Under auto, a cache that cannot take the view's graph costs speed, not the query: the view runs
-    in torch with the same tokens; an explicit onnx runtime says why it cannot."""
+    """A cache that cannot take a view's graph costs speed, not the query, under auto and onnx alike:
+    the view runs in torch, within the ONNX tolerance of the graph's tokens."""
     model = shutil.copytree(tiny_model, tmp_path / "model")  # a configuration no other test has exported
     conf = DescriptorConfig.for_model(str(model), **TINY)
-    Embedder(conf, "cpu", runtime="onnx").export_graph()  # the descriptor graph is there: auto runs a query on it
+    exporter = Embedder(conf, "cpu", runtime="onnx")
+    exporter.export_graph()  # the descriptor graph is there: auto runs a query on it
+    img = Image.open(PHOTOS[0]).convert("RGB")
+    graph_tokens = exporter.dense_view(img, 28)
+    runtime.graph_path({**conf.to_dict(), "dense_view": 28}, exporter.fingerprint).unlink()  # the view's graph is not
 
     def unwritable(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(runtime.cache_dir()))
 
     monkeypatch.setattr(runtime, "export_graph", unwritable)
-    auto = Embedder(conf, "cpu", runtime="auto", weights=Embedder(conf, "cpu").fingerprint)  # as a database's Index makes it
-    img = Image.open(PHOTOS[0]).convert("RGB")
-    assert auto.runtime_for(1) == "onnx" and isinstance(auto.view_runner(28), runtime.TorchRunner)
-    np.testing.assert_allclose(auto.dense_view(img, 28), Embedder(conf, "cpu", runtime="torch").dense_view(img, 28), atol=1e-6)
-    with pytest.raises(PermissionError):
-        Embedder(conf, "cpu", runtime="onnx").view_runner(28)
+    for name in ("auto", "onnx"):
+        emb = Embedder(conf, "cpu", runtime=name, weights=exporter.fingerprint)  # as a database's Index makes it
+        assert emb.runtime_for(1) == "onnx" and isinstance(emb.view_runner(28), runtime.TorchRunner)
+        assert runtime.cosines(graph_tokens, emb.dense_view(img, 28)).min() >= runtime.MIN_COSINE["onnx"]
+
+
+def test_an_index_run_compiles_the_query_and_its_view(tiny_model, photos, tmp_path):
+    """After `add_folder`, a reranked query finds both graphs cached: the descriptor graph and the graph
+    of its half-size view; a region's views stay in torch (one session per side otherwise)."""
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    idx = Index(tmp_path / "db", model=str(model), **TINY)
+    idx.add_folder(photos)
+    fp, conf = idx.store.meta["weights"], idx.conf.to_dict()
+    assert runtime.graph_path(conf, fp).is_file()
+    (side,) = idx.view_sides()
+    assert side < idx.conf.image_size and runtime.graph_path({**conf, "dense_view": side}, fp).is_file()
+    again = Index(tmp_path / "db")
+    hits = again.search(QUERIES / "cat_crop.jpg", k=3, rerank="verified")
+    assert len(hits) == 3 and isinstance(again.embedder.view_runner(side), runtime.OnnxGraph)
+    query = Image.open(QUERIES / "cat_crop.jpg")
+    assert len(again.search(query, k=3, box=(0, 0, query.width // 2, query.height // 2))) == 3
+    graphs = [key for key, r in again.embedder._views.items() if isinstance(r, runtime.OnnxGraph)]
+    assert graphs == [(side, "onnx")]
 
 
 def test_stable_diffusion_in_bf16_holds_its_tolerance(tiny_sd):

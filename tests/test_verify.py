@@ -192,6 +192,31 @@ def test_alignment_finds_a_small_region_at_its_offset(mirror):
     assert (np.floor(c_xy[:, 1]) == np.floor(q_xy[:, 1]) + 5).all()
 
 
+@pytest.mark.parametrize("query_grid, cand_grid", [((3, 5), (6, 7)), ((5, 2), (4, 9)), ((7, 8), (5, 6))])
+def test_alignment_of_non_square_grids_is_the_brute_force_best(query_grid, cand_grid, monkeypatch):
+    """Score and offset of every candidate against a loop over all translations, plain and mirrored,
+    on grids of other shapes than square (a query larger than the candidate too), with the candidates
+    taken a few at a time (the similarities' memory bound)."""
+    import simsearch.rerank.verify as verify
+
+    rng = np.random.default_rng(5)
+    query = _unit_grid(rng, *query_grid)
+    cands = np.stack([_unit_grid(rng, *cand_grid) for _ in range(4)])
+
+    def patch_set(g: np.ndarray) -> PatchSet:
+        b, h, w, c = g.shape
+        return PatchSet.on_grid(torch.tensor(g.reshape(b, h * w, c), dtype=torch.float32), torch.ones(b, h * w), (h, w),
+                                [(w, h)] * b)
+
+    monkeypatch.setattr(verify, "ALIGN_BYTES", 8 * np.prod(query_grid) * np.prod(cand_grid) * 3)  # 3 at a time
+    al = align_translation(patch_set(query[None]), patch_set(cands), mirror=True)
+    for i in range(4):
+        plain, mirrored = _best_offset(query, cands[i]), _best_offset(query[:, ::-1], cands[i])
+        score, dy, dx = max(plain, mirrored)
+        assert float(al.score[i]) == pytest.approx(score, abs=1e-5)
+        assert al.offset[i].tolist() == [dy, dx, int(mirrored > plain)]
+
+
 def test_flat_cells_are_the_untextured_ones():
     """A 128 px black canvas with noise in rows and columns 32..95: on a 16 x 16 grid (8 px cells)
     exactly cells 4..11 of each axis are textured; on an 8 x 8 grid, cells 2..5."""

@@ -18,9 +18,13 @@ is not offered: it kept the same nearest image in 85 % of queries on real JPEGs 
 
 Graphs: exported with torch.onnx (the TorchScript exporter: exact outputs, unlike the dynamo one) at
 one input size, so the position table interpolated to that grid is a constant of the graph; the batch
-dimension is free. Each is compared with the eager module on a batch of another size than the traced
-one and refused (`RuntimeRefusedError`) below the tolerance above. They live under `cache_dir()` as
-`<key>.onnx`, the key covering the descriptor configuration, the weights fingerprint and the
+dimension is free. A graph is of the descriptor head (descriptors.head.DescriptorHead: content, style,
+dense) or of the dense tap alone at a query view's size (DenseHead: dense), its outputs recorded in it.
+A single image runs in a session with the batch fixed at 1 (planned as a static graph: faster for one
+image), other batches in one over the free dimension. Each graph is compared with the eager module on a
+batch of another size than the traced one and on a single image, and refused (`RuntimeRefusedError`)
+below the tolerance above. They live under `cache_dir()` as `<key>.onnx`, the key covering FORMAT, the
+descriptor configuration (with the view's side for a DenseHead), the weights fingerprint and the
 onnxruntime version; the graph records the identity (size, mtime, ctime, inode) of the weight files it
 came from, and a graph whose files have changed since counts as absent. A load marks a graph used;
 writing one deletes those unused for UNUSED_DAYS.
@@ -52,7 +56,7 @@ CHOICES = ("auto", *RUNTIMES)
 MIN_COSINE = {"torch": 1.0, "torch-bf16": 0.999, "onnx": 0.9999}
 ONNX_FAMILIES = ("hf-vit", "timm-vit")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # native bfloat16 arithmetic (Cooper Lake / Zen 4, Sapphire Rapids)
-FORMAT = 1
+FORMAT = 2  # 2: outputs recorded, checked in the batch-1 session too
 OPSET = 17
 UNUSED_DAYS = 30
 OUTPUTS = ("content", "style", "dense")
@@ -168,8 +172,9 @@ def _session(path: Path, batch: int | None = None):
 @dataclass
 class OnnxGraph:
     """A verified graph of one configuration at one input size, run by ONNX Runtime on the CPU:
-    single images (queries) in a session of their own with the batch fixed at 1, other batches in
-    one over the free batch dimension, each made on first use."""
+    single images (queries) in a session of their own with the batch fixed at 1 (made by `load`,
+    which reads the graph's metadata through it), other batches in one over the free batch dimension
+    (made on first use)."""
 
     path: Path
     size: int
@@ -178,7 +183,7 @@ class OnnxGraph:
     min_cosine: float
     name: str = "onnx"
     outputs: tuple[str, ...] = OUTPUTS  # ("dense",) for a DenseHead's
-    sessions: dict = field(default_factory=dict, repr=False)  # 1 or None (any batch) -> session
+    sessions: dict = field(default_factory=dict, repr=False, compare=False)  # 1 or None (any batch) -> session
 
     def session(self, batch: int):
         key = 1 if batch == 1 else None

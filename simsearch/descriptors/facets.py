@@ -28,7 +28,7 @@ def cls_attention(q_cls: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     One batched matmul of the keys as they are with q laid out block-diagonally (B, H*d, H): the
     (B, H, T, d) head view that q k^T takes would be copied whole, for a single query row."""
     b, h, d = q_cls.shape
-    blocks = (q_cls[..., None] * torch.eye(h, dtype=q_cls.dtype)[:, None]).reshape(b, h * d, h)  # (B, H*d, H)
+    blocks = (q_cls[..., None] * torch.eye(h, dtype=q_cls.dtype, device=q_cls.device)[:, None]).reshape(b, h * d, h)  # (B, H*d, H)
     return torch.softmax(torch.bmm(keys, blocks).transpose(1, 2) * d ** -0.5, dim=-1)
 
 

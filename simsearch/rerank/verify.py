@@ -90,7 +90,8 @@ def tentative_matches(query: PatchSet, cand: PatchSet, min_sim: float = 0.3, rat
     similarity floor and the ratio test, voting sqrt(saliency_q * saliency_c)."""
     sim = query.desc[0] @ cand.desc.transpose(1, 2)  # (M, Nq, Nc)
     best, target = sim.max(-1)  # (M, Nq)
-    mutual = best >= sim.amax(1).gather(1, target)  # (M, Nq): also its match's best (amax: no indices, 6x faster)
+    # also its match's best (amax, no indices: 6x faster; query cells exactly tied for a column's best all count)
+    mutual = best >= sim.amax(1).gather(1, target)  # (M, Nq)
     # second best outside the 3 x 3 cells around the best (a token's neighbours look alike): mask them
     h, w = cand.grid
     step = torch.arange(-1, 2)
@@ -188,6 +189,9 @@ def _ransac(src, dst, weight, tol, hypotheses, mirror, scale_range, refits, seed
     return Verified(score, inl & (score[:, None] > 0), torch.stack([a, b, mirrored.to(torch.complex64)], -1))
 
 
+ALIGN_BYTES = 64 << 20  # bound on the cell similarities align_translation holds at once
+
+
 @dataclass
 class Alignment:
     """The best translation of a query grid over each of M candidate grids."""
@@ -209,18 +213,21 @@ def align_translation(query: PatchSet, cand: PatchSet, mirror: bool = True) -> A
     similarities with its columns read backwards."""
     (hq, wq), (hc, wc) = query.grid, cand.grid
     m = cand.desc.shape[0]
-    sim = (cand.desc @ query.desc[0].T).view(m, hc * wc, hq, wq)  # (M, Nc, hq, wq)
     best, offset = torch.full((m,), -2.0), torch.zeros(m, 3, dtype=torch.long)
-    for flip in (False, True) if mirror else (False,):
-        # a block at (ly, lx) of the query grid is query cell (hq - 1 - ly, wq - 1 - lx): offset (dy, dx) lands
-        # at (dy + hq - 1, dx + wq - 1); mirrored, the query's columns are reversed, which cancels the x flip
-        blocks = sim.flip(-2) if flip else sim.flip(-2, -1)
-        corr = F.fold(blocks.flatten(2), (hc + hq - 1, wc + wq - 1), (hc, wc))[:, 0] / (hq * wq)
-        top, at = corr.flatten(1).max(-1)  # (M,): over the (hc + hq - 1, wc + wq - 1) offsets
-        better = top > best
-        width = corr.shape[-1]
-        chosen = torch.stack([at // width - (hq - 1), at % width - (wq - 1), torch.full_like(at, int(flip))], -1)
-        best, offset = torch.where(better, top, best), torch.where(better[:, None], chosen, offset)
+    step = max(1, ALIGN_BYTES // (8 * hc * wc * hq * wq))  # candidates at once: their similarities and a flipped copy
+    for start in range(0, m, step):
+        part = slice(start, start + step)
+        sim = (cand.desc[part] @ query.desc[0].T).view(-1, hc * wc, hq, wq)  # (M', Nc, hq, wq)
+        for flip in (False, True) if mirror else (False,):
+            # a block at (ly, lx) of the query grid is query cell (hq - 1 - ly, wq - 1 - lx): offset (dy, dx) lands
+            # at (dy + hq - 1, dx + wq - 1); mirrored, the query's columns are reversed, which cancels the x flip
+            blocks = sim.flip(-2) if flip else sim.flip(-2, -1)
+            corr = F.fold(blocks.flatten(2), (hc + hq - 1, wc + wq - 1), (hc, wc))[:, 0] / (hq * wq)
+            top, at = corr.flatten(1).max(-1)  # (M',): over the (hc + hq - 1, wc + wq - 1) offsets
+            better = top > best[part]
+            width = corr.shape[-1]
+            chosen = torch.stack([at // width - (hq - 1), at % width - (wq - 1), torch.full_like(at, int(flip))], -1)
+            best[part], offset[part] = torch.where(better, top, best[part]), torch.where(better[:, None], chosen, offset[part])
     return Alignment(best, offset)
 
 

@@ -135,6 +135,8 @@ class SearchService:
         with self.model_lock:
             self.index.embed_image(Image.new("RGB", (self.index.conf.image_size,) * 2, "gray"))
             self.index.embedder.backbone  # reranking and match pictures need the model itself, not only the query graph
+            for side in self.index.view_sides():  # and a verified query its views' runners
+                self.index.embedder.view_runner(side)
         self.index.refresh_ann()
 
     # -- searches ----------------------------------------------------------------------------
