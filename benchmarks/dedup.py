@@ -321,9 +321,9 @@ def build_synthetic(db: Path, n: int, source: dict, planted: list, meta: dict) -
 def scale_run(db: Path, min_cosine: float | None = None) -> dict:
     """In a fresh process: FAISS index brought up to date, then find_duplicates timed, peak RSS."""
     from simsearch import Index
-    from simsearch.dedup import CANDIDATE_NPROBE, find_duplicates
+    from simsearch.dedup import find_duplicates
 
-    idx = Index(db, nprobe=CANDIDATE_NPROBE)  # as `simsearch dedup` opens it
+    idx = Index(db)  # as `simsearch dedup` opens it
     t = time.perf_counter()
     idx.refresh_ann()
     ann_s = time.perf_counter() - t

@@ -19,11 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import faiss
 from PIL import Image, ImageOps
 
 from conftest import EXAMPLES, one_line_error
 from simsearch import Index
-from simsearch.dedup import CSV_COLUMNS, DEFAULT_CONF, PairCache, pair_table, build_groups, find_duplicates, identity, scope_of
+from simsearch.ann import VectorIndex
+from simsearch.dedup import (CANDIDATE_NPROBE, CSV_COLUMNS, DEFAULT_CONF, PairCache, build_groups, candidate_pairs,
+                             find_duplicates, identity, pair_table, scope_of)
 from simsearch.index import Hit
 from simsearch.store import path_key
 
@@ -287,3 +290,41 @@ def test_a_new_image_is_verified_only_against_its_own_candidates(tmp_path, colle
     assert [p for p in after if p in before] == before  # nothing verified before was verified again
     group = _group_of(res, str(extra / "chelsea_cropped.png"))
     assert group is not None and group is _group_of(res, paths["chelsea.png"])
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_candidates_scan_a_fixed_number_of_lists_and_find_every_near_copy():
+    """On an IVF index whose default probes twice CANDIDATE_NPROBE lists: each query scans exactly its
+    CANDIDATE_NPROBE nearest lists (their sizes summed from the quantiser's own assignment), and the pairs
+    above the floor are those an exact search over all pairs finds, with their cosines."""
+    rng = np.random.default_rng(0)
+    n, d, floor = 40_000, 64, 0.8  # random 64-d unit vectors meet at cosine >= 0.8 with probability ~1e-14
+    x = _unit(rng.standard_normal((n, d)))
+    copies = np.arange(0, n, 97)
+    x[copies + 1] = _unit(x[copies] + 0.03 * rng.standard_normal((len(copies), d)))
+    keys = np.arange(n, dtype=np.int64) * 3 + 11  # keys are not positions
+    vi = VectorIndex.build(keys, x, ivf_threshold=1_000, nlist=800)
+    assert vi.kind == "ivf" and vi.probes() == 2 * CANDIDATE_NPROBE
+    ivf = faiss.extract_index_ivf(vi.index)
+    sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)])
+    _, nearest = ivf.quantizer.search(x, CANDIDATE_NPROBE)
+    faiss.cvar.indexIVF_stats.reset()
+    found = candidate_pairs(vi, keys, iter([(keys, x)]), k=5, min_cosine=floor)
+    assert faiss.cvar.indexIVF_stats.nq == n
+    # the quantiser's batch search may order near-tied 16th centroids otherwise: a few vectors in 32M
+    assert faiss.cvar.indexIVF_stats.ndis == pytest.approx(sizes[nearest].sum(), rel=1e-5)
+
+    exact = set()
+    for s in range(0, n, 2048):
+        sims = x[s:s + 2048] @ x.T
+        i, j = np.nonzero(sims >= floor)
+        exact |= {(int(keys[s + a]), int(keys[b])) for a, b in zip(i, j) if s + a != b}
+    assert len(exact) == 2 * len(copies)  # each planted pair, both ways, and nothing else
+    a, b, cos = (found.column(c).to_numpy() for c in ("a", "b", "cosine"))
+    assert set(zip(a.tolist(), b.tolist())) == exact
+    pos = {int(key): i for i, key in enumerate(keys)}
+    want = np.einsum("ij,ij->i", x[[pos[v] for v in a]], x[[pos[v] for v in b]])
+    np.testing.assert_allclose(cos, want, atol=1e-5)

@@ -47,7 +47,7 @@ def dedup(
     from ._common import progress_callbacks
 
     quiet_libraries()
-    idx = Index(db, model=model, device=device, nprobe=lib.CANDIDATE_NPROBE)
+    idx = Index(db, model=model, device=device)
     failed = []
     with Progress(console=err, transient=True) as progress:
         if folder is not None:
