@@ -8,8 +8,8 @@ on its tuning split, reported on the held-out one), and time and peak memory as 
 
 proxy: the proxy's dedup pool (originals, distractors and their mild copies: crop to half, mirror plus
 colour, rotation plus JPEG, small greyscale, text) indexed with the library's indexer (or the proxy's
-own cached database, copied), then `simsearch.dedup` with every candidate above the lowest floor
-verified once (the pair cache); thresholds swept on the stored scores. A pair is true when both images
+own cached database, copied), then `simsearch.dedup` with every candidate (content neighbours above the
+lowest floor, style neighbours) verified once (the pair cache); thresholds swept on the stored scores. A pair is true when both images
 derive from one original. Two readings: the verified pairs themselves, and the pairs a group implies
 (every two members of a group: what a user acting on the groups acts on). Splits: images of tuning
 (or held-out) originals plus every distractor. The baseline in the same run: the same candidate pairs
@@ -131,6 +131,7 @@ def bench_proxy(args) -> dict:
            "splits": {}}
     a_all, b_all = pairs.column("a").to_numpy(), pairs.column("b").to_numpy()
     cos_all, score_all = pairs.column("cosine").to_numpy(), pairs.column("score").to_numpy()
+    by_style_all = np.isfinite(pairs.column("style").to_numpy())  # style candidates pass at any content floor
     agree_all = pairs.column("agreement").to_numpy()
     for split in ("tune", "heldout", "heldout-no-figures"):
         # the last: a diagnostic without the documentation figures (near-identical diagram renderings)
@@ -144,15 +145,19 @@ def bench_proxy(args) -> dict:
         total = sum(c * (c - 1) // 2 for c in per_original.values())
         inside = np.isin(a_all, keys) & np.isin(b_all, keys)
         a, b, cos, score, agree = a_all[inside], b_all[inside], cos_all[inside], score_all[inside], agree_all[inside]
+        by_style = by_style_all[inside]
         true = np.array([label[x][0] is not None and label[x][0] == label[y][0] for x, y in zip(a.tolist(), b.tolist())], bool)
         res = {"images": len(keys), "true_pairs": total, "candidate_recall": {}, "verified": {}, "groups": {}, "cosine_only": {}}
         for f in FLOORS:
-            res["candidate_recall"][f"{f:.2f}"] = wilson(int((true & (cos >= f)).sum()), total).to_dict()
+            cand = (cos >= f) | by_style
+            res["candidate_recall"][f"{f:.2f}"] = wilson(int((true & cand).sum()), total).to_dict()
+            if f == min(FLOORS):
+                res["candidates"] = {"pairs": int(cand.sum()), "by_style": int(by_style.sum())}
             sweep_v, sweep_g = {}, {}
-            keep = pairs.filter(np.isin(a_all, keys) & np.isin(b_all, keys) & (cos_all >= f))
+            keep = pairs.filter(np.isin(a_all, keys) & np.isin(b_all, keys) & ((cos_all >= f) | by_style_all))
             for t in THRESHOLDS:
                 for g in AGREEMENTS:
-                    edge = (cos >= f) & (score >= t) & (agree >= g)
+                    edge = cand & (score >= t) & (agree >= g)
                     rule = f"{t:.2f}@{g:.2f}"
                     sweep_v[rule] = {"pairs": int(edge.sum()), "precision": wilson(int((true & edge).sum()), int(edge.sum())).to_dict(),
                                      "recall": wilson(int((true & edge).sum()), total).to_dict()}
@@ -165,7 +170,11 @@ def bench_proxy(args) -> dict:
                 "edges": {"pairs": int(edge.sum()), "precision": wilson(int((true & edge).sum()), int(edge.sum())).to_dict(),
                           "recall": wilson(int((true & edge).sum()), total).to_dict()},
                 "single_linkage": scored(single_linkage(a[edge], b[edge]), label, total)}
-        res["per_edit_pairs"] = _per_edit(a, b, cos, score, agree, label)
+        res["per_edit_pairs"] = _per_edit(a, b, np.where(by_style, 1.0, cos), score, agree, label)  # style candidates: at any floor
+        res["copies_per_edit"] = {}  # each copy is one (original, copy) pair: the per-edit recall's denominator
+        for key in keys.tolist():
+            if label[key][0] is not None and label[key][2] != "original":
+                res["copies_per_edit"][label[key][2]] = res["copies_per_edit"].get(label[key][2], 0) + 1
         out["splits"][split] = res
     out["fit"] = fit(out)
     for res in out["splits"].values():
@@ -210,8 +219,9 @@ def fit(out: dict) -> dict:
     t, g = (float(v) for v in rule.split("@"))
     per_edit = {}
     for split in ("tune", "heldout"):
-        per_edit[split] = {e: round(float(np.mean([(c >= float(f)) and (s >= t) and (a >= g) for c, s, a in v])), 3)
-                           for e, v in out["splits"][split]["per_edit_pairs"].items()}
+        found = out["splits"][split]["per_edit_pairs"]
+        per_edit[split] = {e: round(sum((c >= float(f)) and (s >= t) and (a >= g) for c, s, a in found.get(e, [])) / n, 3)
+                           for e, n in sorted(out["splits"][split]["copies_per_edit"].items())}
     nofig = out["splits"]["heldout-no-figures"]
     no_agreement = max(((r, rr) for r, rr in tune["groups"][f].items() if r.endswith("@0.00") and rr["pairs"]), key=lambda x: f1(x[1]))[0]
     return {"found": True, "target_reached_on_tune": reached, "rule": "highest recall at the target precision" if reached
@@ -234,15 +244,17 @@ def real_source(work: Path, data: Path | None, model: str | None):
     else:  # the smoke test: examples/images and their mirrored halves
         idx, label = quick_source(work, model)
     keys, content = idx.store.vectors("content")
+    style_keys, style = idx.store.vectors("style")
+    style = style[np.argsort(style_keys)[np.searchsorted(np.sort(style_keys), keys)]]  # in the order of keys
     by_original: dict[str, dict[str, int]] = {}
     for key, (orig, _, edit, _) in label.items():
         if orig is not None:
             by_original.setdefault(orig, {})[edit] = key
     couples = [(v["original"], key) for v in by_original.values() if "original" in v
                for e, key in sorted(v.items()) if e != "original"]
-    rows = idx.store.find(sorted({x for c in couples for x in c}), ["content", "dense", "width", "height", "thumb"])
+    rows = idx.store.find(sorted({x for c in couples for x in c}), ["content", "style", "dense", "width", "height", "thumb"])
     planted = [(rows[a], rows[b]) for a, b in couples if a in rows and b in rows]
-    source = {"paths": keys.astype(str), "content": content, "style": content[:, :16]}
+    source = {"paths": keys.astype(str), "content": content, "style": style}
     return source, planted, idx.store.meta
 
 
@@ -270,7 +282,7 @@ def quick_source(work: Path, model: str | None):
 
 def build_synthetic(db: Path, n: int, source: dict, planted: list, meta: dict) -> dict:
     """n rows of scale.Synth (scale.rows_table) in which rows 0 and 1 of every PLANT_EVERY are a
-    planted copy pair: real content vectors (with 1e-3 noise), dense tensors and thumbnails. Other rows carry no
+    planted copy pair: real content and style vectors (with 1e-3 noise), dense tensors and thumbnails. Other rows carry no
     dense tensor (none is read unless a row is a candidate), but for the first PRIOR_ROWS, which the
     verifier's positional prior samples. -> the planted keys"""
     import pyarrow as pa
@@ -292,7 +304,7 @@ def build_synthetic(db: Path, n: int, source: dict, planted: list, meta: dict) -
     for a in range(0, n, 50_000):
         b = min(n, a + 50_000)
         t = rows_table(s, a, b)
-        content = t.column("content").combine_chunks().values.to_numpy().reshape(b - a, -1).copy()
+        content, style = (t.column(c).combine_chunks().values.to_numpy().reshape(b - a, -1).copy() for c in ("content", "style"))
         dense, width, height = [b""] * (b - a), [224] * (b - a), [224] * (b - a)
         thumb = t.column("thumb").to_pylist()
         keys = t.column("key").to_numpy()
@@ -301,13 +313,15 @@ def build_synthetic(db: Path, n: int, source: dict, planted: list, meta: dict) -
         for start in range(a - a % PLANT_EVERY + (PLANT_EVERY if a % PLANT_EVERY else 0), b - 1, PLANT_EVERY):
             pair = planted[(start // PLANT_EVERY) % len(planted)]
             for i, row in zip((start - a, start + 1 - a), pair):
-                x = np.asarray(row["content"], np.float32)[None]
-                content[i] = unit(x + 1e-3 * rng.standard_normal(x.shape, np.float32))[0]
+                for vectors, column in ((content, "content"), (style, "style")):
+                    x = np.asarray(row[column], np.float32)[None]
+                    vectors[i] = unit(x + 1e-3 * rng.standard_normal(x.shape, np.float32))[0]
                 dense[i] = encode_dense(decode_dense(row["dense"], tokens, dim, dtype), WIRE_DTYPE)
                 width[i], height[i], thumb[i] = row["width"], row["height"], row["thumb"]
             truth.append([int(keys[start - a]), int(keys[start + 1 - a])])
-        t = t.set_column(t.schema.get_field_index("content"), "content",
-                         pa.FixedSizeListArray.from_arrays(pa.array(content.reshape(-1)), content.shape[1]))
+        for name, vectors in (("content", content), ("style", style)):
+            t = t.set_column(t.schema.get_field_index(name), name, pa.FixedSizeListArray.from_arrays(
+                pa.array(vectors.reshape(-1).astype(t.schema.field(name).type.value_type.to_pandas_dtype())), vectors.shape[1]))
         for name, values, kind in (("dense", dense, pa.binary()), ("width", width, pa.int32()), ("height", height, pa.int32()),
                                    ("thumb", thumb, t.schema.field("thumb").type)):
             t = t.set_column(t.schema.get_field_index(name), name, pa.array(values, kind))
@@ -321,7 +335,7 @@ def build_synthetic(db: Path, n: int, source: dict, planted: list, meta: dict) -
 def scale_run(db: Path, min_cosine: float | None = None) -> dict:
     """In a fresh process: FAISS index brought up to date, then find_duplicates timed, peak RSS."""
     from simsearch import Index
-    from simsearch.dedup import find_duplicates
+    from simsearch.dedup import STYLE_K, find_duplicates
 
     idx = Index(db)  # as `simsearch dedup` opens it
     t = time.perf_counter()
@@ -339,7 +353,8 @@ def scale_run(db: Path, min_cosine: float | None = None) -> dict:
     return {"rows": idx.count(), "ann_kind": idx.vector_index("content").kind, "ann_build_s": round(ann_s, 1), "model_load_s": round(model_s, 1),
             "dedup_s": round(seconds, 2), "dedup_cpu_s": round(cpu, 2), "pairs_verified": res.pairs_verified,
             "groups": len(res.groups), "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "rss_before_dedup_mib": round(rss_before / 1024), "load": [load, loadavg()], "found_pairs": sorted(pairs)}
+            "rss_before_dedup_mib": round(rss_before / 1024), "load": [load, loadavg()], "found_pairs": sorted(pairs),
+            "style_k": STYLE_K, "style_dim": idx.store.schema.field("style").type.list_size}
 
 
 def n_by_n_baseline(source_db: Path) -> dict:
@@ -393,6 +408,11 @@ def bench_scale(args) -> dict:
 
 
 # -- results -----------------------------------------------------------------------------------------------
+def _candidates(row: dict) -> str:
+    """A scale row's candidate stage: rows measured before the style neighbours carry no style_k."""
+    return f"content + style ({row['style_k']} NN, {row['style_dim']}-d)" if row.get("style_k") else "content only (before style)"
+
+
 def pct(e: dict | None) -> str:
     if not e or e["n"] == 0:
         return "-"
@@ -411,8 +431,8 @@ def render(r: dict) -> str:
         f = p["fit"]
         lines += ["## Copy-detection proxy: pair precision and recall", "", _provenance(p),
                   f"{p['images']} images of the {p['pool']}-image pool (originals, distractors and the mild copies; sample: "
-                  f"{p['sample']}), neighbours from the whole pool, k = {p['k']}, every candidate at "
-                  f"cosine >= {min(p['floors'])} verified once ({p['verified_pairs']} pairs, " + (
+                  f"{p['sample']}), neighbours from the whole pool, k = {p['k']}, every candidate (content "
+                  f"cosine >= {min(p['floors'])}, or a style neighbour: simsearch.dedup.candidates) verified once ({p['verified_pairs']} pairs, " + (
                       f"{p['verify_seconds']} s, load {p['load'][0]:.1f}-{p['load'][1]:.1f})" if p.get("verified_now", 1) else
                       "all read from the pair cache of an earlier run with the same verifier: its time is not this run's)") +
                   ". Intervals: 95 % Wilson.", ""]
@@ -428,7 +448,7 @@ def render(r: dict) -> str:
                       f"| held-out without documentation figures (diagnostic) | {nf['pairs']} | {pct(nf['precision'])} | {pct(nf['recall'])} |",
                       f"| held-out, best F1 on tune without the agreement ({wa['rule']}) | {wa['heldout']['pairs']} | "
                       f"{pct(wa['heldout']['precision'])} | {pct(wa['heldout']['recall'])} |",
-                      "", "Recall of (original, copy) pairs per edit at the fitted rule (verified edges):", "",
+                      "", "Recall of (original, copy) pairs per edit at the fitted rule (verified edges, out of every copy of that edit):", "",
                       "| edit | tune | held-out |", "|---|---|---|"]
             pe = f["per_edit_original_copy_recall"]
             lines += [f"| {e} | {pe['tune'].get(e, '-')} | {pe['heldout'].get(e, '-')} |" for e in sorted(pe["heldout"])]
@@ -447,8 +467,10 @@ def render(r: dict) -> str:
         if f.get("found"):
             e = f["heldout_verified_edges"]
             lines += [f"| verified >= {f['threshold']}, agreement >= {f['min_agreement']} (edges) | {e['pairs']} | {pct(e['precision'])} | {pct(e['recall'])} |"]
-        lines += ["", "Candidate recall ceiling (true pairs among the k-NN candidates above the floor), held-out: " +
-                  ", ".join(f"{fl}: {pct(v)}" for fl, v in held["candidate_recall"].items()), ""]
+        lines += ["", "Candidate recall ceiling (true pairs among the candidates: content k-NN above the floor, and the "
+                  "style neighbours), held-out: " + ", ".join(f"{fl}: {pct(v)}" for fl, v in held["candidate_recall"].items())
+                  + (f"; {held['candidates']['pairs']} candidate pairs, {held['candidates']['by_style']} of them style neighbours"
+                     if "candidates" in held else ""), ""]
     elif p:
         lines += ["## Copy-detection proxy", "", str(p), ""]
     s = r.get("scale")
@@ -457,9 +479,9 @@ def render(r: dict) -> str:
                   f"Synthetic rows (real content vectors + noise, scale.py's Synth), one planted copy pair (real vectors and "
                   f"dense tensors of an original and a mild copy) per {s['plant_every']} rows; `find_duplicates` on the whole "
                   "table in a fresh process, the FAISS index built and the model loaded before it (not counted).", "",
-                  "| rows | FAISS | dedup s | CPU s | CPU ms per row | pairs verified | CPU ms per pair | planted found | peak RSS MiB | of it dedup MiB | load |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {x['rows']:,} | {x['ann_kind']} | {x['dedup_s']} | {x['dedup_cpu_s']} | {1000 * x['dedup_cpu_s'] / x['rows']:.3f} | "
+                  "| rows | candidates | FAISS | dedup s | CPU s | CPU ms per row | pairs verified | CPU ms per pair | planted found | peak RSS MiB | of it dedup MiB | load |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {x['rows']:,} | {_candidates(x)} | {x['ann_kind']} | {x['dedup_s']} | {x['dedup_cpu_s']} | {1000 * x['dedup_cpu_s'] / x['rows']:.3f} | "
                   f"{x['pairs_verified']} | {1000 * x['dedup_cpu_s'] / max(x['pairs_verified'], 1):.1f} | {x['planted_found']}/{x['planted_pairs']} | "
                   f"{x['peak_rss_mib']} | {x['peak_rss_mib'] - x['rss_before_dedup_mib']} | {x['load'][0]:.1f}-{x['load'][1]:.1f} |" for x in s["rows"]]
         lines += ["", "Rows carry no dense tensor unless planted, and the planted rows' real vectors all sit above the "
@@ -467,6 +489,10 @@ def render(r: dict) -> str:
                   "k candidates once planted rows outnumber k: the verified pairs grow with n, as the cost does. "
                   "`peak RSS` includes the model and both FAISS indexes, built in the same process before the timing; "
                   "`of it dedup`: the growth during `find_duplicates`."]
+        if s.get("content_only_same_machine"):
+            lines += ["", "The same sizes with content candidates only, same machine, the commit before the style neighbours: " + "; ".join(
+                f"{x['rows']:,} rows {x['dedup_s']} s ({x['dedup_cpu_s']} s CPU), {x['pairs_verified']} pairs, planted found "
+                f"{x['planted_found']}/{x['planted_pairs']}" for x in s["content_only_same_machine"]) + "."]
         b = s["baseline"]
         lines += ["", f"Baseline (same process as the {b['rows']:,}-row build): the N x N cosine matrix takes {b['seconds']} s and "
                   f"{b['matrix_mib']} MiB; at 1M rows it would be {b['memory_at_1M_gib']:,} GiB.", ""]

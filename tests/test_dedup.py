@@ -25,8 +25,8 @@ from PIL import Image, ImageOps
 from conftest import EXAMPLES, one_line_error
 from simsearch import Index
 from simsearch.ann import VectorIndex
-from simsearch.dedup import (CANDIDATE_NPROBE, CSV_COLUMNS, DEFAULT_CONF, PairCache, build_groups, candidate_pairs,
-                             find_duplicates, identity, pair_table, scope_of)
+from simsearch.dedup import (CANDIDATE_NPROBE, CSV_COLUMNS, DEFAULT_CONF, MIN_STYLE, STYLE_K, PairCache, build_groups,
+                             candidate_pairs, candidates, find_duplicates, identity, pair_table, scope_of)
 from simsearch.index import Hit
 from simsearch.store import path_key
 
@@ -328,3 +328,29 @@ def test_candidates_scan_a_fixed_number_of_lists_and_find_every_near_copy():
     pos = {int(key): i for i, key in enumerate(keys)}
     want = np.einsum("ij,ij->i", x[[pos[v] for v in a]], x[[pos[v] for v in b]])
     np.testing.assert_allclose(cos, want, atol=1e-5)
+
+
+def test_candidates_are_the_content_and_the_style_neighbours(collection):
+    """`candidates` on the real store: every pair at content cosine >= the floor or at style cosine >=
+    MIN_STYLE (k reaches every row, so the floors decide), each with its content cosine, and its style
+    cosine where style found it, all from the stored vectors."""
+    db, _, _ = collection
+    idx = Index(db)
+    keys, content = idx.store.vectors("content")
+    style_keys, style = idx.store.vectors("style")
+    style = style[np.argsort(style_keys)[np.searchsorted(np.sort(style_keys), keys)]]
+    assert len(keys) - 1 <= STYLE_K  # style's k reaches every row too
+    c, s = (_unit(x.astype(np.float64)) for x in (content, style))
+    cos, sty = c @ c.T, s @ s.T
+    floor = 0.9  # above most content pairs here, so that style adds pairs of its own
+    got = candidates(idx, keys, len(keys), floor)
+    pairs = list(zip(got.column("a").to_pylist(), got.column("b").to_pylist()))
+    pos = {int(key): i for i, key in enumerate(keys)}
+    want = {(int(keys[i]), int(keys[j])) for i in range(len(keys)) for j in range(len(keys))
+            if i != j and (cos[i, j] >= floor or sty[i, j] >= MIN_STYLE)}
+    assert len(pairs) == len(set(pairs)) and set(pairs) == want
+    by_style_only = [p for p in pairs if cos[pos[p[0]], pos[p[1]]] < floor]
+    assert by_style_only  # the style neighbours add pairs content would not give
+    np.testing.assert_allclose(got.column("cosine").to_numpy(), [cos[pos[a], pos[b]] for a, b in pairs], atol=1e-4)
+    expect_style = np.array([sty[pos[a], pos[b]] if sty[pos[a], pos[b]] >= MIN_STYLE else np.nan for a, b in pairs])
+    np.testing.assert_allclose(got.column("style").to_numpy(), expect_style, atol=1e-4)
