@@ -377,11 +377,15 @@ def n_by_n_baseline(source_db: Path) -> dict:
 
 
 def bench_scale(args) -> dict:
+    from simsearch.store import ImageStore
+
     source, planted, meta = real_source(args.work, args.data, args.model)
     rows = []
     for n in args.sizes:
         db = args.work / f"synthetic-{n}.db"
         info_file = db / "planted.json"
+        if info_file.exists() and ImageStore(db).schema.field("style").type.list_size != source["style"].shape[1]:
+            info_file.unlink()  # built before the rows carried real style vectors: build again
         if not info_file.exists():
             shutil.rmtree(db, ignore_errors=True)
             t = time.perf_counter()
@@ -476,7 +480,7 @@ def render(r: dict) -> str:
     s = r.get("scale")
     if s:
         lines += ["## Time and peak memory as the table grows", "", _provenance(s) if "machine" in s else "",
-                  f"Synthetic rows (real content vectors + noise, scale.py's Synth), one planted copy pair (real vectors and "
+                  f"Synthetic rows (real content and style vectors + noise, scale.py's Synth), one planted copy pair (real vectors and "
                   f"dense tensors of an original and a mild copy) per {s['plant_every']} rows; `find_duplicates` on the whole "
                   "table in a fresh process, the FAISS index built and the model loaded before it (not counted).", "",
                   "| rows | candidates | FAISS | dedup s | CPU s | CPU ms per row | pairs verified | CPU ms per pair | planted found | peak RSS MiB | of it dedup MiB | load |",

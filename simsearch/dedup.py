@@ -210,14 +210,20 @@ def candidates(index, keys: np.ndarray, k: int, min_cosine: float, other=None) -
     content neighbours at content cosine >= min_cosine, and its STYLE_K style neighbours at style cosine
     >= MIN_STYLE. The style vector (channel statistics of the middle layers, pooled over the image) stays
     put where a copy is mirrored, recoloured or stamped with text and the CLS vector moves: on the tuning
-    split of the copy-detection proxy the content neighbours hold 0.71 of the true pairs, with the style
-    ones 0.81, for 15 % more pairs (benchmarks/dedup.py). -> pair_table: cosine the content cosine of
-    every pair, style the style cosine of those style found (NaN for the others)."""
+    split of the copy-detection proxy (exact k-NN over its stored vectors, README "Duplicates") the content
+    neighbours hold 0.71 of the true pairs, with the style ones 0.81, for 15 % more pairs.
+
+    The style neighbours and their floor are the style index's own scores: exact below the compact index's
+    projection threshold, then its projected (and 8-bit) ones, which run a little below the exact cosine
+    (median -0.05 on real vectors in 100k synthetic rows, README). Re-scoring them exactly would read every
+    candidate's 20 KB style vector. -> pair_table sorted by (a, b): cosine the content cosine of every
+    pair, style the style index's score of those style found (NaN for the others)."""
     other = other or index
     by_content = candidate_pairs(other.vector_index("content"), keys, _vectors(index, keys, "content"), k, min_cosine)
     by_style = candidate_pairs(other.vector_index("style"), keys, _vectors(index, keys, "style"), STYLE_K, MIN_STYLE)
     t = by_content.select(["a", "b", "cosine"]).join(
-        by_style.select(["a", "b", "cosine"]).rename_columns(["a", "b", "style"]), ["a", "b"], join_type="full outer")
+        by_style.select(["a", "b", "cosine"]).rename_columns(["a", "b", "style"]), ["a", "b"], join_type="full outer",
+        use_threads=False).sort_by([("a", "ascending"), ("b", "ascending")])
     a, b = t.column("a").to_numpy(), t.column("b").to_numpy()
     cosine, style = (t.column(c).fill_null(np.nan).to_numpy().astype(np.float32) for c in ("cosine", "style"))
     lack = np.isnan(cosine)  # found by style alone
@@ -225,14 +231,22 @@ def candidates(index, keys: np.ndarray, k: int, min_cosine: float, other=None) -
     return pair_table(a, b, cosine, style=style)
 
 
-def _cosines(index, other, a: np.ndarray, b: np.ndarray, column: str) -> np.ndarray:
-    """The cosine of each pair's stored `column` vectors, a rows of `index`, b of `other`."""
-    if not len(a):
-        return np.zeros(0, np.float32)
-    (ka, va), (kb, vb) = index.store.vectors_of(np.unique(a), column), other.store.vectors_of(np.unique(b), column)
-    oa, ob = np.argsort(ka), np.argsort(kb)
-    va, vb = va[oa[np.searchsorted(ka, a, sorter=oa)]], vb[ob[np.searchsorted(kb, b, sorter=ob)]]
-    return np.einsum("ij,ij->i", va, vb) / (np.linalg.norm(va, axis=1) * np.linalg.norm(vb, axis=1))
+def _cosines(index, other, a: np.ndarray, b: np.ndarray, column: str, chunk: int = 8 * QUERY_BATCH) -> np.ndarray:
+    """The cosine of each pair's stored `column` vectors, a rows of `index`, b of `other`, `chunk` pairs'
+    vectors read at a time; NaN where a row is gone (the FAISS index may be a version behind the table)."""
+    out = np.full(len(a), np.nan, np.float32)
+    for s in range(0, len(a), chunk):
+        x, y = a[s:s + chunk], b[s:s + chunk]
+        (ka, va), (kb, vb) = index.store.vectors_of(np.unique(x), column), other.store.vectors_of(np.unique(y), column)
+        if not len(ka) or not len(kb):
+            continue
+        oa, ob = np.argsort(ka), np.argsort(kb)
+        ia = oa[np.minimum(np.searchsorted(ka, x, sorter=oa), len(ka) - 1)]
+        ib = ob[np.minimum(np.searchsorted(kb, y, sorter=ob), len(kb) - 1)]
+        there = (ka[ia] == x) & (kb[ib] == y)
+        va, vb = va[ia[there]], vb[ib[there]]
+        out[s:s + chunk][there] = np.einsum("ij,ij->i", va, vb) / (np.linalg.norm(va, axis=1) * np.linalg.norm(vb, axis=1))
+    return out
 
 
 PAIR_COLUMNS = ("score", "inliers", "agreement", "scale")  # what verification adds to a candidate (a, b, cosine, style)
@@ -278,7 +292,7 @@ def _pixels(index, keys: np.ndarray) -> np.ndarray:
 # -- stored pair scores --------------------------------------------------------------------------------
 class PairCache:
     """Verified pairs of one database (or of one database against another) in ROOT/dedup/<name>.parquet:
-    columns a, b (keys), cosine, score, inliers; metadata: the table version(s) and store identity they
+    the columns of pair_table; metadata: the table version(s) and store identity they
     reflect, the candidate settings, and the keys whose neighbours were searched ("queried"). Written
     whole and atomically (a new file renamed over the old): a killed run leaves the previous cache."""
 
@@ -477,11 +491,13 @@ def as_nodes(pairs: pa.Table, scope: Scope) -> pa.Table:
                   "cosine": pairs.column("cosine").to_numpy()[inside], "style": pairs.column("style").to_numpy()[inside],
                   **{name: pairs.column(name).to_numpy()[inside] for name in PAIR_COLUMNS if name != "scale"},
                   "scale": np.where(a > b, np.reciprocal(scale, where=scale != 0, out=np.full_like(scale, np.inf)), scale)[inside]})
+    style = t.column("style").to_numpy()
+    t = t.set_column(t.schema.get_field_index("style"), "style", pa.array(style, mask=np.isnan(style)))  # null: skipped by max
     t = t.sort_by([("score", "descending")])
-    rest = ("cosine", "style", *PAIR_COLUMNS)
-    first = t.group_by(["a", "b"], use_threads=False).aggregate([(name, "first") for name in rest])
-    return pair_table(first.column("a").to_numpy(), first.column("b").to_numpy(),
-                       **{name: first.column(f"{name}_first").to_numpy() for name in rest})
+    rest = ("cosine", *PAIR_COLUMNS)
+    agg = t.group_by(["a", "b"], use_threads=False).aggregate([(name, "first") for name in rest] + [("style", "max")])
+    return pair_table(agg.column("a").to_numpy(), agg.column("b").to_numpy(), style=agg.column("style_max").fill_null(np.nan).to_numpy(),
+                      **{name: agg.column(f"{name}_first").to_numpy() for name in rest})
 
 
 def stored_pairs(index, scope: Scope, k: int, min_cosine: float, on_advance=None) -> tuple[pa.Table, int]:
