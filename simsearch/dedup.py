@@ -68,9 +68,10 @@ STYLE_K, MIN_STYLE = 10, 0.7
 AGREEMENT_FROM = 0.1  # verified score from which a pair's thumbnails are compared (below: agreement 0)
 RESOLUTION_TOLERANCE = 1.15  # content shown within 15 % of the same linear scale counts as the same resolution
 QUERY_BATCH = 1024  # FAISS queries per search call
-# IVF lists probed for candidates: near copies sit in their query's own list or next to it, and a fixed
-# count keeps each query's scan ~ n / nlist * 16, so that the whole search grows about linearly with n
-# (a query's default probes a share of the lists: 160 of 4,000 at 1M rows).
+# IVF lists probed for candidates: near copies sit in their query's own list or next to it. A fixed count
+# keeps each query's scan at ~16 n / nlist vectors, which still grows as sqrt(n) with the index's 4 sqrt(n)
+# lists (and with their imbalance: 16,499 vectors a query at 1M synthetic rows, README "Duplicates"); a
+# query's default probes a share of the lists, 160 of 4,000 at 1M rows, 7.6x that scan.
 CANDIDATE_NPROBE = 16
 CHUNK_ROWS = 256  # rows decoded at once while verifying (dense float32 and patch sets: ~200 MB for DINOv2-S at 224 px)
 LOSSLESS = frozenset({".png", ".tif", ".tiff", ".bmp"})  # .webp: lossless when its first chunk is VP8L
