@@ -293,13 +293,16 @@ def run_regions(idx: Index, data: Path, regions: list[dict], rerankers: list[str
     methods = [FIRST, *rerankers] if box_search else []
     firsts: dict[str, list] = {}
     hits_box: dict[str, dict[str, list]] = {}
+    seconds: dict[str, list[float]] = {}  # per boxed query, the forward included (the first builds the region index)
     for r in regions:
         key = f"{r['kind']} {r['area']}"
         top = idx.search(data / r["crop"], k=1)
         firsts.setdefault(key, []).append(relative(top[0].path, data) == r["target"])
         for m in methods:
+            t0 = time.perf_counter()
             top = idx.search_region(data / r["image"], tuple(r["box"]), k=1, rerank=None if m == FIRST else m,
                                     candidates=candidates)
+            seconds.setdefault(m, []).append(time.perf_counter() - t0)
             hits_box.setdefault(key, {}).setdefault(m, []).append(relative(top[0].path, data) == r["target"])
     fractions: dict[str, list[float]] = {}
     for r in regions:
@@ -307,7 +310,8 @@ def run_regions(idx: Index, data: Path, regions: list[dict], rerankers: list[str
     return {"region_search": "available" if box_search else "not available (Index.search has no `box`)",
             "target_area_fraction": {k: float(np.median(v)) for k, v in fractions.items()},
             "crop_as_query": {k: wilson(sum(v), len(v)).to_dict() for k, v in firsts.items()},
-            "box": {k: {m: wilson(sum(v), len(v)).to_dict() for m, v in d.items()} for k, d in hits_box.items()}}
+            "box": {k: {m: wilson(sum(v), len(v)).to_dict() for m, v in d.items()} for k, d in hits_box.items()},
+            "box_seconds_p50": {m: round(float(np.median(v)), 3) for m, v in seconds.items()}}
 
 
 def chosen_originals(manifest: dict, splits: tuple[str, ...], limit: int) -> set[str]:
@@ -425,6 +429,9 @@ def markdown(r: dict) -> str:
         lines += ["", "`original 1/n`: a crop of 1/n of an original, target that original (in the pool). `pasted 1/n`: a "
                   "crop of 1/n of a paste source (not in the pool), target the composite it was pasted into. Scene + box: "
                   "the crop pasted into an unrelated distractor and searched with its box.", ""]
+        if g.get("box_seconds_p50"):
+            lines += ["Scene + box, wall-clock per query (p50, one at a time, the region's forwards included): "
+                      + ", ".join(f"{m} {s} s" for m, s in g["box_seconds_p50"].items()) + f"; {r['candidates']} candidates.", ""]
     if "dedup" in r:
         d = r["dedup"]
         lines += ["## Dedup baseline: threshold on content cosine", "",

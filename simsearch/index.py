@@ -333,14 +333,18 @@ class Index:
         from .rerank import fuse, rerank_scores
 
         version, prior = hits[0].table_version if hits else None, self.positional_prior() if method == "verified" else None
+        # a region is also compared with the candidates' thumbnails (rerank.photometric.region_agreement)
+        thumbs = method == "verified" and getattr(query, "region", False) and query.grey is not None
         kept, parts = [], []
         for start in range(0, len(hits), RERANK_CHUNK):
-            found = self.store.find([h.key for h in hits[start:start + RERANK_CHUNK]], ["dense", "width", "height"], version=version)
+            found = self.store.find([h.key for h in hits[start:start + RERANK_CHUNK]],
+                                    ["dense", "width", "height", *(["thumb"] if thumbs else [])], version=version)
             chunk = [h for h in hits[start:start + RERANK_CHUNK] if h.key in found]
             if chunk:
                 rows = [found[h.key] for h in chunk]
                 parts.append(rerank_scores(self.embedder.backbone, self.conf.dense_layer, query, self._decode_dense(rows, as_stored=True),
-                                           method, [(r["width"], r["height"]) for r in rows], prior=prior))
+                                           method, [(r["width"], r["height"]) for r in rows], prior=prior,
+                                           cand_greys=[grey_thumbnail(r["thumb"]) for r in rows] if thumbs else None))
                 kept += chunk
         hits = kept
         if not hits:
@@ -438,7 +442,8 @@ class Index:
                 for i, p in enumerate((p for p in ranked if p in rows), 1)]
         if rerank is None or not hits:
             return hits[:k]
-        hits = self.rerank(RerankQuery(views[0], region.size, views[1:], region=True), hits[:max(k, candidates)], rerank)[:k]
+        query = RerankQuery(views[0], region.size, views[1:], region=True, grey=grey_thumbnail(region))
+        hits = self.rerank(query, hits[:max(k, candidates)], rerank)[:k]
         x0, y0 = box[0], box[1]  # correspondences in the query image's pixels, not the region's
         return [replace(h, matches=[(qx + x0, qy + y0, hx, hy) for qx, qy, hx, hy in h.matches]) for h in hits]
 

@@ -8,7 +8,7 @@ from PIL import Image, ImageOps
 from conftest import EXAMPLES
 from simsearch.dedup import content_tiers
 from simsearch.images import grey_thumbnail
-from simsearch.rerank.photometric import BLOCK, MIN_STD, photometric_agreement
+from simsearch.rerank.photometric import BLOCK, MIN_STD, photometric_agreement, region_agreement, template_correlation
 
 
 def _smooth(x: np.ndarray) -> np.ndarray:
@@ -85,3 +85,46 @@ def test_content_tiers_follow_the_transforms_not_the_pixels():
     scale = np.array([1.0, 0.5, 1.1, np.nan])
     tiers = content_tiers(a, b, scale, fallback=np.array([1.0, 1.0, 1.0, 2.0]))
     assert tiers == {1: 0, 2: 0, 3: 1, 4: 1, 5: 1, 6: 0}
+
+
+def test_template_correlation_is_the_correlation_at_each_place():
+    """Against np.corrcoef of the template with the window under it, place by place; a flat window
+    correlates with nothing (0)."""
+    rng = np.random.default_rng(1)
+    image = rng.normal(100, 30, (14, 17))
+    image[:6, :7] = 50.0  # a flat patch, as large as the template
+    template = rng.normal(0, 1, (6, 7))
+    got = template_correlation(torch.tensor(template), torch.tensor(image)).numpy()
+    assert got.shape == (9, 11)
+    for y in range(9):
+        for x in range(11):
+            window = image[y:y + 6, x:x + 7]
+            want = 0.0 if window.std() < 1 else np.corrcoef(template.ravel(), window.ravel())[0, 1]
+            assert got[y, x] == pytest.approx(want, abs=1e-9)
+    assert got[0, 0] == 0.0
+
+
+def test_a_region_is_found_near_where_its_alignment_puts_it():
+    """A 1/16 region of a photo (plain and mirrored) against the photo's thumbnail, under the transform
+    an alignment gives (10 % off in scale, 3 % of the image off in place): its agreement is that of the
+    true place; an unrelated photo and a place far from the region agree less; a flat region, a missing
+    thumbnail or a template larger than the candidate agree with nothing."""
+    img = _photo("chelsea.jpg")
+    w, h = img.size
+    x0, y0, side = 140, 40, max(w, h) // 4  # around the cat's head, a quarter of the side
+    crop = img.crop((x0, y0, x0 + side, y0 + side * h // w))
+    c, other = grey_thumbnail(img), grey_thumbnail(_photo("coffee.jpg"))
+    a, b = 1.1 * max(crop.size) / w, (x0 + 1j * y0) / w + (0.03 - 0.02j)  # z (units of the crop) -> units of the photo
+    plain = torch.tensor([[a, b, 0]], dtype=torch.complex64)
+    exact = template_correlation(torch.tensor(_smooth(np.asarray(
+        Image.fromarray(grey_thumbnail(crop)).resize((32, 21), Image.Resampling.BILINEAR)))), torch.tensor(_smooth(c)))
+    got = region_agreement(grey_thumbnail(crop), [c, other, None], plain.expand(3, -1))
+    assert got[0].item() > 0.9 and got[0].item() >= exact.max().item() - 0.05
+    assert got[1].item() < got[0].item() - 0.2 and got[2].item() == 0.0
+    mirrored = torch.tensor([[-a, b + a * crop.width / max(crop.size), 1]], dtype=torch.complex64)  # x -> width - x first
+    assert region_agreement(grey_thumbnail(ImageOps.mirror(crop)), [c], mirrored).item() > 0.9
+    far = torch.tensor([[a, b + 0.3, 0]], dtype=torch.complex64)
+    assert region_agreement(grey_thumbnail(crop), [c], far).item() < got[0].item() - 0.2
+    flat = np.full((40, 40), 90, np.uint8)
+    assert region_agreement(flat, [c], plain).item() == 0.0
+    assert region_agreement(grey_thumbnail(crop), [c], torch.tensor([[8.0, 0, 0]], dtype=torch.complex64)).item() == 0.0

@@ -148,6 +148,13 @@ def _unit_grid(rng, h: int, w: int, c: int = 32) -> np.ndarray:
     g = rng.normal(size=(h, w, c))
     return g / np.linalg.norm(g, axis=-1, keepdims=True)
 
+def _grid_set(g: np.ndarray) -> PatchSet:
+    """Grids (B, h, w, C) of unit descriptors as a PatchSet, one pixel a cell, every cell weighing 1."""
+    b, h, w, c = g.shape
+    return PatchSet.on_grid(torch.tensor(g.reshape(b, h * w, c), dtype=torch.float32), torch.ones(b, h * w), (h, w),
+                            [(w, h)] * b)
+
+
 
 def _best_offset(query: np.ndarray, cand: np.ndarray) -> tuple[float, int, int]:
     """Brute force: mean cosine of the query's cells over the candidate cells under them (0 off the
@@ -171,18 +178,13 @@ def test_alignment_finds_a_small_region_at_its_offset(mirror):
     noisy = query + rng.normal(0, 0.1, query.shape)
     noisy /= np.linalg.norm(noisy, axis=-1, keepdims=True)
 
-    def patch_set(g: np.ndarray) -> PatchSet:
-        b, h, w, c = g.shape
-        return PatchSet.on_grid(torch.tensor(g.reshape(b, h * w, c), dtype=torch.float32), torch.ones(b, h * w), (h, w),
-                                [(w, h)] * b)
-
-    al = align_translation(patch_set(noisy[None]), patch_set(cands), mirror=True)
+    al = align_translation(_grid_set(noisy[None]), _grid_set(cands), mirror=True)
     assert al.offset[1].tolist() == [5, 2, int(mirror)]
     assert int(al.score.argmax()) == 1
     for i in (0, 2):  # unrelated grids: the brute-force best over plain translations, at most
         assert float(al.score[i]) == pytest.approx(max(_best_offset(noisy, cands[i])[0],
                                                        _best_offset(noisy[:, ::-1], cands[i])[0]), abs=1e-5)
-    ver = GeometricVerifier(min_sim=0.8).align([patch_set(noisy[None])], patch_set(cands))
+    ver = GeometricVerifier(min_sim=0.8).align([_grid_set(noisy[None])], _grid_set(cands))
     assert int(ver.inliers[1]) == 16 and int(ver.inliers[0]) == 0
     # correspondences: each query cell centre against the candidate cell it came from (pixels)
     q_xy, c_xy = ver.pairs[1][:, :2], ver.pairs[1][:, 2:]
@@ -203,13 +205,8 @@ def test_alignment_of_non_square_grids_is_the_brute_force_best(query_grid, cand_
     query = _unit_grid(rng, *query_grid)
     cands = np.stack([_unit_grid(rng, *cand_grid) for _ in range(4)])
 
-    def patch_set(g: np.ndarray) -> PatchSet:
-        b, h, w, c = g.shape
-        return PatchSet.on_grid(torch.tensor(g.reshape(b, h * w, c), dtype=torch.float32), torch.ones(b, h * w), (h, w),
-                                [(w, h)] * b)
-
     monkeypatch.setattr(verify, "ALIGN_BYTES", 8 * np.prod(query_grid) * np.prod(cand_grid) * 3)  # 3 at a time
-    al = align_translation(patch_set(query[None]), patch_set(cands), mirror=True)
+    al = align_translation(_grid_set(query[None]), _grid_set(cands), mirror=True)
     for i in range(4):
         plain, mirrored = _best_offset(query, cands[i]), _best_offset(query[:, ::-1], cands[i])
         score, dy, dx = max(plain, mirrored)
@@ -259,3 +256,24 @@ def test_a_shared_blank_canvas_does_not_verify():
     assert (masked.weight[0] == 0).sum() == blank.sum() and masked.weight[0, grid[~blank]].eq(1).all()
     assert float(verifier([masked], without_flat(cand, [greys[1]])).score[0]) < 0.1  # chance inliers at most
     assert without_flat(query, [None]).weight.eq(1).all()  # no thumbnail: every cell votes
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_the_alignment_implies_the_similarity_of_its_cells(mirror):
+    """A 4 x 4 region of a 10 x 12 grid (one pixel a cell): the transform an alignment returns takes
+    every query cell's centre onto the centre of the candidate cell it was aligned to, written out in
+    pixels (scale 4/12 of the units, no rotation; mirrored: x -> 3 - x first)."""
+    rng = np.random.default_rng(3)
+    cands = np.stack([_unit_grid(rng, 10, 12) for _ in range(2)])
+    region = cands[1, 5:9, 2:6]
+    query = region[:, ::-1] if mirror else region
+
+    ver = GeometricVerifier(min_sim=0.8).align([_grid_set(query[None].copy())], _grid_set(cands))
+    a, b, flipped = ver.transform[1].tolist()
+    assert flipped.real == float(mirror)
+    ys, xs = np.meshgrid(np.arange(4), np.arange(4), indexing="ij")
+    z = ((xs + 0.5) + 1j * (ys + 0.5)) / 4  # query cell centres, units of its 4 px
+    landed = (a * (z.conj() if mirror else z) + b) * 12  # candidate pixels
+    want = ((3 - xs if mirror else xs) + 2 + 0.5) + 1j * (ys + 5 + 0.5)
+    np.testing.assert_allclose(landed, want, atol=1e-4)
+    assert abs(a) == pytest.approx(4 / 12, abs=1e-6) and abs(a.imag) < 1e-6

@@ -17,6 +17,12 @@ size, since the patch grid fixes a transform only to a fraction of a cell), and 
   change moves it little, while a different drawing on the same layout disagrees in most blocks.
 Correlation is invariant to gain and offset of the grey levels (colour edits, greyscale copies). Pure
 tensor code, batched over the candidates of one query.
+
+A region query (`region_agreement`) is a few cells of its target: a 1/16 region covers 32 x 32 pixels of
+a 128-pixel thumbnail, two blocks a side, and its alignment (rerank.verify.align) knows the scale only to
+a view step and the place to a cell. So the region's thumbnail is template-matched instead: scaled to its
+footprint at a few scales around the alignment's, and moved over every offset within a fraction of a
+cell of where the alignment puts it; the agreement is the best zero-mean normalised correlation.
 """
 
 from __future__ import annotations
@@ -28,6 +34,11 @@ import torch.nn.functional as F
 BLOCK = 16  # pixels of a 128-pixel thumbnail (images.THUMB_SIZE): an 8 x 8 grid on a square image
 MIN_STD = 4.0  # grey levels: a block flatter than this carries no evidence
 REFINE_STEPS, REFINE_LR = 30, 6e-3  # gradient steps on the transform; the first step's size (units of the longer side), decaying to 0
+# A region's template: scales around the alignment's (its views are 1.33-1.5x apart), and how far from the
+# aligned place it is moved (units of the candidate's longer side: 3/4 of a cell of a 16 x 16 grid).
+# Fitted on the copy-detection proxy's tuning regions (README, "Region queries"); wider searches gained nothing.
+REGION_SCALES = tuple(2 ** (k / 8) for k in range(-3, 4))
+REGION_RADIUS = 0.75 / 16
 
 
 def smooth(grey: torch.Tensor) -> torch.Tensor:
@@ -126,3 +137,53 @@ def photometric_agreement(query: np.ndarray, cands: list[np.ndarray], transform:
     counts = blocks(inside.float()).amin(-1).bool() & (q_std >= min_std)  # (M, K)
     med = torch.where(counts, corr, torch.nan).nanmedian(-1).values  # the lower middle of the counted blocks
     return torch.nan_to_num(med, nan=0.0)
+
+
+def template_correlation(template: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """Zero-mean normalised correlation of a (h, w) template at every place it fits wholly inside a
+    (H, W) image -> (H - h + 1, W - w + 1); 0 where the image under it is flat (std under 1 grey level).
+    In float64: the windows' variance is a difference of sums."""
+    t, x = template.double(), image.double()[None, None]
+    t = t - t.mean()
+    n = t.numel()
+    s1, s2 = (F.avg_pool2d(v, tuple(t.shape), stride=1)[0, 0] * n for v in (x, x * x))
+    var = (s2 - s1 * s1 / n).clamp_min(0)  # n * the window's variance
+    corr = F.conv2d(x, t[None, None])[0, 0] / (var.sqrt() * t.pow(2).sum().sqrt()).clamp_min(1e-9)
+    return torch.where(var < n, torch.zeros_like(corr), corr)
+
+
+def region_agreement(query: np.ndarray, cands: list, transform: torch.Tensor, scales=REGION_SCALES,
+                     radius: float = REGION_RADIUS, min_std: float = MIN_STD) -> torch.Tensor:
+    """The best correlation of a region's grey thumbnail (h, w) uint8 with each of M candidates' (their
+    own sizes; None: no thumbnail) near where `transform` (M, 3) complex (rerank.verify.alignment_transform:
+    no rotation, mirrored = flipped left-right) puts it: the template scaled by |a| x each of `scales`,
+    flipped when mirrored, its centre within `radius` (units of the candidate's longer side) of the
+    transformed centre. -> (M,) in [-1, 1]; 0 for a flat region, a template larger than the candidate,
+    a place off the candidate or no thumbnail."""
+    q = smooth(torch.from_numpy(np.asarray(query, np.float32))[None, None])  # (1, 1, h, w)
+    h, w = q.shape[-2:]
+    side = max(h, w)
+    centre = complex(w / 2, h / 2) / side  # the region's centre, in units of its longer side
+    out = torch.zeros(len(cands))
+    for i, (cand, (a, b, mirrored)) in enumerate(zip(cands, transform.tolist())):
+        if cand is None:
+            continue
+        mirrored = mirrored.real > 0.5
+        c = smooth(torch.from_numpy(np.asarray(cand, np.float32))[None, None])[0, 0]  # (H, W)
+        big, small = max(c.shape), (q.flip(-1) if mirrored else q)
+        at = (a * (centre.conjugate() if mirrored else centre) + b) * big  # the centre, candidate pixels
+        cx, cy = at.real, at.imag
+        reach = int(np.ceil(radius * big)) + 1  # pixels the centre may move
+        for k in scales:
+            th, tw = round(h * abs(a) * big / side * k), round(w * abs(a) * big / side * k)
+            if min(th, tw) < 3 or th > c.shape[0] or tw > c.shape[1]:
+                continue
+            tpl = smooth(F.interpolate(small, size=(th, tw), mode="bilinear", antialias=True, align_corners=False))[0, 0]
+            if tpl.std(correction=0) < min_std:
+                continue
+            x0, y0 = round(cx - tw / 2), round(cy - th / 2)  # the template's corner at the aligned place
+            xa, ya = max(0, x0 - reach), max(0, y0 - reach)
+            xb, yb = min(c.shape[1], x0 + tw + reach), min(c.shape[0], y0 + th + reach)
+            if xb - xa >= tw and yb - ya >= th:
+                out[i] = max(float(out[i]), float(template_correlation(tpl, c[ya:yb, xa:xb]).max()))
+    return out

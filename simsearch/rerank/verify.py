@@ -231,6 +231,28 @@ def align_translation(query: PatchSet, cand: PatchSet, mirror: bool = True) -> A
     return Alignment(best, offset)
 
 
+def alignment_transform(query: PatchSet, cand: PatchSet, offset: torch.Tensor) -> torch.Tensor:
+    """The similarity each alignment `offset` (M, 3) of the query's grid on the candidates' implies,
+    in Verified.transform's form (M, 3) complex: a query point z in units of its longer side lands at
+    a * (conj(z) if mirrored else z) + b in candidate i's units. A least-squares fit over every query
+    cell, off the candidate's grid too (its centres extended linearly): grids squash their images to a
+    square, so the exact map is a scale per axis; a similarity is what a picture's crop or paste is."""
+    (hq, wq), (hc, wc) = query.grid, cand.grid
+    ys, xs = torch.meshgrid(torch.arange(hq), torch.arange(wq), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()  # (Nq,): query cells in xy's order
+    dy, dx, flip = offset[:, 0, None], offset[:, 1, None], offset[:, 2, None].bool()  # (M, 1) each
+    tx, ty = torch.where(flip, wq - 1 - xs, xs) + dx, ys + dy  # (M, Nq): the candidate cell under each
+    sizes = cand.sizes.float()
+    unit = sizes / sizes.max(-1, keepdim=True).values  # (M, 2): width, height in units of the longer side
+    dst = torch.complex((tx + 0.5) / wc * unit[:, :1], (ty + 0.5) / hc * unit[:, 1:])  # (M, Nq)
+    src = torch.complex(query.xy[0, :, 0], query.xy[0, :, 1])[None]  # (1, Nq)
+    u = torch.where(flip, src.conj(), src)  # (M, Nq)
+    du, dd = u - u.mean(-1, keepdim=True), dst - dst.mean(-1, keepdim=True)
+    a = (du.conj() * dd).sum(-1) / du.abs().pow(2).sum(-1).clamp_min(1e-12)  # (M,)
+    b = dst.mean(-1) - a * u.mean(-1)
+    return torch.stack([a, b, flip[:, 0].to(a.dtype)], -1)
+
+
 def aligned_cells(query: PatchSet, cand: PatchSet, i: int, offset, min_sim: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Query cells and the cells of candidate i under them at `offset` (dy, dx, mirrored) whose cosine
     reaches min_sim -> (P,) query cell and (P,) candidate cell indices, most similar first."""
@@ -253,7 +275,8 @@ class Verification:
     score: torch.Tensor  # (M,) share of the query's saliency mass that the inliers cover, in [0, 1]
     inliers: torch.Tensor  # (M,) number of inlier correspondences
     pairs: list  # per candidate: (P, 4) float32 numpy, query (x, y) and candidate (x, y) in pixels, best first
-    transform: torch.Tensor | None = None  # (M, 3) complex, the best view pair's similarity (Verified.transform)
+    # (M, 3) complex, the best view pair's similarity (Verified.transform); an alignment's: alignment_transform
+    transform: torch.Tensor | None = None
 
 
 class GeometricVerifier:
@@ -312,7 +335,8 @@ class GeometricVerifier:
     def align(self, query_views: list[PatchSet], cand: PatchSet) -> Verification:
         """A region's verification: the best translation of any query view over each candidate's
         stored grid (align_translation; the views give the scale). score: the aligned cells' mean
-        cosine; inliers: the aligned cells at min_sim or more, returned as the correspondences."""
+        cosine; inliers: the aligned cells at min_sim or more, returned as the correspondences;
+        transform: the similarity the alignment implies (alignment_transform)."""
         c = self.conf
         m = cand.desc.shape[0]
         best, offsets, view = torch.full((m,), -2.0), torch.zeros(m, 3, dtype=torch.long), [0] * m
@@ -321,6 +345,11 @@ class GeometricVerifier:
             for i in (al.score > best).nonzero()[:, 0].tolist():
                 best[i], offsets[i], view[i] = al.score[i], al.offset[i], v
         count, pairs = torch.zeros(m, dtype=torch.long), []
+        transform = torch.zeros(m, 3, dtype=torch.complex64)
+        for v in set(view):
+            chosen = torch.tensor([i for i in range(m) if view[i] == v])
+            sub = PatchSet(cand.desc[chosen], cand.weight[chosen], cand.xy[chosen], cand.grid, cand.sizes[chosen])
+            transform[chosen] = alignment_transform(query_views[v], sub, offsets[chosen])
         for i in range(m):
             qv = query_views[view[i]]
             q_cells, c_cells = aligned_cells(qv, cand, i, offsets[i], c["min_sim"])
@@ -328,4 +357,4 @@ class GeometricVerifier:
             q_cells, c_cells = q_cells[: c["max_pairs"]], c_cells[: c["max_pairs"]]
             pairs.append(torch.cat([qv.xy[0, q_cells] * qv.sizes[0].max(), cand.xy[i, c_cells] * cand.sizes[i].max()],
                                    -1).numpy().astype("float32"))
-        return Verification(best.clamp_min(0), count, pairs)
+        return Verification(best.clamp_min(0), count, pairs, transform)
