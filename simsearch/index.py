@@ -330,12 +330,13 @@ class Index:
         Returns new hits; the given ones keep their first-stage scores. Candidates are read and
         scored RERANK_CHUNK at a time (each candidate's scores are its own), so memory is bounded
         by the chunk, not by how many there are."""
-        from .rerank import fuse, rerank_scores
+        from .rerank import fuse, rerank_scores, top_agreement
 
         version, prior = hits[0].table_version if hits else None, self.positional_prior() if method == "verified" else None
-        # a region is also compared with the candidates' thumbnails (rerank.photometric.region_agreement)
-        thumbs = method == "verified" and getattr(query, "region", False) and query.grey is not None
-        kept, parts = [], []
+        # verification also compares the query's thumbnail with the candidates' (rerank.photometric)
+        thumbs = method == "verified" and getattr(query, "grey", None) is not None
+        region = thumbs and query.region
+        kept, parts, greys = [], [], []
         for start in range(0, len(hits), RERANK_CHUNK):
             found = self.store.find([h.key for h in hits[start:start + RERANK_CHUNK]],
                                     ["dense", "width", "height", *(["thumb"] if thumbs else [])], version=version)
@@ -344,15 +345,18 @@ class Index:
                 rows = [found[h.key] for h in chunk]
                 parts.append(rerank_scores(self.embedder.backbone, self.conf.dense_layer, query, self._decode_dense(rows, as_stored=True),
                                            method, [(r["width"], r["height"]) for r in rows], prior=prior,
-                                           cand_greys=[grey_thumbnail(r["thumb"]) for r in rows] if thumbs else None))
+                                           cand_greys=[grey_thumbnail(r["thumb"]) for r in rows] if region else None))
+                greys += [grey_thumbnail(r["thumb"]) for r in rows] if thumbs and not region else []
                 kept += chunk
         hits = kept
         if not hits:
             return hits
         scores = {name: np.concatenate([p[name] for p in parts]) if isinstance(parts[0][name], np.ndarray)
                   else [x for p in parts for x in p[name]] for name in parts[0]}  # the chunks' per-candidate scores as one
+        if greys:  # a copy's thumbnail agreement, with the best candidates of all chunks
+            scores["agreement"] = top_agreement(np.array([h.score for h in hits]), scores, query.grey, greys)
         final = fuse([h.score for h in hits], scores, method)
-        pairs = scores.pop("pairs", None)
+        pairs, _ = scores.pop("pairs", None), scores.pop("transform", None)
         reranked = [replace(h, score=float(final[i]),
                             scores={"first_stage": h.score, **{name: float(v[i]) for name, v in scores.items()}},
                             matches=[tuple(float(v) for v in row) for row in pairs[i]] if pairs and pairs[i] is not None else [])

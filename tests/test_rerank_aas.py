@@ -104,7 +104,7 @@ def test_rerank_scores_only_what_the_method_needs(tiny_dinov2, method):
     q = _dense(tiny_dinov2, 0)
     cands = np.stack([_dense(tiny_dinov2, s) for s in range(1, 5)])
     s = rerank_scores(tiny_dinov2, 1, q, cands, method)
-    expected = {"verified": {"verified", "inliers", "pairs"}, "aas": {"aas"}, "matches": {"matches"},
+    expected = {"verified": {"verified", "inliers", "pairs", "transform"}, "aas": {"aas"}, "matches": {"matches"},
                 "both": {"aas", "matches"}}[method]
     assert set(s) == expected
 

@@ -47,7 +47,7 @@ def test_query_rerank_reorders_candidates_with_per_stage_scores(cli, embedded_db
     assert sorted(r["path"] for r in rows) == sorted(first_order)  # the same candidates...
     if method != "verified":  # verification promotes only what it verifies: here chelsea, first already
         assert [r["path"] for r in rows] != first_order  # ...in another order
-    expected_keys = {"verified": {"first_stage", "verified", "inliers"}, "aas": {"first_stage", "aas"},
+    expected_keys = {"verified": {"first_stage", "verified", "inliers", "agreement"}, "aas": {"first_stage", "aas"},
                      "matches": {"first_stage", "matches"}, "both": {"first_stage", "aas", "matches"}}[method]
     for r in rows:
         assert set(r["scores"]) == expected_keys
@@ -73,7 +73,7 @@ def test_query_rerank_without_a_name_verifies_and_returns_correspondences(cli, e
     code, out, err = cli("query", QUERIES / "cat_crop.jpg", "--db", db, "-k", "3", "--json", "--rerank")
     assert code == 0, err
     top = _json_lines(out)[0]
-    assert top["path"].endswith("chelsea.jpg") and set(top["scores"]) == {"first_stage", "verified", "inliers"}
+    assert top["path"].endswith("chelsea.jpg") and set(top["scores"]) == {"first_stage", "verified", "inliers", "agreement"}
     pairs = np.array([m["query"] + m["hit"] for m in top["matches"]])
     assert len(pairs) >= 8 and top["scores"]["inliers"] >= len(pairs)
     assert np.corrcoef(pairs[:, 0], pairs[:, 2])[0, 1] < -0.9
@@ -138,3 +138,22 @@ def test_rerank_in_chunks_is_the_rerank_of_all(embedded_db, monkeypatch, method)
         assert a.scores.keys() == b.scores.keys()
         assert np.allclose([a.score, *a.scores.values()], [b.score, *b.scores.values()], atol=1e-5)
         assert np.allclose(np.asarray(a.matches).reshape(-1, 4), np.asarray(b.matches).reshape(-1, 4), atol=1e-3)
+
+
+def test_a_copy_is_compared_with_the_thumbnails_of_its_best_candidates(embedded_db):
+    """Verification of a copy (a crop of chelsea) adds the thumbnails' agreement under each inlier
+    transform, for the AGREEMENT_TOP candidates that rank highest without it: the crop's original
+    agrees, the other pictures do not, and no candidate below that cut is compared at all."""
+    from simsearch import Index
+    from simsearch.rerank import AGREEMENT_TOP, FUSION
+
+    hits = Index(embedded_db[0]).search(QUERIES / "cat_crop.jpg", k=12, rerank="verified", candidates=12)
+    without = {name: rule for name, rule in FUSION["verified"].items() if name != "agreement"}
+    before = sorted(hits, key=lambda h: -(h.scores["first_stage"] + sum(
+        w * max(0.0, h.scores[name] - floor) for name, (w, floor) in without.items())))
+    compared = {h.path for h in before[:AGREEMENT_TOP]}
+    assert all(h.scores["agreement"] == 0.0 for h in hits if h.path not in compared)
+    agreement = {h.path.rsplit("/", 1)[-1]: h.scores["agreement"] for h in hits}
+    assert agreement["chelsea.jpg"] > 0.8
+    assert max(v for name, v in agreement.items() if name != "chelsea.jpg") < agreement["chelsea.jpg"] - 0.3
+    assert hits[0].path.endswith("chelsea.jpg")
