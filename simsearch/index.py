@@ -330,31 +330,34 @@ class Index:
         Returns new hits; the given ones keep their first-stage scores. Candidates are read and
         scored RERANK_CHUNK at a time (each candidate's scores are its own), so memory is bounded
         by the chunk, not by how many there are."""
-        from .rerank import fuse, rerank_scores, top_agreement
+        from .rerank import agreement_candidates, fuse, rerank_scores, top_agreement
 
         version, prior = hits[0].table_version if hits else None, self.positional_prior() if method == "verified" else None
-        # verification also compares the query's thumbnail with the candidates' (rerank.photometric)
+        # verification also compares the query's thumbnail with the candidates' (rerank.photometric):
+        # a region's with every candidate's, a copy's with its best few once all are scored
         thumbs = method == "verified" and getattr(query, "grey", None) is not None
         region = thumbs and query.region
-        kept, parts, greys = [], [], []
+        kept, parts = [], []
         for start in range(0, len(hits), RERANK_CHUNK):
             found = self.store.find([h.key for h in hits[start:start + RERANK_CHUNK]],
-                                    ["dense", "width", "height", *(["thumb"] if thumbs else [])], version=version)
+                                    ["dense", "width", "height", *(["thumb"] if region else [])], version=version)
             chunk = [h for h in hits[start:start + RERANK_CHUNK] if h.key in found]
             if chunk:
                 rows = [found[h.key] for h in chunk]
                 parts.append(rerank_scores(self.embedder.backbone, self.conf.dense_layer, query, self._decode_dense(rows, as_stored=True),
                                            method, [(r["width"], r["height"]) for r in rows], prior=prior,
                                            cand_greys=[grey_thumbnail(r["thumb"]) for r in rows] if region else None))
-                greys += [grey_thumbnail(r["thumb"]) for r in rows] if thumbs and not region else []
                 kept += chunk
         hits = kept
         if not hits:
             return hits
         scores = {name: np.concatenate([p[name] for p in parts]) if isinstance(parts[0][name], np.ndarray)
                   else [x for p in parts for x in p[name]] for name in parts[0]}  # the chunks' per-candidate scores as one
-        if greys:  # a copy's thumbnail agreement, with the best candidates of all chunks
-            scores["agreement"] = top_agreement(np.array([h.score for h in hits]), scores, query.grey, greys)
+        if thumbs and not region:
+            chosen = agreement_candidates(np.array([h.score for h in hits]), scores)
+            found = self.store.find([hits[i].key for i in chosen], ["thumb"], version=version)
+            greys = [grey_thumbnail(found[hits[i].key]["thumb"]) if hits[i].key in found else None for i in chosen]
+            scores["agreement"] = top_agreement(len(hits), chosen, scores["transform"], query.grey, greys)
         final = fuse([h.score for h in hits], scores, method)
         pairs, _ = scores.pop("pairs", None), scores.pop("transform", None)
         reranked = [replace(h, score=float(final[i]),

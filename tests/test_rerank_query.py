@@ -140,20 +140,28 @@ def test_rerank_in_chunks_is_the_rerank_of_all(embedded_db, monkeypatch, method)
         assert np.allclose(np.asarray(a.matches).reshape(-1, 4), np.asarray(b.matches).reshape(-1, 4), atol=1e-3)
 
 
-def test_a_copy_is_compared_with_the_thumbnails_of_its_best_candidates(embedded_db):
+def test_a_copy_is_compared_with_the_thumbnails_of_its_best_candidates(embedded_db, monkeypatch):
     """Verification of a copy (a crop of chelsea) adds the thumbnails' agreement under each inlier
     transform, for the AGREEMENT_TOP candidates that rank highest without it: the crop's original
     agrees, the other pictures do not, and no candidate below that cut is compared at all."""
     from simsearch import Index
-    from simsearch.rerank import AGREEMENT_TOP, FUSION
+    from simsearch.rerank import AGREEMENT_TOP, scores
 
+    compared = []
+    agreement = scores.photometric_agreement
+
+    def counted(query, cands, transform, *args, **kw):
+        compared.append(len(cands))
+        return agreement(query, cands, transform, *args, **kw)
+
+    monkeypatch.setattr(scores, "photometric_agreement", counted)
     hits = Index(embedded_db[0]).search(QUERIES / "cat_crop.jpg", k=12, rerank="verified", candidates=12)
-    without = {name: rule for name, rule in FUSION["verified"].items() if name != "agreement"}
-    before = sorted(hits, key=lambda h: -(h.scores["first_stage"] + sum(
-        w * max(0.0, h.scores[name] - floor) for name, (w, floor) in without.items())))
-    compared = {h.path for h in before[:AGREEMENT_TOP]}
-    assert all(h.scores["agreement"] == 0.0 for h in hits if h.path not in compared)
-    agreement = {h.path.rsplit("/", 1)[-1]: h.scores["agreement"] for h in hits}
-    assert agreement["chelsea.jpg"] > 0.8
-    assert max(v for name, v in agreement.items() if name != "chelsea.jpg") < agreement["chelsea.jpg"] - 0.3
+    assert len(compared) == 1 and 1 <= compared[0] <= AGREEMENT_TOP < len(hits)
+    # the compared ones are the best by first stage + 0.01 per inlier beyond 3 (README, How it works)
+    before = sorted(hits, key=lambda h: -(h.scores["first_stage"] + 0.01 * max(0.0, h.scores["inliers"] - 3)))
+    assert all(h.scores["agreement"] == 0.0 for h in before[AGREEMENT_TOP:])
+    assert sum(h.scores["agreement"] != 0.0 for h in hits) <= compared[0]  # 0 also where no block counts
+    found = {h.path.rsplit("/", 1)[-1]: h.scores["agreement"] for h in hits}
+    assert found["chelsea.jpg"] > 0.8
+    assert max(v for name, v in found.items() if name != "chelsea.jpg") < found["chelsea.jpg"] - 0.3
     assert hits[0].path.endswith("chelsea.jpg")

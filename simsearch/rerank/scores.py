@@ -148,28 +148,32 @@ def rerank_scores(backbone, layer, query, cand_dense: np.ndarray, method: str = 
 def fuse(first_stage: np.ndarray, scores: dict, method: str, rule: dict | None = None) -> np.ndarray:
     """The final sort key: first-stage score plus each second-stage score above its floor, weighted
     (FUSION[method], FUSION["region"] for a region's alignment, unless `rule` is given: {score name:
-    (weight, floor)}). A score the candidates were not given (the thumbnails' agreement without
-    thumbnails) adds nothing."""
+    (weight, floor)}). The thumbnails' agreement, which needs thumbnails, adds nothing where absent."""
     rule = rule or FUSION["region" if "aligned" in scores else method]
     final = np.asarray(first_stage, dtype=np.float64).copy()
     for name, (weight, floor) in rule.items():
-        if name in scores:
+        if name in scores or name != "agreement":  # any other missing score is a KeyError
             final += weight * np.maximum(0.0, np.asarray(scores[name], dtype=np.float64) - floor)
     return final
 
 
-def top_agreement(first_stage: np.ndarray, scores: dict, query_grey: np.ndarray, cand_greys: list,
-                  top: int = AGREEMENT_TOP) -> np.ndarray:
-    """A copy query's thumbnail agreement (rerank.photometric.photometric_agreement) with the `top`
-    candidates by the verified fusion without it, each under its inlier transform (scores["transform"]
-    of rerank_scores) -> (M,); 0 for the rest, for candidates without a thumbnail or without inliers."""
-    out = np.zeros(len(first_stage), np.float32)
+def agreement_candidates(first_stage: np.ndarray, scores: dict, top: int = AGREEMENT_TOP) -> list[int]:
+    """The candidates of a copy query whose thumbnails are compared: the `top` by the verified fusion
+    without the agreement, those with inliers (a transform to compare under)."""
     without = {name: rule for name, rule in FUSION["verified"].items() if name != "agreement"}
     best = np.argsort(-fuse(first_stage, scores, "verified", without), kind="stable")[:top]
-    live = [int(i) for i in best if cand_greys[i] is not None and scores["inliers"][i] > 0]
+    return [int(i) for i in best if scores["inliers"][i] > 0]
+
+
+def top_agreement(m: int, chosen: list[int], transform: np.ndarray, query_grey: np.ndarray, greys: list) -> np.ndarray:
+    """A copy query's thumbnail agreement (rerank.photometric.photometric_agreement) with the `chosen`
+    of its m candidates (agreement_candidates; `greys` their thumbnails, None: none), each under its
+    inlier transform (M, 3) complex (rerank_scores' "transform") -> (m,); 0 for the rest."""
+    out = np.zeros(m, np.float32)
+    live = [(i, g) for i, g in zip(chosen, greys) if g is not None]
     if live:
-        transform = torch.as_tensor(scores["transform"][live])
-        out[live] = photometric_agreement(query_grey, [cand_greys[i] for i in live], transform).numpy()
+        at = [i for i, _ in live]
+        out[at] = photometric_agreement(query_grey, [g for _, g in live], torch.as_tensor(transform[at])).numpy()
     return out
 
 
