@@ -24,7 +24,7 @@ from .verify import GeometricVerifier, PatchSet
 # verified ranked worse: 0.757 against 0.789); AAS and mutual matches at a quarter of their value.
 FUSION = {
     # Then the thumbnails' agreement under each inlier transform (rerank.photometric), computed for the
-    # AGREEMENT_TOP candidates that rank highest without it (30 gradient steps each: ~6 ms a candidate
+    # AGREEMENT_TOP candidates that rank highest without it (30 gradient steps each: ~5 ms a candidate
     # here). Fitted on all 840 tuning queries (120 originals x 7 edits): mean R@1 over edit types, first
     # stage 61.2, verified 71.1, with the agreement 73.3 (crop to a quarter 75.8 -> 83.3, rotation + JPEG
     # 77.5 -> 82.5); over all 50 candidates 73.6.
