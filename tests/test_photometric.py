@@ -128,3 +128,42 @@ def test_a_region_is_found_near_where_its_alignment_puts_it():
     flat = np.full((40, 40), 90, np.uint8)
     assert region_agreement(flat, [c], plain).item() == 0.0
     assert region_agreement(grey_thumbnail(crop), [c], torch.tensor([[8.0, 0, 0]], dtype=torch.complex64)).item() == 0.0
+
+
+def test_the_mirror_counterpart_flips_about_the_middle_of_the_overlap():
+    """T'(z) = T(2 x0 - conj(z)), x0 the mean x of the query pixels that T puts inside the candidate,
+    computed here pixel by pixel in numpy, for an unmirrored and a mirrored T."""
+    from simsearch.rerank.photometric import mirror_counterpart
+
+    h, w, side = 30, 40, 40
+    cand_hw = torch.tensor([[50, 60], [50, 60]])
+    transform = torch.tensor([[0.9 + 0.1j, 0.4 + 0.05j, 0], [0.7 - 0.2j, 0.3 + 0.5j, 1]], dtype=torch.complex64)
+    got = mirror_counterpart((h, w), cand_hw, transform)
+    ys, xs = np.meshgrid((np.arange(h) + 0.5) / side, (np.arange(w) + 0.5) / side, indexing="ij")
+    z = xs + 1j * ys
+    for row, (a, b, mirrored) in zip(got.numpy(), transform.numpy()):
+        mirrored = mirrored.real > 0.5
+        t = (a * (np.conj(z) if mirrored else z) + b) * 60  # candidate pixels (its longer side: 60)
+        inside = (t.real >= 0) & (t.imag >= 0) & (t.real <= 60) & (t.imag <= 50)
+        assert 0 < inside.sum() < inside.size  # the overlap is a part of the query
+        x0 = xs[inside].mean()
+        flipped = 2 * x0 - np.conj(z)
+        expected = a * (np.conj(flipped) if mirrored else flipped) + b
+        a2, b2, m2 = row
+        assert (m2.real > 0.5) != mirrored
+        np.testing.assert_allclose(a2 * (np.conj(z) if m2.real > 0.5 else z) + b2, expected, atol=1e-5)
+
+
+def test_a_mirrored_copy_agrees_under_an_unmirrored_transform_through_its_counterpart():
+    """What the verifier returns for a left-right symmetric picture's mirrored copy: the identity. The
+    pixels disagree under it, and agree under its counterpart (the exact mirror here, so no
+    refinement); an unrelated photo agrees under neither."""
+    img = _photo("chelsea.jpg")
+    q, c, other = grey_thumbnail(ImageOps.mirror(img)), grey_thumbnail(img), grey_thumbnail(_photo("coffee.jpg").resize(img.size))
+    identity = torch.tensor([[1, 0, 0], [1, 0, 0]], dtype=torch.complex64)
+    plain = photometric_agreement(q, [c, other], identity, steps=0, mirrors=False)
+    both = photometric_agreement(q, [c, other], identity, steps=0)
+    assert plain[0].item() < 0.5
+    assert both[0].item() > 0.95 and both[1].item() < 0.3
+    exact = torch.tensor([[-1, q.shape[1] / max(q.shape), 1]], dtype=torch.complex64)  # x' = w - x: the mirror written out
+    assert both[0].item() == pytest.approx(photometric_agreement(q, [c], exact, steps=0, mirrors=False).item(), abs=1e-4)

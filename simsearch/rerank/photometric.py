@@ -15,6 +15,12 @@ size, since the patch grid fixes a transform only to a fraction of a cell), and 
   (0 where those are flat: a block with detail over a blank area disagrees);
 - agreement = the median over the counted blocks, so text stamped over part of a copy or a local colour
   change moves it little, while a different drawing on the same layout disagrees in most blocks.
+Patch keys barely change when a patch is mirrored, so for a picture symmetric left to right the
+verifier finds the unmirrored transform of a mirrored copy as readily as the mirrored one, and the
+pixels then disagree in every detail. So each transform is also tried composed with a left-right flip
+about the middle of what it overlaps (`mirror_counterpart`), and the better of the two agreements
+counts (on the copy-detection proxy's dedup pairs: mirror + colour copies verified at 0.7 went from 0.78
+to 0.97 of their originals, false pairs from 0.039 to 0.041 of those compared; README "Duplicates").
 Correlation is invariant to gain and offset of the grey levels (colour edits, greyscale copies). Pure
 tensor code, batched over the candidates of one query.
 
@@ -39,6 +45,7 @@ REFINE_STEPS, REFINE_LR = 30, 6e-3  # gradient steps on the transform; the first
 # Fitted on the copy-detection proxy's tuning regions (README, "Region queries"); wider searches gained nothing.
 REGION_SCALES = tuple(2 ** (k / 8) for k in range(-3, 4))
 REGION_RADIUS = 0.75 / 16
+MIRRORS = True  # photometric_agreement also tries each transform's mirror_counterpart (module docstring)
 
 
 def smooth(grey: torch.Tensor) -> torch.Tensor:
@@ -107,11 +114,28 @@ def refine(query: torch.Tensor, cands: torch.Tensor, cand_hw: torch.Tensor, tran
     return torch.cat([a_b.to(transform.dtype), transform[:, 2:]], 1)
 
 
+def mirror_counterpart(query_hw: tuple[int, int], cand_hw: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
+    """Each transform (M, 3) complex composed with a left-right flip of the query about the vertical line
+    through the middle (x0) of the query's part that lands inside the candidate (its whole width when none
+    does): z -> T(2 x0 - conj(z)), that is a' = -a, b' = b + 2 a x0, mirrored toggled. For a picture
+    symmetric about that line both transforms overlay the same outline; only one overlays its details.
+    cand_hw (M, 2) the candidates' (h, w) pixels, as warp_onto takes them."""
+    h, w = query_hw
+    blank = torch.zeros(len(transform), 1, 1, 1)  # only where the pixels land is read
+    inside = _warp(query_hw, blank, cand_hw, _real(transform), transform[:, 2].real > 0.5)[1]  # (M, h, w)
+    xs = (torch.arange(w) + 0.5) / max(h, w)  # query pixel centres, units of its longer side
+    n = inside.sum((-2, -1))  # (M,)
+    x0 = torch.where(n > 0, (inside * xs).sum((-2, -1)) / n.clamp_min(1), w / max(h, w) / 2)
+    a, b, mirrored = transform.unbind(1)
+    return torch.stack([-a, b + 2 * a * x0, 1 - mirrored], 1)
+
+
 def photometric_agreement(query: np.ndarray, cands: list[np.ndarray], transform: torch.Tensor,
-                          block: int = BLOCK, min_std: float = MIN_STD, steps: int = REFINE_STEPS) -> torch.Tensor:
+                          block: int = BLOCK, min_std: float = MIN_STD, steps: int = REFINE_STEPS,
+                          mirrors: bool = MIRRORS) -> torch.Tensor:
     """Median block correlation (module docstring) of a query's grey thumbnail (h, w) uint8 with each of
-    M candidates' (their own sizes) under `transform` (M, 3) complex. -> (M,) in [-1, 1]; 0 where no
-    block counts."""
+    M candidates' (their own sizes) under `transform` (M, 3) complex, and under its mirror_counterpart
+    when `mirrors`, the better of the two. -> (M,) in [-1, 1]; 0 where no block counts."""
     m = len(cands)
     q = smooth(torch.from_numpy(np.asarray(query, np.float32))[None, None])[0, 0]  # (h, w)
     hb, wb = q.shape[0] // block, q.shape[1] // block
@@ -121,6 +145,9 @@ def photometric_agreement(query: np.ndarray, cands: list[np.ndarray], transform:
     pad = torch.zeros(m, 1, int(hw[:, 0].max()), int(hw[:, 1].max()))
     for i, c in enumerate(cands):  # each smoothed within its own size: the padding must not bleed in
         pad[i, :, :c.shape[0], :c.shape[1]] = smooth(torch.from_numpy(np.asarray(c, np.float32))[None, None])[0]
+    if mirrors:  # both hypotheses in one batch of 2M
+        transform = torch.cat([transform, mirror_counterpart(tuple(q.shape), hw, transform)])
+        pad, hw = pad.repeat(2, 1, 1, 1), hw.repeat(2, 1)
     if steps:
         transform = refine(q, pad, hw, transform, steps)
     warped, inside = warp_onto(tuple(q.shape), pad, hw, transform)
@@ -135,8 +162,8 @@ def photometric_agreement(query: np.ndarray, cands: list[np.ndarray], transform:
     corr = (qb * cb).mean(-1) / (q_std * c_std).clamp_min(1e-6)  # (M, K)
     corr = torch.where(c_std < 1.0, torch.zeros_like(corr), corr)
     counts = blocks(inside.float()).amin(-1).bool() & (q_std >= min_std)  # (M, K)
-    med = torch.where(counts, corr, torch.nan).nanmedian(-1).values  # the lower middle of the counted blocks
-    return torch.nan_to_num(med, nan=0.0)
+    med = torch.nan_to_num(torch.where(counts, corr, torch.nan).nanmedian(-1).values, nan=0.0)  # the lower middle of the counted blocks
+    return med.view(-1, m).amax(0)  # (M,): the better hypothesis
 
 
 def template_correlation(template: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
