@@ -475,7 +475,7 @@ def identity(index, k: int, min_cosine: float, other=None) -> dict:
     ident = {"uuid": index.store.meta.get("uuid", ""), "weights": index.store.meta["weights"], "k": k,
              "min_cosine": min_cosine, "style_k": STYLE_K, "min_style": MIN_STYLE, "verifier": GeometricVerifier.default_conf,
              "photometric": {"block": photometric.BLOCK, "min_std": photometric.MIN_STD, "from": AGREEMENT_FROM,
-                             "refine": [photometric.REFINE_STEPS, photometric.REFINE_LR], "mirrors": photometric.MIRRORS}}
+                             "refine": [photometric.REFINE_STEPS, photometric.REFINE_LR], "mirrors": [photometric.MIRRORS, photometric.MIRROR_MARGIN]}}
     if other is not None:
         ident["ref"] = {"root": str(other.root.resolve()), "uuid": other.store.meta.get("uuid", "")}
     return ident
