@@ -154,6 +154,20 @@ def test_the_mirror_counterpart_flips_about_the_middle_of_the_overlap():
         np.testing.assert_allclose(a2 * (np.conj(z) if m2.real > 0.5 else z) + b2, expected, atol=1e-5)
 
 
+def test_the_counterpart_must_agree_better_by_the_margin(monkeypatch):
+    """Unrefined, the mirrored chelsea agrees < 0.5 under the identity and > 0.95 under its counterpart:
+    a margin below that gap picks the counterpart, one above it keeps the verifier's transform."""
+    from simsearch.rerank import photometric
+    img = _photo("chelsea.jpg")
+    q, c = grey_thumbnail(ImageOps.mirror(img)), grey_thumbnail(img)
+    identity = torch.tensor([[1, 0, 0]], dtype=torch.complex64)
+    plain = photometric_agreement(q, [c], identity, mirrors=False).item()  # refined from the identity
+    monkeypatch.setattr(photometric, "MIRROR_MARGIN", 0.9)
+    assert photometric_agreement(q, [c], identity).item() == pytest.approx(plain, abs=1e-4)
+    monkeypatch.setattr(photometric, "MIRROR_MARGIN", 0.4)
+    assert photometric_agreement(q, [c], identity).item() > 0.9 > plain
+
+
 def test_a_mirrored_copy_agrees_under_an_unmirrored_transform_through_its_counterpart():
     """What the verifier returns for a left-right symmetric picture's mirrored copy: the identity. The
     pixels disagree under it, and agree under its counterpart (the exact mirror here, so no

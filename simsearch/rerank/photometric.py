@@ -124,10 +124,11 @@ def mirror_counterpart(query_hw: tuple[int, int], cand_hw: torch.Tensor, transfo
     """Each transform (M, 3) complex composed with a left-right flip of the query about the vertical line
     through the middle (x0) of the query's part that lands inside the candidate (its whole width when none
     does): z -> T(2 x0 - conj(z)), that is a' = -a, b' = b + 2 a x0, mirrored toggled. For a picture
-    symmetric about that line both transforms overlay the same outline; only one overlays its details.
+    whose layout is symmetric about that line both transforms overlay the same outline; only one overlays
+    its details.
     cand_hw (M, 2) the candidates' (h, w) pixels, as warp_onto takes them."""
     h, w = query_hw
-    blank = torch.zeros(len(transform), 1, 1, 1)  # only where the pixels land is read
+    blank = torch.zeros(len(transform), 1, 1, 1)  # only `inside` is used: the samples of this 1 x 1 blank are dropped
     inside = _warp(query_hw, blank, cand_hw, _real(transform), transform[:, 2].real > 0.5)[1]  # (M, h, w)
     xs = (torch.arange(w) + 0.5) / max(h, w)  # query pixel centres, units of its longer side
     n = inside.sum((-2, -1))  # (M,)
@@ -141,8 +142,8 @@ def photometric_agreement(query: np.ndarray, cands: list[np.ndarray], transform:
                           mirrors: bool = MIRRORS) -> torch.Tensor:
     """Median block correlation (module docstring) of a query's grey thumbnail (h, w) uint8 with each of
     M candidates' (their own sizes) under `transform` (M, 3) complex, refined; when `mirrors`, under its
-    mirror_counterpart instead where that one agrees better before refinement. -> (M,) in [-1, 1]; 0
-    where no block counts."""
+    mirror_counterpart instead where that one agrees better by MIRROR_MARGIN before refinement. -> (M,)
+    in [-1, 1]; 0 where no block counts."""
     m = len(cands)
     q = smooth(torch.from_numpy(np.asarray(query, np.float32))[None, None])[0, 0]  # (h, w)
     if not m or q.shape[0] < block or q.shape[1] < block:  # nothing to compare, or a thumbnail smaller than one block
@@ -153,17 +154,18 @@ def photometric_agreement(query: np.ndarray, cands: list[np.ndarray], transform:
         pad[i, :, :c.shape[0], :c.shape[1]] = smooth(torch.from_numpy(np.asarray(c, np.float32))[None, None])[0]
     if mirrors:  # both hypotheses unrefined in one batch of 2M; only the one kept is refined (half the cost of refining both)
         flipped = mirror_counterpart(tuple(q.shape), hw, transform)
-        both = block_agreement(q, pad.repeat(2, 1, 1, 1), hw.repeat(2, 1), torch.cat([transform, flipped]), block, min_std)
+        both = _block_agreement(q, pad.repeat(2, 1, 1, 1), hw.repeat(2, 1), torch.cat([transform, flipped]), block, min_std)
         transform = torch.where((both[m:] > both[:m] + MIRROR_MARGIN)[:, None], flipped, transform)
     if steps:
         transform = refine(q, pad, hw, transform, steps)
-    return block_agreement(q, pad, hw, transform, block, min_std)
+    return _block_agreement(q, pad, hw, transform, block, min_std)
 
 
-def block_agreement(q: torch.Tensor, cands: torch.Tensor, cand_hw: torch.Tensor, transform: torch.Tensor,
-                    block: int = BLOCK, min_std: float = MIN_STD) -> torch.Tensor:
-    """The median block correlation of a smoothed query thumbnail q (h, w) with the smoothed candidates
-    (M, 1, H, W) (true sizes cand_hw (M, 2)) warped under `transform` (M, 3) complex, as it stands. -> (M,)"""
+def _block_agreement(q: torch.Tensor, cands: torch.Tensor, cand_hw: torch.Tensor, transform: torch.Tensor,
+                     block: int = BLOCK, min_std: float = MIN_STD) -> torch.Tensor:
+    """The median block correlation of a smoothed query thumbnail q (h, w), at least one block a side,
+    with the smoothed candidates (M, 1, H, W) (true sizes cand_hw (M, 2)) warped under `transform`
+    (M, 3) complex, as it stands. -> (M,)"""
     hb, wb = q.shape[0] // block, q.shape[1] // block
     warped, inside = warp_onto(tuple(q.shape), cands, cand_hw, transform)
 
