@@ -181,8 +181,9 @@ def test_a_mirrored_copy_agrees_under_an_unmirrored_transform_through_its_counte
     assert both[0].item() > 0.95 and both[1].item() < 0.3
     exact = torch.tensor([[-1, q.shape[1] / max(q.shape), 1]], dtype=torch.complex64)  # x' = w - x: the mirror written out
     assert both[0].item() == pytest.approx(photometric_agreement(q, [c], exact, steps=0, mirrors=False).item(), abs=1e-4)
-    # refined, only the hypothesis picked before refinement is refined: the counterpart for the copy, the
-    # verifier's transform where the counterpart agrees no better (the unrelated photo, an unmirrored copy)
+    # refined, only the hypothesis picked before refinement is refined: the counterpart for the copy under
+    # the identity; the given transform where it is already right (the copy under the exact mirror) or
+    # where the counterpart agrees no better (the unrelated photo)
     refined = photometric_agreement(q, [c, other, c], torch.cat([identity, exact]))
     alone = photometric_agreement(q, [c], exact, mirrors=False).item()
     assert refined[0].item() == pytest.approx(alone, abs=1e-4) and refined[2].item() == pytest.approx(alone, abs=1e-4)
