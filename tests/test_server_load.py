@@ -63,22 +63,25 @@ def test_bounded_load_has_no_errors(embedded_db):
 
 
 def test_queries_keep_working_while_another_process_indexes(tmp_path, tiny_model, new_index, photos):
-    """Three clients search and read /api/info while `simsearch index` commits 240 new images, 8 rows
-    per commit, into the served database. No request fails; every row count seen is a whole number of
-    commits (never a half-written state), each client sees it grow, every hit's thumbnail is there, and
-    after the last commit the new images are found."""
+    """Three clients search and read /api/info while `simsearch index` commits 240 new images, 4 rows
+    per commit, into the served database; a fourth only reads /api/info. No request fails; every row
+    count seen is a whole number of commits (never a half-written state) and never goes down, counts
+    between the first and the last are served, every hit's thumbnail is there, and after the last
+    commit the new images are found. (The tiny model indexes all 240 in about a second: a searching
+    client's loop, with its five thumbnails, can miss the whole run, so the growth is watched by the
+    client that only reads the count.)"""
     db = tmp_path / "db"
     new_index(db).add_folder(photos)
     new = write_patterns(tmp_path / "new", 240)
     query = new[-1].read_bytes()
     with live_server(create_app(Index(db))) as url:
-        indexer = subprocess.Popen([*cli_command(), "index", str(tmp_path / "new"), "--db", str(db), "--commit-every", "8",
+        indexer = subprocess.Popen([*cli_command(), "index", str(tmp_path / "new"), "--db", str(db), "--commit-every", "4",
                                     "--batch-size", "4", *tiny_cli_options(tiny_model)],
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, COLUMNS="200"))
         failures: list[str] = []
-        seen: list[list[int]] = [[] for _ in range(3)]
+        seen: list[list[int]] = [[] for _ in range(4)]
 
-        def client(rows: list[int]):
+        def client(rows: list[int], searches: bool):
             with httpx.Client(base_url=url, timeout=120) as c:
                 while indexer.poll() is None:
                     info = c.get("/api/info")
@@ -86,6 +89,8 @@ def test_queries_keep_working_while_another_process_indexes(tmp_path, tiny_model
                         failures.append(info.text)
                         continue
                     rows.append(info.json()["rows"])
+                    if not searches:
+                        continue
                     r = search_upload(c, query, "pat.png", k=5, mode="style")
                     if r.status_code != 200 or len(r.json()["hits"]) != 5:
                         failures.append(r.text)
@@ -93,7 +98,7 @@ def test_queries_keep_working_while_another_process_indexes(tmp_path, tiny_model
                     failures.extend(f"thumb {h['path']}" for h in r.json()["hits"]
                                     if c.get(f"/api/thumb/{h['key']}").status_code != 200)
 
-        threads = [threading.Thread(target=client, args=(rows,)) for rows in seen]
+        threads = [threading.Thread(target=client, args=(rows, i > 0)) for i, rows in enumerate(seen)]
         for t in threads:
             t.start()
         output = indexer.communicate(timeout=600)[0]
@@ -105,10 +110,10 @@ def test_queries_keep_working_while_another_process_indexes(tmp_path, tiny_model
             hit = search_upload(c, query, "pat.png", k=1).json()["hits"][0]
     assert failures == []
     assert hit["path"] == str(new[-1]) and hit["score"] == pytest.approx(1, abs=1e-5)
-    commits = {12 + 8 * i for i in range(31)}
+    commits = {12 + 4 * i for i in range(61)}
     for rows in seen:
         assert rows == sorted(rows) and set(rows) <= commits, rows
-    assert len({r for rows in seen for r in rows}) >= 3, seen  # counts between the first and the last were served
+    assert len(set(seen[0])) >= 3, seen  # counts between the first and the last were served
 
 
 SERVE = """
