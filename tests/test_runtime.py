@@ -68,6 +68,42 @@ def test_each_runtime_holds_its_tolerance(vit_conf):
         assert_within(name, eager, Embedder(vit_conf, "cpu", runtime=name).embed(pixels))
 
 
+def test_bf16_runs_attention_as_matrix_products_and_puts_the_fused_kernel_back(vit_conf, monkeypatch):
+    """The bf16 runner computes attention as q k^T, softmax, times v (ViTBackbone.matmul_attention):
+    the fused kernel is never called inside it and runs once a block outside it, float32 tokens are
+    the fused kernel's inside the block too (the same attention, not an approximation of it), and the
+    model's own kernel is back after the block, also when it raised, and after the last of two
+    overlapping blocks, not the first to end."""
+    import torch
+    import torch.nn.functional as F
+
+    embedder = Embedder(vit_conf, "cpu", runtime="torch")
+    bb, head = embedder.backbone, embedder.head
+    calls = []
+    fused = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+    pixels = torch.from_numpy(photo_pixels(vit_conf.image_size))
+    with torch.inference_mode():
+        want = head(pixels)
+        blocks = len(calls)
+        with bb.matmul_attention():
+            got = head(pixels)
+    assert blocks == max(layer for layer, _ in head.wanted.values()) and len(calls) == blocks
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+    runtime.TorchRunner(head, bf16=True).run(photo_pixels(vit_conf.image_size))
+    assert len(calls) == blocks and bb.attention_kernel == "sdpa"
+    with pytest.raises(RuntimeError, match="inside"), bb.matmul_attention():
+        raise RuntimeError("inside")
+    assert bb.attention_kernel == "sdpa"
+    outer, inner = bb.matmul_attention(), bb.matmul_attention()  # overlapping, as two threads' runs can
+    outer.__enter__(), inner.__enter__()
+    outer.__exit__(None, None, None)
+    assert bb.attention_kernel == "eager"  # the inner one still runs
+    inner.__exit__(None, None, None)
+    assert bb.attention_kernel == "sdpa"
+
+
 def test_verification_views_hold_the_tolerance_and_single_images_run_as_batches_do(vit_conf):
     """A query's dense view at another input size (Embedder.dense_view: its own DenseHead graph on
     ONNX) against the eager module's tokens; and a single image through the graph's batch-1

@@ -103,6 +103,12 @@ class Backbone(nn.Module, ABC):
         """DenseMatcher settings that suit this backbone (layer, facet, stride, log_bin, image_size)."""
         return {}
 
+    @contextmanager
+    def matmul_attention(self) -> Iterator[None]:
+        """Attention computed as matrix products and a softmax rather than by a fused kernel, until the
+        block ends (backbones.runtime's bf16 runner: see ViTBackbone). Here: as the family runs it."""
+        yield
+
     def patch_grid(self, tokens: int) -> tuple[int, int]:
         """The (h, w) grid of a square input's `tokens` (prefix tokens included)."""
         side = round((tokens - self.prefix_tokens) ** 0.5)

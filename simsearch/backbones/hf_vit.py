@@ -73,6 +73,14 @@ class HFViT(ViTBackbone):
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.layernorm(hidden)
 
+    @property
+    def attention_kernel(self) -> str:
+        return self.model.config._attn_implementation
+
+    @attention_kernel.setter
+    def attention_kernel(self, kernel: str) -> None:
+        self.model.set_attn_implementation(kernel)
+
 
 def kind_of(model_type: str, where: str) -> HFViTKind:
     for kind in KINDS.values():

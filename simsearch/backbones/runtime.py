@@ -3,8 +3,9 @@
     runtime      what runs                                              stored vectors' cosine to `torch`
     torch        eager float32 (CUDA: float16): the reference           1
     torch-bf16   eager under CPU bfloat16 autocast; norms and pooling   >= 0.999
-                 in float32. Fast only with native bf16 (AVX512-BF16,
-                 AMX); slower than float32 elsewhere
+                 in float32, a ViT's attention as matrix products
+                 (ViTBackbone.matmul_attention). Fast only with native
+                 bf16 (AVX512-BF16, AMX); slower than float32 elsewhere
     onnx         ONNX Runtime on a float32 graph exported from the      >= 0.9999, checked at every export
                  same module; loads without torch, so a cold query
                  never imports it
@@ -38,7 +39,7 @@ import os
 import tempfile
 import time
 import warnings
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -124,7 +125,8 @@ class TorchRunner:
         if self.bf16 and device.type != "cpu":
             raise SimsearchError("runtime torch-bf16 runs on the CPU (CUDA already runs float16); use runtime torch")
         x = torch.as_tensor(pixels).to(device)
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        with (torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16),
+              self.head.backbone.matmul_attention() if self.bf16 else nullcontext()):
             out = self.head(x)
         return {name: t.float().cpu().numpy() for name, t in zip(self.outputs, out)}
 

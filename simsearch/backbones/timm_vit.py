@@ -68,6 +68,15 @@ class TimmViT(ViTBackbone):
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.norm(hidden)
 
+    @property
+    def attention_kernel(self) -> str:
+        return "sdpa" if all(b.attn.fused_attn for b in self.blocks) else "eager"
+
+    @attention_kernel.setter
+    def attention_kernel(self, kernel: str) -> None:
+        for b in self.blocks:
+            b.attn.fused_attn = kernel == "sdpa"
+
 
 def detect(path: Path) -> bool:
     """A timm `save_for_hf` directory (its config.json names an `architecture`)."""
