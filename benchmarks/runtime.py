@@ -6,7 +6,8 @@
   --quick or without them, crops of examples/images) into a fresh database per runtime, each in its own
   process so that its peak RSS is its own: img/s end to end (decode, forward, LanceDB writes) and the
   forward's share, after the one-off model load / graph export (timed apart). Eager torch runs first and
-  last; the ratio is to the mean of its two runs.
+  last, the others in between forward and then backward (--rounds 2); a runtime's ratio is the mean
+  of its runs over the mean of eager torch's two.
 - rankings: each runtime's stored vectors against eager torch's: the lowest cosine, whether every
   image's nearest other image (content and style) is the same, and the overlap of the top 10. A
   candidate that is not offered (onnx-int8: MatMul weights quantised dynamically with onnxruntime's own
@@ -38,7 +39,7 @@ from common import EXAMPLES, command_line, data_root, loadavg, log, machine_info
 
 JPEG_PACKAGES = ("opencv-doc", "plasma-workspace-wallpapers", "mate-backgrounds", "desktop-base", "ukui-wallpapers",
                  "python3-skimage")
-QUICK = dict(images=16, cold_repeats=1, batch_size=4, runtimes="torch,torch-bf16,onnx,auto", subprocess=False,
+QUICK = dict(images=16, cold_repeats=1, rounds=1, batch_size=4, runtimes="torch,torch-bf16,onnx,auto", subprocess=False,
              sd_width=0.1, sd_side=64, sd_images=2)
 
 
@@ -253,7 +254,11 @@ def render(res: dict) -> str:
         lines.append(f"| {r['runtime']} | {r['ran']} | {r['img_per_s']:.1f} | {r['ratio']:.2f} | {r['forward_share']:.0%} | "
                      f"{r['setup_s']:.1f} | {r['peak_rss_mib']:.0f} | {r['load'][0]} / {r['load'][1]} |")
     lines += ["", f"Eager torch ran first and last ({', '.join(f'{v:.1f}' for v in res['torch_runs'])} img/s); "
-              "ratios are to their mean.", "",
+              "ratios are to their mean"
+              f"{'; the others ran forward, then backward.' if res['rounds'] == 2 else '.'}", "",
+              "| runtime | img/s, each run | x eager torch (mean of its runs) |", "|---|---|---|"]
+    lines += [f"| {name} | {', '.join(f'{v:.1f}' for v in r['img_per_s'])} | **{r['ratio']:.2f}** |" for name, r in res["summary"].items()]
+    lines += ["",
               "## Rankings against eager torch's stored vectors", "",
               "| runtime | content: min cosine | same nearest image | top-10 overlap | style: min cosine | same nearest image | top-10 overlap |",
               "|---|---|---|---|---|---|---|"]
@@ -287,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--images", type=int, default=520)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--runtimes", default="torch,torch-bf16,onnx,auto")
+    ap.add_argument("--rounds", type=int, choices=(1, 2), default=2,
+                    help="2: the runtimes other than torch run again in reverse order (ABBA)")
     ap.add_argument("--cold-repeats", type=int, default=3)
     ap.add_argument("--model", default=None)
     ap.add_argument("--work", type=Path, default=Path("/tmp/simsearch-bench-runtime"))
@@ -311,7 +318,10 @@ def main(argv: list[str] | None = None) -> None:
     auto = runtime.choose()
     run = index_in_child if args.subprocess else index_run
     names = args.runtimes.split(",")
-    order = ["torch", *[n for n in names if n != "torch"], "torch"]
+    others = [n for n in names if n != "torch"]
+    # the others forward, then backward: a machine whose speed drifts during the run moves each
+    # runtime's mean as much as eager torch's (first and last)
+    order = ["torch", *others, *(others[::-1] if args.rounds == 2 else []), "torch"]
     rows, dbs = [], {}
     for i, name in enumerate(order):
         log.info("index %d images with runtime %s", len(paths), name)
@@ -321,6 +331,9 @@ def main(argv: list[str] | None = None) -> None:
     torch_runs = [r["img_per_s"] for r in rows if r["runtime"] == "torch"]
     for r in rows:
         r["ratio"] = r["img_per_s"] / np.mean(torch_runs)
+    summary = {name: {"img_per_s": [r["img_per_s"] for r in rows if r["runtime"] == name]} for name in ["torch", *others]}
+    for v in summary.values():
+        v["ratio"] = float(np.mean(v["img_per_s"]) / np.mean(torch_runs))
     keys, eager = stored(dbs["torch"])
     rankings = {}
     for name in names:
@@ -337,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     query = sorted(EXAMPLES.glob("*.jpg"))[0]
     res = {"when": now(), "command": command_line(), "machine": machine_info(), "runtime_machine": runtime.machine(),
            "auto": auto, "data": source, "images": len(paths), "batch_size": args.batch_size, "model": args.model or "embedded",
-           "sd": sd, "index": rows, "own_process": args.subprocess, "torch_runs": torch_runs, "rankings": rankings,
+           "sd": sd, "index": rows, "summary": summary, "rounds": args.rounds, "own_process": args.subprocess, "torch_runs": torch_runs, "rankings": rankings,
            "cold_query": cold_query(dbs["torch"], query, args.cold_repeats), "cold_repeats": args.cold_repeats}
     out_dir = {"out_dir": args.out_dir} if args.out_dir else {}
     write_results("runtime", res, render(res), **out_dir)
