@@ -72,16 +72,18 @@ def proxy_index(data: Path, work: Path, model: str | None):
     return Index(db)
 
 
-def audited_copies(idx, data: Path) -> set[tuple[int, int]]:
+def audited_copies(idx, data: Path) -> tuple[set[tuple[int, int]], dict | None]:
     """(low key, high key) of the pool's pairs that the blind audit (AUDIT) judged to be one picture though
     the proxy's labels call them unrelated: the distractor pool holds copies of its own (a tutorial's source
-    photo and its resized or annotated result, a stereo pair's two views). Empty without the file."""
-    if not AUDIT.exists():
-        return set()
+    photo and its resized or annotated result, a stereo pair's two views); and how the audit was made.
+    Empty, None without the file or for another data version than the audited one."""
+    audit = json.loads(AUDIT.read_text()) if AUDIT.exists() else {"how": {}}
+    if audit["how"].get("data") != data.name:
+        return set(), None
     keys = {os.path.relpath(os.path.realpath(p), os.path.realpath(data)): k
             for batch in idx.store.scan(["key", "path"]) for k, p in zip(batch.column("key").to_pylist(), batch.column("path").to_pylist())}
-    same = [(keys.get(x["a"]), keys.get(x["b"])) for x in json.loads(AUDIT.read_text())["pairs"] if x["label"] == "same"]
-    return {(min(a, b), max(a, b)) for a, b in same if a is not None and b is not None}
+    same = [(keys.get(x["a"]), keys.get(x["b"])) for x in audit["pairs"] if x["label"] == "same"]
+    return {(min(a, b), max(a, b)) for a, b in same if a is not None and b is not None}, audit["how"]
 
 
 def truth(idx, data: Path, manifest: dict) -> dict[int, tuple[str | None, str | None, str, str | None]]:
@@ -138,7 +140,7 @@ def bench_proxy(args) -> dict:
     manifest = json.loads((data / "manifest.json").read_text())
     idx = proxy_index(data, args.work, args.model)
     label = truth(idx, data, manifest)
-    audited = audited_copies(idx, data)
+    audited, audit = audited_copies(idx, data)
     k, floor = args.k or DEFAULT_CONF["k"], min(FLOORS)
     whole = scope_of(idx, None)
     chosen = sample(label, args.originals, args.distractors)
@@ -148,12 +150,12 @@ def bench_proxy(args) -> dict:
     out = {"images": len(full.keys), "pool": len(whole.keys), "sample": {"originals_per_split": args.originals,
            "distractors": args.distractors}, "k": k, "floors": list(FLOORS), "verified_pairs": pairs.num_rows,
            "verified_now": verified_now, "verify_seconds": round(m.seconds, 1), "load": [m.load_before, m.load_after],
-           "splits": {}, "audit": {**json.loads(AUDIT.read_text())["how"], "copies_in_pool": len(audited)} if audited else None}
+           "splits": {}, "audit": {**audit, "copies_in_pool": len(audited)} if audit else None}
     a_all, b_all = pairs.column("a").to_numpy(), pairs.column("b").to_numpy()
     cos_all, score_all = pairs.column("cosine").to_numpy(), pairs.column("score").to_numpy()
     by_style_all = np.isfinite(pairs.column("style").to_numpy())  # style candidates pass at any content floor
     agree_all = pairs.column("agreement").to_numpy()
-    for split in ("tune", "heldout", "heldout-no-figures", "heldout-audited"):
+    for split in ("tune", "heldout", "heldout-no-figures", *(("heldout-audited",) if audit else ())):
         # diagnostics: without the documentation figures (near-identical diagram renderings); with the
         # pairs the audit judged to be copies counted as copies
         also = audited if split.endswith("audited") else set()
@@ -246,12 +248,12 @@ def fit(out: dict) -> dict:
         found = out["splits"][split]["per_edit_pairs"]
         per_edit[split] = {e: round(sum((c >= float(f)) and (s >= t) and (a >= g) for c, s, a in found.get(e, [])) / n, 3)
                            for e, n in sorted(out["splits"][split]["copies_per_edit"].items())}
-    nofig, audit = out["splits"]["heldout-no-figures"], out["splits"]["heldout-audited"]
+    nofig, audit = out["splits"]["heldout-no-figures"], out["splits"].get("heldout-audited")
     no_agreement = max(((r, rr) for r, rr in tune["groups"][f].items() if r.endswith("@0.00") and rr["pairs"]), key=lambda x: f1(x[1]))[0]
     return {"found": True, "target_reached_on_tune": reached, "rule": "highest recall at the target precision" if reached
             else "best F1 (target precision not reached)", "min_cosine": float(f), "threshold": t, "min_agreement": g,
             "tune": tune["groups"][f][rule], "heldout": held["groups"][f].get(rule), "heldout_verified_edges": held["verified"][f][rule],
-            "heldout_no_figures": nofig["groups"][f].get(rule), "heldout_audited": audit["groups"][f].get(rule),
+            "heldout_no_figures": nofig["groups"][f].get(rule), "heldout_audited": audit and audit["groups"][f].get(rule),
             "without_agreement": {"rule": no_agreement, "tune": tune["groups"][f][no_agreement], "heldout": held["groups"][f][no_agreement]},
             "per_edit_original_copy_recall": per_edit}
 

@@ -350,7 +350,8 @@ def main(argv: list[str] | None = None) -> None:
     query = sorted(EXAMPLES.glob("*.jpg"))[0]
     res = {"when": now(), "command": command_line(), "machine": machine_info(), "runtime_machine": runtime.machine(),
            "auto": auto, "data": source, "images": len(paths), "batch_size": args.batch_size, "model": args.model or "embedded",
-           "sd": sd, "index": rows, "summary": summary, "rounds": args.rounds, "own_process": args.subprocess, "torch_runs": torch_runs, "rankings": rankings,
+           "sd": sd, "index": rows, "summary": summary, "rounds": args.rounds, "own_process": args.subprocess,
+           "torch_runs": torch_runs, "rankings": rankings,
            "cold_query": cold_query(dbs["torch"], query, args.cold_repeats), "cold_repeats": args.cold_repeats}
     out_dir = {"out_dir": args.out_dir} if args.out_dir else {}
     write_results("runtime", res, render(res), **out_dir)

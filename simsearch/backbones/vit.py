@@ -57,7 +57,7 @@ class ViTBackbone(Backbone):
         self.size_multiple = patch_size
         self.blocks = blocks
         self.num_layers = len(blocks)
-        self._matmul_users, self._kernel_before = 0, ""  # matmul_attention's
+        self._matmul_users, self._kernel_before = 0, None  # matmul_attention's
 
     # -- where the parts are (per implementation) ---------------------------------------------
     @abstractmethod
@@ -103,7 +103,8 @@ class ViTBackbone(Backbone):
         # Under CPU bf16 autocast the fused kernel runs no faster than in float32 (flash attention for
         # the CPU), while the two bf16 matrix products run ~3.5x faster: at 257 tokens, batch 16,
         # DINOv2-S, 6 against 13 ms a block. Float32 is better served fused (11 against 14 ms).
-        # Counted, so that overlapping blocks in two threads put back the kernel from before the first.
+        # The kernel is the module's: another thread's forward meanwhile runs it too (the same numbers, in
+        # float32 a little slower). Counted, so that overlapping blocks put back the kernel from before the first.
         with _KERNEL_LOCK:
             if not self._matmul_users:
                 self._kernel_before = self.attention_kernel
