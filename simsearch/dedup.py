@@ -38,7 +38,8 @@ Steps (hloc's shape: retrieval, then matching and verification, then grouping):
 
 Stored pair scores (`PairCache`, ROOT/dedup/): every verified pair with the table version it
 reflects, so another threshold re-groups without a model, and a later run verifies only the pairs
-of rows changed since (store.changed_since). Nothing here deletes, moves or writes an image file.
+of rows changed since (store.changed_since). They are saved in parts as the run goes: a stopped run
+resumes at the part it was in. Nothing here deletes, moves or writes an image file.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ QUERY_BATCH = 1024  # FAISS queries per search call
 # query's default probes a share of the lists, 160 of 4,000 at 1M rows, 7.6x that scan.
 CANDIDATE_NPROBE = 16
 CHUNK_ROWS = 256  # rows decoded at once while verifying (dense float32 and patch sets: ~200 MB for DINOv2-S at 224 px)
+# Contents searched and verified per cache part (`in_parts`): a stopped run loses at most one part's work.
+PART_NODES, MAX_PARTS = 4096, 16
 LOSSLESS = frozenset({".png", ".tif", ".tiff", ".bmp"})  # .webp: lossless when its first chunk is VP8L
 CACHE_DIR = "dedup"
 
@@ -292,36 +295,85 @@ def _pixels(index, keys: np.ndarray) -> np.ndarray:
 
 # -- stored pair scores --------------------------------------------------------------------------------
 class PairCache:
-    """Verified pairs of one database (or of one database against another) in ROOT/dedup/<name>.parquet:
-    the columns of pair_table; metadata: the table version(s) and store identity they
-    reflect, the candidate settings, and the keys whose neighbours were searched ("queried"). Written
-    whole and atomically (a new file renamed over the old): a killed run leaves the previous cache."""
+    """Verified pairs of one database (or of one database against another) in ROOT/dedup/<name>/, one
+    parquet part per chunk of searched contents: the columns of pair_table; metadata: the identity they
+    were made under (store uuid and weights, candidate settings, verifier), the table version(s) they
+    reflect and the keys whose neighbours were searched ("queried"). Each part is written whole and
+    atomically (a new file renamed into place), so a run stopped midway keeps the chunks it finished and
+    the next one searches only the rest. `consolidate` replaces the parts by one, which names the parts
+    it replaces: a kill between its write and their removal counts nothing twice."""
 
     def __init__(self, root: Path, name: str, identity: dict):
-        self.path = Path(root) / CACHE_DIR / f"{name}.parquet"
-        self.identity = identity  # what the pairs depend on: store uuid and weights, k, min_cosine, verifier
+        self.dir = Path(root) / CACHE_DIR / name
+        self.legacy = Path(root) / CACHE_DIR / f"{name}.parquet"  # the one file of earlier versions: read as a part
+        self.identity = identity
+
+    def _parts(self) -> list[tuple[str, pa.Table, dict]]:
+        """(file name, pairs, metadata) of each part made under this identity and not replaced by another."""
+        parts, replaced = [], set()
+        for path in sorted(self.dir.glob("part-*.parquet")) + [self.legacy]:
+            try:
+                table = pq.read_table(path)
+                meta = json.loads(table.schema.metadata[b"simsearch"])
+            except (OSError, KeyError, TypeError, ValueError, pa.ArrowException):
+                continue
+            if meta.get("identity") == self.identity:
+                replaced.update(meta.get("replaces", ()))
+                parts.append((path.name, table.replace_schema_metadata(None), meta))
+        return [p for p in parts if p[0] not in replaced]
 
     def load(self) -> tuple[pa.Table, np.ndarray, dict] | None:
-        """(pairs, queried keys, versions) when the file exists and was made under this identity."""
-        try:
-            table = pq.read_table(self.path)
-            meta = json.loads(table.schema.metadata[b"simsearch"])
-        except (OSError, KeyError, ValueError, pa.ArrowException):
+        """(pairs, queried keys, versions) of the parts, None when there are none. versions: the oldest
+        each part reflects, so that a change since is looked for in every part."""
+        parts = self._parts()
+        if not parts:
             return None
-        if meta.get("identity") != self.identity:
-            return None
-        queried = np.frombuffer(bytes.fromhex(meta["queried"]), np.int64) if meta.get("queried") else np.zeros(0, np.int64)
-        return table.replace_schema_metadata(None), queried, meta["versions"]
+        queried = [np.frombuffer(bytes.fromhex(m.get("queried", "")), np.int64) for _, _, m in parts]
+        versions = {name: min(m["versions"][name] for _, _, m in parts) for name in parts[0][2]["versions"]}
+        return pa.concat_tables([t for _, t, _ in parts]), np.unique(np.concatenate(queried)), versions
 
-    def save(self, pairs: pa.Table, queried: np.ndarray, versions: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def add(self, pairs: pa.Table, queried: np.ndarray, versions: dict, replaces: tuple[str, ...] = ()) -> None:
+        """A new part: `pairs`, found by searching the neighbours of `queried`, at table `versions`."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        numbers = [int(p.stem.split("-")[1]) for p in self.dir.glob("part-*.parquet")]
+        path = self.dir / f"part-{max(numbers, default=0) + 1:06d}.parquet"
         queried = np.unique(np.asarray(queried, np.int64))
-        meta = {"identity": self.identity, "versions": versions, "queried": queried.tobytes().hex()}
-        pairs = pairs.replace_schema_metadata({b"simsearch": json.dumps(meta).encode()})
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        meta = {"identity": self.identity, "versions": versions, "queried": queried.tobytes().hex(), "replaces": list(replaces)}
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.dir)
         os.close(fd)
-        pq.write_table(pairs, tmp)
-        os.replace(tmp, self.path)
+        pq.write_table(pairs.replace_schema_metadata({b"simsearch": json.dumps(meta).encode()}), tmp)
+        os.replace(tmp, path)
+
+    def consolidate(self, pairs: pa.Table, queried: np.ndarray, versions: dict) -> None:
+        """One part holding `pairs` (what every part holds now, with what a change removed) in place of
+        the parts there are; a cache already in one part at `versions` stays."""
+        old = [p for p in sorted(self.dir.glob("part-*.parquet")) + [self.legacy] if p.exists()]
+        if len(old) == 1 and old[0] != self.legacy and json.loads(pq.read_schema(old[0]).metadata[b"simsearch"])["versions"] == versions:
+            return
+        self.add(pairs, queried, versions, replaces=tuple(p.name for p in old))
+        for p in old:
+            p.unlink(missing_ok=True)
+
+
+def in_parts(cache: PairCache, store, todo: np.ndarray, versions: dict, verify: Callable[[np.ndarray], pa.Table]) -> list[pa.Table]:
+    """`verify(nodes)` -> their verified pairs, over `todo` in at most MAX_PARTS chunks of at least
+    PART_NODES, each saved as a cache part when done (a stopped run resumes at the chunk it was in).
+    Fewer, larger chunks: each one's pairs are told apart from those verified before it by a join
+    over all of those (cost ~ chunks x pairs)."""
+    size = max(PART_NODES, -(-len(todo) // MAX_PARTS))
+    done = []
+    for s in range(0, len(todo), size):
+        chunk = todo[s:s + size]
+        done.append(verify(chunk))
+        with store.lock:  # one writer of the cache at a time
+            cache.add(done[-1], chunk, versions)
+    return done
+
+
+def unseen(pairs: pa.Table, known: pa.Table) -> pa.Table:
+    """The rows of `pairs` whose (a, b) is not among `known`'s."""
+    seen = pa.table({"a": known.column("a"), "b": known.column("b"), "seen": pa.array(np.ones(known.num_rows, bool))})
+    return pairs.join(seen, ["a", "b"], join_type="left outer").filter(pc.is_null(pc.field("seen"))).drop_columns(["seen"])
 
 
 # -- the keep rule -------------------------------------------------------------------------------------
@@ -504,8 +556,9 @@ def as_nodes(pairs: pa.Table, scope: Scope) -> pa.Table:
 def stored_pairs(index, scope: Scope, k: int, min_cosine: float, on_advance=None) -> tuple[pa.Table, int]:
     """Verified pairs between the contents of `scope`, from the cache, verifying what it lacks: the
     neighbours (in the whole table) of every content none of whose rows was searched at the cache's
-    version, or changed since, are searched, the new pairs verified and the cache rewritten; the rest
-    of the cache stands. -> (pairs as nodes, pairs verified now)"""
+    version, or changed since, are searched and the new pairs verified, in parts saved as they are done
+    (`in_parts`), then the cache consolidated; the rest of the cache stands. -> (pairs as nodes, pairs
+    verified now)"""
     store = index.store
     version = store.stable_version()
     cache = PairCache(index.root, "pairs", identity(index, k, min_cosine))
@@ -521,19 +574,21 @@ def stored_pairs(index, scope: Scope, k: int, min_cosine: float, on_advance=None
             queried = np.setdiff1d(queried, changed)
     covered = np.unique(scope.node_of(queried[scope.contains(queried)]))
     todo = np.setdiff1d(scope.nodes(), covered)
+    known = as_nodes(pairs, scope).select(["a", "b"])  # node pairs verified before
     verified_now = 0
-    if len(todo):
-        found = candidates(index, todo, k, min_cosine)
-        known = as_nodes(pairs, scope)
-        new = as_nodes(found, scope)
-        seen = pa.table({"a": known.column("a"), "b": known.column("b"), "seen": pa.array(np.ones(known.num_rows, bool))})
-        new = new.join(seen, ["a", "b"], join_type="left outer").filter(pc.is_null(pc.field("seen")))
+
+    def verify(nodes: np.ndarray) -> pa.Table:
+        nonlocal known, verified_now
+        new = unseen(as_nodes(candidates(index, nodes, k, min_cosine), scope), known)
+        known = pa.concat_tables([known, new.select(["a", "b"])])
+        verified_now += new.num_rows
         new = pair_table(*(new.column(c).to_numpy() for c in ("a", "b", "cosine")), style=new.column("style").to_numpy())
-        checked = verify_smaller_first(index, new, on_advance=on_advance)
-        verified_now = new.num_rows
-        pairs = pa.concat_tables([pairs, checked])
-        with store.lock:  # one writer of the cache at a time
-            cache.save(pairs, np.union1d(queried, todo), {"self": version})
+        return verify_smaller_first(index, new, on_advance=on_advance)
+
+    if len(todo):
+        pairs = pa.concat_tables([pairs, *in_parts(cache, store, todo, {"self": version}, verify)])
+        with store.lock:
+            cache.consolidate(pairs, np.union1d(queried, todo), {"self": version})
     return as_nodes(pairs, scope), verified_now
 
 
@@ -712,7 +767,7 @@ EXACT_SCORE = 2.0  # stored for a pair of equal content ids: above any verified 
 
 def _cross_pairs(index, other, scope: Scope, k: int, min_cosine: float, on_advance=None) -> tuple[pa.Table, int]:
     """Verified pairs (a: a node of `scope` in `index`, b: a row of `other`), from the cache
-    ROOT/dedup/against-<digest>.parquet, verifying what it lacks. Rows of this set changed since are
+    ROOT/dedup/against-<digest>/, verifying what it lacks (in parts, as `stored_pairs`). Rows of this set changed since are
     searched again; when `other` changed, every node is searched again (a new reference row may copy
     any of them), but only pairs not in the cache are verified."""
     version, ref_version = index.store.stable_version(), other.store.stable_version()
@@ -731,23 +786,28 @@ def _cross_pairs(index, other, scope: Scope, k: int, min_cosine: float, on_advan
             queried = np.setdiff1d(queried, changed) if not len(changed_ref) else np.zeros(0, np.int64)
     covered = np.unique(scope.node_of(queried[scope.contains(queried)]))
     todo = np.setdiff1d(scope.nodes(), covered)
+    known = pairs.select(["a", "b"])  # a chunk's pairs start at its own nodes: only the cache's can repeat them
     verified_now = 0
-    if len(todo):
-        found = candidates(index, todo, k, min_cosine, other)
-        seen = pa.table({"a": pairs.column("a"), "b": pairs.column("b"), "seen": pa.array(np.ones(pairs.num_rows, bool))})
-        new = found.join(seen, ["a", "b"], join_type="left outer").filter(pc.is_null(pc.field("seen")))
+
+    def verify(nodes: np.ndarray) -> pa.Table:
+        nonlocal verified_now
+        new = unseen(candidates(index, nodes, k, min_cosine, other), known)
         a, b = new.column("a").to_numpy(), new.column("b").to_numpy()
         ids = {r["key"]: r["id"] for r in index.store.find(np.unique(a).tolist(), ["id"]).values()}
         ref_ids = {r["key"]: r["id"] for r in other.store.find(np.unique(b).tolist(), ["id"]).values()}
         exact = np.array([ids.get(x) is not None and ids.get(x) == ref_ids.get(y) for x, y in zip(a.tolist(), b.tolist())], bool)
         cos, style = new.column("cosine").to_numpy(), new.column("style").to_numpy()
         same = pair_table(a[exact], b[exact], cos[exact], np.full(exact.sum(), EXACT_SCORE), np.zeros(exact.sum()),
-                           np.ones(exact.sum()), np.ones(exact.sum()), style=style[exact])
-        checked = verify_smaller_first(index, pair_table(a[~exact], b[~exact], cos[~exact], style=style[~exact]), other, on_advance)
-        verified_now = int((~exact).sum())
-        pairs = pa.concat_tables([pairs, same, checked])
+                          np.ones(exact.sum()), np.ones(exact.sum()), style=style[exact])
+        verified_now += int((~exact).sum())
+        return pa.concat_tables([same, verify_smaller_first(index, pair_table(a[~exact], b[~exact], cos[~exact], style=style[~exact]),
+                                                            other, on_advance)])
+
+    if len(todo):
+        versions = {"self": version, "ref": ref_version}
+        pairs = pa.concat_tables([pairs, *in_parts(cache, index.store, todo, versions, verify)])
         with index.store.lock:
-            cache.save(pairs, np.union1d(queried, todo), {"self": version, "ref": ref_version})
+            cache.consolidate(pairs, np.union1d(queried, todo), versions)
     a = scope.node_of(pairs.column("a").to_numpy())
     inside = scope.contains(a)
     pairs = pairs.set_column(0, "a", pa.array(a)).filter(pa.array(inside))

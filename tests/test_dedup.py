@@ -25,7 +25,8 @@ from PIL import Image, ImageOps
 from conftest import EXAMPLES, one_line_error
 from simsearch import Index
 from simsearch.ann import VectorIndex, gpu_available
-from simsearch.dedup import (CANDIDATE_NPROBE, CSV_COLUMNS, DEFAULT_CONF, MIN_STYLE, STYLE_K, PairCache, build_groups,
+from simsearch import dedup
+from simsearch.dedup import (CACHE_DIR, CANDIDATE_NPROBE, CSV_COLUMNS, DEFAULT_CONF, MIN_STYLE, STYLE_K, PairCache, build_groups,
                              _cosines, candidate_pairs, candidates, find_duplicates, identity, pair_table, scope_of)
 from simsearch.index import Hit
 from simsearch.store import path_key
@@ -291,6 +292,44 @@ def test_a_new_image_is_verified_only_against_its_own_candidates(tmp_path, colle
     assert [seen(p) for p in after if seen(p) in {seen(q) for q in before}] == [seen(p) for p in before]  # none verified again
     group = _group_of(res, str(extra / "chelsea_cropped.png"))
     assert group is not None and group is _group_of(res, paths["chelsea.png"])
+
+
+def test_a_stopped_run_resumes_at_the_part_it_was_in(tmp_path, collection, monkeypatch):
+    """One content a part; stopped (as Ctrl-C stops it) in the fourth part's verification, the next
+    run keeps the three parts saved, verifies only what an unstopped run verified after them, and
+    ends with the same pairs and groups in one consolidated part."""
+    db, _, _ = collection
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    for copy in (whole, stopped):
+        shutil.copytree(db, copy)
+        shutil.rmtree(copy / CACHE_DIR)
+    monkeypatch.setattr(dedup, "PART_NODES", 1)
+    monkeypatch.setattr(dedup, "MAX_PARTS", 10**6)
+    full = find_duplicates(Index(whole))
+    verify, sent = dedup.verify_smaller_first, []
+
+    def stop_in_the_fourth(index, pairs, *args, **kwargs):
+        if len(sent) == 3:
+            raise KeyboardInterrupt
+        sent.append(pairs.num_rows)
+        return verify(index, pairs, *args, **kwargs)
+
+    monkeypatch.setattr(dedup, "verify_smaller_first", stop_in_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        find_duplicates(Index(stopped))
+    ident = identity(Index(stopped), DEFAULT_CONF["k"], DEFAULT_CONF["min_cosine"])
+    assert len(list((stopped / CACHE_DIR / "pairs").glob("part-*.parquet"))) == 3
+    saved, queried, _ = PairCache(stopped, "pairs", ident).load()
+    assert len(queried) == 3 and saved.num_rows == sum(sent)  # no row of the tiny table is gone
+    monkeypatch.setattr(dedup, "verify_smaller_first", verify)
+    resumed = find_duplicates(Index(stopped))
+    assert sum(sent) > 0 and resumed.new_pairs_verified == full.new_pairs_verified - sum(sent)
+    assert len(list((stopped / CACHE_DIR / "pairs").glob("part-*.parquet"))) == 1
+    pairs = lambda root: sorted(zip(*(PairCache(root, "pairs", ident).load()[0].column(c).to_pylist() for c in "ab")))  # noqa: E731
+    assert pairs(stopped) == pairs(whole)
+    members = lambda res: [[(m.path, m.role) for m in g.members] for g in res.groups]  # noqa: E731
+    assert members(resumed) == members(full)
+    assert find_duplicates(Index(stopped)).new_pairs_verified == 0
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
