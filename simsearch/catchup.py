@@ -80,7 +80,7 @@ class Source:
         if vi.kind == "ivf":
             vi.fit(self.take(store, sample_rows(rng, n, vi.train_size(n)), version, vi.stored), n)
         for ids, vectors in store.vector_batches(self.column, READ_ROWS, version):
-            vi.index.add_with_ids(vectors, ids)
+            vi.add(ids, vectors)
         return vi
 
     def create_index(self, store: ImageStore, n: int, ivf_threshold: int, rng: np.random.Generator,
@@ -281,6 +281,7 @@ def load(path: Path, source: Source, current: Derived | None = None) -> Derived 
         else:
             vi, todo = VectorIndex.read(_verified(path.parent, files[0])), files[1:]
             vi.version = side["table_version"]  # read just now: no search has it yet
+            vi.center = VectorIndex.center_of(side)  # before the deltas: their vectors go in centred
         deltas = []
         for entry in todo:  # every file read and checked before the index changes
             with np.load(_verified(path.parent, entry)) as delta:
