@@ -44,9 +44,11 @@ resumes at the part it was in. Nothing here deletes, moves or writes an image fi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -77,6 +79,7 @@ CANDIDATE_NPROBE = 16
 CHUNK_ROWS = 256  # rows decoded at once while verifying (dense float32 and patch sets: ~200 MB for DINOv2-S at 224 px)
 # Contents searched and verified per cache part (`in_parts`): a stopped run loses at most one part's work.
 PART_NODES, MAX_PARTS = 4096, 16
+PART_NAME = re.compile(r"part-(\d+)\.parquet")
 LOSSLESS = frozenset({".png", ".tif", ".tiff", ".bmp"})  # .webp: lossless when its first chunk is VP8L
 CACHE_DIR = "dedup"
 
@@ -308,34 +311,40 @@ class PairCache:
         self.legacy = Path(root) / CACHE_DIR / f"{name}.parquet"  # the one file of earlier versions: read as a part
         self.identity = identity
 
-    def _parts(self) -> list[tuple[str, pa.Table, dict]]:
-        """(file name, pairs, metadata) of each part made under this identity and not replaced by another."""
+    def _files(self) -> list[Path]:
+        """The part files there are, in the order written, the earlier versions' one file last."""
+        return sorted(p for p in self.dir.glob("part-*.parquet") if PART_NAME.fullmatch(p.name)) + \
+            [p for p in (self.legacy,) if p.exists()]
+
+    def parts(self) -> list[tuple[pa.Table, np.ndarray, dict]]:
+        """(pairs, queried keys, versions) of each part made under this identity and not replaced by another."""
         parts, replaced = [], set()
-        for path in sorted(self.dir.glob("part-*.parquet")) + [self.legacy]:
+        for path in self._files():
             try:
                 table = pq.read_table(path)
                 meta = json.loads(table.schema.metadata[b"simsearch"])
+                queried = np.frombuffer(bytes.fromhex(meta.get("queried", "")), np.int64)
             except (OSError, KeyError, TypeError, ValueError, pa.ArrowException):
                 continue
             if meta.get("identity") == self.identity:
                 replaced.update(meta.get("replaces", ()))
-                parts.append((path.name, table.replace_schema_metadata(None), meta))
-        return [p for p in parts if p[0] not in replaced]
+                parts.append((path.name, table.replace_schema_metadata(None), queried, meta["versions"]))
+        return [(t, q, v) for name, t, q, v in parts if name not in replaced]
 
-    def load(self) -> tuple[pa.Table, np.ndarray, dict] | None:
-        """(pairs, queried keys, versions) of the parts, None when there are none. versions: the oldest
-        each part reflects, so that a change since is looked for in every part."""
-        parts = self._parts()
-        if not parts:
-            return None
-        queried = [np.frombuffer(bytes.fromhex(m.get("queried", "")), np.int64) for _, _, m in parts]
-        versions = {name: min(m["versions"][name] for _, _, m in parts) for name in parts[0][2]["versions"]}
-        return pa.concat_tables([t for _, t, _ in parts]), np.unique(np.concatenate(queried)), versions
+    def load(self, current: Callable[[pa.Table, np.ndarray, dict], tuple[pa.Table, np.ndarray] | None] | None = None
+             ) -> tuple[pa.Table, np.ndarray]:
+        """The parts' pairs and queried keys together, each part as `current(pairs, queried, versions)`
+        brings it up to date (None: a part that cannot be; default: as it is). Each part is brought
+        from its own versions: a part written after a change holds pairs verified after it."""
+        kept = [x for part in self.parts() if (x := part[:2] if current is None else current(*part)) is not None]
+        if not kept:
+            return pair_table([], [], []), np.zeros(0, np.int64)
+        return pa.concat_tables([t for t, _ in kept]), np.unique(np.concatenate([q for _, q in kept]))
 
     def add(self, pairs: pa.Table, queried: np.ndarray, versions: dict, replaces: tuple[str, ...] = ()) -> None:
         """A new part: `pairs`, found by searching the neighbours of `queried`, at table `versions`."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        numbers = [int(p.stem.split("-")[1]) for p in self.dir.glob("part-*.parquet")]
+        numbers = [int(PART_NAME.fullmatch(p.name)[1]) for p in self._files() if p != self.legacy]
         path = self.dir / f"part-{max(numbers, default=0) + 1:06d}.parquet"
         queried = np.unique(np.asarray(queried, np.int64))
         meta = {"identity": self.identity, "versions": versions, "queried": queried.tobytes().hex(), "replaces": list(replaces)}
@@ -346,8 +355,11 @@ class PairCache:
 
     def consolidate(self, pairs: pa.Table, queried: np.ndarray, versions: dict) -> None:
         """One part holding `pairs` (what every part holds now, with what a change removed) in place of
-        the parts there are; a cache already in one part at `versions` stays."""
-        old = [p for p in sorted(self.dir.glob("part-*.parquet")) + [self.legacy] if p.exists()]
+        the parts there are; a cache already in one part at `versions` stays. The caller holds the
+        store's lock, so a temporary file left here was left by a writer that was killed."""
+        for tmp in self.dir.glob(".part-*.tmp"):
+            tmp.unlink(missing_ok=True)
+        old = self._files()
         if len(old) == 1 and old[0] != self.legacy and json.loads(pq.read_schema(old[0]).metadata[b"simsearch"])["versions"] == versions:
             return
         self.add(pairs, queried, versions, replaces=tuple(p.name for p in old))
@@ -544,8 +556,13 @@ def as_nodes(pairs: pa.Table, scope: Scope) -> pa.Table:
                   "cosine": pairs.column("cosine").to_numpy()[inside], "style": pairs.column("style").to_numpy()[inside],
                   **{name: pairs.column(name).to_numpy()[inside] for name in PAIR_COLUMNS if name != "scale"},
                   "scale": np.where(a > b, np.reciprocal(scale, where=scale != 0, out=np.full_like(scale, np.inf)), scale)[inside]})
-    style = t.column("style").to_numpy()
-    t = t.set_column(t.schema.get_field_index("style"), "style", pa.array(style, mask=np.isnan(style)))  # null: skipped by max
+    return best_of(t)
+
+
+def best_of(pairs: pa.Table) -> pa.Table:
+    """Each (a, b) of `pairs` once: the row of its best verified score, the largest style score."""
+    style = pairs.column("style").to_numpy()
+    t = pairs.set_column(pairs.schema.get_field_index("style"), "style", pa.array(style, mask=np.isnan(style)))  # null: skipped by max
     t = t.sort_by([("score", "descending")])
     rest = ("cosine", *PAIR_COLUMNS)
     agg = t.group_by(["a", "b"], use_threads=False).aggregate([(name, "first") for name in rest] + [("style", "max")])
@@ -555,23 +572,25 @@ def as_nodes(pairs: pa.Table, scope: Scope) -> pa.Table:
 
 def stored_pairs(index, scope: Scope, k: int, min_cosine: float, on_advance=None) -> tuple[pa.Table, int]:
     """Verified pairs between the contents of `scope`, from the cache, verifying what it lacks: the
-    neighbours (in the whole table) of every content none of whose rows was searched at the cache's
-    version, or changed since, are searched and the new pairs verified, in parts saved as they are done
+    neighbours (in the whole table) of every content none of whose rows was searched at the version of
+    the cache part that holds it, or changed since, are searched and the new pairs verified, in parts saved as they are done
     (`in_parts`), then the cache consolidated; the rest of the cache stands. -> (pairs as nodes, pairs
     verified now)"""
     store = index.store
     version = store.stable_version()
     cache = PairCache(index.root, "pairs", identity(index, k, min_cosine))
-    loaded = cache.load()
-    pairs, queried = (loaded[0], loaded[1]) if loaded else (pair_table([], [], []), np.zeros(0, np.int64))
-    if loaded:
-        changed = store.changed_since(loaded[2]["self"])
-        if changed is None:  # the change log does not reach back: start over
-            pairs, queried = pair_table([], [], []), np.zeros(0, np.int64)
-        elif len(changed):
+    changes = functools.cache(store.changed_since)  # the parts of one run share a version
+
+    def current(pairs: pa.Table, queried: np.ndarray, versions: dict):
+        changed = changes(versions["self"])
+        if changed is None:  # the change log does not reach back: search again
+            return None
+        if len(changed):
             touched = pa.array(changed)
             pairs = pairs.filter(pc.invert(pc.or_(pc.is_in(pairs.column("a"), touched), pc.is_in(pairs.column("b"), touched))))
-            queried = np.setdiff1d(queried, changed)
+        return pairs, np.setdiff1d(queried, changed)
+
+    pairs, queried = cache.load(current)
     covered = np.unique(scope.node_of(queried[scope.contains(queried)]))
     todo = np.setdiff1d(scope.nodes(), covered)
     known = as_nodes(pairs, scope).select(["a", "b"])  # node pairs verified before
@@ -774,16 +793,17 @@ def _cross_pairs(index, other, scope: Scope, k: int, min_cosine: float, on_advan
     ident = identity(index, k, min_cosine, other)
     name = "against-" + hashlib.blake2b(json.dumps(ident["ref"]).encode(), digest_size=8).hexdigest()
     cache = PairCache(index.root, name, ident)
-    loaded = cache.load()
-    pairs, queried = (loaded[0], loaded[1]) if loaded else (pair_table([], [], []), np.zeros(0, np.int64))
-    if loaded:
-        changed, changed_ref = index.store.changed_since(loaded[2]["self"]), other.store.changed_since(loaded[2]["ref"])
+    mine, theirs = functools.cache(index.store.changed_since), functools.cache(other.store.changed_since)
+
+    def current(pairs: pa.Table, queried: np.ndarray, versions: dict):
+        changed, changed_ref = mine(versions["self"]), theirs(versions["ref"])
         if changed is None or changed_ref is None:
-            pairs, queried = pair_table([], [], []), np.zeros(0, np.int64)
-        else:
-            drop = pc.or_(pc.is_in(pairs.column("a"), pa.array(changed)), pc.is_in(pairs.column("b"), pa.array(changed_ref)))
-            pairs = pairs.filter(pc.invert(drop))
-            queried = np.setdiff1d(queried, changed) if not len(changed_ref) else np.zeros(0, np.int64)
+            return None
+        drop = pc.or_(pc.is_in(pairs.column("a"), pa.array(changed)), pc.is_in(pairs.column("b"), pa.array(changed_ref)))
+        return pairs.filter(pc.invert(drop)), np.setdiff1d(queried, changed) if not len(changed_ref) else np.zeros(0, np.int64)
+
+    pairs, queried = cache.load(current)
+    pairs = best_of(pairs)  # two runs at once may both have verified a pair
     covered = np.unique(scope.node_of(queried[scope.contains(queried)]))
     todo = np.setdiff1d(scope.nodes(), covered)
     known = pairs.select(["a", "b"])  # a chunk's pairs start at its own nodes: only the cache's can repeat them

@@ -172,8 +172,8 @@ def test_threshold_regroups_from_stored_scores_without_the_model(cli, collection
     assert [[(m["path"], m["role"]) for m in g["members"]] for g in high["groups"]] == [
         [(paths["chelsea.jpg"], "keep"), (paths["chelsea_copy.jpg"], "exact")]]  # equal but for mtime: the older kept
     assert sum(len(g["members"]) for g in low["groups"]) >= sum(len(g.members) for g in result.groups)
-    cached = PairCache(db, "pairs", identity(Index(db), DEFAULT_CONF["k"], DEFAULT_CONF["min_cosine"])).load()
-    assert cached is not None and cached[2]["self"] == Index(db).store.version
+    (cached,) = PairCache(db, "pairs", identity(Index(db), DEFAULT_CONF["k"], DEFAULT_CONF["min_cosine"])).parts()
+    assert cached[2]["self"] == Index(db).store.version
 
 
 def test_json_and_csv_list_every_member(cli, collection, result):
@@ -319,7 +319,7 @@ def test_a_stopped_run_resumes_at_the_part_it_was_in(tmp_path, collection, monke
         find_duplicates(Index(stopped))
     ident = identity(Index(stopped), DEFAULT_CONF["k"], DEFAULT_CONF["min_cosine"])
     assert len(list((stopped / CACHE_DIR / "pairs").glob("part-*.parquet"))) == 3
-    saved, queried, _ = PairCache(stopped, "pairs", ident).load()
+    saved, queried = PairCache(stopped, "pairs", ident).load()
     assert len(queried) == 3 and saved.num_rows == sum(sent)  # no row of the tiny table is gone
     monkeypatch.setattr(dedup, "verify_smaller_first", verify)
     resumed = find_duplicates(Index(stopped))
@@ -330,6 +330,48 @@ def test_a_stopped_run_resumes_at_the_part_it_was_in(tmp_path, collection, monke
     members = lambda res: [[(m.path, m.role) for m in g.members] for g in res.groups]  # noqa: E731
     assert members(resumed) == members(full)
     assert find_duplicates(Index(stopped)).new_pairs_verified == 0
+
+
+def test_a_run_resumed_across_a_change_keeps_what_it_verified_after_it(tmp_path, collection, monkeypatch):
+    """Stopped at v1; a new image (v2); stopped again before its last part; then finished: the pairs the
+    second run verified (some with the new image) all stand, nothing is verified twice, and each part is
+    brought up to date from its own version."""
+    db, _, paths = collection
+    root = tmp_path / "db"
+    shutil.copytree(db, root)
+    shutil.rmtree(root / CACHE_DIR)
+    monkeypatch.setattr(dedup, "PART_NODES", 1)
+    monkeypatch.setattr(dedup, "MAX_PARTS", 10**6)
+    verify, sent, stop_at = dedup.verify_smaller_first, [], [3]
+
+    def stopping(index, pairs, *args, **kwargs):
+        if len(sent) == stop_at[0]:
+            raise KeyboardInterrupt
+        sent.append({tuple(sorted(p)) for p in zip(pairs.column("a").to_pylist(), pairs.column("b").to_pylist())})
+        return verify(index, pairs, *args, **kwargs)
+
+    monkeypatch.setattr(dedup, "verify_smaller_first", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        find_duplicates(Index(root))  # three parts at v1
+    extra = tmp_path / "more"
+    extra.mkdir()
+    cat = Image.open(paths["chelsea.png"])
+    cat.crop((0, 0, cat.width * 4 // 5, cat.height * 4 // 5)).save(extra / "chelsea_cropped.png")
+    Index(root).add_folder(extra)  # v2
+    new_key = path_key(str(extra / "chelsea_cropped.png"))
+    stop_at[0] = 3 + len(scope_of(Index(root), None).nodes()) - 3 - 1  # all but the last of the contents left
+    with pytest.raises(KeyboardInterrupt):
+        find_duplicates(Index(root))
+    second = set().union(*sent[3:])
+    assert any(new_key in p for p in second)
+    stop_at[0] = 10**6
+    last = find_duplicates(Index(root))
+    ident = identity(Index(root), DEFAULT_CONF["k"], DEFAULT_CONF["min_cosine"])
+    stored = PairCache(root, "pairs", ident).load()[0]
+    stored = set(zip(*(stored.column(c).to_pylist() for c in "ab")))
+    assert second <= {tuple(sorted(p)) for p in stored}
+    assert last.new_pairs_verified == len(sent[-1]) and not (sent[-1] & second)
+    assert _group_of(last, str(extra / "chelsea_cropped.png")) is _group_of(last, paths["chelsea.png"]) is not None
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
