@@ -165,14 +165,13 @@ class VectorIndex:
         on its mean, for an index of about `n` vectors."""
         sample = np.ascontiguousarray(sample, dtype=np.float32)
         mean = sample.mean(0)
-        # given vectors are centred before the projection: P (v - P^T mean) = P v - mean (P's rows orthonormal)
-        self.center = mean if not self.project else self._projection().T @ mean
+        # given vectors are centred before the projection P: the c with P c = mean, so P (v - c) = P v - mean
+        self.center = mean if not self.project else np.linalg.lstsq(self._projection(), mean, rcond=None)[0].astype(np.float32)
         self._centroids = None
-        sample = sample - mean
-        faiss.extract_index_ivf(self.index).train(sample)
+        faiss.extract_index_ivf(self.index).train(sample - mean)
         self.index.is_trained = True  # a pre-transform's own flag is set when it is made, not by its parts
         self.trained_n = n
-        self.train_error = float(self.quantisation_error(sample).mean())
+        self.train_error = float(self.quantisation_error(sample).mean())  # centres the sample itself
 
     def stored(self, vectors: np.ndarray) -> np.ndarray:
         """Vectors as the index stores them, before centring: projected when it projects."""

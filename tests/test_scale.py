@@ -147,8 +147,8 @@ def test_build_takes_other_lists_and_codes(tmp_path):
 
 def test_an_ivf_holds_its_vectors_centred(tmp_path):
     """Rows sharing a mean direction, in 512 dims: FAISS's own IVF trained on the same sample puts a hub
-    list near the mean (over 3x the largest centred list here); the centred index's scores are the rows'
-    inner products with the query, its ranking with every list probed the exact one, and both
+    list near the mean (over 3x the largest centred list here); its training error is the centred sample's;
+    the centred index's scores are the rows' inner products with the query, its ranking with every list probed the exact one, and both
     survive write/read/restore and vectors added after."""
     import faiss
 
@@ -165,6 +165,9 @@ def test_an_ivf_holds_its_vectors_centred(tmp_path):
     raw.add(x)
     sizes = lambda ivf: np.array([ivf.invlists.list_size(i) for i in range(nlist)])  # noqa: E731
     assert np.allclose(vi.center, sample.mean(0), atol=1e-6)
+    centred, centroids = sample - sample.mean(0), faiss.extract_index_ivf(vi.index).quantizer.reconstruct_n(0, nlist)
+    nearest = ((centred ** 2).sum(1)[:, None] - 2 * centred @ centroids.T + (centroids ** 2).sum(1)).min(1)
+    assert vi.train_error == pytest.approx(nearest.mean(), rel=1e-3)  # what the drift rule compares new rows with
     assert 3 * sizes(faiss.extract_index_ivf(vi.index)).max() < sizes(raw).max()
     q = x[:40] + 0.01
     exact = np.argsort(-(q @ x.T), axis=1)[:, :10]
