@@ -408,10 +408,24 @@ class ImageStore:
 
     def vectors_of(self, keys, column: str, version: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """keys and vectors of those of `keys` in the table (at `version`, see `reader`), read by key."""
-        parts = [self._select(["key", column], _in(chunk), version=version) for chunk in _chunks([int(k) for k in keys])]
-        if not parts:
+        if not len(keys):
             return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-        return _vectors(pa.concat_tables(parts), column)
+        return _vectors(self._by_key(keys, ["key", column], version), column)
+
+    def _by_key(self, keys, columns: list[str], version: int | None = None) -> pa.Table:
+        """`columns` of the rows of `keys` in the table (at `version`): their row ids found through the
+        key index, then those rows taken. Lance reads a filtered projection's columns over every row
+        the scan touches: `key IN (4,096 keys)` with the 20 KB style vectors read 19 GiB of a 1M-row
+        table in 29 s; the ids, then the rows, 96 MiB in 0.2 s (README "Duplicates")."""
+        dataset = self.reader(TABLE, version)
+        parts = []
+        for chunk in _chunks([int(k) for k in keys]):
+            ids = dataset.to_table(columns=["key"], filter=_in(chunk), with_row_id=True).column("_rowid").to_numpy()
+            if len(ids):  # pylance's take by row id (marked unstable there: pyproject keeps pylance < 15)
+                parts.append(dataset._take_rows(np.sort(ids).tolist(), columns=columns))
+        if not parts:
+            return pa.schema([dataset.schema.field(c) for c in columns]).empty_table()
+        return pa.concat_tables(parts)
 
     def head(self, columns: list[str], n: int) -> list[dict]:
         """The first `n` rows of the payload (a sample whose cost is bounded by n, not the table)."""
@@ -447,9 +461,8 @@ class ImageStore:
         `reader`; None: still in it now)."""
         cols = list(dict.fromkeys(["key", *columns]))
         found: dict[int, dict] = {}
-        for chunk in _chunks([int(k) for k in keys]):
-            for row in self._select(cols, _in(chunk), version=version).to_pylist():
-                found[row["key"]] = row
+        for row in self._by_key(keys, cols, version).to_pylist():
+            found[row["key"]] = row
         return found
 
     def rows(self, keys, columns: list[str]) -> list[dict]:
