@@ -413,13 +413,20 @@ class ImageStore:
         return _vectors(self._by_key(keys, ["key", column], version), column)
 
     def _by_key(self, keys, columns: list[str], version: int | None = None) -> pa.Table:
-        """`columns` of the rows of `keys` in the table (at `version`): their row ids found through the
-        key index, then those rows taken. Lance reads a filtered projection's columns over every row
-        the scan touches: `key IN (4,096 keys)` with the 20 KB style vectors read 19 GiB of a 1M-row
-        table in 29 s; the ids, then the rows, 96 MiB in 0.2 s (README "Duplicates")."""
+        """`columns` of the rows of `keys` in the table (at `version`). Lance reads a filtered
+        projection's columns over every row not yet in the key index (up to OPTIMIZE_ROWS of them
+        between optimizes): `key IN (4,096 keys)` with the 20 KB style vectors read 19 GiB of a 1M-row
+        table with 200k such rows, in 29 s. So a read of a wide column (vectors, dense tensors,
+        thumbnails) finds the rows' ids first, reading the key column alone, then takes those rows:
+        96 MiB, 0.2 s. Narrow columns are read in one filtered pass (a second call costs a short
+        lookup ~2 ms more)."""
         dataset = self.reader(TABLE, version)
+        wide = any(_is_wide(dataset.schema.field(c).type) for c in columns)
         parts = []
         for chunk in _chunks([int(k) for k in keys]):
+            if not wide:
+                parts.append(dataset.to_table(columns=columns, filter=_in(chunk)))
+                continue
             ids = dataset.to_table(columns=["key"], filter=_in(chunk), with_row_id=True).column("_rowid").to_numpy()
             if len(ids):  # pylance's take by row id (marked unstable there: pyproject keeps pylance < 15)
                 parts.append(dataset._take_rows(np.sort(ids).tolist(), columns=columns))
@@ -630,6 +637,11 @@ def _page_window(total: int, offset: int, limit: int, newest: bool) -> tuple[int
 def _stats(t: pa.Table) -> dict[str, tuple[str, int, int]]:
     path, *rest = (t.column(c).to_pylist() for c in STAT_COLUMNS)
     return {p: v for p, v in zip(path, zip(*rest))}
+
+
+def _is_wide(kind: pa.DataType) -> bool:
+    """A column of vectors or bytes (kilobytes a row), not of scalars or paths."""
+    return pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind) or pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
 
 
 def _vectors(t: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:

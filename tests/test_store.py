@@ -97,7 +97,9 @@ def test_reads_by_key_cost_the_rows_they_return(tmp_path):
     by_key = dict(zip(keys.tolist(), vectors))
     assert all(np.array_equal(by_key[path_key(names[i])], style[i]) for i in wanted)
     assert cost < style.nbytes / 20, f"{cost:,} bytes read for 20 rows of {style.nbytes:,}"
-    assert set(store.find([path_key(names[i]) for i in wanted[:3]] + [12345], ["path"])) == {path_key(names[i]) for i in wanted[:3]}
+    for columns in (["path"], ["style"]):  # a narrow read in one pass, a wide one by ids
+        found = store.find([path_key(names[i]) for i in wanted[:3]] + [12345], columns)
+        assert set(found) == {path_key(names[i]) for i in wanted[:3]}
 
 
 def test_rerank_after_rows_were_deleted(idx, photos):
