@@ -45,6 +45,7 @@ from common import command_line, data_root, loadavg, machine_info, machine_line,
 from copydetect_data import DATA_VERSION
 
 PLANT_EVERY = 1000  # one planted copy pair per this many rows
+BASELINE_ROWS = 100_000  # the N x N baseline is computed up to this size (1M rows: 3.6 TiB)
 NOISE_NORM = 2.5  # norm of the noise added to a unit source vector for a synthetic row
 # the tiny model's 32-d vectors meet by chance far more often than 384-d ones: a higher floor there
 QUICK = dict(sizes=[300, 3000], work=Path("/tmp/simsearch-dedup-quick"), scale_min_cosine=0.95)
@@ -434,7 +435,7 @@ def bench_scale(args) -> dict:
         rows.append(run)
         common.log.info("scale %s", run)
     return {"rows": rows, "plant_every": PLANT_EVERY, "planted_sources": len(planted),
-            "baseline": n_by_n_baseline(args.work / f"synthetic-{min(args.sizes)}.db")}
+            "baseline": n_by_n_baseline(args.work / f"synthetic-{min(args.sizes)}.db") if min(args.sizes) <= BASELINE_ROWS else None}
 
 
 # -- results -----------------------------------------------------------------------------------------------
@@ -530,8 +531,8 @@ def render(r: dict) -> str:
             lines += ["", "The same sizes with content candidates only, same machine, the commit before the style neighbours: " + "; ".join(
                 f"{x['rows']:,} rows {x['dedup_s']} s ({x['dedup_cpu_s']} s CPU), {x['pairs_verified']} pairs, planted found "
                 f"{x['planted_found']}/{x['planted_pairs']}" for x in s["content_only_same_machine"]) + "."]
-        b = s["baseline"]
-        lines += ["", f"Baseline (same process as the {b['rows']:,}-row build): the N x N cosine matrix takes {b['seconds']} s and "
+        b = s["baseline"] or {}
+        lines += [] if not b else ["", f"Baseline (same process as the {b['rows']:,}-row build): the N x N cosine matrix takes {b['seconds']} s and "
                   f"{b['matrix_mib']} MiB; at 1M rows it would be {b['memory_at_1M_gib']:,} GiB.", ""]
     return "\n".join(lines) + "\n"
 
