@@ -413,26 +413,25 @@ class ImageStore:
         return _vectors(self._by_key(keys, ["key", column], version), column)
 
     def _by_key(self, keys, columns: list[str], version: int | None = None) -> pa.Table:
-        """`columns` of the rows of `keys` in the table (at `version`). Lance reads a filtered
-        projection's columns over every row not yet in the key index (up to OPTIMIZE_ROWS of them
-        between optimizes): `key IN (4,096 keys)` with the 20 KB style vectors read 19 GiB of a 1M-row
-        table with 200k such rows, in 29 s. So a read of a wide column (vectors, dense tensors,
-        thumbnails) finds the rows' ids first, reading the key column alone, then takes those rows:
-        96 MiB, 0.2 s. Narrow columns are read in one filtered pass (a second call costs a short
-        lookup ~2 ms more)."""
+        """`columns` of the rows of `keys` in the table (at `version`), read through the key index."""
+        parts = [self._matching(columns, _in(chunk), version) for chunk in _chunks([int(k) for k in keys])]
+        return pa.concat_tables(parts) if parts else self._matching(columns, "false", version)
+
+    def _matching(self, columns: list[str], where: str, version: int | None = None) -> pa.Table:
+        """`columns` of the payload rows matching `where` (on the key: the key index finds them), at
+        `version`. Lance reads a filtered projection's columns over every row not yet in the key index
+        (up to OPTIMIZE_ROWS of them between optimizes): `key IN (4,096 keys)` with the 20 KB style
+        vectors read 19 GiB of a 1M-row table with 200k such rows, in 29 s. So a read of a wide column
+        (vectors, dense tensors, thumbnails) finds the rows' ids first, reading the key column alone,
+        then takes those rows: 96 MiB, 0.2 s. Narrow columns are read in one filtered pass (a second
+        call costs a short lookup ~2 ms more)."""
         dataset = self.reader(TABLE, version)
-        wide = any(_is_wide(dataset.schema.field(c).type) for c in columns)
-        parts = []
-        for chunk in _chunks([int(k) for k in keys]):
-            if not wide:
-                parts.append(dataset.to_table(columns=columns, filter=_in(chunk)))
-                continue
-            ids = dataset.to_table(columns=["key"], filter=_in(chunk), with_row_id=True).column("_rowid").to_numpy()
-            if len(ids):  # pylance's take by row id (marked unstable there: pyproject keeps pylance < 15)
-                parts.append(dataset._take_rows(np.sort(ids).tolist(), columns=columns))
-        if not parts:
+        if not any(_is_wide(dataset.schema.field(c).type) for c in columns):
+            return dataset.to_table(columns=columns, filter=where)
+        ids = dataset.to_table(columns=["key"], filter=where, with_row_id=True).column("_rowid").to_numpy()
+        if not len(ids):
             return pa.schema([dataset.schema.field(c) for c in columns]).empty_table()
-        return pa.concat_tables(parts)
+        return dataset._take_rows(np.sort(ids).tolist(), columns=columns)  # marked unstable by pylance: pinned < 15
 
     def head(self, columns: list[str], n: int) -> list[dict]:
         """The first `n` rows of the payload (a sample whose cost is bounded by n, not the table)."""
@@ -457,7 +456,7 @@ class ImageStore:
         out: list[dict] = []
         for chunk in _chunks([int(p) for p in prefixes], IN_CHUNK // 10):
             where = " OR ".join(f"(key >= {p << bits} AND key < {(p + 1) << bits})" for p in chunk)
-            out += self._select(cols, where).to_pylist()
+            out += self._matching(cols, where).to_pylist()
         return out
 
     def keys_where(self, where: str) -> np.ndarray:
