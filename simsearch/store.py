@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -355,9 +356,8 @@ class ImageStore:
         FAISS indexes' are written once under new names, and removed), so while no directory of the
         top two levels has changed (their mtimes, a few dozen stats) the last sum still holds and the
         tree is not walked again."""
-        dirs = [self.root, *(d for d in self.root.iterdir() if d.is_dir())]
-        dirs += [s for d in dirs[1:] for s in d.iterdir() if s.is_dir()]
-        key = tuple((str(d), d.stat().st_mtime_ns) for d in dirs)
+        top = _subdirs(str(self.root))
+        key = (self.root.stat().st_mtime_ns, *top, *(s for d, _ in top for s in _subdirs(d)))
         if self._disk is None or self._disk[0] != key:
             self._disk = key, _walk_bytes(self.root)
         return self._disk[1]
@@ -624,8 +624,32 @@ def _needs_optimize(table) -> bool:
             or table.stats()["fragment_stats"]["num_fragments"] > MAX_FRAGMENTS)
 
 
+def _subdirs(path: str) -> list[tuple[str, int]]:
+    """(path, mtime) of the directories in `path`; [] once it is gone. A writer in another process
+    (a cleanup of old versions, an index swapped in) may remove any of them while we list."""
+    found = []
+    try:
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    found.append((entry.path, entry.stat(follow_symlinks=False).st_mtime_ns))
+    except FileNotFoundError:
+        pass  # `path`, or an entry listed in it, removed meanwhile: the next call sees the change
+    return found
+
+
 def _walk_bytes(root: Path) -> int:
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    """Bytes of the files under `root`, skipping what a writer removes while we walk (os.walk skips a
+    directory that is gone; a file listed, then removed, counts nothing)."""
+    total = 0
+    for top, _, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(top, name), follow_symlinks=False).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
 def _page_window(total: int, offset: int, limit: int, newest: bool) -> tuple[int, int]:
     """Positions [start, stop) in write order of rows offset..offset+limit, counted from the end when `newest`."""
     if newest:

@@ -298,3 +298,40 @@ def test_info_walks_the_database_only_after_it_changed(tmp_path, new_index, phot
     write_patterns(photos / "more", 3)
     idx.add_folder(photos)
     assert idx.info()["disk_bytes"] == total() and len(walks) == 2
+
+
+def test_info_survives_files_and_directories_removed_while_it_sums(tmp_path, new_index, photos):
+    """A writer in another process removes old versions and swaps indexes in while `info` sums the
+    database's bytes: GET /api/info failed with FileNotFoundError under the serve stress test in CI.
+    Here a thread makes and removes directories of files two levels down while `disk_bytes` runs."""
+    import shutil
+    import threading
+
+    db = tmp_path / "db"
+    idx = new_index(db)
+    idx.add_folder(photos)
+    stop, errors = threading.Event(), []
+
+    def churn():
+        i = 0
+        while not stop.is_set():
+            d = db / f"churn{i % 3}" / "sub" / "deeper"
+            d.mkdir(parents=True, exist_ok=True)
+            for j in range(5):
+                (d / f"{j}.bin").write_bytes(b"x" * 100)
+            shutil.rmtree(db / f"churn{i % 3}", ignore_errors=True)
+            i += 1
+
+    writer = threading.Thread(target=churn)
+    writer.start()
+    try:
+        for _ in range(3000):
+            try:
+                idx.store.disk_bytes()
+            except OSError as e:
+                errors.append(repr(e))
+    finally:
+        stop.set()
+        writer.join()
+    assert errors == []
+    assert idx.store.disk_bytes() == sum(p.stat().st_size for p in db.rglob("*") if p.is_file())

@@ -223,7 +223,11 @@ def test_serve_stress_beside_an_indexer_that_adds_replaces_and_prunes(tmp_path, 
             with httpx.Client(base_url=url, timeout=120) as c:
                 while done < most and (done < fewest or indexer.poll() is None):
                     if done % 3 == 0:  # often enough to see the indexer's commits on a fast machine
-                        versions.add(c.get("/api/info").json()["table_version"])
+                        r = c.get("/api/info")
+                        if r.status_code == 200:
+                            versions.add(r.json()["table_version"])
+                        else:
+                            problems.append(f"info {r.status_code} {r.text[:200]}")
                     plan = plans[done % len(plans)]
                     form = dict(k=k, candidates=2 * k, **plan)
                     if (done + seed) % 2:
