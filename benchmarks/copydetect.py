@@ -2,7 +2,7 @@
 
     python benchmarks/copydetect_data.py                 # first (or let this script build it): the proxy set
     python benchmarks/copydetect.py [--data-root DIR] [--split tune|heldout|all] [--rerankers aas,matches,both]
-                                    [--candidates 50] [--limit-originals N] [--model M] [--out-dir DIR] [--quick]
+                                    [--candidates N] [--limit-originals N] [--model M] [--out-dir DIR] [--quick]
 
 Data: the copy-detection proxy of benchmarks/copydetect_data.py (DATA_ROOT/copydetect-v2; with --quick a tiny
 one made from examples/images into DATA_ROOT/copydetect-quick, no apt). Its pool (originals, distractors,
@@ -51,6 +51,7 @@ from common import (RESULTS, command_line, cpu_facts, data_root, log, machine_in
 from copydetect_data import EXAMPLES_ARGS, build_from_folder, build_from_debian, load_manifest
 
 from simsearch import Index
+from simsearch.index import rerank_candidates
 from simsearch.bench.fixtures import spread
 from simsearch.bench.metrics import wilson
 from simsearch.rerank import RERANKERS
@@ -331,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data-root", type=Path, default=data_root())
     ap.add_argument("--split", choices=("tune", "heldout", "all"), default="all")
     ap.add_argument("--rerankers", default=",".join(RERANKERS), help="comma-separated names of simsearch.rerank.RERANKERS")
-    ap.add_argument("--candidates", type=int, default=50)
+    ap.add_argument("--candidates", type=int, default=None, help="default: the library's (index.rerank_candidates)")
     ap.add_argument("--model", default=None, help="default: the embedded model")
     ap.add_argument("--cost-queries", type=int, default=11, help="copies timed one by one, in process and warm (0: none)")
     ap.add_argument("--limit-originals", type=int, default=0,
@@ -346,7 +347,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"unknown reranker(s) {', '.join(unknown)} (choose from {', '.join(RERANKERS)})")
     setup_logging()
     record = {"date": now(), "command": command_line(), "machine": machine_info(), **cpu_facts(),
-              "split": args.split, "candidates": args.candidates, "rerankers": rerankers, "k": K}
+              "split": args.split, "candidates": rerank_candidates(args.candidates),
+              "region_candidates": rerank_candidates(args.candidates, region=True), "rerankers": rerankers, "k": K}
     with measure() as total:
         data = dataset(args.data_root, args.quick)
         manifest = load_manifest(data)
@@ -359,15 +361,15 @@ def main(argv: list[str] | None = None) -> None:
         record["limit_originals"] = args.limit_originals or None
         queries = [q for q in manifest["queries"] if q["original"] in chosen]
         log.info("copies: %d queries (%s), rerankers %s", len(queries), args.split, rerankers)
-        rows, plan = run_copies(pool, data, queries, rerankers, args.candidates)
+        rows, plan = run_copies(pool, data, queries, rerankers, record["candidates"])
         record["copies"] = {"queries": len(rows), "plan": plan, "per_query": rows}
         summarise(record, manifest["edits"])
         if args.cost_queries:
-            record["cost"] = query_cost(pool, data, queries, rerankers, args.candidates, args.cost_queries)
+            record["cost"] = query_cost(pool, data, queries, rerankers, record["candidates"], args.cost_queries)
         if not args.no_regions:
             regions = [r for r in manifest["regions"] if r["original"] in chosen]
             log.info("regions: %d queries", len(regions))
-            record["regions"] = run_regions(pool, data, regions, rerankers, args.candidates)
+            record["regions"] = run_regions(pool, data, regions, rerankers, record["region_candidates"])
         if not args.no_dedup:
             record["dedup"] = run_dedup(open_index(data, "dedup", args.model), data, manifest)
     record["total_s"], record["uptime_end"] = total.seconds, cpu_facts()["uptime"]
@@ -431,7 +433,7 @@ def markdown(r: dict) -> str:
                   "the crop pasted into an unrelated distractor and searched with its box.", ""]
         if g.get("box_seconds_p50"):
             lines += ["Scene + box, wall-clock per query (p50, one at a time, the region's forwards included): "
-                      + ", ".join(f"{m} {s} s" for m, s in g["box_seconds_p50"].items()) + f"; {r['candidates']} candidates.", ""]
+                      + ", ".join(f"{m} {s} s" for m, s in g["box_seconds_p50"].items()) + f"; {r.get('region_candidates', r['candidates'])} candidates.", ""]
     if "dedup" in r:
         d = r["dedup"]
         lines += ["## Dedup baseline: threshold on content cosine", "",

@@ -32,6 +32,7 @@ DENSE_CODECS = ("raw", *COMPACT_CODECS)
 DEFAULT_DENSE_CODEC = "raw"
 DEFAULT_DB = "simsearch.db"
 MAX_CANDIDATES = 1000  # first-stage hits one query may rerank (the server answers 422 above it)
+CANDIDATES = 50  # first-stage hits an image query reranks unless told (a region's: region.CANDIDATES)
 RERANK_CHUNK = 64  # candidates read, decoded and scored at once: a rerank holds this many dense tensors
 VIEW_SCALES = (0.5,)
 MIN_BOX = 16  # pixels a side of a region query
@@ -86,6 +87,18 @@ def _local_or_name(name: str) -> str:
 
     path = Path(name).expanduser()
     return str(path.resolve()) if name not in MODELS and path.exists() else name
+
+
+def rerank_candidates(candidates: int | None, region: bool = False) -> int:
+    """First-stage hits a query reranks: `candidates`, or unless told CANDIDATES for an image and
+    region.CANDIDATES for a region (its cell search reaches a small region's image lower down)."""
+    if candidates is not None:
+        return candidates
+    if region:
+        from .region import CANDIDATES as REGION_CANDIDATES
+
+        return REGION_CANDIDATES
+    return CANDIDATES
 
 
 class Index:
@@ -254,14 +267,15 @@ class Index:
         return open_image(Path(image).expanduser(), max_side=None if full else self.conf.image_size).image
 
     def search(self, image: str | Path | Image.Image, k: int = 10, mode: str = "content",
-               where: str | None = None, rerank: str | None = None, candidates: int = 50,
+               where: str | None = None, rerank: str | None = None, candidates: int | None = None,
                box: tuple[int, int, int, int] | None = None) -> list[Hit]:
         """Top-k images like `image`. mode: "content" or "style"; where: a SQL filter on the table;
         rerank: "verified", "aas", "matches" or "both" reorders the first `candidates` hits (see
-        simsearch.rerank). box: (x0, y0, x1, y1) pixels of `image`: the images that contain that
-        region instead (`search_region`)."""
+        simsearch.rerank; None: `rerank_candidates`). box: (x0, y0, x1, y1) pixels of `image`: the
+        images that contain that region instead (`search_region`)."""
         if box is not None:
             return self.search_region(image, box, k, where, rerank or DEFAULT_RERANKER, candidates)
+        candidates = rerank_candidates(candidates)
         self.check_query(k, mode, rerank, candidates)
         img = self.load_query(image)
         emb = self.embed_image(img)
@@ -303,7 +317,7 @@ class Index:
                 raise SimsearchError(f"candidates={candidates}: a query reranks 1 to {MAX_CANDIDATES} first-stage hits")
 
     def search_embedded(self, vector: np.ndarray, query, k: int = 10, mode: str = "content",
-                        where: str | None = None, rerank: str | None = None, candidates: int = 50) -> list[Hit]:
+                        where: str | None = None, rerank: str | None = None, candidates: int = CANDIDATES) -> list[Hit]:
         """`search` for a query already embedded: its `mode` vector and (to rerank) a RerankQuery or
         its bare dense tensor (T, C)."""
         if rerank is None:
@@ -425,13 +439,14 @@ class Index:
 
     def search_region(self, image: str | Path | Image.Image, box: tuple[int, int, int, int], k: int = 10,
                       where: str | None = None, rerank: str | None = DEFAULT_RERANKER,
-                      candidates: int = 50) -> list[Hit]:
+                      candidates: int | None = None) -> list[Hit]:
         """The images that contain the `box` (x0, y0, x1, y1, pixels) of `image`, even at 1/16 of their
-        area or pasted into another picture: region cells retrieve candidates (simsearch.region), the
-        reranker (verified by default; None: none) checks them against the region."""
+        area or pasted into another picture: region cells retrieve `candidates` (None: region.CANDIDATES;
+        simsearch.region), the reranker (verified by default; None: none) checks them against the region."""
         from .region import CELL_BITS, prefix_of
         from .rerank import RerankQuery
 
+        candidates = rerank_candidates(candidates, region=True)
         self.check_query(k, "content", rerank, candidates)
         name = image if not isinstance(image, Image.Image) else "query image"
         img = self.load_query(image, full=True)

@@ -172,3 +172,43 @@ def test_query_box_cli_json_and_bad_boxes(region_db, cli):
         assert box[0] <= m["query"][0] <= box[2] and box[1] <= m["query"][1] <= box[3], m
     for box, why in [("1,2,3", "four integers"), ("10,10,5,40", "x0 < x1"), ("0,0,5000,20", "outside"), ("0,0,8,8", "smaller")]:
         one_line_error(*cli("query", photos / "chelsea.jpg", "--db", idx.root, "--box", box), "chelsea.jpg", why)
+
+
+def test_a_region_query_verifies_more_candidates_than_an_image_query(region_db, monkeypatch):
+    """Unless told, a region query verifies region.CANDIDATES of its cell search's hits (a small
+    region's image ranks lower there than a copy's original does in the first stage) and an image
+    query index.CANDIDATES; `candidates` given is what either verifies. Both defaults lowered below
+    the 13 rows here so that each shows."""
+    from simsearch import index as index_module
+    from simsearch import region
+
+    idx, photos = region_db
+    monkeypatch.setattr(region, "CANDIDATES", 7)
+    monkeypatch.setattr(index_module, "CANDIDATES", 4)
+    seen, rerank = [], idx.rerank
+    monkeypatch.setattr(idx, "rerank", lambda query, hits, method: seen.append(len(hits)) or rerank(query, hits, method))
+    cat = Image.open(photos / "chelsea.jpg").convert("RGB")
+    box = (100, 40, 100 + cat.width // 3, 40 + cat.height // 3)
+    for given in (None, 5):
+        idx.search(cat, k=3, box=box, candidates=given)
+        idx.search(cat, k=3, rerank="verified", candidates=given)
+    assert seen == [7, 4, 5, 5]
+
+
+def test_the_server_reports_the_candidates_a_region_verified(region_db):
+    """GET /api/search with a box and no `candidates` verifies region.CANDIDATES (here more than the
+    rows: all of them) and says so; without a box, index.CANDIDATES."""
+    from fastapi.testclient import TestClient
+
+    from simsearch import index as index_module
+    from simsearch import region
+    from simsearch.server import create_app
+
+    idx, photos = region_db
+    key = str(path_key(str(photos / "chelsea.jpg")))
+    with TestClient(create_app(idx.root)) as client:
+        boxed = client.get("/api/search", params={"key": key, "k": 3, "box": "100,40,250,140"})
+        plain = client.get("/api/search", params={"key": key, "k": 3, "rerank": "verified"})
+    assert boxed.status_code == plain.status_code == 200, (boxed.text, plain.text)
+    assert (boxed.json()["query"]["candidates"], plain.json()["query"]["candidates"]) == (region.CANDIDATES, index_module.CANDIDATES)
+    assert region.CANDIDATES > index_module.CANDIDATES

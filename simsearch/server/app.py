@@ -43,7 +43,8 @@ Mode = Literal["content", "style"]
 Rerank = Literal["none", "verified", "aas", "matches", "both"]
 Order = Literal["newest", "oldest"]
 K = Annotated[int, Query(ge=1, le=1000, description="Number of hits.")]
-Candidates = Annotated[int, Query(ge=1, le=MAX_CANDIDATES, description="First-stage hits to rerank.")]
+CANDIDATES_HELP = "First-stage hits to rerank (default 50; a region's 100)."
+Candidates = Annotated[int | None, Query(ge=1, le=MAX_CANDIDATES, description=CANDIDATES_HELP)]
 Where = Annotated[str | None, Query(max_length=2000, description="SQL filter on the table, as the CLI's --where.")]
 BOX_HELP = "Search for this region of the query: x0,y0,x1,y1 in pixels of the query image."
 Box = Annotated[str | None, Query(max_length=100, description=BOX_HELP)]
@@ -165,7 +166,7 @@ def _add_routes(app: FastAPI, service: SearchService) -> None:
     @app.post("/api/search", summary="Search by an uploaded image")
     def search_upload(image: Annotated[UploadFile, File(description="The query image.")],
                       mode: Annotated[Mode, Form()] = "content", k: Annotated[int, Form(ge=1, le=1000)] = 10,
-                      rerank: Annotated[Rerank, Form()] = "none", candidates: Annotated[int, Form(ge=1, le=MAX_CANDIDATES)] = 50,
+                      rerank: Annotated[Rerank, Form()] = "none", candidates: Annotated[int | None, Form(ge=1, le=MAX_CANDIDATES, description=CANDIDATES_HELP)] = None,
                       where: Annotated[str | None, Form(max_length=2000)] = None,
                       box: Annotated[str | None, Form(max_length=100, description=BOX_HELP)] = None):
         """Hits for the image; `query.id` names it for `/api/match/{key}?query_id=` for a while."""
@@ -175,7 +176,7 @@ def _add_routes(app: FastAPI, service: SearchService) -> None:
 
     @app.get("/api/search", summary="Search from an indexed image, by its key")
     def search_key(key: Annotated[int, Query(ge=0, le=MAX_KEY)], mode: Mode = "content", k: K = 10,
-                   rerank: Rerank = "none", candidates: Candidates = 50, where: Where = None, box: Box = None):
+                   rerank: Rerank = "none", candidates: Candidates = None, where: Where = None, box: Box = None):
         return service.search_key(_key(key), mode, k, _rerank(rerank), candidates, where or None, box or None)
 
     @app.get("/api/images", summary="A page of the indexed images, most recently indexed first")

@@ -23,7 +23,7 @@ from PIL import Image
 
 from ..errors import SimsearchError
 from ..images import open_image
-from ..index import Index, check_box
+from ..index import Index, check_box, rerank_candidates
 from ..rerank import DEFAULT_RERANKER
 
 FOLDER_CACHE = 32  # folder summaries kept (per table version and folder)
@@ -141,11 +141,12 @@ class SearchService:
 
     # -- searches ----------------------------------------------------------------------------
     def search_upload(self, data: bytes, filename: str, mode: str, k: int, rerank: str | None,
-                      candidates: int, where: str | None, box: str | None = None) -> dict:
+                      candidates: int | None, where: str | None, box: str | None = None) -> dict:
         """Decode, embed and search an uploaded image (or, with `box` "x0,y0,x1,y1" in its pixels,
         that region of it); its dense tensor is remembered under the returned query id for match pictures."""
         if len(data) > self.max_upload_bytes:
             raise UploadTooLarge(f"{filename}: {len(data):,} bytes exceeds the {self.max_upload_bytes:,}-byte upload limit")
+        candidates = rerank_candidates(candidates, region=bool(box))
         self.index.check_query(k, mode, rerank, candidates)
         t0 = time.perf_counter()
         with self.decode_slots:  # a region's box is in the file's pixels: decode it whole then
@@ -173,10 +174,11 @@ class SearchService:
         return self._result({"id": qid, "key": None, **shape}, mode, k, rerank, candidates, where, hits,
                             decode=t1 - t0, queue=t_model - t1, forward=t2 - t_model, search=t3 - t2)
 
-    def search_key(self, key: int, mode: str, k: int, rerank: str | None, candidates: int, where: str | None,
+    def search_key(self, key: int, mode: str, k: int, rerank: str | None, candidates: int | None, where: str | None,
                    box: str | None = None) -> dict:
         """Search from an indexed image's stored vectors (no file, no forward), or from the region
         `box` "x0,y0,x1,y1" (pixels of that image's file)."""
+        candidates = rerank_candidates(candidates, region=bool(box))
         self.index.check_query(k, mode, rerank, candidates)
         t0 = time.perf_counter()
         size = self.index.store.rows([key], ["width", "height", "path"])[0]
