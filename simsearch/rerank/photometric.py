@@ -185,13 +185,19 @@ def _block_agreement(q: torch.Tensor, cands: torch.Tensor, cand_hw: torch.Tensor
 def template_correlation(template: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     """Zero-mean normalised correlation of a (h, w) template at every place it fits wholly inside a
     (H, W) image -> (H - h + 1, W - w + 1); 0 where the image under it is flat (std under 1 grey level).
-    In float64: the windows' variance is a difference of sums."""
-    t, x = template.double(), image.double()[None, None]
+    In float64: the windows' variance is a difference of sums, taken from integral images (a box sum
+    costs four reads, not h x w)."""
+    t, x = template.double(), image.double()
     t = t - t.mean()
-    n = t.numel()
-    s1, s2 = (F.avg_pool2d(v, tuple(t.shape), stride=1)[0, 0] * n for v in (x, x * x))
+    (h, w), n = t.shape, t.numel()
+
+    def box_sums(v: torch.Tensor) -> torch.Tensor:  # (H, W) -> (H - h + 1, W - w + 1) sums of v under the template
+        s = F.pad(v.cumsum(0).cumsum(1), (1, 0, 1, 0))
+        return s[h:, w:] - s[:-h, w:] - s[h:, :-w] + s[:-h, :-w]
+
+    s1, s2 = box_sums(x), box_sums(x * x)
     var = (s2 - s1 * s1 / n).clamp_min(0)  # n * the window's variance
-    corr = F.conv2d(x, t[None, None])[0, 0] / (var.sqrt() * t.pow(2).sum().sqrt()).clamp_min(1e-9)
+    corr = F.conv2d(x[None, None], t[None, None])[0, 0] / (var.sqrt() * t.pow(2).sum().sqrt()).clamp_min(1e-9)
     return torch.where(var < n, torch.zeros_like(corr), corr)
 
 
