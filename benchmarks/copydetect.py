@@ -51,9 +51,9 @@ from common import (RESULTS, command_line, cpu_facts, data_root, log, machine_in
 from copydetect_data import EXAMPLES_ARGS, build_from_folder, build_from_debian, load_manifest
 
 from simsearch import Index
-from simsearch.index import rerank_candidates
 from simsearch.bench.fixtures import spread
 from simsearch.bench.metrics import wilson
+from simsearch.index import rerank_candidates
 from simsearch.rerank import RERANKERS
 
 K = 10

@@ -195,6 +195,16 @@ def test_a_region_query_verifies_more_candidates_than_an_image_query(region_db, 
     assert seen == [7, 4, 5, 5]
 
 
+def test_the_query_help_gives_both_defaults(cli):
+    """`simsearch query --help` states the defaults the library applies (its text is written out, so
+    that --help imports neither the index nor FAISS)."""
+    from simsearch import index as index_module
+    from simsearch import region
+
+    help_text = " ".join(cli("query", "--help")[1].split())
+    assert f"(default {index_module.CANDIDATES}; {region.CANDIDATES} with --box)" in help_text
+
+
 def test_the_server_reports_the_candidates_a_region_verified(region_db):
     """GET /api/search with a box and no `candidates` verifies region.CANDIDATES (here more than the
     rows: all of them) and says so; without a box, index.CANDIDATES."""

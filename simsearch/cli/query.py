@@ -27,7 +27,7 @@ def query(
     runtime: RuntimeOption = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
     rerank: Annotated[Optional[str], typer.Option(help="Rerank the first-stage hits: verified (the default when no name is given: geometric verification of patch correspondences), aas, matches or both.")] = None,
-    candidates: Annotated[Optional[int], typer.Option(min=1, help="First-stage hits to rerank [default: 50; 100 with --box].")] = None,
+    candidates: Annotated[Optional[int], typer.Option(min=1, help="First-stage hits to rerank (default 50; 100 with --box).")] = None,
     box: Annotated[Optional[str], typer.Option(
         help="x0,y0,x1,y1: find the images that contain this region of IMAGE (pixels); reranked by verified unless --rerank names another.")] = None,
     nprobe: Annotated[Optional[int], typer.Option(min=1, help="IVF lists probed (large databases): more is slower and closer to exact.")] = None,

@@ -23,7 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import EmptyIndexError, ImageError, SimsearchError
-from ..index import MAX_CANDIDATES, Index
+from ..index import CANDIDATES, MAX_CANDIDATES, Index, rerank_candidates
 from ..store import MissingRowsError
 from .service import SearchService, UnknownQuery, UploadTooLarge
 
@@ -43,7 +43,7 @@ Mode = Literal["content", "style"]
 Rerank = Literal["none", "verified", "aas", "matches", "both"]
 Order = Literal["newest", "oldest"]
 K = Annotated[int, Query(ge=1, le=1000, description="Number of hits.")]
-CANDIDATES_HELP = "First-stage hits to rerank (default 50; a region's 100)."
+CANDIDATES_HELP = f"First-stage hits to rerank (default {CANDIDATES}; a region's {rerank_candidates(None, region=True)})."
 Candidates = Annotated[int | None, Query(ge=1, le=MAX_CANDIDATES, description=CANDIDATES_HELP)]
 Where = Annotated[str | None, Query(max_length=2000, description="SQL filter on the table, as the CLI's --where.")]
 BOX_HELP = "Search for this region of the query: x0,y0,x1,y1 in pixels of the query image."
