@@ -295,32 +295,35 @@ def test_a_new_image_is_verified_only_against_its_own_candidates(tmp_path, colle
 
 
 def test_a_stopped_run_resumes_at_the_part_it_was_in(tmp_path, collection, monkeypatch):
-    """One content a part; stopped (as Ctrl-C stops it) in the fourth part's verification, the next
-    run keeps the three parts saved, verifies only what an unstopped run verified after them, and
-    ends with the same pairs and groups in one consolidated part."""
+    """One content a part; stopped (as Ctrl-C stops it) in the verification of the second part that
+    has pairs to verify, the next run keeps the parts saved before it, verifies only what an unstopped
+    run verified after them, and ends with the same pairs and groups in one consolidated part. (Which
+    parts have pairs follows the keys, hashes of the temporary paths: read off the unstopped run.)"""
     db, _, _ = collection
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     for copy in (whole, stopped):
         shutil.copytree(db, copy)
-        shutil.rmtree(copy / CACHE_DIR)
+        shutil.rmtree(copy / CACHE_DIR, ignore_errors=True)  # none when this test runs first
     monkeypatch.setattr(dedup, "PART_NODES", 1)
     monkeypatch.setattr(dedup, "MAX_PARTS", 10**6)
+    verify, sent, calls = dedup.verify_smaller_first, [], []
+    monkeypatch.setattr(dedup, "verify_smaller_first", lambda index, pairs, *a, **kw: calls.append(pairs.num_rows) or verify(index, pairs, *a, **kw))
     full = find_duplicates(Index(whole))
-    verify, sent = dedup.verify_smaller_first, []
+    stop_at = [i for i, n in enumerate(calls) if n][1]  # the same tables, so the same parts in the same order
 
-    def stop_in_the_fourth(index, pairs, *args, **kwargs):
-        if len(sent) == 3:
+    def stop_in_the_second_with_pairs(index, pairs, *args, **kwargs):
+        if len(sent) == stop_at:
             raise KeyboardInterrupt
         sent.append(pairs.num_rows)
         return verify(index, pairs, *args, **kwargs)
 
-    monkeypatch.setattr(dedup, "verify_smaller_first", stop_in_the_fourth)
+    monkeypatch.setattr(dedup, "verify_smaller_first", stop_in_the_second_with_pairs)
     with pytest.raises(KeyboardInterrupt):
         find_duplicates(Index(stopped))
     ident = identity(Index(stopped), DEFAULT_CONF["k"], DEFAULT_CONF["min_cosine"])
-    assert len(list((stopped / CACHE_DIR / "pairs").glob("part-*.parquet"))) == 3
+    assert len(list((stopped / CACHE_DIR / "pairs").glob("part-*.parquet"))) == stop_at
     saved, queried = PairCache(stopped, "pairs", ident).load()
-    assert len(queried) == 3 and saved.num_rows == sum(sent)  # no row of the tiny table is gone
+    assert len(queried) == stop_at and saved.num_rows == sum(sent) == sum(calls[:stop_at])  # no row of the tiny table is gone
     monkeypatch.setattr(dedup, "verify_smaller_first", verify)
     resumed = find_duplicates(Index(stopped))
     assert sum(sent) > 0 and resumed.new_pairs_verified == full.new_pairs_verified - sum(sent)
@@ -339,7 +342,7 @@ def test_a_run_resumed_across_a_change_keeps_what_it_verified_after_it(tmp_path,
     db, _, paths = collection
     root = tmp_path / "db"
     shutil.copytree(db, root)
-    shutil.rmtree(root / CACHE_DIR)
+    shutil.rmtree(root / CACHE_DIR, ignore_errors=True)  # none when this test runs first
     monkeypatch.setattr(dedup, "PART_NODES", 1)
     monkeypatch.setattr(dedup, "MAX_PARTS", 10**6)
     verify, sent, stop_at = dedup.verify_smaller_first, [], [3]
